@@ -1,0 +1,220 @@
+"""The ``ppl-vae`` command line: ``train`` and ``evaluate``.
+
+Errors the user can fix are printed as one message (no traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import PplVaeError
+
+DESCRIPTION = """\
+Variational autoencoders as Pyro programs: train on MNIST with SVI and Trace_ELBO,
+then evaluate the ELBO, its decomposition and an importance-sampled log p(x).
+All evidence numbers are in nats per image."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _add_train_parser(subparsers) -> None:
+    from .data import BINARIZATIONS
+    from .guides import GUIDES
+    from .likelihoods import LIKELIHOODS
+    from .model import VAEConfig
+    from .networks import ACTIVATIONS
+    from .priors import PRIORS
+    from .train import LR_SCHEDULES, TrainConfig
+
+    t, m = TrainConfig(), VAEConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train a VAE on MNIST",
+        description="Train a VAE on MNIST with SVI (Trace_ELBO). Writes config.json, metrics.jsonl, "
+        "a checkpoint every epoch and test.json (the final test evaluation) into the run directory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/vae-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --run-dir first")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
+    data.add_argument("--binarize", choices=BINARIZATIONS, default=t.binarize, help="dynamic: fresh Bernoulli draw per minibatch; static: one fixed draw; none: grey levels")
+    data.add_argument("--train-examples", type=_positive_int, default=None, help="use only the first N training images (quick runs)")
+    data.add_argument("--eval-examples", type=_positive_int, default=None, help="use only the first N validation and test images")
+    model = p.add_argument_group("model")
+    model.add_argument("--latent-dim", type=_positive_int, default=m.latent_dim, help="size of z")
+    model.add_argument("--hidden-sizes", type=_positive_int, nargs="+", default=list(m.hidden_sizes), help="hidden layer widths of encoder and decoder")
+    model.add_argument("--activation", choices=sorted(ACTIVATIONS), default=m.activation)
+    model.add_argument("--prior", choices=sorted(PRIORS), default=m.prior)
+    model.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=m.likelihood)
+    model.add_argument("--guide", choices=sorted(GUIDES), default=m.guide)
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--epochs", type=_positive_int, default=t.epochs)
+    opt.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
+    opt.add_argument("--lr", type=_positive_float, default=t.learning_rate, help="Adam learning rate")
+    opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule, help="per-epoch schedule")
+    opt.add_argument("--lr-milestones", type=_positive_int, nargs="*", default=[], help="epochs after which 'step' multiplies the rate by --lr-gamma")
+    opt.add_argument("--lr-gamma", type=_positive_float, default=t.lr_gamma)
+    opt.add_argument("--lr-final", type=_positive_float, default=t.lr_final, help="the rate 'cosine' anneals to")
+    opt.add_argument("--seed", type=int, default=t.seed)
+    opt.add_argument("--device", default=t.device, help="auto (CUDA when present, else CPU), cpu or cuda")
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
+    ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(handler=_run_train)
+
+
+def _add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a trained run: ELBO, decomposition, log p(x)",
+        description="Evaluate a run: the ELBO and its decomposition (reconstruction, KL per latent site) and the "
+        "importance-sampled log p(x) with K samples, in nats per image with standard errors. Prints a table "
+        "and writes it as evaluation.json into RUN_DIR.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ppl-vae train`")
+    p.add_argument("--num-samples", "-k", type=_positive_int, default=5000, help="K, importance samples per image for log p(x)")
+    p.add_argument("--elbo-samples", type=_positive_int, default=10, help="draws from q per image for the ELBO decomposition")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--examples", type=_positive_int, default=None, help="evaluate only the first N images of the split")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, help="images per evaluation chunk (default: sized from a memory budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppl-vae", description=DESCRIPTION)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train_parser(subparsers)
+    _add_evaluate_parser(subparsers)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .model import VAEConfig
+    from .report import format_evaluation
+    from .train import TrainConfig, train
+
+    if args.resume and args.run_dir is None:
+        raise PplVaeError("--resume needs --run-dir: the run to continue")
+    run_dir = args.run_dir or f"runs/vae-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_schedule=args.lr_schedule,
+        lr_milestones=tuple(args.lr_milestones),
+        lr_gamma=args.lr_gamma,
+        lr_final=args.lr_final,
+        seed=args.seed,
+        device=args.device,
+        binarize=args.binarize,
+        data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        train_examples=args.train_examples,
+        eval_examples=args.eval_examples,
+        val_samples=args.val_samples,
+        test_samples=args.test_samples,
+    )
+    model_config = VAEConfig(
+        latent_dim=args.latent_dim,
+        hidden_sizes=tuple(args.hidden_sizes),
+        activation=args.activation,
+        prior=args.prior,
+        likelihood=args.likelihood,
+        guide=args.guide,
+    )
+    print(f"run directory: {run_dir}", flush=True)
+    result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(format_evaluation(result, title=f"test evaluation of {run_dir} after {result['epochs']} epochs ({result['device']})"))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from . import runs
+    from .data import load_mnist
+    from .evaluate import evaluation_summary
+    from .model import VAEConfig, build_vae
+    from .report import format_evaluation
+    from .train import resolve_device
+
+    run_dir = Path(args.run_dir)
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    device = resolve_device(args.device)
+    checkpoint = runs.load_checkpoint(run_dir, map_location=device)
+    vae = build_vae(VAEConfig(**config["model"])).to(device)
+    vae.load_state_dict(checkpoint["model"])
+    vae.eval()
+    train_config = config["train"]
+    data = load_mnist(
+        args.data_dir or train_config.get("data_dir"), train_config["binarize"], device,
+        train_examples=None, eval_examples=None,
+    )
+    x = data.split(args.split)
+    if args.examples is not None:
+        x = x[: args.examples]
+    vae.likelihood.check_data(x)
+    pyro.set_rng_seed(args.seed)
+    started = time.perf_counter()
+    result = evaluation_summary(
+        vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    result.update({
+        "split": args.split,
+        "epoch": checkpoint["epoch"],
+        "model": VAEConfig(**config["model"]).describe(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "evaluation_seconds": time.perf_counter() - started,
+        "seed": args.seed,
+    })
+    runs.write_json(run_dir / "evaluation.json", result)
+    title = (
+        f"{run_dir}: {result['model']}, epoch {result['epoch']}; {args.split} split, "
+        f"{result['num_datapoints']} images, {device}, {result['evaluation_seconds']:.1f} s"
+    )
+    print(format_evaluation(result, title=title))
+    print(f"written to {run_dir / 'evaluation.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except PplVaeError as error:
+        print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ppl-vae {args.command}: interrupted; the last epoch's checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

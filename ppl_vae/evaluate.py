@@ -1,0 +1,491 @@
+r"""Evidence bounds and estimates, per datapoint, for any Pyro model/guide pair.
+
+Both programs take the batch ``x`` and put its leading dimension in a vectorized
+``pyro.plate`` (the *data plate*). Any site names and any number of latent sample
+sites are allowed; observed sites are found from the trace (``is_observed``),
+and every density comes from the distributions the programs themselves sample
+from. All values are in nats, per datapoint.
+
+**ELBO and its decomposition** (:func:`elbo_decomposition`). With z ~ q(z | x)
+and latent sites i (parents pa_i),
+
+.. math::
+
+    \mathrm{ELBO}(x) = \underbrace{E_q[\log p(x | z)]}_{\text{reconstruction}}
+                       - \sum_i \underbrace{E_q[\log q(z_i | \cdot) - \log p(z_i | pa_i)]}_{\mathrm{KL}_i}
+
+where the reconstruction term sums every observed site. Each KL_i is computed
+analytically with ``torch.distributions.kl_divergence`` when a rule is
+registered for the pair of distributions (the expectation over the parents stays
+Monte Carlo), and by Monte Carlo otherwise; the result says which. The ELBO is
+defined as reconstruction minus the KL terms, so the decomposition sums to it.
+
+**Importance-sampled log evidence** (:func:`log_evidence`, :func:`evidence_estimate`).
+With K draws z_k ~ q(z | x),
+
+.. math::
+
+    \log \hat p(x) = \log \frac{1}{K} \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k | x)},
+
+the IWAE bound of Burda et al. (2015): E[log p̂(x)] <= log p(x), it increases
+with K and tends to log p(x). The log-sum-exp is accumulated in float64 over
+chunks of particles and of data, so memory stays bounded whatever K is.
+
+Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
+ignored here on purpose: these functions report the unscaled model, which is
+what log p(x) means. Masks (``poutine.mask``) are respected.
+
+The computations are written here rather than taken from
+``pyro.infer.importance.Importance``, because that class keeps every trace in
+memory and returns one evidence value for the whole batch, not one per
+datapoint; the per-site bookkeeping of ``Trace_ELBO`` is likewise summed over
+the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import kl_divergence
+
+from .errors import InvalidDataError, ModelStructureError
+
+PARTICLE_PLATE = "_ppl_vae_particles"
+# Default size of the largest per-chunk tensor, in elements of one data item times
+# particles times datapoints: 2**24 float32 values is 64 MiB.
+DEFAULT_CHUNK_ELEMENTS = 2**24
+KL_ANALYTIC = "analytic"
+KL_MONTE_CARLO = "monte carlo"
+
+
+@dataclass
+class ProgramStructure:
+    """What one trace of a model/guide pair says about its sites and plates."""
+
+    max_plate_nesting: int
+    data_plate: str
+    data_dim: int  # the data plate's (negative) dim
+    observed_sites: list[str]
+    latent_sites: list[str]
+    kl_methods: dict[str, str] = field(default_factory=dict)
+
+
+def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidDataError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise InvalidDataError(f"x must be a non-empty batch with the datapoints on dim 0, got shape {list(x.shape)}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise InvalidDataError(f"num_samples must be a positive integer, got {num_samples!r}")
+
+
+def _sample_sites(trace: poutine.Trace) -> dict[str, dict]:
+    trace = prune_subsample_sites(trace)
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["infer"].get("_deterministic", False)
+    }
+
+
+def _in_particle_plate(fn: Callable, num_particles: int, dim: int) -> Callable:
+    def wrapped(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, num_particles, dim=dim):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None, max_plate_nesting: int):
+    """Guide trace and model trace replayed on it; vectorized over particles unless ``num_particles`` is None."""
+    if num_particles is not None:
+        dim = -(max_plate_nesting + 1)
+        model, guide = (_in_particle_plate(fn, num_particles, dim) for fn in (model, guide))
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return model_trace, guide_trace
+
+
+def _analytic_kl_available(q_fn, p_fn) -> bool:
+    try:
+        kl_divergence(q_fn, p_fn)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def inspect_program(
+    model: Callable, guide: Callable, x: torch.Tensor, data_plate: str | None = None, kl: str = "auto"
+) -> ProgramStructure:
+    """Trace the pair once on ``x`` and find its data plate, observed sites and latent sites.
+
+    ``data_plate`` names the plate over the datapoints; by default it is the one
+    vectorized plate of size ``len(x)`` that holds every observed site.
+    ``kl`` is ``"auto"`` (analytic where registered) or ``"mc"`` (Monte Carlo for every site).
+    """
+    if kl not in ("auto", "mc"):
+        raise InvalidDataError(f"kl must be 'auto' or 'mc', got {kl!r}")
+    model_trace, guide_trace = _traces(model, guide, x, None, 0)
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    observed = [name for name, site in model_sites.items() if site["is_observed"]]
+    latent = [name for name, site in model_sites.items() if not site["is_observed"]]
+    if not observed:
+        raise ModelStructureError(
+            "the model has no observed sample site: condition on the data with pyro.sample(name, dist, obs=x)"
+        )
+    missing = [name for name in latent if name not in guide_sites]
+    if missing:
+        raise ModelStructureError(
+            f"the guide has no sample site for the model's latent site(s) {missing}: "
+            "every latent site of the model needs a site of the same name in the guide"
+        )
+    extra = [name for name in guide_sites if name not in latent]
+    if extra:
+        raise ModelStructureError(
+            f"the guide samples site(s) {extra} that are not latent sites of the model; "
+            "auxiliary guide sites and observed sites in the guide are not supported"
+        )
+    sites = [*model_sites.values(), *guide_sites.values()]
+    frames = [frame for site in sites for frame in site["cond_indep_stack"]]
+    if any(frame.vectorized and frame.dim is None for frame in frames) or any(not f.vectorized for f in frames):
+        raise ModelStructureError("sequential plates (pyro.plate used as an iterator) are not supported")
+    max_plate_nesting = max((-frame.dim for frame in frames), default=0)
+    data_frame = _find_data_plate(model_sites, observed, x.shape[0], data_plate)
+    for name, site in [*((n, model_sites[n]) for n in latent), *((n, model_sites[n]) for n in observed)]:
+        if data_frame.name not in {f.name for f in site["cond_indep_stack"]}:
+            raise ModelStructureError(
+                f"site {name!r} is not inside the data plate {data_frame.name!r}: per-datapoint "
+                "evidence needs every latent and observed site to be local to a datapoint"
+            )
+    kl_methods = {}
+    for name in latent:
+        analytic = kl == "auto" and _analytic_kl_available(guide_sites[name]["fn"], model_sites[name]["fn"])
+        kl_methods[name] = KL_ANALYTIC if analytic else KL_MONTE_CARLO
+    return ProgramStructure(max_plate_nesting, data_frame.name, data_frame.dim, observed, latent, kl_methods)
+
+
+def _find_data_plate(model_sites: dict, observed: list[str], n: int, name: str | None):
+    candidates = {}
+    for site_name in observed:
+        for frame in model_sites[site_name]["cond_indep_stack"]:
+            if frame.vectorized and frame.size == n and (name is None or frame.name == name):
+                candidates[frame.name] = frame
+    if name is not None and name not in candidates:
+        raise ModelStructureError(f"no plate named {name!r} of size len(x)={n} holds the observed sites")
+    if not candidates:
+        raise ModelStructureError(
+            f"no vectorized plate of size len(x)={n} holds the observed sites: put the datapoints "
+            "in a plate over the leading dimension of x, e.g. `with pyro.plate('data', x.shape[0]):`"
+        )
+    if len(candidates) > 1:
+        raise ModelStructureError(
+            f"several plates of size {n} could be the data plate ({sorted(candidates)}): name it with data_plate=..."
+        )
+    return next(iter(candidates.values()))
+
+
+def _per_datapoint(value: torch.Tensor, mask, structure: ProgramStructure, k: int, n: int) -> torch.Tensor:
+    """Sum a site's log-density (or KL) over every plate but the particle and data plates: [k, n]."""
+    if mask is not None and not (isinstance(mask, bool) and mask):
+        value = torch.where(torch.as_tensor(mask, device=value.device), value, value.new_zeros(()))
+    ndim = structure.max_plate_nesting + 1
+    if value.dim() > ndim:
+        raise ModelStructureError(
+            f"a site's log-density has batch shape {list(value.shape)} with dims outside every plate: "
+            "declare data dimensions as event dimensions with .to_event(), or put them in a plate"
+        )
+    value = value.reshape((1,) * (ndim - value.dim()) + tuple(value.shape))
+    keep = (0, ndim + structure.data_dim)
+    other = [d for d in range(ndim) if d not in keep]
+    if other:
+        value = value.sum(other)
+    return value.expand(k, n)
+
+
+def _log_prob(site: dict) -> torch.Tensor:
+    return site["fn"].log_prob(site["value"])
+
+
+@dataclass
+class _ChunkTerms:
+    """Per-particle, per-datapoint terms of one chunk, each [k, n] in nats."""
+
+    log_weight: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: dict[str, torch.Tensor]
+
+
+def _chunk_terms(model, guide, x, k: int, structure: ProgramStructure) -> _ChunkTerms:
+    n = x.shape[0]
+    model_trace, guide_trace = _traces(model, guide, x, k, structure.max_plate_nesting)
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+
+    def reduce(value, site):
+        return _per_datapoint(value, site["mask"], structure, k, n)
+
+    reconstruction = sum(reduce(_log_prob(model_sites[name]), model_sites[name]) for name in structure.observed_sites)
+    log_weight = reconstruction
+    kl = {}
+    for name in structure.latent_sites:
+        p_site, q_site = model_sites[name], guide_sites[name]
+        log_p, log_q = reduce(_log_prob(p_site), p_site), reduce(_log_prob(q_site), q_site)
+        log_weight = log_weight + log_p - log_q
+        if structure.kl_methods[name] == KL_ANALYTIC:
+            kl[name] = reduce(kl_divergence(q_site["fn"], p_site["fn"]), q_site)
+        else:
+            kl[name] = log_q - log_p
+    return _ChunkTerms(log_weight, reconstruction, kl)
+
+
+def _chunk_sizes(x: torch.Tensor, num_samples: int, chunk_size: int | None, particles_per_chunk: int | None):
+    item_numel = max(1, math.prod(x.shape[1:]))
+    n = chunk_size or max(1, min(x.shape[0], 500))
+    k = particles_per_chunk or max(1, min(num_samples, DEFAULT_CHUNK_ELEMENTS // (n * item_numel)))
+    return n, min(k, num_samples)
+
+
+@dataclass
+class EvaluationPlan:
+    """The structure of a model/guide pair and the chunking of one evaluation over x."""
+
+    structure: ProgramStructure
+    chunk_size: int  # datapoints per chunk
+    particles_per_chunk: int
+    num_samples: int
+
+
+def plan_evaluation(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int | None = None,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+    kl: str = "auto",
+) -> EvaluationPlan:
+    """Check the inputs, trace the pair once, and size the chunks (from a memory budget unless given)."""
+    _check_inputs(x, num_samples)
+    for name, value in (("chunk_size", chunk_size), ("particles_per_chunk", particles_per_chunk)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InvalidDataError(f"{name} must be a positive integer or None, got {value!r}")
+    n, k = _chunk_sizes(x, num_samples, chunk_size, particles_per_chunk)
+    with torch.no_grad():
+        structure = inspect_program(model, guide, x[:n], data_plate=data_plate, kl=kl)
+    return EvaluationPlan(structure, n, k, num_samples)
+
+
+def iter_chunk_terms(
+    model: Callable, guide: Callable, x: torch.Tensor, plan: EvaluationPlan, progress: bool | str = False
+) -> Iterator[tuple[slice, _ChunkTerms]]:
+    """Yield ``(rows, terms)`` for every (data chunk, particle chunk) of ``plan``.
+
+    ``rows`` is the slice of ``x`` the chunk covers; ``terms`` holds [k, n] tensors.
+    This is the engine behind every public estimate, and a hook for diagnostics
+    that need the raw log-weights.
+    """
+    n, k, num_samples = plan.chunk_size, plan.particles_per_chunk, plan.num_samples
+    particle_chunks = [min(k, num_samples - start) for start in range(0, num_samples, k)]
+    total = math.ceil(x.shape[0] / n) * len(particle_chunks)
+    bar = _progress_bar(total, progress)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], n):
+            rows = slice(start, min(start + n, x.shape[0]))
+            for k_chunk in particle_chunks:
+                yield rows, _chunk_terms(model, guide, x[rows], k_chunk, plan.structure)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(total: int, progress: bool | str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else "evaluating", unit="chunk", leave=False)
+
+
+def elbo_decomposition(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 10,
+    kl: str = "auto",
+    chunk_size: int | None = None,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+    progress: bool | str = False,
+) -> dict:
+    """Per-datapoint ELBO, reconstruction term and KL term per latent site, averaged over ``num_samples`` draws.
+
+    Returns a dict of float64 CPU tensors of shape [N], in nats:
+
+    * ``"elbo"`` -- reconstruction minus the sum of the KL terms;
+    * ``"reconstruction"`` -- E_q[log p(x | z)], summed over every observed site;
+    * ``"kl"`` -- a dict from each latent site's name to its KL(q || p) term;
+    * ``"kl_method"`` -- a dict from each latent site's name to ``"analytic"`` or ``"monte carlo"``;
+    * ``"num_samples"`` -- the number of draws from the guide per datapoint.
+
+    ``kl="mc"`` forces Monte Carlo KL everywhere; then the ELBO is exactly the
+    mean log importance weight, the quantity ``Trace_ELBO`` estimates.
+    """
+    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl)
+    reconstruction = torch.zeros(x.shape[0], dtype=torch.float64)
+    kl_terms = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in plan.structure.latent_sites}
+    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+        reconstruction[rows] += terms.reconstruction.double().sum(0).cpu()
+        for name, value in terms.kl.items():
+            kl_terms[name][rows] += value.double().sum(0).cpu()
+    reconstruction /= num_samples
+    kl_terms = {name: total / num_samples for name, total in kl_terms.items()}
+    elbo = reconstruction - sum(kl_terms.values())
+    return {
+        "elbo": elbo,
+        "reconstruction": reconstruction,
+        "kl": kl_terms,
+        "kl_method": dict(plan.structure.kl_methods),
+        "num_samples": num_samples,
+    }
+
+
+@dataclass
+class EvidenceEstimate:
+    """Per-datapoint importance-sampling results (float64 CPU tensors of shape [N]).
+
+    * ``log_evidence`` -- log p̂(x) = log mean_k w_k, in nats;
+    * ``stderr`` -- its delta-method standard error, sqrt(Var(w) / K) / mean(w), in nats;
+    * ``ess`` -- the effective sample size (sum w)^2 / sum w^2 of the K weights.
+    """
+
+    log_evidence: torch.Tensor
+    stderr: torch.Tensor
+    ess: torch.Tensor
+    num_samples: int
+
+
+def evidence_estimate(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+    progress: bool | str = False,
+) -> EvidenceEstimate:
+    """Importance-sampled log p(x) per datapoint, with its standard error and effective sample size.
+
+    Streams over chunks: it keeps log sum_k w_k and log sum_k w_k^2 in float64.
+    """
+    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl="mc")
+    log_sum_w = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
+    log_sum_w2 = log_sum_w.clone()
+    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+        log_w = terms.log_weight.double().cpu()
+        log_sum_w[rows] = torch.logaddexp(log_sum_w[rows], torch.logsumexp(log_w, 0))
+        log_sum_w2[rows] = torch.logaddexp(log_sum_w2[rows], torch.logsumexp(2 * log_w, 0))
+    log_evidence = log_sum_w - math.log(num_samples)
+    # Var(w)/mean(w)^2 = K * sum w^2 / (sum w)^2 - 1; the standard error of the mean weight,
+    # relative to the mean, is the square root of that over K (delta method for the log).
+    ratio = torch.exp(log_sum_w2 - 2 * log_sum_w)
+    stderr = torch.sqrt(torch.clamp(ratio - 1.0 / num_samples, min=0.0))
+    ess = 1.0 / ratio
+    bad = ~torch.isfinite(log_evidence)
+    if bad.any():
+        raise ModelStructureError(
+            f"{int(bad.sum())} datapoint(s) got a non-finite evidence estimate (first at index "
+            f"{int(bad.nonzero()[0])}): every importance weight was 0 or NaN; check the data lies in the "
+            "likelihood's support and the networks give finite outputs"
+        )
+    return EvidenceEstimate(log_evidence, stderr, ess, num_samples)
+
+
+def log_evidence(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+    progress: bool | str = False,
+) -> torch.Tensor:
+    """log p̂(x) = log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x): a float64 CPU tensor [N], in nats.
+
+    The IWAE bound with K = ``num_samples``; see :func:`evidence_estimate` for its
+    standard error and effective sample size.
+    """
+    return evidence_estimate(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, progress).log_evidence
+
+
+def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
+    """The mean of per-datapoint values and the standard error of that mean (sample std / sqrt(N))."""
+    values = values.double()
+    n = values.numel()
+    if n == 0:
+        raise InvalidDataError("cannot average an empty set of values")
+    stderr = values.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
+    return values.mean().item(), stderr
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    mean, stderr = mean_and_stderr(values)
+    return {"mean": mean, "stderr": stderr}
+
+
+def evaluation_summary(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    elbo_samples: int = 10,
+    chunk_size: int | None = None,
+    data_plate: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
+
+    Returns a JSON-ready dict: ``elbo``, ``reconstruction``, ``kl`` (``total`` and
+    per ``sites``, each with its method), ``log_evidence`` (with K and the mean
+    per-datapoint Monte Carlo standard error) and ``gap`` = log p̂(x) - ELBO, each
+    as ``{"mean": ..., "stderr": ...}``. The standard error is that of the
+    dataset mean: sample std over datapoints / sqrt(N).
+    """
+    decomposition = elbo_decomposition(
+        model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
+        progress="ELBO" if progress else False,
+    )
+    evidence = evidence_estimate(
+        model, guide, x, num_samples, chunk_size=chunk_size, data_plate=data_plate,
+        progress=f"log p(x), K={num_samples}" if progress else False,
+    )
+    kl_total = sum(decomposition["kl"].values())
+    return {
+        "units": "nats per datapoint",
+        "num_datapoints": int(x.shape[0]),
+        "elbo_samples": elbo_samples,
+        "elbo": _summary(decomposition["elbo"]),
+        "reconstruction": _summary(decomposition["reconstruction"]),
+        "kl": {
+            "total": _summary(kl_total),
+            "sites": {
+                name: {**_summary(value), "method": decomposition["kl_method"][name]}
+                for name, value in decomposition["kl"].items()
+            },
+        },
+        "log_evidence": {
+            **_summary(evidence.log_evidence),
+            "num_samples": num_samples,
+            "mean_mc_stderr": evidence.stderr.mean().item(),
+            "mean_ess": evidence.ess.mean().item(),
+        },
+        "gap": _summary(evidence.log_evidence - decomposition["elbo"]),
+    }

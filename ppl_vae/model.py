@@ -1,0 +1,135 @@
+"""The VAE as a pair of Pyro programs, assembled from a prior, a decoder, a likelihood and a guide.
+
+Generative model (``VAE.model``), for each datapoint n in the data plate::
+
+    z_n ~ p(z)                       # site "z"
+    x_n ~ p_theta(x | z_n)           # site "x", observed
+
+Guide (``VAE.guide``)::
+
+    z_n ~ q_phi(z | x_n)             # site "z"
+
+These two programs are the single source of truth: training (SVI with
+``Trace_ELBO``) and every evaluation in :mod:`ppl_vae.evaluate` read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyro
+from pyro.infer.util import is_validation_enabled
+import torch
+from torch import nn
+
+from .errors import InvalidDataError, PplVaeError
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .networks import mlp
+from .priors import PRIORS
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of a VAE, as plain data (saved as JSON in every run directory)."""
+
+    data_dim: int = 784
+    latent_dim: int = 50
+    hidden_sizes: tuple[int, ...] = (200, 200)
+    activation: str = "tanh"
+    prior: str = "standard"
+    likelihood: str = "bernoulli"
+    guide: str = "diagonal"
+
+    def __post_init__(self) -> None:
+        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        for kind, value, choices in (
+            ("prior", self.prior, PRIORS),
+            ("likelihood", self.likelihood, LIKELIHOODS),
+            ("guide", self.guide, GUIDES),
+        ):
+            if value not in choices:
+                raise PplVaeError(f"unknown {kind} {value!r}: choose one of {', '.join(choices)}")
+        if self.latent_dim < 1 or self.data_dim < 1:
+            raise PplVaeError(f"latent_dim and data_dim must be positive, got {self.latent_dim} and {self.data_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        hidden = "-".join(str(h) for h in self.hidden_sizes)
+        return (
+            f"{self.data_dim}-{hidden}-{self.latent_dim} {self.activation} MLP, {self.prior} prior, "
+            f"{self.likelihood} likelihood, {self.guide} guide"
+        )
+
+
+class VAE(nn.Module):
+    """A VAE whose ``model`` and ``guide`` methods are Pyro programs over a batch ``x`` of shape [N, data_dim].
+
+    Images of shape [N, 1, 28, 28] or [N, 28, 28] are flattened. All parameters
+    live in this module: save and load it with ``state_dict``.
+    """
+
+    def __init__(self, config: VAEConfig | None = None):
+        super().__init__()
+        self.config = config or VAEConfig()
+        c = self.config
+        self.prior = PRIORS[c.prior](c.latent_dim)
+        self.likelihood = LIKELIHOODS[c.likelihood]()
+        self.decoder = mlp(c.latent_dim, c.hidden_sizes, c.data_dim * self.likelihood.params_per_dim, c.activation)
+        self.guide_net = GUIDES[c.guide](c.data_dim, c.latent_dim, c.hidden_sizes, c.activation)
+
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """Check the batch and return it as [N, data_dim]; a clear error for anything else."""
+        if not isinstance(x, torch.Tensor):
+            raise InvalidDataError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InvalidDataError(f"x must be a floating-point tensor (e.g. x.float()), got dtype {x.dtype}")
+        d = self.config.data_dim
+        if x.dim() < 2 or x.shape[0] == 0 or math.prod(x.shape[1:]) != d:
+            raise InvalidDataError(
+                f"x must be a non-empty batch of shape [N, {d}] (or [N, ...] with {d} values per item), "
+                f"got shape {list(x.shape)}"
+            )
+        return x.reshape(x.shape[0], d)
+
+    def model(self, x: torch.Tensor) -> torch.Tensor:
+        """p(z) p_theta(x | z), with x observed at site "x"; returns z."""
+        x = self.flatten(x)
+        if is_validation_enabled():
+            self.likelihood.check_data(x)
+        pyro.module("prior", self.prior)
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor) -> torch.Tensor:
+        """q_phi(z | x) at site "z"; returns z."""
+        x = self.flatten(x)
+        pyro.module("guide", self.guide_net)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("z", self.guide_net(x))
+
+    @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z] under the likelihood, for plots and reconstructions."""
+        return self.likelihood(self.decoder(z)).mean
+
+    @torch.no_grad()
+    def sample_prior(self, num_samples: int) -> torch.Tensor:
+        """z ~ p(z), then E[x | z]: ``num_samples`` images as [num_samples, data_dim]."""
+        z = self.prior().sample((num_samples,))
+        return self.decode_mean(z)
+
+
+def build_vae(config: VAEConfig | dict | None = None) -> VAE:
+    """A :class:`VAE` from a config object or a plain dict of its fields."""
+    if isinstance(config, dict):
+        config = VAEConfig(**config)
+    return VAE(config)

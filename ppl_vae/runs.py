@@ -1,0 +1,138 @@
+"""A run directory: its configuration, metrics log, checkpoints and results.
+
+Layout of ``RUN_DIR``::
+
+    config.json        the model and training configuration (plain data)
+    metrics.jsonl      one JSON object per epoch (train and validation ELBO, ...)
+    checkpoint.pt      the latest checkpoint, written atomically every epoch
+    checkpoint.prev.pt the checkpoint before it (kept in case the latest is damaged)
+    test.json          the final test evaluation of ``ppl-vae train``
+    evaluation.json    the table of ``ppl-vae evaluate``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RunDirectoryError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` for a new run, or check it holds a run to resume.
+
+    An existing, non-empty folder is refused unless ``resume`` (continue it) or
+    ``overwrite`` (delete it first) is given, so no earlier run is lost by accident.
+    """
+    path = Path(run_dir)
+    if resume and overwrite:
+        raise RunDirectoryError("--resume and --overwrite contradict each other: give one of them")
+    if resume:
+        if not (path / CHECKPOINT_FILE).is_file():
+            raise RunDirectoryError(f"cannot resume: {path / CHECKPOINT_FILE} does not exist")
+        return path
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise RunDirectoryError(
+                f"the run directory {path} already exists and is not empty: pass --resume to continue "
+                "that run, --overwrite to replace it, or choose another --run-dir"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    _atomic_write(Path(path), lambda stream: stream.write(text.encode()))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirectoryError(f"{path} does not exist: is {path.parent} a ppl_vae run directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RunDirectoryError(f"{path} is not valid JSON ({error})") from None
+
+
+def append_metrics(run_dir: str | os.PathLike, record: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a") as stream:
+        stream.write(json.dumps(record) + "\n")
+        stream.flush()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: everything before it is good
+    return records
+
+
+def truncate_metrics(run_dir: str | os.PathLike, last_epoch: int) -> None:
+    """Drop metric records after ``last_epoch`` (written by a run that died before its next checkpoint)."""
+    records = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    _atomic_write(Path(run_dir) / METRICS_FILE, lambda stream: stream.write(text.encode()))
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> Path:
+    """Atomically write ``state`` as the latest checkpoint; the one before it becomes ``checkpoint.prev.pt``."""
+    run_dir = Path(run_dir)
+    latest, previous = run_dir / CHECKPOINT_FILE, run_dir / PREVIOUS_CHECKPOINT_FILE
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    if latest.is_file():
+        os.replace(latest, previous)
+    _atomic_write(latest, lambda stream: torch.save(state, stream))
+    return latest
+
+
+def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The latest checkpoint of ``run_dir``; a clear error naming the file if it is missing or damaged."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise RunDirectoryError(f"no checkpoint at {path}: is {run_dir} a ppl_vae run directory?")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged zip/pickle
+        previous = Path(run_dir) / PREVIOUS_CHECKPOINT_FILE
+        hint = f"; the checkpoint before it is kept at {previous}" if previous.is_file() else ""
+        raise RunDirectoryError(f"the checkpoint {path} is damaged or truncated ({type(error).__name__}: {error}){hint}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirectoryError(f"{path} is not a ppl_vae checkpoint of format {CHECKPOINT_FORMAT}")
+    return state

@@ -1,0 +1,241 @@
+"""Training: stochastic variational inference on the VAE's Pyro programs.
+
+Each step maximizes the ELBO of a minibatch through ``SVI(model, guide, optim,
+Trace_ELBO())``; the loss Pyro reports is the negative ELBO summed over the
+minibatch, so the running ELBO shown is ``-loss / batch size`` in nats per
+datapoint. After every epoch: the validation ELBO, a line in ``metrics.jsonl``
+and an atomic checkpoint (model, optimizer and scheduler state, RNG state,
+configuration, epoch), so ``resume=True`` continues an interrupted run exactly.
+At the end: a test evaluation (ELBO decomposition and importance-sampled log
+p(x)) written to ``test.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from . import runs
+from .data import MNISTData, load_mnist
+from .errors import PplVaeError
+from .evaluate import elbo_decomposition, evaluation_summary, mean_and_stderr
+from .model import VAE, VAEConfig, build_vae
+
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the architecture, as plain data."""
+
+    epochs: int = 50
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_milestones: tuple[int, ...] = ()  # epochs after which "step" multiplies the rate by lr_gamma
+    lr_gamma: float = 0.1
+    lr_final: float = 1e-4  # the rate "cosine" anneals to
+    seed: int = 0
+    device: str = "auto"
+    binarize: str = "dynamic"
+    data_dir: str | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    val_samples: int = 1  # draws from q per datapoint for the per-epoch validation ELBO
+    test_samples: int = 1000  # K for the final test log p̂(x); `ppl-vae evaluate` defaults to 5000
+    pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
+
+    def __post_init__(self) -> None:
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PplVaeError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+        for name in ("epochs", "batch_size", "val_samples", "test_samples"):
+            if getattr(self, name) < 1:
+                raise PplVaeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise PplVaeError(f"the learning rate must be positive, got {self.learning_rate}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when present, else CPU; asking for CUDA without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PplVaeError("--device cuda was asked for, but torch sees no CUDA GPU: use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PplVaeError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+
+
+def make_optimizer(config: TrainConfig) -> pyro.optim.PyroLRScheduler:
+    """Adam wrapped in a learning-rate scheduler that steps once per epoch."""
+    optim_args = {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.learning_rate}}
+    if config.lr_schedule == "cosine":
+        return pyro.optim.CosineAnnealingLR({**optim_args, "T_max": config.epochs, "eta_min": config.lr_final})
+    milestones = list(config.lr_milestones) if config.lr_schedule == "step" else []
+    return pyro.optim.MultiStepLR({**optim_args, "milestones": milestones, "gamma": config.lr_gamma})
+
+
+def current_learning_rate(optimizer: pyro.optim.PyroLRScheduler, config: TrainConfig) -> float:
+    for scheduler in optimizer.optim_objs.values():
+        return scheduler.optimizer.param_groups[0]["lr"]
+    return config.learning_rate
+
+
+def _rng_state() -> dict:
+    state = pyro.util.get_rng_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    cuda_state = state.pop("cuda", None)
+    pyro.util.set_rng_state(state)
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_state)
+
+
+def load_data(config: TrainConfig, vae: VAE, device: torch.device) -> MNISTData:
+    data = load_mnist(
+        config.data_dir, config.binarize, device, config.train_examples, config.eval_examples
+    )
+    # One check of the whole data against the likelihood's support, instead of one per step.
+    for split in ("val", "test") if config.binarize == "dynamic" else ("train", "val", "test"):
+        vae.likelihood.check_data(getattr(data, split))
+    return data
+
+
+def train(
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    model_config: VAEConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a VAE on MNIST into ``run_dir``; returns the final test evaluation.
+
+    With ``resume=True`` the configuration is read from the run directory and the
+    run continues after its last checkpoint.
+    """
+    run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    checkpoint = None
+    if resume:
+        saved = runs.read_json(run_dir / runs.CONFIG_FILE)
+        config = TrainConfig(**{**saved["train"], **_resume_overrides(config)})
+        model_config = VAEConfig(**saved["model"])
+    config = config or TrainConfig()
+    model_config = model_config or VAEConfig()
+    device = resolve_device(config.device)
+    if resume:
+        checkpoint = runs.load_checkpoint(run_dir, map_location=device)
+    else:
+        runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    pyro.enable_validation(config.pyro_validation)
+    vae = build_vae(model_config).to(device)
+    data = load_data(config, vae, device)
+    optimizer = make_optimizer(config)
+    svi = SVI(vae.model, vae.guide, optimizer, loss=Trace_ELBO())
+    start_epoch, elapsed = 0, 0.0
+    if checkpoint is not None:
+        vae.load_state_dict(checkpoint["model"])
+        optimizer.set_state(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"])
+        start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
+        runs.truncate_metrics(run_dir, start_epoch)
+
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        train_elbo, steps = _train_one_epoch(svi, data, config, epoch, progress)
+        lr = current_learning_rate(optimizer, config)
+        optimizer.step()  # the scheduler steps once per epoch
+        epoch_seconds = time.perf_counter() - started
+        elapsed += epoch_seconds
+        val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
+        val_elbo, val_elbo_se = mean_and_stderr(val["elbo"])
+        record = {
+            "epoch": epoch,
+            "train_elbo": train_elbo,
+            "val_elbo": val_elbo,
+            "val_elbo_stderr": val_elbo_se,
+            "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
+            "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
+            "learning_rate": lr,
+            "epoch_seconds": epoch_seconds,
+            "steps_per_second": steps / epoch_seconds,
+            "train_seconds": elapsed,
+            "device": str(device),
+        }
+        runs.append_metrics(run_dir, record)
+        runs.save_checkpoint(
+            run_dir,
+            {
+                "epoch": epoch,
+                "model": vae.state_dict(),
+                "optimizer": optimizer.get_state(),
+                "rng": _rng_state(),
+                "config": {"model": model_config.to_dict(), "train": asdict(config)},
+                "train_seconds": elapsed,
+            },
+        )
+        if progress:
+            print(
+                f"epoch {epoch}/{config.epochs}: train ELBO {train_elbo:.2f}, validation ELBO "
+                f"{val_elbo:.2f} ± {val_elbo_se:.2f} nats/image ({epoch_seconds:.1f} s)",
+                flush=True,
+            )
+
+    result = evaluation_summary(
+        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10, progress=progress
+    )
+    result.update({"split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": str(device)})
+    runs.write_json(run_dir / "test.json", result)
+    return result
+
+
+def _resume_overrides(config: TrainConfig | None) -> dict:
+    """On resume, only the number of epochs may be raised from the command line; the rest is the run's own."""
+    return {"epochs": config.epochs} if config is not None else {}
+
+
+def _train_one_epoch(svi: SVI, data: MNISTData, config: TrainConfig, epoch: int, progress: bool) -> tuple[float, int]:
+    """One pass over the training set; returns the mean training ELBO (nats/image) and the number of steps."""
+    from tqdm.auto import tqdm
+
+    num_steps = math.ceil(data.train.shape[0] / config.batch_size)
+    total_loss, seen = 0.0, 0
+    bar = tqdm(
+        data.train_batches(config.batch_size),
+        total=num_steps,
+        desc=f"epoch {epoch}/{config.epochs}",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    for step, batch in enumerate(bar, start=1):
+        loss = svi.step(batch)
+        if not math.isfinite(loss):
+            raise PplVaeError(
+                f"the loss became {loss} at epoch {epoch}, step {step}: training diverged. Likely causes: a "
+                "learning rate too high (try --lr smaller), data outside the likelihood's support, or an "
+                "encoder scale collapsing to 0. The last good checkpoint is kept; fix and --resume."
+            )
+        total_loss += loss
+        seen += batch.shape[0]
+        if step % 10 == 0 or step == num_steps:
+            bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
+    bar.close()
+    return -total_loss / seen, num_steps
