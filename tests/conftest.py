@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pyro
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mnist_root() -> Path:
+    env = os.environ.get("PPL_VAE_DATA")
+    return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    """Every test starts with an empty param store, validation on and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = mnist_root()
+    if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.fail(f"MNIST raw files not found under {root}: set PPL_VAE_DATA to the folder holding MNIST/raw")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root):
+    from ppl_vae.data import load_mnist
+
+    return load_mnist(data_root, binarize="dynamic")
