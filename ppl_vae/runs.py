@@ -62,6 +62,7 @@ def _atomic_write(path: Path, write) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes files private; run files are meant to be shared
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
