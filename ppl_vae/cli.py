@@ -38,6 +38,7 @@ def _add_train_parser(subparsers) -> None:
     from .likelihoods import LIKELIHOODS
     from .model import VAEConfig
     from .networks import ACTIVATIONS
+    from .objectives import OBJECTIVES
     from .priors import PRIORS
     from .train import LR_SCHEDULES, TrainConfig
 
@@ -64,6 +65,15 @@ def _add_train_parser(subparsers) -> None:
     model.add_argument("--prior", choices=sorted(PRIORS), default=m.prior)
     model.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default=m.likelihood)
     model.add_argument("--guide", choices=sorted(GUIDES), default=m.guide)
+    model.add_argument("--prior-components", type=_positive_int, default=m.prior_components, help="K of the mixture prior and the VampPrior")
+    model.add_argument("--num-flows", type=_positive_int, default=m.num_flows, help="flow steps of the flow prior and the IAF guide")
+    model.add_argument("--obs-scale", type=_positive_float, default=m.obs_scale, help="fixed scale of the 'gaussian' likelihood")
+    objective = p.add_argument_group("objective")
+    objective.add_argument("--objective", choices=OBJECTIVES, default=t.objective, help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); iwae: importance-weighted bound")
+    objective.add_argument("--particles", type=_positive_int, default=t.particles, help="draws from q per image and step (K for iwae)")
+    objective.add_argument("--beta", type=_positive_float, default=t.beta, help="KL weight (poutine.scale on the latent site)")
+    objective.add_argument("--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
+    objective.add_argument("--warmup-start", type=_positive_float, default=t.warmup_start)
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=_positive_int, default=t.epochs)
     opt.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
@@ -135,6 +145,11 @@ def _run_train(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         val_samples=args.val_samples,
         test_samples=args.test_samples,
+        objective=args.objective,
+        particles=args.particles,
+        beta=args.beta,
+        warmup_epochs=args.warmup,
+        warmup_start=args.warmup_start,
     )
     model_config = VAEConfig(
         latent_dim=args.latent_dim,
@@ -143,6 +158,9 @@ def _run_train(args: argparse.Namespace) -> int:
         prior=args.prior,
         likelihood=args.likelihood,
         guide=args.guide,
+        prior_components=args.prior_components,
+        num_flows=args.num_flows,
+        obs_scale=args.obs_scale,
     )
     print(f"run directory: {run_dir}", flush=True)
     result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -159,7 +177,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluation_summary
     from .model import VAEConfig, build_vae
     from .report import format_evaluation
-    from .train import resolve_device
+    from .train import TrainConfig, describe_objective, levels_of, resolve_device
 
     run_dir = Path(args.run_dir)
     config = runs.read_json(run_dir / runs.CONFIG_FILE)
@@ -169,9 +187,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     vae.load_state_dict(checkpoint["model"])
     vae.eval()
     train_config = config["train"]
+    levels = levels_of(vae, train_config["binarize"])
     data = load_mnist(
         args.data_dir or train_config.get("data_dir"), train_config["binarize"], device,
-        train_examples=None, eval_examples=None,
+        train_examples=None, eval_examples=None, dequantize_levels=levels == "dequantized",
     )
     x = data.split(args.split)
     if args.examples is not None:
@@ -181,12 +200,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = evaluation_summary(
         vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
+        chunk_size=args.chunk_size, progress=not args.no_progress, levels=levels,
     )
     result.update({
         "split": args.split,
         "epoch": checkpoint["epoch"],
         "model": VAEConfig(**config["model"]).describe(),
+        "objective": describe_objective(TrainConfig(**train_config)),
+        "epochs": train_config["epochs"],
         "device": str(device),
         "torch": torch.__version__,
         "pyro": pyro.__version__,

@@ -13,6 +13,12 @@ Binarization (``binarize``):
 Validation and test images are binarized once with a fixed seed (unless
 ``"none"``), so test numbers compare across runs and across sessions.
 
+With ``"none"`` and ``dequantize_levels=True`` (what continuous likelihoods need), the
+8-bit levels k are turned into y = (k + u) / 256 with u ~ U(0, 1): a fresh draw per
+training minibatch, one fixed draw for validation and test. Then
+log P(k) >= E_u[log p(y)] - D log 256, which puts densities and probabilities on
+one scale (bits/dim).
+
 A whole split lives as one tensor on the training device and is indexed by a
 random permutation each epoch: no per-item ``DataLoader`` work in the hot loop.
 """
@@ -40,6 +46,7 @@ IMAGE_SHAPE = (1, 28, 28)
 # Fixed seeds: the same binarized validation/test sets in every run and session.
 EVAL_BINARIZATION_SEED = 20151101
 STATIC_TRAIN_BINARIZATION_SEED = 20130101
+NUM_LEVELS = 256
 
 
 def default_data_dir() -> Path:
@@ -80,6 +87,13 @@ def _missing_message(root: Path, missing: list[str], download: bool, error: Exce
     )
 
 
+def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Grey levels k/255 -> (k + u) / 256 with u ~ U(0, 1): a point in the level's cell of [0, 1)."""
+    levels = torch.round(images * (NUM_LEVELS - 1))
+    noise = torch.rand(images.shape, generator=generator, device="cpu" if generator is not None else images.device)
+    return (levels + noise.to(images.device)) / NUM_LEVELS
+
+
 def binarize_once(images: torch.Tensor, seed: int) -> torch.Tensor:
     """One Bernoulli draw of grey levels in [0, 1], reproducible from ``seed`` on any device."""
     generator = torch.Generator().manual_seed(seed)
@@ -101,6 +115,7 @@ class MNISTData:
     val_labels: torch.Tensor
     test_labels: torch.Tensor
     binarize: str
+    dequantized: bool = False
 
     @property
     def data_dim(self) -> int:
@@ -110,9 +125,11 @@ class MNISTData:
         if name not in ("train", "val", "test"):
             raise InvalidDataError(f"unknown split {name!r}: choose 'train', 'val' or 'test'")
         images = getattr(self, name)
+        # An evaluation of the training split needs fixed data too.
         if name == "train" and self.binarize == "dynamic":
-            # An evaluation of the training split needs fixed binary data too.
             return binarize_once(images, EVAL_BINARIZATION_SEED)
+        if name == "train" and self.dequantized:
+            return dequantize(images, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED))
         return images
 
     def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -125,6 +142,8 @@ class MNISTData:
             batch = self.train[order[start : start + batch_size]]
             if self.binarize == "dynamic":
                 batch = torch.bernoulli(batch)
+            elif self.dequantized:
+                batch = dequantize(batch)
             yield batch
 
 
@@ -135,11 +154,13 @@ def load_mnist(
     train_examples: int | None = None,
     eval_examples: int | None = None,
     download: bool = True,
+    dequantize_levels: bool = False,
 ) -> MNISTData:
     """Load MNIST into memory as :class:`MNISTData`.
 
     ``train_examples`` / ``eval_examples`` keep only the first images of the
     training / validation and test splits (for quick runs and tests).
+    ``dequantize_levels`` (with ``binarize="none"``) dequantizes the grey levels.
     Raises :class:`DataNotFoundError` with the folder and file names when the raw
     files are missing and cannot be downloaded.
     """
@@ -158,6 +179,9 @@ def load_mnist(
     labels_train, labels_val = train_labels[:NUM_TRAIN], train_labels[NUM_TRAIN:]
     if binarize == "none":
         train, val, test = grey_train, grey_val, grey_test
+        if dequantize_levels:
+            val = dequantize(grey_val, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED))
+            test = dequantize(grey_test, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED + 1))
     else:
         # Draws are made on the full splits before any subsetting, so a subset holds
         # exactly the same binary images as the full set. Validation and test seeds
@@ -179,4 +203,5 @@ def load_mnist(
         val_labels=labels_val,
         test_labels=test_labels,
         binarize=binarize,
+        dequantized=binarize == "none" and dequantize_levels,
     )

@@ -131,7 +131,11 @@ def inspect_program(
     """
     if kl not in ("auto", "mc"):
         raise InvalidDataError(f"kl must be 'auto' or 'mc', got {kl!r}")
-    model_trace, guide_trace = _traces(model, guide, x, None, 0)
+    # The inspection trace must not move the caller's random stream: with a fixed seed, an
+    # estimate (or an IWAE loss) then draws exactly what a plain Trace_ELBO would.
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model_trace, guide_trace = _traces(model, guide, x, None, 0)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     observed = [name for name, site in model_sites.items() if site["is_observed"]]
     latent = [name for name, site in model_sites.items() if not site["is_observed"]]
@@ -213,7 +217,7 @@ def _log_prob(site: dict) -> torch.Tensor:
 
 
 @dataclass
-class _ChunkTerms:
+class ChunkTerms:
     """Per-particle, per-datapoint terms of one chunk, each [k, n] in nats."""
 
     log_weight: torch.Tensor
@@ -221,7 +225,8 @@ class _ChunkTerms:
     kl: dict[str, torch.Tensor]
 
 
-def _chunk_terms(model, guide, x, k: int, structure: ProgramStructure) -> _ChunkTerms:
+def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, structure: ProgramStructure) -> ChunkTerms:
+    """One vectorized pass of ``k`` particles over the batch ``x``: per-particle, per-datapoint terms."""
     n = x.shape[0]
     model_trace, guide_trace = _traces(model, guide, x, k, structure.max_plate_nesting)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
@@ -240,7 +245,7 @@ def _chunk_terms(model, guide, x, k: int, structure: ProgramStructure) -> _Chunk
             kl[name] = reduce(kl_divergence(q_site["fn"], p_site["fn"]), q_site)
         else:
             kl[name] = log_q - log_p
-    return _ChunkTerms(log_weight, reconstruction, kl)
+    return ChunkTerms(log_weight, reconstruction, kl)
 
 
 def _chunk_sizes(x: torch.Tensor, num_samples: int, chunk_size: int | None, particles_per_chunk: int | None):
@@ -283,7 +288,7 @@ def plan_evaluation(
 
 def iter_chunk_terms(
     model: Callable, guide: Callable, x: torch.Tensor, plan: EvaluationPlan, progress: bool | str = False
-) -> Iterator[tuple[slice, _ChunkTerms]]:
+) -> Iterator[tuple[slice, ChunkTerms]]:
     """Yield ``(rows, terms)`` for every (data chunk, particle chunk) of ``plan``.
 
     ``rows`` is the slice of ``x`` the chunk covers; ``terms`` holds [k, n] tensors.
@@ -298,7 +303,7 @@ def iter_chunk_terms(
         for start in range(0, x.shape[0], n):
             rows = slice(start, min(start + n, x.shape[0]))
             for k_chunk in particle_chunks:
-                yield rows, _chunk_terms(model, guide, x[rows], k_chunk, plan.structure)
+                yield rows, chunk_terms(model, guide, x[rows], k_chunk, plan.structure)
                 if bar is not None:
                     bar.update(1)
     if bar is not None:
@@ -436,6 +441,21 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     return values.mean().item(), stderr
 
 
+DEQUANTIZED_LEVELS = 256
+
+
+def bits_per_dim(log_likelihood: torch.Tensor, num_dims: int, dequantized: bool) -> torch.Tensor:
+    """Convert per-datapoint log-likelihoods in nats to bits per dimension of 8-bit data.
+
+    For a probability mass on the 256 levels: -log P(x) / (D ln 2). For a density on
+    [0, 1]^D evaluated at uniformly dequantized data y = (k + u)/256 (``dequantized``):
+    log P(k) >= log p(y) - D log 256 in expectation over u, so the bits/dim are
+    -(log p(y) - D log 256) / (D ln 2), an upper bound on the discrete model's.
+    """
+    offset = num_dims * math.log(DEQUANTIZED_LEVELS) if dequantized else 0.0
+    return -(log_likelihood - offset) / (num_dims * math.log(2))
+
+
 def _summary(values: torch.Tensor) -> dict[str, float]:
     mean, stderr = mean_and_stderr(values)
     return {"mean": mean, "stderr": stderr}
@@ -450,6 +470,7 @@ def evaluation_summary(
     chunk_size: int | None = None,
     data_plate: str | None = None,
     progress: bool = False,
+    levels: str | None = None,
 ) -> dict[str, Any]:
     """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
 
@@ -458,7 +479,13 @@ def evaluation_summary(
     per-datapoint Monte Carlo standard error) and ``gap`` = log p̂(x) - ELBO, each
     as ``{"mean": ..., "stderr": ...}``. The standard error is that of the
     dataset mean: sample std over datapoints / sqrt(N).
+
+    ``levels`` says what the data are when they are 8-bit images: ``"discrete"``
+    (a mass on the 256 levels) or ``"dequantized"`` (a density at dequantized
+    levels); then ``bits_per_dim`` holds the ELBO and log p̂(x) on that one scale.
     """
+    if levels not in (None, "discrete", "dequantized"):
+        raise InvalidDataError(f"levels must be None, 'discrete' or 'dequantized', got {levels!r}")
     decomposition = elbo_decomposition(
         model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
         progress="ELBO" if progress else False,
@@ -468,7 +495,7 @@ def evaluation_summary(
         progress=f"log p(x), K={num_samples}" if progress else False,
     )
     kl_total = sum(decomposition["kl"].values())
-    return {
+    result = {
         "units": "nats per datapoint",
         "num_datapoints": int(x.shape[0]),
         "elbo_samples": elbo_samples,
@@ -489,3 +516,13 @@ def evaluation_summary(
         },
         "gap": _summary(evidence.log_evidence - decomposition["elbo"]),
     }
+    if levels is not None:
+        num_dims = math.prod(x.shape[1:])
+        dequantized = levels == "dequantized"
+        result["bits_per_dim"] = {
+            "elbo": _summary(bits_per_dim(decomposition["elbo"], num_dims, dequantized)),
+            "log_evidence": _summary(bits_per_dim(evidence.log_evidence, num_dims, dequantized)),
+            "method": "density at uniformly dequantized levels, minus D log 256" if dequantized
+            else "probability of the 256 discrete levels",
+        }
+    return result

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyro
+from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ class VAEConfig:
     prior: str = "standard"
     likelihood: str = "bernoulli"
     guide: str = "diagonal"
+    prior_components: int = 10  # K for the mixture prior and the VampPrior (Tomczak & Welling used 500)
+    num_flows: int = 2  # flow steps of the flow prior and the IAF guide
+    obs_scale: float = 0.1  # the fixed scale of the "gaussian" likelihood
 
     def __post_init__(self) -> None:
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
@@ -52,35 +56,55 @@ class VAEConfig:
         ):
             if value not in choices:
                 raise PplVaeError(f"unknown {kind} {value!r}: choose one of {', '.join(choices)}")
-        if self.latent_dim < 1 or self.data_dim < 1:
-            raise PplVaeError(f"latent_dim and data_dim must be positive, got {self.latent_dim} and {self.data_dim}")
+        if self.prior == "vamp" and self.guide == "iaf":
+            raise PplVaeError(
+                "the VampPrior with the IAF guide is not supported: Pyro's conditional flows do not broadcast "
+                "over the mixture's components. Use the VampPrior with the diagonal or fullcov guide."
+            )
+        if min(self.latent_dim, self.data_dim, self.prior_components, self.num_flows) < 1:
+            raise PplVaeError("latent_dim, data_dim, prior_components and num_flows must be positive integers")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def describe(self) -> str:
         hidden = "-".join(str(h) for h in self.hidden_sizes)
-        return (
-            f"{self.data_dim}-{hidden}-{self.latent_dim} {self.activation} MLP, {self.prior} prior, "
-            f"{self.likelihood} likelihood, {self.guide} guide"
-        )
+        prior = f"{self.prior}({self.prior_components})" if self.prior in ("mixture", "vamp") else self.prior
+        prior = f"flow({self.num_flows})" if self.prior == "flow" else prior
+        guide = f"iaf({self.num_flows})" if self.guide == "iaf" else self.guide
+        return f"{self.data_dim}-{hidden}-{self.latent_dim} {self.activation} MLP, {prior} prior, {self.likelihood} likelihood, {guide} guide"
 
 
 class VAE(nn.Module):
     """A VAE whose ``model`` and ``guide`` methods are Pyro programs over a batch ``x`` of shape [N, data_dim].
 
+    The pieces come from ``config`` by name, or are passed in: ``prior``,
+    ``likelihood`` and ``guide_net`` may be any modules with the interfaces of
+    :mod:`ppl_vae.priors`, :mod:`ppl_vae.likelihoods` and :mod:`ppl_vae.guides`.
+    ``kl_weight`` (beta) scales the latent site in both programs with
+    ``poutine.scale``, so the SVI objective becomes E_q[log p(x|z)] - beta KL;
+    evaluation ignores it and reports the unscaled model.
+
     Images of shape [N, 1, 28, 28] or [N, 28, 28] are flattened. All parameters
     live in this module: save and load it with ``state_dict``.
     """
 
-    def __init__(self, config: VAEConfig | None = None):
+    def __init__(
+        self,
+        config: VAEConfig | None = None,
+        prior: nn.Module | None = None,
+        likelihood: nn.Module | None = None,
+        guide_net: nn.Module | None = None,
+    ):
         super().__init__()
         self.config = config or VAEConfig()
         c = self.config
-        self.prior = PRIORS[c.prior](c.latent_dim)
-        self.likelihood = LIKELIHOODS[c.likelihood]()
+        options = dict(num_components=c.prior_components, num_flows=c.num_flows, obs_scale=c.obs_scale)
+        self.guide_net = guide_net or GUIDES[c.guide](c.data_dim, c.latent_dim, c.hidden_sizes, c.activation, **options)
+        self.likelihood = likelihood or LIKELIHOODS[c.likelihood](**options)
+        self.prior = prior or PRIORS[c.prior](c.latent_dim, guide_net=self.guide_net, data_dim=c.data_dim, **options)
         self.decoder = mlp(c.latent_dim, c.hidden_sizes, c.data_dim * self.likelihood.params_per_dim, c.activation)
-        self.guide_net = GUIDES[c.guide](c.data_dim, c.latent_dim, c.hidden_sizes, c.activation)
+        self.kl_weight = 1.0
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """Check the batch and return it as [N, data_dim]; a clear error for anything else."""
@@ -105,7 +129,8 @@ class VAE(nn.Module):
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", self.prior())
+            with poutine.scale(scale=self.kl_weight):
+                z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
         return z
 
@@ -113,7 +138,7 @@ class VAE(nn.Module):
         """q_phi(z | x) at site "z"; returns z."""
         x = self.flatten(x)
         pyro.module("guide", self.guide_net)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", x.shape[0]), poutine.scale(scale=self.kl_weight):
             return pyro.sample("z", self.guide_net(x))
 
     @torch.no_grad()

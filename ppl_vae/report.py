@@ -27,7 +27,13 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     lines.append(f"{'quantity (nats per datapoint)':<{width}} {'mean':>11} {'± s.e.':>9}")
     lines.append("-" * (width + 22))
     lines += [_row(label, stat, width) for label, stat in rows]
+    if "bits_per_dim" in result:
+        bpd = result["bits_per_dim"]
+        lines.append(_row("ELBO in bits/dim", bpd["elbo"], width))
+        lines.append(_row(f"log p̂(x) in bits/dim (K={k})", bpd["log_evidence"], width))
     lines.append("-" * (width + 22))
+    if "bits_per_dim" in result:
+        lines.append(f"bits/dim: {result['bits_per_dim']['method']} (lower is better).")
     lines.append(
         f"N = {result['num_datapoints']} datapoints; s.e. = standard error of the mean over datapoints. "
         f"Per-datapoint Monte Carlo s.e. of log p̂(x): {result['log_evidence']['mean_mc_stderr']:.3f} on average; "

@@ -1,9 +1,10 @@
 """Training: stochastic variational inference on the VAE's Pyro programs.
 
 Each step maximizes the ELBO of a minibatch through ``SVI(model, guide, optim,
-Trace_ELBO())``; the loss Pyro reports is the negative ELBO summed over the
-minibatch, so the running ELBO shown is ``-loss / batch size`` in nats per
-datapoint. After every epoch: the validation ELBO, a line in ``metrics.jsonl``
+Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`); the loss
+Pyro reports is the negative objective summed over the minibatch, so the running
+value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
+the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``
 and an atomic checkpoint (model, optimizer and scheduler state, RNG state,
 configuration, epoch), so ``resume=True`` continues an interrupted run exactly.
 At the end: a test evaluation (ELBO decomposition and importance-sampled log
@@ -21,13 +22,14 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI
 
 from . import runs
 from .data import MNISTData, load_mnist
 from .errors import PplVaeError
 from .evaluate import elbo_decomposition, evaluation_summary, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
+from .objectives import OBJECTIVES, make_objective
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 
@@ -51,6 +53,11 @@ class TrainConfig:
     eval_examples: int | None = None
     val_samples: int = 1  # draws from q per datapoint for the per-epoch validation ELBO
     test_samples: int = 1000  # K for the final test log p̂(x); `ppl-vae evaluate` defaults to 5000
+    objective: str = "elbo"  # elbo (Trace_ELBO), meanfield (TraceMeanField_ELBO) or iwae
+    particles: int = 1  # draws from q per datapoint and step (K of the IWAE objective)
+    beta: float = 1.0  # the KL weight, applied with poutine.scale on the latent site
+    warmup_epochs: int = 0  # linear KL warm-up from warmup_start to beta over this many epochs
+    warmup_start: float = 0.01
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
 
     def __post_init__(self) -> None:
@@ -60,8 +67,24 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_samples", "test_samples"):
             if getattr(self, name) < 1:
                 raise PplVaeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise PplVaeError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        if self.particles < 1:
+            raise PplVaeError(f"particles must be at least 1, got {self.particles}")
+        if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
+            raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
+        if self.objective == "iwae" and (self.beta != 1.0 or self.warmup_epochs):
+            raise PplVaeError("the IWAE objective has no KL term to weight: use beta 1 and no warm-up with --objective iwae")
         if not self.learning_rate > 0:
             raise PplVaeError(f"the learning rate must be positive, got {self.learning_rate}")
+
+
+def kl_weight(config: TrainConfig, epoch: int) -> float:
+    """The KL weight of ``epoch`` (1-based): linear from warmup_start to beta over warmup_epochs, then beta."""
+    if config.warmup_epochs == 0:
+        return config.beta
+    progress = min(1.0, (epoch - 1) / config.warmup_epochs)
+    return config.warmup_start + (config.beta - config.warmup_start) * progress
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,13 +128,21 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(cuda_state)
 
 
+def levels_of(vae: VAE, binarize: str) -> str | None:
+    """How 8-bit grey-level data meet the likelihood: ``"discrete"``, ``"dequantized"``, or None for binary data."""
+    if binarize != "none":
+        return None
+    return "discrete" if getattr(vae.likelihood, "data_kind", "continuous") == "discrete" else "dequantized"
+
+
 def load_data(config: TrainConfig, vae: VAE, device: torch.device) -> MNISTData:
     data = load_mnist(
-        config.data_dir, config.binarize, device, config.train_examples, config.eval_examples
+        config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
+        dequantize_levels=levels_of(vae, config.binarize) == "dequantized",
     )
     # One check of the whole data against the likelihood's support, instead of one per step.
-    for split in ("val", "test") if config.binarize == "dynamic" else ("train", "val", "test"):
-        vae.likelihood.check_data(getattr(data, split))
+    for split in ("train", "val", "test"):
+        vae.likelihood.check_data(data.split(split))
     return data
 
 
@@ -148,7 +179,7 @@ def train(
     vae = build_vae(model_config).to(device)
     data = load_data(config, vae, device)
     optimizer = make_optimizer(config)
-    svi = SVI(vae.model, vae.guide, optimizer, loss=Trace_ELBO())
+    svi = SVI(vae.model, vae.guide, optimizer, loss=make_objective(config.objective, config.particles))
     start_epoch, elapsed = 0, 0.0
     if checkpoint is not None:
         vae.load_state_dict(checkpoint["model"])
@@ -159,6 +190,7 @@ def train(
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
+        vae.kl_weight = kl_weight(config, epoch)
         train_elbo, steps = _train_one_epoch(svi, data, config, epoch, progress)
         lr = current_learning_rate(optimizer, config)
         optimizer.step()  # the scheduler steps once per epoch
@@ -174,6 +206,7 @@ def train(
             "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
             "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
             "learning_rate": lr,
+            "kl_weight": vae.kl_weight,
             "epoch_seconds": epoch_seconds,
             "steps_per_second": steps / epoch_seconds,
             "train_seconds": elapsed,
@@ -198,12 +231,25 @@ def train(
                 flush=True,
             )
 
+    vae.kl_weight = 1.0
     result = evaluation_summary(
-        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10, progress=progress
+        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10, progress=progress,
+        levels=levels_of(vae, config.binarize),
     )
-    result.update({"split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": str(device)})
+    result.update({
+        "split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": str(device),
+        "model": model_config.describe(), "objective": describe_objective(config),
+    })
     runs.write_json(run_dir / "test.json", result)
     return result
+
+
+def describe_objective(config: TrainConfig) -> str:
+    text = {"elbo": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO", "iwae": "IWAE"}[config.objective]
+    text += f", {config.particles} particle{'s' if config.particles > 1 else ''}"
+    if config.beta != 1.0 or config.warmup_epochs:
+        text += f", beta {config.beta:g}" + (f" (warm-up {config.warmup_epochs} epochs)" if config.warmup_epochs else "")
+    return text
 
 
 def _resume_overrides(config: TrainConfig | None) -> dict:
