@@ -12,6 +12,8 @@ from pathlib import Path
 
 from .errors import PplVaeError
 
+PER_DATAPOINT_FILE = "evaluation_per_datapoint.npz"
+
 DESCRIPTION = """\
 Variational autoencoders as Pyro programs: train on MNIST with SVI and Trace_ELBO,
 then evaluate the ELBO, its decomposition and an importance-sampled log p(x).
@@ -96,8 +98,9 @@ def _add_evaluate_parser(subparsers) -> None:
         "evaluate",
         help="evaluate a trained run: ELBO, decomposition, log p(x)",
         description="Evaluate a run: the ELBO and its decomposition (reconstruction, KL per latent site) and the "
-        "importance-sampled log p(x) with K samples, in nats per image with standard errors. Prints a table "
-        "and writes it as evaluation.json into RUN_DIR.",
+        "importance-sampled log p(x) with K samples, in nats per image with standard errors; then diagnostics: "
+        "PSIS k-hat of the importance weights, active units, KL per dimension, ELBO surgery (mutual information "
+        "and marginal KL) and total correlation. Prints two tables and writes them to RUN_DIR/evaluation.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ppl-vae train`")
@@ -113,11 +116,55 @@ def _add_evaluate_parser(subparsers) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
+def _add_compare_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="one table and one figure for several runs",
+        description="Compare evaluated runs: model, objective, ELBO, reconstruction, KL, log p(x) with K, gap, "
+        "bits/dim where it applies, active units, training time and device. Prints a Markdown table and writes "
+        "comparison.md, comparison.csv and comparison.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories (evaluated, or finished training)")
+    p.add_argument("--out", default="comparison", help="folder for the table and the figure")
+    p.set_defaults(handler=_run_compare)
+
+
+def _add_plot_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot",
+        help="training curves, reconstructions, samples and interpolations of a run",
+        description="Draw a run's training curves (ELBO, reconstruction, KL per epoch), reconstructions of test "
+        "images, samples from the prior and interpolations between test images, as PNGs in RUN_DIR/plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_plot)
+
+
+def _add_diagnose_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "diagnose",
+        help="figures of an evaluated run: k-hat, KL per dimension, ELBO surgery",
+        description="Draw the diagnostics that `ppl-vae evaluate` computed: PSIS k-hat per datapoint (ArviZ), KL "
+        "per latent dimension, and the average KL split into mutual information and marginal KL. PNGs go to "
+        "RUN_DIR/plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory on which `ppl-vae evaluate` has been run")
+    p.set_defaults(handler=_run_diagnose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-vae", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_compare_parser(subparsers)
+    _add_plot_parser(subparsers)
+    _add_diagnose_parser(subparsers)
     return parser
 
 
@@ -174,18 +221,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from . import runs
     from .data import load_mnist
-    from .evaluate import evaluation_summary
-    from .model import VAEConfig, build_vae
-    from .report import format_evaluation
-    from .train import TrainConfig, describe_objective, levels_of, resolve_device
+    import numpy
+
+    from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary, evidence_with_psis
+    from .evaluate import evaluation_summary, evidence_estimate
+    from .model import VAEConfig
+    from .report import format_diagnostics, format_evaluation
+    from .train import TrainConfig, describe_objective, levels_of, load_run, resolve_device
 
     run_dir = Path(args.run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG_FILE)
     device = resolve_device(args.device)
-    checkpoint = runs.load_checkpoint(run_dir, map_location=device)
-    vae = build_vae(VAEConfig(**config["model"])).to(device)
-    vae.load_state_dict(checkpoint["model"])
-    vae.eval()
+    vae, config = load_run(run_dir, device)
     train_config = config["train"]
     levels = levels_of(vae, train_config["binarize"])
     data = load_mnist(
@@ -198,13 +244,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     vae.likelihood.check_data(x)
     pyro.set_rng_seed(args.seed)
     started = time.perf_counter()
+    progress = not args.no_progress
+    bar = f"log p(x), K={args.num_samples}" if progress else False
+    if args.num_samples >= MIN_PSIS_SAMPLES:
+        evidence, psis = evidence_with_psis(vae.model, vae.guide, x, args.num_samples, args.chunk_size, progress=bar)
+    else:
+        evidence, psis = evidence_estimate(vae.model, vae.guide, x, args.num_samples, args.chunk_size, progress=bar), None
     result = evaluation_summary(
         vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
-        chunk_size=args.chunk_size, progress=not args.no_progress, levels=levels,
+        chunk_size=args.chunk_size, progress=progress, levels=levels, evidence=evidence,
     )
+    result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis, chunk_size=args.chunk_size)
     result.update({
         "split": args.split,
-        "epoch": checkpoint["epoch"],
+        "epoch": config["epoch"],
         "model": VAEConfig(**config["model"]).describe(),
         "objective": describe_objective(TrainConfig(**train_config)),
         "epochs": train_config["epochs"],
@@ -215,12 +268,80 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed,
     })
     runs.write_json(run_dir / "evaluation.json", result)
+    per_datapoint = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
+    if psis is not None:
+        per_datapoint.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
+    numpy.savez(run_dir / PER_DATAPOINT_FILE, **{key: value.numpy() for key, value in per_datapoint.items()})
     title = (
         f"{run_dir}: {result['model']}, epoch {result['epoch']}; {args.split} split, "
         f"{result['num_datapoints']} images, {device}, {result['evaluation_seconds']:.1f} s"
     )
     print(format_evaluation(result, title=title))
-    print(f"written to {run_dir / 'evaluation.json'}")
+    print(format_diagnostics(result["diagnostics"]))
+    print(f"written to {run_dir / 'evaluation.json'} and {run_dir / PER_DATAPOINT_FILE}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
+    table, figure = compare_runs(args.run_dirs, args.out)
+    print(table)
+    print(f"written to {Path(args.out) / 'comparison.md'}, comparison.csv and {figure}")
+    return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    import pyro
+
+    from . import plots, runs
+    from .data import load_mnist
+    from .train import levels_of, load_run
+
+    run_dir = Path(args.run_dir)
+    vae, config = load_run(run_dir, device="cpu")
+    pyro.set_rng_seed(args.seed)
+    out = run_dir / "plots"
+    written = [plots.plot_training_curves(runs.read_metrics(run_dir), out / "training_curves.png")]
+    train_config = config["train"]
+    data = load_mnist(args.data_dir or train_config.get("data_dir"), train_config["binarize"], eval_examples=20,
+                      dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+    written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
+    written.append(plots.plot_samples(vae, out / "samples.png"))
+    written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
+    for path in written:
+        print(path)
+    return 0
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    import numpy
+
+    from . import plots, runs
+    from .errors import RunDirectoryError
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / PER_DATAPOINT_FILE).is_file():
+        raise RunDirectoryError(f"{run_dir} has no {PER_DATAPOINT_FILE}: run `ppl-vae evaluate {run_dir}` first")
+    diagnostics = runs.read_json(run_dir / "evaluation.json")["diagnostics"]
+    per_datapoint = numpy.load(run_dir / PER_DATAPOINT_FILE)
+    out = run_dir / "plots"
+    written = []
+    if "khat" in per_datapoint:
+        written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", diagnostics["psis"]["khat_threshold"]))
+    else:
+        print(f"k-hat: not available ({diagnostics['psis']['unavailable']})")
+    collapse, surgery = diagnostics["collapse"], diagnostics["elbo_surgery"]
+    if "unavailable" in collapse:
+        print(f"KL per dimension: not available ({collapse['unavailable']})")
+    else:
+        written.append(plots.plot_kl_per_dimension(collapse["kl_sorted"], out / "kl_per_dimension.png", collapse["kl_threshold"]))
+    if "unavailable" in surgery:
+        print(f"ELBO surgery: not available ({surgery['unavailable']})")
+    else:
+        written.append(plots.plot_elbo_surgery(surgery, out / "elbo_surgery.png"))
+    for path in written:
+        print(path)
     return 0
 
 

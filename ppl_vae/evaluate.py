@@ -102,8 +102,11 @@ def _in_particle_plate(fn: Callable, num_particles: int, dim: int) -> Callable:
     return wrapped
 
 
-def _traces(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None, max_plate_nesting: int):
-    """Guide trace and model trace replayed on it; vectorized over particles unless ``num_particles`` is None."""
+def trace_pair(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None, max_plate_nesting: int):
+    """Guide trace and model trace replayed on it; vectorized over particles unless ``num_particles`` is None.
+
+    The particle plate sits at dim -(max_plate_nesting + 1), left of every plate of the programs.
+    """
     if num_particles is not None:
         dim = -(max_plate_nesting + 1)
         model, guide = (_in_particle_plate(fn, num_particles, dim) for fn in (model, guide))
@@ -135,7 +138,7 @@ def inspect_program(
     # estimate (or an IWAE loss) then draws exactly what a plain Trace_ELBO would.
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        model_trace, guide_trace = _traces(model, guide, x, None, 0)
+        model_trace, guide_trace = trace_pair(model, guide, x, None, 0)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     observed = [name for name, site in model_sites.items() if site["is_observed"]]
     latent = [name for name, site in model_sites.items() if not site["is_observed"]]
@@ -228,7 +231,7 @@ class ChunkTerms:
 def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, structure: ProgramStructure) -> ChunkTerms:
     """One vectorized pass of ``k`` particles over the batch ``x``: per-particle, per-datapoint terms."""
     n = x.shape[0]
-    model_trace, guide_trace = _traces(model, guide, x, k, structure.max_plate_nesting)
+    model_trace, guide_trace = trace_pair(model, guide, x, k, structure.max_plate_nesting)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
 
     def reduce(value, site):
@@ -397,6 +400,11 @@ def evidence_estimate(
         log_w = terms.log_weight.double().cpu()
         log_sum_w[rows] = torch.logaddexp(log_sum_w[rows], torch.logsumexp(log_w, 0))
         log_sum_w2[rows] = torch.logaddexp(log_sum_w2[rows], torch.logsumexp(2 * log_w, 0))
+    return evidence_from_weight_sums(log_sum_w, log_sum_w2, num_samples)
+
+
+def evidence_from_weight_sums(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor, num_samples: int) -> EvidenceEstimate:
+    """log p̂(x), its delta-method standard error and the ESS from log sum_k w_k and log sum_k w_k^2 per datapoint."""
     log_evidence = log_sum_w - math.log(num_samples)
     # Var(w)/mean(w)^2 = K * sum w^2 / (sum w)^2 - 1; the standard error of the mean weight,
     # relative to the mean, is the square root of that over K (delta method for the log).
@@ -471,6 +479,7 @@ def evaluation_summary(
     data_plate: str | None = None,
     progress: bool = False,
     levels: str | None = None,
+    evidence: EvidenceEstimate | None = None,
 ) -> dict[str, Any]:
     """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
 
@@ -483,6 +492,8 @@ def evaluation_summary(
     ``levels`` says what the data are when they are 8-bit images: ``"discrete"``
     (a mass on the 256 levels) or ``"dequantized"`` (a density at dequantized
     levels); then ``bits_per_dim`` holds the ELBO and log p̂(x) on that one scale.
+    ``evidence`` reuses an :class:`EvidenceEstimate` already computed for ``x``
+    (e.g. by :func:`ppl_vae.diagnostics.evidence_with_psis`) instead of drawing anew.
     """
     if levels not in (None, "discrete", "dequantized"):
         raise InvalidDataError(f"levels must be None, 'discrete' or 'dequantized', got {levels!r}")
@@ -490,10 +501,12 @@ def evaluation_summary(
         model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
         progress="ELBO" if progress else False,
     )
-    evidence = evidence_estimate(
-        model, guide, x, num_samples, chunk_size=chunk_size, data_plate=data_plate,
-        progress=f"log p(x), K={num_samples}" if progress else False,
-    )
+    if evidence is None:
+        evidence = evidence_estimate(
+            model, guide, x, num_samples, chunk_size=chunk_size, data_plate=data_plate,
+            progress=f"log p(x), K={num_samples}" if progress else False,
+        )
+    num_samples = evidence.num_samples
     kl_total = sum(decomposition["kl"].values())
     result = {
         "units": "nats per datapoint",

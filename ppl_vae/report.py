@@ -40,3 +40,54 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
         f"mean effective sample size {result['log_evidence']['mean_ess']:.0f} of {k}."
     )
     return "\n".join(lines)
+
+
+def _stat(value: Any) -> str:
+    return f"{value['mean']:.3f} ± {value['stderr']:.3f}"
+
+
+def format_diagnostics(diagnostics: dict[str, Any]) -> str:
+    """The second table of ``ppl-vae evaluate``: where the bound is lost and whether log p̂(x) can be trusted."""
+    psis = diagnostics["psis"]
+    lines = ["diagnostics (nats per datapoint)", "-" * 72]
+    if "unavailable" in psis:
+        lines.append(f"PSIS: not available ({psis['unavailable']})")
+    else:
+        def rounded(value):
+            return "–" if value is None else f"{value:.3f}"
+
+        lines.append(
+            f"PSIS k-hat (K={psis['num_samples']}): median {rounded(psis['khat_median'])}, max "
+            f"{rounded(psis['khat_max'])}; {100 * psis['unreliable_share']:.1f}% of datapoints have k-hat > "
+            f"{psis['khat_threshold']} (unreliable)"
+        )
+        lines.append(f"log p̂(x), plain / PSIS-smoothed: {_stat(psis['log_evidence'])} / {_stat(psis['psis_log_evidence'])}")
+    collapse = diagnostics["collapse"]
+    if "unavailable" in collapse:
+        lines.append(f"active units, KL per dimension: not available ({collapse['unavailable']})")
+    else:
+        top = ", ".join(f"{kl:.2f}" for kl in collapse["kl_sorted"][:5])
+        lines.append(
+            f"active units (Var_x E_q[z_d|x] > {collapse['activity_threshold']}): {collapse['num_active']} of "
+            f"{collapse['latent_dim']}; collapsed (KL_d < {collapse['kl_threshold']}): "
+            f"{100 * collapse['collapsed_share']:.0f}%; largest KL_d: {top}"
+        )
+        if collapse["warning"]:
+            lines.append(f"WARNING: {collapse['warning']}")
+    surgery = diagnostics["elbo_surgery"]
+    if "unavailable" in surgery:
+        lines.append(f"ELBO surgery: not available ({surgery['unavailable']})")
+    else:
+        lines.append(
+            f"ELBO surgery: average KL {_stat(surgery['average_kl'])} = mutual information "
+            f"{_stat(surgery['mutual_information'])} (<= log N = {surgery['mutual_information_bound']:.2f}) "
+            f"+ marginal KL(q(z)||p(z)) {_stat(surgery['marginal_kl'])}"
+        )
+    tc = diagnostics["total_correlation"]
+    if "unavailable" not in tc:
+        lines.append(
+            f"marginal KL = total correlation {_stat(tc['total_correlation'])} + dimension-wise KL "
+            f"{_stat(tc['dimensionwise_kl'])}"
+        )
+    lines.append("-" * 72)
+    return "\n".join(lines)

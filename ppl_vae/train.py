@@ -252,6 +252,17 @@ def describe_objective(config: TrainConfig) -> str:
     return text
 
 
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, dict]:
+    """The trained VAE of a run directory (in eval mode) and its configuration, plus ``"epoch"``."""
+    run_dir = Path(run_dir)
+    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    checkpoint = runs.load_checkpoint(run_dir, map_location=device)
+    vae = build_vae(VAEConfig(**config["model"])).to(device)
+    vae.load_state_dict(checkpoint["model"])
+    vae.eval()
+    return vae, {**config, "epoch": checkpoint["epoch"]}
+
+
 def _resume_overrides(config: TrainConfig | None) -> dict:
     """On resume, only the number of epochs may be raised from the command line; the rest is the run's own."""
     return {"epochs": config.epochs} if config is not None else {}

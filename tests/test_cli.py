@@ -1,6 +1,7 @@
 """The command line end to end, in subprocesses, on a tiny configuration."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,6 +33,17 @@ def test_train_then_evaluate_prints_the_table(tmp_path, data_root):
     result = json.loads((run_dir / "evaluation.json").read_text())
     assert result["num_datapoints"] == 40 and result["log_evidence"]["num_samples"] == 25
     assert result["gap"]["mean"] == pytest.approx(result["log_evidence"]["mean"] - result["elbo"]["mean"], abs=1e-9)
+    # The second table: diagnostics, also in the JSON, and their figures.
+    for label in ("PSIS k-hat (K=25)", "active units", "ELBO surgery", "total correlation"):
+        assert label in evaluated.stdout
+    diagnostics = result["diagnostics"]
+    assert 0 <= diagnostics["active_units"] <= 4 and len(diagnostics["collapse"]["kl_per_dimension"]) == 4
+    assert 0 <= diagnostics["psis"]["unreliable_share"] <= 1
+    assert diagnostics["elbo_surgery"]["mutual_information_bound"] == pytest.approx(math.log(40))
+    diagnosed = run_cli("diagnose", run_dir)
+    assert diagnosed.returncode == 0, diagnosed.stderr
+    for name in ("khat", "kl_per_dimension", "elbo_surgery"):
+        assert (run_dir / "plots" / f"{name}.png").stat().st_size > 1000
 
 
 def test_console_script_help_documents_every_option():
@@ -68,3 +80,29 @@ def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
     out = run_cli("evaluate", tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "config.json does not exist" in out.stderr
+
+
+def test_variants_train_and_compare_and_plot(tmp_path, data_root):
+    """Two variants from the command line, then one comparison table and the run's figures."""
+    first, second = tmp_path / "standard", tmp_path / "vamp-iwae"
+    assert run_cli("train", "--run-dir", first, *TINY, data_root=data_root).returncode == 0
+    out = run_cli("train", "--run-dir", second, *TINY, "--prior", "vamp", "--prior-components", "5",
+                  "--objective", "iwae", "--particles", "2", data_root=data_root)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((second / "config.json").read_text())["model"]["prior"] == "vamp"
+    compared = run_cli("compare", first, second, "--out", tmp_path / "cmp")
+    assert compared.returncode == 0, compared.stderr
+    assert "vamp(5) prior" in compared.stdout and "IWAE, 2 particles" in compared.stdout
+    csv_lines = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("run,model,objective")
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
+    plotted = run_cli("plot", first, data_root=data_root)
+    assert plotted.returncode == 0, plotted.stderr
+    for name in ("training_curves", "reconstructions", "samples", "interpolations"):
+        assert (first / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_unknown_variant_name_lists_the_choices(tmp_path):
+    out = run_cli("train", "--run-dir", tmp_path / "run", "--prior", "cauchy")
+    assert out.returncode == 2
+    assert "invalid choice: 'cauchy'" in out.stderr and "vamp" in out.stderr

@@ -1,0 +1,698 @@
+r"""Diagnostics of a fitted model/guide pair: importance-weight reliability, posterior collapse, ELBO surgery.
+
+Every number is in nats, per datapoint, over the given batch ``x`` (datapoints on
+dim 0, in the programs' data plate, as in :mod:`ppl_vae.evaluate`).
+
+**Importance weights and PSIS** (:func:`importance_log_weights`, :func:`psis_diagnostics`).
+For each datapoint, K draws z_k ~ q(z | x) give log-weights
+log w_k = log p(x, z_k) - log q(z_k | x). Pareto smoothed importance sampling
+(Vehtari et al. 2024) fits a generalized Pareto distribution to the largest
+weights; its shape k-hat says how many moments the weight distribution has
+(k < 1/2: finite variance; k > 0.7: the estimate of p(x) = E_q[w] is unreliable
+for any practical K). The smoothed weights give a second, stabilized estimate of
+log p(x).
+
+**Posterior collapse** (:func:`kl_per_dimension`, :func:`active_units`,
+:func:`collapse_report`), for a latent site whose guide distribution is a
+diagonal Normal and whose prior is a diagonal Normal (e.g. the standard normal):
+the analytic KL(q(z_d | x) || p(z_d)) per latent dimension d, and the activity
+A_d = Var_x(E_q[z_d | x]) of Burda et al. (2015); unit d is active when
+A_d > 0.01.
+
+**ELBO surgery** (:func:`elbo_surgery`, Hoffman & Johnson 2016). With the
+aggregate posterior q(z) = (1/N) sum_n q(z | x_n) over the N datapoints of ``x``,
+
+.. math::
+
+    \frac{1}{N}\sum_n \mathrm{KL}(q(z | x_n) \| p(z))
+      = \underbrace{I_q(n; z)}_{\text{mutual information}}
+      + \underbrace{\mathrm{KL}(q(z) \| p(z))}_{\text{marginal KL}},
+
+where the index n is uniform on the N datapoints. **Total correlation**
+(:func:`total_correlation`, Chen et al. 2018): for a factorized prior and a
+diagonal guide, the marginal KL splits further into
+KL(q(z) || prod_d q(z_d)) (total correlation) plus sum_d KL(q(z_d) || p(z_d))
+(dimension-wise KL).
+
+Aggregate-posterior estimator. z is drawn from q(z | x_n) for every datapoint n
+(``num_samples`` draws each) and
+
+.. math::
+
+    \log q(z) = \operatorname{logsumexp}_{m=1}^{N} \log q(z | x_m) - \log N,
+
+summed over **all** N datapoints, chunk by chunk (memory stays bounded; time is
+O(N^2 D)). Given ``x``, log q(z) is then exact, so the estimates are unbiased
+Monte Carlo estimates of the quantities *defined by the empirical aggregate
+posterior of x*. Two consequences of using a finite dataset:
+
+* the mutual information of the index n and z is at most log N (because
+  q(z | x_n) <= N q(z) pointwise): with log N small against the true
+  I(x; z), the estimate saturates at log N (and, being Monte Carlo, may
+  exceed it by its noise);
+* as an estimate of the population quantities (q(z) = E_{p_data(x)} q(z | x)),
+  the marginal KL is biased upward and the mutual information downward, by
+  E[KL(q_N(z) || q(z))] >= 0 (KL is convex in its first argument, so Jensen's
+  inequality applies to the empirical mixture q_N). To second order it is
+  (E_x E_{q(z|x)}[q(z | x) / q(z)] - 1) / (2N): it shrinks as the N components
+  overlap more, i.e. as N grows against exp(I(x; z)). The dimension-wise KL is
+  biased upward in the same way; the total correlation, a difference of the
+  two, either way. Minibatch versions of these estimators (minibatch-weighted
+  sampling) are biased much more, which is why all N datapoints are used here.
+
+Standard errors follow :func:`ppl_vae.evaluate.evaluation_summary`: the sample
+std over datapoints of the per-datapoint values (each averaged over its draws)
+divided by sqrt(N). They cover the Monte Carlo noise of the draws (conservatively:
+the spread between datapoints is included) and the sampling error of the
+dataset mean, not the finite-N bias above.
+
+The latent site is named by ``site``; by default it is the model's only latent
+site. With several latent sites, the named site's distributions are those of one
+draw of the others, so these decompositions hold exactly only when the guide of
+that site depends on x alone and its prior has no latent parents.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
+
+from .errors import InvalidDataError, ModelStructureError
+from .evaluate import (
+    DEFAULT_CHUNK_ELEMENTS,
+    KL_ANALYTIC,
+    KL_MONTE_CARLO,
+    EvidenceEstimate,
+    evidence_from_weight_sums,
+    iter_chunk_terms,
+    mean_and_stderr,
+    plan_evaluation,
+    trace_pair,
+)
+
+KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, PSIS estimates are unreliable
+# PSIS fits its Pareto tail to the largest min(K/5, 3 sqrt(K)) weights, and needs at least
+# 5 of them (ArviZ >= 1 refuses fewer); hundreds of draws are better.
+MIN_PSIS_SAMPLES = 25
+# Log-weights of one datapoint spread over less than this are float round-off around a
+# constant (e.g. the exact posterior as guide): bounded weights, no tail to fit.
+CONSTANT_LOG_WEIGHT_SPREAD = 1e-3
+ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2015)
+COLLAPSED_KL_THRESHOLD = 0.01  # nats per datapoint per dimension
+NEGLIGIBLE_TOTAL_KL = 0.1  # nats per datapoint
+
+
+# --- Importance weights and PSIS ---------------------------------------------------
+
+
+def importance_log_weights(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int | None = None,
+    *,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+) -> torch.Tensor:
+    """log w_nk = log p(x_n, z_nk) - log q(z_nk | x_n), z_nk ~ q(z | x_n): a float64 CPU tensor [N, K], nats.
+
+    K = ``num_samples``; ``chunk_size`` datapoints and ``particles_per_chunk`` draws
+    are traced at a time (by default from a memory budget). The whole [N, K] matrix
+    is kept (8 N K bytes), so use a subset of the data when K is large;
+    :func:`ppl_vae.evaluate.evidence_estimate` streams the same weights without keeping them.
+    """
+    n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+    log_weights = torch.empty(n, num_samples, dtype=torch.float64)
+    for rows, block in _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate):
+        log_weights[rows] = block
+    return log_weights
+
+
+def _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, progress=False):
+    """Yield ``(rows, log_weights [n, K])`` per chunk of datapoints: all K draws of n datapoints at once."""
+    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl="mc")
+    rows_done, parts = None, []
+    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+        if rows != rows_done and parts:  # particle chunks of one data chunk come one after another
+            yield rows_done, torch.cat(parts, 1)
+            parts = []
+        rows_done = rows
+        parts.append(terms.log_weight.detach().double().T.cpu())
+    if parts:
+        yield rows_done, torch.cat(parts, 1)
+
+
+def evidence_with_psis(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    num_samples: int = 5000,
+    chunk_size: int | None = None,
+    *,
+    particles_per_chunk: int | None = None,
+    data_plate: str | None = None,
+    khat_threshold: float = KHAT_THRESHOLD,
+    progress: bool | str = False,
+) -> tuple[EvidenceEstimate, dict[str, Any]]:
+    """The importance-sampled log p(x) and its PSIS diagnostics from one set of draws, in bounded memory.
+
+    The K log-weights of one chunk of datapoints are held at a time ([chunk, K]),
+    so K = 5000 over a whole test set costs no more memory than
+    :func:`ppl_vae.evaluate.evidence_estimate`. Returns the
+    :class:`~ppl_vae.evaluate.EvidenceEstimate` and the dict of
+    :func:`psis_diagnostics` over all of ``x``.
+    """
+    n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+    log_sum_w = torch.empty(n, dtype=torch.float64)
+    log_sum_w2 = torch.empty(n, dtype=torch.float64)
+    pieces: list[dict[str, Any]] = []
+    for rows, log_weights in _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk,
+                                                data_plate, progress):
+        log_sum_w[rows] = torch.logsumexp(log_weights, 1)
+        log_sum_w2[rows] = torch.logsumexp(2 * log_weights, 1)
+        pieces.append(psis_diagnostics(log_weights, khat_threshold))
+    evidence = evidence_from_weight_sums(log_sum_w, log_sum_w2, num_samples)
+    psis = {key: torch.cat([p[key] for p in pieces]) for key in ("khat", "unreliable", "ess", "log_evidence", "psis_log_evidence")}
+    psis.update(
+        unreliable_share=psis["unreliable"].double().mean().item(), khat_threshold=khat_threshold, num_samples=num_samples
+    )
+    return evidence, psis
+
+
+def _arviz_psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PSIS of each row of ``log_weights`` [N, K] separately: (normalized smoothed log weights [N, K], k-hat [N]).
+
+    ArviZ < 1 has ``arviz.psislw(log_weights)``, draws on the last axis. ArviZ >= 1
+    (Python >= 3.12) moved it to ``arviz_stats``, whose ``psislw`` follows the
+    PSIS-LOO convention: it takes log-*likelihoods* and smooths their negatives,
+    hence the minus sign.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # arviz 0.2x announces its 1.0 refactor on import
+            from arviz import psislw
+    except ImportError:
+        psislw = None
+    if psislw is not None:
+        smoothed, khat = psislw(log_weights, reff=1.0)
+    else:
+        from arviz_stats.base import array_stats
+
+        smoothed, khat = array_stats.psislw(-log_weights, r_eff=1.0, axis=-1)
+    return np.asarray(smoothed, dtype=np.float64), np.asarray(khat, dtype=np.float64)
+
+
+def _check_log_weights(log_weights) -> torch.Tensor:
+    log_weights = torch.as_tensor(log_weights).detach().double().cpu()
+    if log_weights.dim() != 2 or log_weights.shape[0] == 0:
+        raise InvalidDataError(f"log_weights must be a non-empty [N, K] matrix, got shape {list(log_weights.shape)}")
+    if log_weights.shape[1] < MIN_PSIS_SAMPLES:
+        raise InvalidDataError(
+            f"PSIS needs at least {MIN_PSIS_SAMPLES} draws per datapoint (hundreds for a stable k-hat), "
+            f"got K={log_weights.shape[1]}"
+        )
+    bad = ~torch.isfinite(log_weights)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0])
+        raise InvalidDataError(
+            f"{int(bad.any(1).sum())} datapoint(s) have a non-finite log-weight (first at index {row}): a weight of "
+            "0 or NaN means the guide draws z where the model has no density, or a network gives non-finite outputs"
+        )
+    return log_weights
+
+
+def psis_diagnostics(log_weights: torch.Tensor, khat_threshold: float = KHAT_THRESHOLD) -> dict[str, Any]:
+    r"""Pareto-smoothed importance sampling diagnostics of importance log-weights [N, K] (one row per datapoint).
+
+    Returns a dict; per-datapoint entries are float64 CPU tensors [N]:
+
+    * ``"khat"`` -- the Pareto shape k-hat of each row's weights (ArviZ's PSIS,
+      relative efficiency 1 since the draws are independent). Rows whose
+      log-weights spread over less than 1e-3 nats (constant weights up to
+      round-off, as with the exact posterior as guide) have no tail to fit and get
+      -inf. Rows where ArviZ could not fit the tail (tied weights) get +inf
+      (unreliable) and are not smoothed.
+    * ``"unreliable"`` -- bool [N], k-hat > ``khat_threshold``;
+      ``"unreliable_share"`` -- their share of the N datapoints.
+    * ``"ess"`` -- effective sample size of the raw weights, (sum_k w_k)^2 / sum_k w_k^2.
+    * ``"log_evidence"`` -- the plain estimate log (1/K) sum_k w_k, nats.
+    * ``"psis_log_evidence"`` -- the PSIS estimate log (1/K) sum_k w~_k, nats, where
+      w~ are the smoothed weights: the M largest weights replaced by quantiles of the
+      fitted Pareto tail (and capped at the largest raw weight), the others unchanged.
+
+    Derivation of the PSIS estimate: ArviZ returns smoothed weights normalized to sum
+    to one, log w^_k = log w~_k - log sum_j w~_j, so the scale sum_j w~_j is lost.
+    Every draw below the tail is left unchanged (w~_k = w_k), and the smallest raw
+    weight is always below the tail, so with j its index,
+    log sum_k w~_k = log w_j - log w^_j, and the estimate is that minus log K.
+    """
+    log_weights = _check_log_weights(log_weights)
+    n, k = log_weights.shape
+    log_k = math.log(k)
+    log_sum_w = torch.logsumexp(log_weights, 1)
+    ess = torch.exp(2 * log_sum_w - torch.logsumexp(2 * log_weights, 1))
+    khat = torch.full((n,), -math.inf, dtype=torch.float64)
+    psis_log_sum_w = log_sum_w.clone()  # constant rows: smoothing changes nothing
+
+    spread = log_weights.max(1).values - log_weights.min(1).values
+    fit = (spread >= CONSTANT_LOG_WEIGHT_SPREAD).nonzero().flatten()
+    if fit.numel():
+        raw = log_weights[fit].numpy()
+        smoothed, fitted_khat = _fit_rows(raw)
+        anchor = raw.argmin(1)[:, None]
+        rows = np.arange(raw.shape[0])[:, None]
+        psis_log_sum_w[fit] = torch.from_numpy(raw[rows, anchor] - smoothed[rows, anchor]).flatten()
+        # A tail ArviZ could not fit (NaN, e.g. tied weights) counts as unreliable.
+        khat[fit] = torch.from_numpy(np.where(np.isnan(fitted_khat), math.inf, fitted_khat))
+    unreliable = khat > khat_threshold
+    return {
+        "khat": khat,
+        "unreliable": unreliable,
+        "unreliable_share": unreliable.double().mean().item(),
+        "khat_threshold": khat_threshold,
+        "ess": ess,
+        "log_evidence": log_sum_w - log_k,
+        "psis_log_evidence": psis_log_sum_w - log_k,
+        "num_samples": k,
+    }
+
+
+def _fit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ArviZ's PSIS on every row; a row whose tail cannot be fit (ties) gets k-hat = inf and no smoothing."""
+    try:
+        return _arviz_psislw(raw)
+    except ValueError:  # ArviZ >= 1 raises on a tail of tied values; retry row by row
+        smoothed, khat = np.empty_like(raw), np.empty(raw.shape[0])
+        for i, row in enumerate(raw):
+            try:
+                row_smoothed, row_khat = _arviz_psislw(row[None])
+                smoothed[i], khat[i] = row_smoothed[0], row_khat[0]
+            except ValueError:
+                smoothed[i], khat[i] = row - np.logaddexp.reduce(row), math.inf
+        return smoothed, khat
+
+
+# --- One latent site over the whole batch --------------------------------------------
+
+
+@dataclass
+class _SiteChunk:
+    """The named latent site for one chunk of datapoints: q(z | x_rows) and the prior p(z), batch [n]."""
+
+    rows: slice
+    q: Distribution
+    p: Distribution
+
+
+@dataclass
+class _Site:
+    name: str
+    chunks: list[_SiteChunk]
+    num_datapoints: int
+    latent_dim: int
+
+
+def _pick_site(latent_sites: list[str], site: str | None) -> str:
+    if site is None:
+        if len(latent_sites) != 1:
+            raise ModelStructureError(f"the model has several latent sites {latent_sites}: name one with site=...")
+        return latent_sites[0]
+    if site not in latent_sites:
+        raise ModelStructureError(f"{site!r} is not a latent site of the model; its latent sites are {latent_sites}")
+    return site
+
+
+def _check_site_shape(fn: Distribution, name: str, role: str, n: int) -> None:
+    if tuple(fn.batch_shape) != (n,) or len(fn.event_shape) != 1:
+        raise ModelStructureError(
+            f"site {name!r}: the {role}'s distribution has batch shape {list(fn.batch_shape)} and event shape "
+            f"{list(fn.event_shape)}; these diagnostics need batch shape [N] (the data plate only, at dim -1) "
+            "and one event dimension, e.g. dist.Normal(loc, scale).to_event(1) inside pyro.plate('data', N)"
+        )
+
+
+def _collect_site(
+    model: Callable, guide: Callable, x: torch.Tensor, site: str | None, chunk_size: int | None, data_plate: str | None
+) -> _Site:
+    """Trace the guide, and the model replayed on it, over ``x`` in chunks; keep the site's two distributions."""
+    plan = plan_evaluation(model, guide, x, 1, chunk_size, data_plate=data_plate)
+    name = _pick_site(plan.structure.latent_sites, site)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], plan.chunk_size):
+            rows = slice(start, min(start + plan.chunk_size, x.shape[0]))
+            model_trace, guide_trace = trace_pair(model, guide, x[rows], None, plan.structure.max_plate_nesting)
+            q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
+            n = rows.stop - rows.start
+            _check_site_shape(q, name, "guide", n)
+            _check_site_shape(p, name, "model", n)
+            chunks.append(_SiteChunk(rows, q, p))
+    return _Site(name, chunks, x.shape[0], int(chunks[0].q.event_shape[0]))
+
+
+def _diagonal_normal(fn: Distribution, name: str, role: str) -> Normal:
+    """The per-dimension Normal [n, D] behind dist.Normal(loc, scale).to_event(1); a clear error for anything else."""
+    if not (isinstance(fn, Independent) and isinstance(fn.base_dist, Normal) and fn.reinterpreted_batch_ndims == 1):
+        raise ModelStructureError(
+            f"site {name!r}: the {role}'s distribution is {type(fn).__name__}"
+            + (f"({type(fn.base_dist).__name__})" if isinstance(fn, Independent) else "")
+            + ", not a diagonal Normal; per-dimension diagnostics need dist.Normal(loc, scale).to_event(1) "
+            "in both the guide and the prior"
+        )
+    shape = fn.batch_shape + fn.event_shape
+    return Normal(fn.base_dist.loc.expand(shape), fn.base_dist.scale.expand(shape), validate_args=False)
+
+
+# --- Per-dimension KL, active units, collapse -----------------------------------------
+
+
+def _kl_per_dimension(site: _Site) -> torch.Tensor:
+    total = torch.zeros(site.latent_dim, dtype=torch.float64)
+    for chunk in site.chunks:
+        q = _diagonal_normal(chunk.q, site.name, "guide")
+        p = _diagonal_normal(chunk.p, site.name, "model (prior)")
+        total += kl_divergence(q, p).double().sum(0).cpu()
+    return total / site.num_datapoints
+
+
+def _activity(site: _Site) -> torch.Tensor:
+    means = torch.cat([_diagonal_normal(c.q, site.name, "guide").loc.double().cpu() for c in site.chunks])
+    return means.var(0, correction=1 if site.num_datapoints > 1 else 0)
+
+
+def kl_per_dimension(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    site: str | None = None,
+    chunk_size: int | None = None,
+    *,
+    data_plate: str | None = None,
+) -> torch.Tensor:
+    """(1/N) sum_n KL(q(z_d | x_n) || p(z_d)) for each latent dimension d: a float64 CPU tensor [D], nats.
+
+    Analytic Normal-Normal KL; the guide and the prior of ``site`` must both be
+    diagonal Normals (``dist.Normal(loc, scale).to_event(1)``). The entries sum to
+    the site's analytic KL term of :func:`ppl_vae.evaluate.elbo_decomposition`.
+    """
+    return _kl_per_dimension(_collect_site(model, guide, x, site, chunk_size, data_plate))
+
+
+def active_units(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    site: str | None = None,
+    threshold: float = ACTIVITY_THRESHOLD,
+    chunk_size: int | None = None,
+    *,
+    data_plate: str | None = None,
+) -> dict[str, Any]:
+    """Active units of Burda et al. (2015): unit d is active when A_d = Var_x(E_q[z_d | x]) > ``threshold``.
+
+    The guide of ``site`` must be a diagonal Normal (its mean is read from the
+    distribution). Returns ``"num_active"`` (int), ``"active"`` (bool tensor [D]),
+    ``"activity"`` (A_d, float64 tensor [D], in squared units of z) and ``"threshold"``.
+    """
+    activity = _activity(_collect_site(model, guide, x, site, chunk_size, data_plate))
+    active = activity > threshold
+    return {"num_active": int(active.sum()), "active": active, "activity": activity, "threshold": threshold}
+
+
+def collapse_report(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    site: str | None = None,
+    kl_threshold: float = COLLAPSED_KL_THRESHOLD,
+    activity_threshold: float = ACTIVITY_THRESHOLD,
+    chunk_size: int | None = None,
+    *,
+    data_plate: str | None = None,
+) -> dict[str, Any]:
+    """A posterior-collapse report for a diagonal-Normal latent site, JSON-ready (floats and lists), in nats.
+
+    * ``"kl_per_dimension"`` -- mean KL of each dimension, in dimension order;
+    * ``"dimensions_by_kl"`` and ``"kl_sorted"`` -- the dimensions and their KL, largest KL first;
+    * ``"total_kl"`` -- their sum (the site's KL term);
+    * ``"collapsed_share"`` -- share of dimensions whose KL is below ``kl_threshold``;
+    * ``"num_active"`` -- active units (Burda et al. 2015, ``activity_threshold``), see :func:`active_units`;
+    * ``"warning"`` -- a sentence when most dimensions are collapsed or the total KL is
+      below 0.1 nats (the decoder then barely uses z), else None.
+    """
+    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
+    kl = _kl_per_dimension(data)
+    num_active = int((_activity(data) > activity_threshold).sum())
+    order = torch.argsort(kl, descending=True)
+    collapsed = int((kl < kl_threshold).sum())
+    total = kl.sum().item()
+    d = data.latent_dim
+    problems = []
+    if collapsed > d / 2:
+        problems.append(f"{collapsed} of {d} latent dimensions carry less than {kl_threshold} nats of KL")
+    if total < NEGLIGIBLE_TOTAL_KL:
+        problems.append(f"the total KL is {total:.3g} nats, so q(z|x) barely differs from the prior")
+    warning = f"posterior collapse at site {data.name!r}: " + "; ".join(problems) if problems else None
+    return {
+        "site": data.name,
+        "units": "nats per datapoint",
+        "num_datapoints": data.num_datapoints,
+        "latent_dim": d,
+        "kl_per_dimension": kl.tolist(),
+        "dimensions_by_kl": order.tolist(),
+        "kl_sorted": kl[order].tolist(),
+        "total_kl": total,
+        "kl_threshold": kl_threshold,
+        "collapsed_share": collapsed / d,
+        "num_active": num_active,
+        "activity_threshold": activity_threshold,
+        "warning": warning,
+    }
+
+
+# --- Aggregate posterior: ELBO surgery and total correlation ---------------------------
+
+
+@dataclass
+class _AggregateTerms:
+    """Per-draw terms [S, N] (or [S, N, D] per dimension) for z_sn ~ q(z | x_n), nats."""
+
+    kl: torch.Tensor  # [N]: KL(q(z|x_n) || p(z)), analytic, or Monte Carlo over the S draws
+    kl_method: str
+    log_q_agg: torch.Tensor  # log q(z_sn)
+    log_p: torch.Tensor  # log p(z_sn)
+    log_q_agg_dims: torch.Tensor | None = None  # log q(z_snd), the aggregate's marginals
+    log_p_dims: torch.Tensor | None = None  # log p(z_snd)
+
+
+def _log_aggregate(z: torch.Tensor, site: _Site, per_dimension: bool):
+    """log q(z) = logsumexp_m log q(z | x_m) - log N for draws z [J, D]; with its per-dimension marginals [J, D]."""
+    total = torch.full(z.shape[:1], -math.inf, dtype=torch.float64)
+    dims = torch.full(z.shape, -math.inf, dtype=torch.float64) if per_dimension else None
+    zz = z.unsqueeze(-2)  # [J, 1, D] against a batch of n datapoints
+    for chunk in site.chunks:
+        if per_dimension:
+            log_q = _diagonal_normal(chunk.q, site.name, "guide").log_prob(zz)  # [J, n, D]
+            dims = torch.logaddexp(dims, torch.logsumexp(log_q, 1).double().cpu())
+            log_q = log_q.sum(-1)
+        else:
+            log_q = chunk.q.log_prob(zz)  # [J, n]
+        total = torch.logaddexp(total, torch.logsumexp(log_q, 1).double().cpu())
+    log_n = math.log(site.num_datapoints)
+    return total - log_n, (dims - log_n if per_dimension else None)
+
+
+def _aggregate_terms(site: _Site, num_samples: int, per_dimension: bool) -> _AggregateTerms:
+    """Draw ``num_samples`` z from every q(z | x_n) and evaluate each draw under q(z | x_n), p(z) and q(z)."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise InvalidDataError(f"num_samples must be a positive integer, got {num_samples!r}")
+    draws, log_q_own, log_p, log_p_dims, kl = [], [], [], [], []
+    with torch.no_grad():
+        for chunk in site.chunks:
+            z = chunk.q.sample((num_samples,))  # [S, n, D]
+            draws.append(z)
+            log_q_own.append(chunk.q.log_prob(z).double().cpu())
+            log_p.append(chunk.p.log_prob(z).double().cpu())
+            if per_dimension:
+                log_p_dims.append(_diagonal_normal(chunk.p, site.name, "model (prior)").log_prob(z).double().cpu())
+            kl.append(_analytic_kl(chunk.q, chunk.p))
+        z = torch.cat(draws, 1)
+        log_q_agg, log_q_agg_dims = _log_aggregate_blocks(z, site, per_dimension)
+    log_q_own, log_p = torch.cat(log_q_own, 1), torch.cat(log_p, 1)
+    analytic = all(value is not None for value in kl)
+    return _AggregateTerms(
+        kl=torch.cat(kl) if analytic else (log_q_own - log_p).mean(0),  # else Monte Carlo over the same draws
+        kl_method=KL_ANALYTIC if analytic else KL_MONTE_CARLO,
+        log_q_agg=log_q_agg,
+        log_p=log_p,
+        log_q_agg_dims=log_q_agg_dims,
+        log_p_dims=torch.cat(log_p_dims, 1) if per_dimension else None,
+    )
+
+
+def _analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor | None:
+    try:
+        return kl_divergence(q, p).double().cpu()
+    except NotImplementedError:
+        return None
+
+
+def _log_aggregate_blocks(z: torch.Tensor, site: _Site, per_dimension: bool):
+    """:func:`_log_aggregate` of draws z [S, N, D], in blocks: [block, chunk, D] stays within the memory budget."""
+    s, n, d = z.shape
+    chunk_n = max(c.rows.stop - c.rows.start for c in site.chunks)
+    block = max(1, DEFAULT_CHUNK_ELEMENTS // (chunk_n * d))
+    flat = z.reshape(s * n, d)
+    parts = [_log_aggregate(flat[i : i + block], site, per_dimension) for i in range(0, s * n, block)]
+    log_q_agg = torch.cat([total for total, _ in parts]).reshape(s, n)
+    log_q_agg_dims = torch.cat([dims for _, dims in parts]).reshape(s, n, d) if per_dimension else None
+    return log_q_agg, log_q_agg_dims
+
+
+def _summary(per_datapoint: torch.Tensor) -> dict[str, float]:
+    mean, stderr = mean_and_stderr(per_datapoint)
+    return {"mean": mean, "stderr": stderr}
+
+
+def elbo_surgery(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    site: str | None = None,
+    num_samples: int = 1,
+    chunk_size: int | None = None,
+    *,
+    data_plate: str | None = None,
+) -> dict[str, Any]:
+    r"""Average KL = mutual information + marginal KL (Hoffman & Johnson 2016), JSON-ready, nats per datapoint.
+
+    * ``"average_kl"`` -- (1/N) sum_n KL(q(z | x_n) || p(z)), analytic where torch
+      has a rule (``"kl_method"`` says which), else Monte Carlo;
+    * ``"marginal_kl"`` -- KL(q(z) || p(z)) = E_q(z)[log q(z) - log p(z)] for the
+      aggregate posterior q(z) = (1/N) sum_n q(z | x_n), estimated with
+      ``num_samples`` draws from each q(z | x_n) and log q(z) summed over all N datapoints;
+    * ``"mutual_information"`` -- average KL minus marginal KL, per datapoint; the
+      quantity is at most ``"mutual_information_bound"`` = log N, the estimate up to its noise.
+
+    Each is ``{"mean": ..., "stderr": ...}``. See the module docstring for the
+    estimator's bias with finite N and what the standard errors cover. Works for any
+    guide distribution with batch shape [N] and one event dimension (a diagonal
+    Normal, a MultivariateNormal, ...). Costs O(S N^2 D) time for S = ``num_samples``.
+    """
+    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
+    terms = _aggregate_terms(data, num_samples, per_dimension=False)
+    marginal = (terms.log_q_agg - terms.log_p).mean(0)
+    return {
+        "site": data.name,
+        "units": "nats per datapoint",
+        "num_datapoints": data.num_datapoints,
+        "num_samples": num_samples,
+        "kl_method": terms.kl_method,
+        "average_kl": _summary(terms.kl),
+        "marginal_kl": _summary(marginal),
+        "mutual_information": _summary(terms.kl - marginal),
+        "mutual_information_bound": math.log(data.num_datapoints),
+    }
+
+
+def total_correlation(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    site: str | None = None,
+    num_samples: int = 1,
+    chunk_size: int | None = None,
+    *,
+    data_plate: str | None = None,
+) -> dict[str, Any]:
+    r"""Marginal KL = total correlation + dimension-wise KL (Chen et al. 2018), JSON-ready, nats per datapoint.
+
+    For a diagonal-Normal guide and a diagonal-Normal (factorized) prior, with the
+    aggregate posterior q(z) and its marginals q(z_d) = (1/N) sum_n q(z_d | x_n):
+
+    * ``"total_correlation"`` -- KL(q(z) || prod_d q(z_d)) = E_q(z)[log q(z) - sum_d log q(z_d)];
+    * ``"dimensionwise_kl"`` -- sum_d KL(q(z_d) || p(z_d)), with ``"per_dimension"``
+      (a list of D means) beside its mean and stderr;
+    * ``"marginal_kl"`` -- KL(q(z) || p(z)), their sum, from the same draws.
+
+    All use the full-dataset aggregate, so no minibatch-weighted sampling is
+    needed; see the module docstring for the finite-N bias.
+    """
+    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
+    terms = _aggregate_terms(data, num_samples, per_dimension=True)
+    tc = (terms.log_q_agg - terms.log_q_agg_dims.sum(-1)).mean(0)
+    dimensionwise = (terms.log_q_agg_dims - terms.log_p_dims).mean(0)  # [N, D]
+    # log p(z) as the sum of its factors (not the float32 joint), so TC + dimension-wise KL = marginal KL exactly.
+    marginal = (terms.log_q_agg - terms.log_p_dims.sum(-1)).mean(0)
+    return {
+        "site": data.name,
+        "units": "nats per datapoint",
+        "num_datapoints": data.num_datapoints,
+        "num_samples": num_samples,
+        "total_correlation": _summary(tc),
+        "dimensionwise_kl": {**_summary(dimensionwise.sum(1)), "per_dimension": dimensionwise.mean(0).tolist()},
+        "marginal_kl": _summary(marginal),
+    }
+
+
+# --- Everything at once, for `ppl-vae evaluate` -----------------------------------------
+
+
+def _or_reason(compute: Callable[[], Any]) -> Any:
+    """The diagnostic's value, or ``{"unavailable": reason}`` when the program's structure does not allow it."""
+    try:
+        return compute()
+    except (ModelStructureError, NotImplementedError) as error:
+        return {"unavailable": str(error).splitlines()[0]}
+    except RuntimeError as error:  # e.g. a conditional flow that does not broadcast over other datapoints' draws
+        return {"unavailable": "the guide's distribution cannot be evaluated at other datapoints' draws "
+                               f"({str(error).splitlines()[0]})"}
+
+
+def diagnostics_summary(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    psis: dict[str, Any] | None,
+    site: str | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
+    """JSON-ready diagnostics of a pair on ``x``: PSIS reliability, collapse, active units, ELBO surgery, TC.
+
+    ``psis`` is the second value of :func:`evidence_with_psis` on the same ``x``
+    (None when K was too small for PSIS).
+    Diagnostics the pair's structure does not allow (per-dimension ones need
+    diagonal Normals) come back as ``{"unavailable": reason}``.
+    """
+    collapse = _or_reason(lambda: collapse_report(model, guide, x, site, chunk_size=chunk_size))
+    return {
+        "units": "nats per datapoint",
+        "psis": _psis_summary(psis) if psis is not None else {
+            "unavailable": f"PSIS needs at least {MIN_PSIS_SAMPLES} importance samples per datapoint"
+        },
+        "active_units": collapse.get("num_active"),
+        "collapse": collapse,
+        "elbo_surgery": _or_reason(lambda: elbo_surgery(model, guide, x, site, chunk_size=chunk_size)),
+        "total_correlation": _or_reason(lambda: total_correlation(model, guide, x, site, chunk_size=chunk_size)),
+    }
+
+
+def _psis_summary(psis: dict[str, Any]) -> dict[str, Any]:
+    khat = psis["khat"][torch.isfinite(psis["khat"])]
+    return {
+        "num_samples": psis["num_samples"],
+        "khat_threshold": psis["khat_threshold"],
+        "unreliable_share": psis["unreliable_share"],
+        "khat_median": khat.median().item() if khat.numel() else None,
+        "khat_max": khat.max().item() if khat.numel() else None,
+        "log_evidence": _summary(psis["log_evidence"]),
+        "psis_log_evidence": _summary(psis["psis_log_evidence"]),
+        "mean_ess": psis["ess"].mean().item(),
+    }
