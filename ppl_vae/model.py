@@ -105,6 +105,10 @@ class VAE(nn.Module):
         self.prior = prior or PRIORS[c.prior](c.latent_dim, guide_net=self.guide_net, data_dim=c.data_dim, **options)
         self.decoder = mlp(c.latent_dim, c.hidden_sizes, c.data_dim * self.likelihood.params_per_dim, c.activation)
         self.kl_weight = 1.0
+        # Pyro's SVI finds parameters through param sites, so the programs register the modules with
+        # pyro.module. A loss used as a torch module (Trace_ELBO()(model, guide)) takes the parameters
+        # from this nn.Module instead; it turns this off and saves that per-step work.
+        self.register_params = True
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """Check the batch and return it as [N, data_dim]; a clear error for anything else."""
@@ -125,9 +129,10 @@ class VAE(nn.Module):
         x = self.flatten(x)
         if is_validation_enabled():
             self.likelihood.check_data(x)
-        pyro.module("prior", self.prior)
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
+        if self.register_params:
+            pyro.module("prior", self.prior)
+            pyro.module("decoder", self.decoder)
+            pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
             with poutine.scale(scale=self.kl_weight):
                 z = pyro.sample("z", self.prior())
@@ -137,7 +142,8 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor) -> torch.Tensor:
         """q_phi(z | x) at site "z"; returns z."""
         x = self.flatten(x)
-        pyro.module("guide", self.guide_net)
+        if self.register_params:
+            pyro.module("guide", self.guide_net)
         with pyro.plate("data", x.shape[0]), poutine.scale(scale=self.kl_weight):
             return pyro.sample("z", self.guide_net(x))
 

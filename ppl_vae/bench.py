@@ -1,0 +1,330 @@
+"""Benchmarks: the cost of Pyro's tracing against the same computation in plain PyTorch.
+
+``ppl-vae bench`` measures, in one process with interleaved runs and medians:
+
+* one SVI step of the default VAE (784-200-200-50 tanh, Bernoulli) at several batch
+  sizes, as steps/s, for the plain-PyTorch reference and for each Pyro path:
+  ``svi`` (``SVI`` + ``Trace_ELBO``, Pyro's validation on, its default), ``svi-novalid``
+  (validation off, as ``ppl-vae train`` runs), ``svi-meanfield`` (``TraceMeanField_ELBO``)
+  ``elbo-module`` (``Trace_ELBO()(model, guide)`` as a torch module with one
+  ``torch.optim.Adam`` over all parameters) and ``elbo-module-noreg`` (the same, with the
+  programs' ``pyro.module`` registration turned off, since the torch optimizer does not need it);
+* an epoch over the 50,000 MNIST training images (when the data are available);
+* evidence estimation (log-weights per second and peak memory) against a plain-PyTorch
+  reference doing the same computation;
+* achieved FLOP/s from an analytic count of the MLPs' multiply-adds, against the
+  device's peak where it is known.
+
+The plain-PyTorch reference lives here, not in the package's training path: it is the
+yardstick, written by hand on purpose, with the same networks and the same loss
+(single-sample ELBO with Monte Carlo KL, as ``Trace_ELBO`` computes it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from torch import nn
+from torch.nn import functional as F
+
+from .evaluate import evidence_estimate
+from .model import VAE, VAEConfig
+
+# Dense fp32 peaks (no sparsity, no tensor cores) for the GPUs this project meets; None elsewhere.
+FP32_PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in FP32_PEAK_FLOPS.items() if key in name), None)
+
+
+def mlp_multiply_adds(vae: VAE) -> tuple[int, int]:
+    """Multiply-adds per datapoint of one encoder pass and one decoder pass (Linear layers only)."""
+
+    def count(module: nn.Module) -> int:
+        return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+    return count(vae.guide_net), count(vae.decoder)
+
+
+class ReferenceStep:
+    """One SGD step of the same VAE and the same loss, in plain PyTorch (the yardstick)."""
+
+    def __init__(self, vae: VAE, lr: float = 1e-3):
+        self.encoder = vae.guide_net.encoder
+        self.decoder = vae.decoder
+        self.optimizer = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=lr)
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.encoder(x)
+        z = loc + scale * torch.randn_like(loc)
+        log_px = -F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="none").sum(-1)
+        log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_qz = (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return -(log_px + log_pz - log_qz).sum()
+
+    def __call__(self, x: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class _Program(nn.Module):
+    """A bound ``model``/``guide`` method as an ``nn.Module``, so ``Trace_ELBO()(model, guide)`` sees the parameters."""
+
+    def __init__(self, vae: VAE, method: str):
+        super().__init__()
+        self.vae, self.method = vae, method
+
+    def forward(self, x):
+        return getattr(self.vae, self.method)(x)
+
+
+class ElboModuleStep:
+    """``Trace_ELBO()(model, guide)`` as a torch module, one ``torch.optim.Adam`` over all its parameters."""
+
+    def __init__(self, vae: VAE, lr: float = 1e-3, register_params: bool = True):
+        vae.register_params = register_params
+        self.loss_module = Trace_ELBO()(_Program(vae, "model"), _Program(vae, "guide"))
+        self.optimizer = torch.optim.Adam(self.loss_module.parameters(), lr=lr)
+
+    def __call__(self, x: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_module(x)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class SviStep:
+    def __init__(self, vae: VAE, elbo, validation: bool, lr: float = 1e-3):
+        self.svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
+        self.validation = validation
+
+    def __call__(self, x: torch.Tensor) -> float:
+        with pyro.validation_enabled(self.validation):
+            return self.svi.step(x)
+
+
+STEP_VARIANTS: dict[str, Callable[[VAE], Callable[[torch.Tensor], float]]] = {
+    "pytorch": ReferenceStep,
+    "svi": lambda vae: SviStep(vae, Trace_ELBO(), validation=True),
+    "svi-novalid": lambda vae: SviStep(vae, Trace_ELBO(), validation=False),
+    "svi-meanfield": lambda vae: SviStep(vae, TraceMeanField_ELBO(), validation=False),
+    "elbo-module": ElboModuleStep,
+    "elbo-module-noreg": lambda vae: ElboModuleStep(vae, register_params=False),
+}
+
+
+@dataclass
+class StepTiming:
+    variant: str
+    batch_size: int
+    seconds_per_step: float  # median over repeats
+    spread: float  # (max - min) / median over repeats
+
+    @property
+    def steps_per_second(self) -> float:
+        return 1.0 / self.seconds_per_step
+
+
+def _fresh_vae(device: torch.device, seed: int = 0) -> VAE:
+    torch.manual_seed(seed)
+    return VAE(VAEConfig()).to(device)
+
+
+def time_steps(
+    batch_sizes: list[int], device: torch.device, repeats: int = 5, steps: int = 20, variants: list[str] | None = None
+) -> list[StepTiming]:
+    """Median seconds per step of each variant at each batch size; variants interleaved within each repeat."""
+    variants = variants or list(STEP_VARIANTS)
+    results = []
+    for batch_size in batch_sizes:
+        x = torch.bernoulli(torch.full((batch_size, 784), 0.3, device=device))
+        pyro.clear_param_store()
+        # One VAE copy per variant. The Pyro variants register their copies under the same names in
+        # Pyro's global param store and so end up training shared tensors; each keeps its own optimizer,
+        # and every step does the same work, which is all a timing needs.
+        base = _fresh_vae(device)
+        steppers = {name: STEP_VARIANTS[name](copy.deepcopy(base)) for name in variants}
+        for step in steppers.values():  # warm-up: lazy optimizer creation, allocator, first traces
+            for _ in range(3):
+                step(x)
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, step in steppers.items():
+                _sync(device)
+                started = time.perf_counter()
+                for _ in range(steps):
+                    step(x)
+                _sync(device)
+                samples[name].append((time.perf_counter() - started) / steps)
+        for name, values in samples.items():
+            median = statistics.median(values)
+            results.append(StepTiming(name, batch_size, median, (max(values) - min(values)) / median))
+    return results
+
+
+def time_reference_evidence(vae: VAE, x: torch.Tensor, num_samples: int, particles_per_chunk: int) -> torch.Tensor:
+    """The same per-datapoint log-mean-exp of importance weights, in plain PyTorch (the yardstick)."""
+    encoder, decoder = vae.guide_net.encoder, vae.decoder
+    total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+    with torch.no_grad():
+        loc, scale = encoder(x)
+        for start in range(0, num_samples, particles_per_chunk):
+            k = min(particles_per_chunk, num_samples - start)
+            z = loc + scale * torch.randn((k, *loc.shape), device=x.device)
+            log_px = -F.binary_cross_entropy_with_logits(decoder(z), x.expand(k, *x.shape), reduction="none").sum(-1)
+            log_pz = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum(-1)
+            log_qz = (-0.5 * ((z - loc) / scale).pow(2) - scale.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+            total = torch.logaddexp(total, torch.logsumexp((log_px + log_pz - log_qz).double(), 0))
+    return total - math.log(num_samples)
+
+
+def time_evidence(device: torch.device, num_examples: int, num_samples: int, repeats: int = 3) -> dict[str, Any]:
+    """Log-weights per second (and peak CUDA memory) of evidence_estimate against the plain reference."""
+    vae = _fresh_vae(device)
+    x = torch.bernoulli(torch.full((num_examples, 784), 0.3, device=device))
+    chunk = min(num_examples, 500)
+    particles = max(1, min(num_samples, 2**24 // (chunk * 784)))
+    runs: dict[str, list[float]] = {"pytorch": [], "ppl_vae": []}
+    peaks: dict[str, int | None] = {}
+    with pyro.validation_enabled(False):
+        for _ in range(repeats):
+            for name in runs:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                started = time.perf_counter()
+                if name == "pytorch":
+                    for s in range(0, num_examples, chunk):
+                        time_reference_evidence(vae, x[s : s + chunk], num_samples, particles)
+                else:
+                    evidence_estimate(vae.model, vae.guide, x, num_samples, chunk_size=chunk, particles_per_chunk=particles)
+                _sync(device)
+                runs[name].append(time.perf_counter() - started)
+                peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    weights = num_examples * num_samples
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "num_examples": num_examples,
+        "num_samples": num_samples,
+        "chunk_size": chunk,
+        "particles_per_chunk": particles,
+        "seconds": medians,
+        "log_weights_per_second": {name: weights / seconds for name, seconds in medians.items()},
+        "throughput_ratio": medians["pytorch"] / medians["ppl_vae"],
+        "peak_cuda_memory_bytes": peaks,
+    }
+
+
+def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100) -> dict[str, Any] | None:
+    """One epoch over the 50,000 training images, Pyro (validation off) against the reference; None without data."""
+    from .data import load_mnist
+    from .errors import DataNotFoundError
+
+    try:
+        data = load_mnist(data_dir, "dynamic", device, download=False)
+    except DataNotFoundError:
+        return None
+    seconds = {}
+    for name in ("pytorch", "svi-novalid"):
+        pyro.clear_param_store()
+        step = STEP_VARIANTS[name](_fresh_vae(device))
+        _sync(device)
+        started = time.perf_counter()
+        for batch in data.train_batches(batch_size):
+            step(batch)
+        _sync(device)
+        seconds[name] = time.perf_counter() - started
+    return {"batch_size": batch_size, "images": data.train.shape[0], "seconds": seconds,
+            "ratio": seconds["svi-novalid"] / seconds["pytorch"]}
+
+
+def run_benchmark(
+    device: torch.device,
+    batch_sizes: list[int],
+    repeats: int = 5,
+    steps: int = 20,
+    evidence_examples: int = 500,
+    evidence_samples: int = 1000,
+    epoch: bool = True,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
+    """All measurements as one JSON-ready dict (seconds, steps/s, ratios to the plain-PyTorch reference)."""
+    timings = time_steps(batch_sizes, device, repeats, steps)
+    encoder_macs, decoder_macs = mlp_multiply_adds(_fresh_vae(device))
+    # Forward + backward of encoder and decoder: about 3 passes of 2 FLOPs per multiply-add.
+    flops_per_example = 3 * 2 * (encoder_macs + decoder_macs)
+    peak = peak_flops(device)
+    steps_table = []
+    for t in timings:
+        reference = next(r for r in timings if r.batch_size == t.batch_size and r.variant == "pytorch")
+        achieved = flops_per_example * t.batch_size / t.seconds_per_step
+        steps_table.append({
+            "variant": t.variant, "batch_size": t.batch_size, "steps_per_second": t.steps_per_second,
+            "ms_per_step": 1e3 * t.seconds_per_step, "spread": t.spread,
+            "time_ratio_to_pytorch": t.seconds_per_step / reference.seconds_per_step,
+            "achieved_flops": achieved, "fraction_of_peak": achieved / peak if peak else None,
+        })
+    result = {
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "repeats": repeats,
+        "steps_per_repeat": steps,
+        "svi_step": steps_table,
+        "evidence": time_evidence(device, evidence_examples, evidence_samples, repeats=max(1, min(3, repeats))),
+        "epoch": time_epoch(device, data_dir) if epoch else None,
+        "peak_fp32_flops": peak,
+    }
+    return result
+
+
+def format_benchmark(result: dict[str, Any]) -> str:
+    lines = [f"device: {result['device']}; torch {result['torch']}, pyro {result['pyro']}; "
+             f"medians of {result['repeats']} interleaved repeats of {result['steps_per_repeat']} steps"]
+    lines.append(f"{'variant':<15}{'batch':>7}{'steps/s':>10}{'ms/step':>10}{'x pytorch':>11}{'spread':>8}{'GFLOP/s':>9}")
+    for row in result["svi_step"]:
+        lines.append(
+            f"{row['variant']:<15}{row['batch_size']:>7}{row['steps_per_second']:>10.1f}{row['ms_per_step']:>10.2f}"
+            f"{row['time_ratio_to_pytorch']:>11.2f}{100 * row['spread']:>7.0f}%{row['achieved_flops'] / 1e9:>9.1f}"
+        )
+    ev = result["evidence"]
+    lines.append(
+        f"evidence, K={ev['num_samples']} over {ev['num_examples']} images: ppl_vae "
+        f"{ev['log_weights_per_second']['ppl_vae']:.3g} log-weights/s, plain PyTorch "
+        f"{ev['log_weights_per_second']['pytorch']:.3g} (ppl_vae at {ev['throughput_ratio']:.2f} of the reference)"
+    )
+    if result["epoch"]:
+        ep = result["epoch"]
+        lines.append(
+            f"epoch of {ep['images']} images at batch {ep['batch_size']}: Pyro SVI {ep['seconds']['svi-novalid']:.1f} s, "
+            f"plain PyTorch {ep['seconds']['pytorch']:.1f} s (x{ep['ratio']:.2f})"
+        )
+    return "\n".join(lines)
