@@ -6,11 +6,15 @@ Errors the user can fix are printed as one message (no traceback) with exit stat
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from .errors import PplVaeError
+from .errors import PplVaeError, PplVaeWarning, TrainingInterrupted
 
 PER_DATAPOINT_FILE = "evaluation_per_datapoint.npz"
 
@@ -29,8 +33,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -77,13 +81,15 @@ def _add_train_parser(subparsers) -> None:
     objective.add_argument("--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
     objective.add_argument("--warmup-start", type=_positive_float, default=t.warmup_start)
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--epochs", type=_positive_int, default=t.epochs)
+    opt.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
+                     help=f"epochs to train (default: {t.epochs}; with --resume, the run's own number unless given)")
     opt.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
     opt.add_argument("--lr", type=_positive_float, default=t.learning_rate, help="Adam learning rate")
     opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule, help="per-epoch schedule")
     opt.add_argument("--lr-milestones", type=_positive_int, nargs="*", default=[], help="epochs after which 'step' multiplies the rate by --lr-gamma")
     opt.add_argument("--lr-gamma", type=_positive_float, default=t.lr_gamma)
     opt.add_argument("--lr-final", type=_positive_float, default=t.lr_final, help="the rate 'cosine' anneals to")
+    opt.add_argument("--clip-norm", type=_positive_float, default=t.clip_norm, help="clip the global gradient norm of every step to this; None: no clipping")
     opt.add_argument("--seed", type=int, default=t.seed)
     opt.add_argument("--device", default=t.device, help="auto (CUDA when present, else CPU), cpu or cuda")
     ev = p.add_argument_group("evaluation")
@@ -200,8 +206,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir is None:
         raise PplVaeError("--resume needs --run-dir: the run to continue")
     run_dir = args.run_dir or f"runs/vae-{time.strftime('%Y%m%d-%H%M%S')}"
+    # With --resume, every setting but the number of epochs is the run's own, and that one only when given.
+    epochs = getattr(args, "epochs", None)
     config = TrainConfig(
-        epochs=args.epochs,
+        epochs=epochs or TrainConfig.epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         lr_schedule=args.lr_schedule,
@@ -221,6 +229,7 @@ def _run_train(args: argparse.Namespace) -> int:
         beta=args.beta,
         warmup_epochs=args.warmup,
         warmup_start=args.warmup_start,
+        clip_norm=args.clip_norm,
     )
     model_config = VAEConfig(
         latent_dim=args.latent_dim,
@@ -234,6 +243,8 @@ def _run_train(args: argparse.Namespace) -> int:
         obs_scale=args.obs_scale,
     )
     print(f"run directory: {run_dir}", flush=True)
+    if args.resume and epochs is None:
+        config = None
     result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     print(format_evaluation(result, title=f"test evaluation of {run_dir} after {result['epochs']} epochs ({result['device']})"))
     return 0
@@ -388,13 +399,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        with _one_line_warnings(args.command):
+            return args.handler(args)
     except PplVaeError as error:
         print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ppl-vae {args.command}: interrupted; the last epoch's checkpoint is kept (use --resume)", file=sys.stderr)
+    except TrainingInterrupted as interrupted:
+        print(f"ppl-vae {args.command}: {interrupted}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        what = "the last epoch's checkpoint is kept (use --resume)" if args.command == "train" else "nothing was written"
+        print(f"ppl-vae {args.command}: interrupted; {what}", file=sys.stderr)
+        return 130
+
+
+@contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """While active, a :class:`PplVaeWarning` prints as ``ppl-vae COMMAND: warning: MESSAGE``; other warnings as usual."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PplVaeWarning):
+            print(f"ppl-vae {command}: warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Errors that carry a message meant for the user.
+"""Errors and warnings that carry a message meant for the user.
 
 The CLI prints the message of a :class:`PplVaeError` and exits with status 2,
-without a traceback; anything else is a bug and keeps its traceback.
+without a traceback; anything else is a bug and keeps its traceback. It prints a
+:class:`PplVaeWarning` as one line, ``ppl-vae COMMAND: warning: MESSAGE``.
 """
 
 
@@ -23,3 +24,23 @@ class ModelStructureError(PplVaeError, ValueError):
 
 class RunDirectoryError(PplVaeError):
     """A run directory that is missing, already used, or holds a broken checkpoint."""
+
+
+class NumericalFaultError(PplVaeError):
+    """Training met a NaN or infinite loss, gradient or validation ELBO; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two steps; the run directory is consistent and ``--resume`` continues it."""
+
+
+class PplVaeWarning(UserWarning):
+    """Base class of the warnings meant for the user (the CLI prints them as one line)."""
+
+
+class CheckpointFallbackWarning(PplVaeWarning):
+    """The latest checkpoint was damaged or missing, and the run resumes from the one before it."""
+
+
+class EvaluationMemoryWarning(PplVaeWarning):
+    """An evaluation chunk ran out of memory and is retried with smaller chunks."""

@@ -29,7 +29,9 @@ With K draws z_k ~ q(z | x),
 
 the IWAE bound of Burda et al. (2015): E[log p̂(x)] <= log p(x), it increases
 with K and tends to log p(x). The log-sum-exp is accumulated in float64 over
-chunks of particles and of data, so memory stays bounded whatever K is.
+chunks of particles and of data, so memory stays bounded whatever K is. A chunk
+that runs out of (GPU) memory is retried with half the particles, then half the
+datapoints, with a warning (:func:`iter_chunk_terms`).
 
 Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
 ignored here on purpose: these functions report the unscaled model, which is
@@ -45,6 +47,8 @@ the batch.
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -52,9 +56,9 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import kl_divergence
+from torch.distributions import constraints, kl_divergence
 
-from .errors import InvalidDataError, ModelStructureError
+from .errors import EvaluationMemoryWarning, InvalidDataError, ModelStructureError, PplVaeError
 
 PARTICLE_PLATE = "_ppl_vae_particles"
 # Default size of the largest per-chunk tensor, in elements of one data item times
@@ -62,6 +66,13 @@ PARTICLE_PLATE = "_ppl_vae_particles"
 DEFAULT_CHUNK_ELEMENTS = 2**24
 KL_ANALYTIC = "analytic"
 KL_MONTE_CARLO = "monte carlo"
+# What running out of accelerator memory raises (torch.OutOfMemoryError since torch 2.5;
+# torch.cuda.OutOfMemoryError, the same class there, before).
+OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)}
+)
+# Errors that running the user's programs on a wrong x typically raises deep inside torch or Pyro.
+_PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
 @dataclass
@@ -137,9 +148,13 @@ def inspect_program(
     # The inspection trace must not move the caller's random stream: with a fixed seed, an
     # estimate (or an IWAE loss) then draws exactly what a plain Trace_ELBO would.
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _explain_program_errors(x):
         model_trace, guide_trace = trace_pair(model, guide, x, None, 0)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    with _explain_program_errors(x):  # shape and dtype mismatches surface when densities are computed
+        _check_observed_support(model_sites)
+        for site in [*model_sites.values(), *guide_sites.values()]:
+            _log_prob(site)
     observed = [name for name, site in model_sites.items() if site["is_observed"]]
     latent = [name for name, site in model_sites.items() if not site["is_observed"]]
     if not observed:
@@ -170,11 +185,81 @@ def inspect_program(
                 f"site {name!r} is not inside the data plate {data_frame.name!r}: per-datapoint "
                 "evidence needs every latent and observed site to be local to a datapoint"
             )
+    _check_guide_data_plate(guide_sites, latent, data_frame)
     kl_methods = {}
     for name in latent:
         analytic = kl == "auto" and _analytic_kl_available(guide_sites[name]["fn"], model_sites[name]["fn"])
         kl_methods[name] = KL_ANALYTIC if analytic else KL_MONTE_CARLO
     return ProgramStructure(max_plate_nesting, data_frame.name, data_frame.dim, observed, latent, kl_methods)
+
+
+@contextmanager
+def _explain_program_errors(x: torch.Tensor) -> Iterator[None]:
+    """Turn an error raised while running the programs on ``x`` into an :class:`InvalidDataError` that says so.
+
+    Running a model on data of the wrong shape, dtype or device fails deep inside torch
+    or Pyro; the message names x's shape, dtype and device, and the original error stays
+    attached as the cause. Errors of ppl_vae itself and out-of-memory errors pass unchanged.
+    """
+    try:
+        yield
+    except (PplVaeError, *OUT_OF_MEMORY_ERRORS):
+        raise
+    except _PROGRAM_ERRORS as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise InvalidDataError(
+            f"running the model and guide on x (shape {list(x.shape)}, dtype {x.dtype}, device {x.device}) failed "
+            f"with {type(error).__name__}: {first_line} -- check that x has the shape, dtype and device the "
+            "programs expect, with the datapoints on dim 0"
+        ) from error
+
+
+def _check_observed_support(model_sites: dict[str, dict]) -> None:
+    """Refuse observed values outside the support of their distribution (NaN included), where not masked out.
+
+    Without this, a log-density at such values is an error deep in torch when Pyro's
+    validation is on, and a silently meaningless number when it is off.
+    """
+    for name, site in model_sites.items():
+        if not site["is_observed"]:
+            continue
+        try:
+            support = site["fn"].support
+        except NotImplementedError:
+            continue
+        if constraints.is_dependent(support):
+            continue
+        mask = site["mask"]
+        if mask is False:
+            continue
+        bad = ~support.check(site["value"])
+        if isinstance(mask, torch.Tensor):
+            bad = bad & mask
+        if bad.any():
+            fn, base_support = site["fn"], support
+            while hasattr(fn, "base_dist"):  # Independent, expanded or masked: name the distribution inside
+                fn = fn.base_dist
+            while isinstance(base_support, constraints.independent):
+                base_support = base_support.base_constraint
+            raise InvalidDataError(
+                f"the observed site {name!r} holds values outside the support {base_support} of its distribution "
+                f"{type(fn).__name__} (in {int(bad.sum())} of {bad.numel()} batch elements; NaN counts as "
+                "outside): give data the likelihood can score, e.g. 0/1 values for a Bernoulli and finite numbers "
+                "for a Normal, or mask the missing entries with poutine.mask"
+            )
+
+
+def _check_guide_data_plate(guide_sites: dict[str, dict], latent: list[str], data_frame) -> None:
+    """Every latent site of the guide must sit in the data plate at the model's dim, or log q(z|x) is not per datapoint."""
+    for name in latent:
+        frames = {frame.name: frame for frame in guide_sites[name]["cond_indep_stack"]}
+        frame = frames.get(data_frame.name)
+        if frame is None or frame.dim != data_frame.dim:
+            where = "outside it" if frame is None else f"at dim {frame.dim} instead of the model's {data_frame.dim}"
+            raise ModelStructureError(
+                f"the guide samples the latent site {name!r} {where}: the data plate {data_frame.name!r} must hold "
+                "every latent site in the guide too, at the same dim, for q(z | x) to factor over datapoints"
+            )
 
 
 def _find_data_plate(model_sites: dict, observed: list[str], n: int, name: str | None):
@@ -192,7 +277,8 @@ def _find_data_plate(model_sites: dict, observed: list[str], n: int, name: str |
         )
     if len(candidates) > 1:
         raise ModelStructureError(
-            f"several plates of size {n} could be the data plate ({sorted(candidates)}): name it with data_plate=..."
+            f"several plates of size len(x)={n} hold the observed sites ({sorted(candidates)}), e.g. nested plates "
+            "of the same size: the evaluation needs one data plate over dim 0 of x; name it with data_plate=..."
         )
     return next(iter(candidates.values()))
 
@@ -233,6 +319,7 @@ def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, struc
     n = x.shape[0]
     model_trace, guide_trace = trace_pair(model, guide, x, k, structure.max_plate_nesting)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    _check_observed_support({name: model_sites[name] for name in structure.observed_sites})
 
     def reduce(value, site):
         return _per_datapoint(value, site["mask"], structure, k, n)
@@ -296,21 +383,93 @@ def iter_chunk_terms(
 
     ``rows`` is the slice of ``x`` the chunk covers; ``terms`` holds [k, n] tensors.
     This is the engine behind every public estimate, and a hook for diagnostics
-    that need the raw log-weights.
+    that need the raw log-weights. The particle chunks of one data chunk come one
+    after another with the same ``rows``, and cover exactly ``plan.num_samples`` draws.
+
+    Out of memory: a chunk that raises ``torch.OutOfMemoryError`` is retried with
+    half as many particles, and once that is 1, with half as many datapoints (only
+    before the first particle chunk of a data chunk, so the guarantee above holds);
+    the smaller sizes are kept for the remaining chunks, the CUDA cache is emptied,
+    and an :class:`~ppl_vae.errors.EvaluationMemoryWarning` says what changed. The
+    retried chunk draws afresh, so after a retry the Monte Carlo draws differ from
+    those of an evaluation that fit in memory: the same estimator and distribution
+    of results, not the same digits. When one datapoint with one particle does not
+    fit, a :class:`~ppl_vae.errors.PplVaeError` says so.
     """
-    n, k, num_samples = plan.chunk_size, plan.particles_per_chunk, plan.num_samples
-    particle_chunks = [min(k, num_samples - start) for start in range(0, num_samples, k)]
-    total = math.ceil(x.shape[0] / n) * len(particle_chunks)
-    bar = _progress_bar(total, progress)
+    num_rows, num_samples = x.shape[0], plan.num_samples
+    sizes = _ChunkSizes(plan.chunk_size, plan.particles_per_chunk)
+    bar = _progress_bar(num_rows * num_samples, progress)
     with torch.no_grad():
-        for start in range(0, x.shape[0], n):
-            rows = slice(start, min(start + n, x.shape[0]))
-            for k_chunk in particle_chunks:
-                yield rows, chunk_terms(model, guide, x[rows], k_chunk, plan.structure)
+        start = 0
+        while start < num_rows:
+            rows = slice(start, min(start + sizes.rows, num_rows))
+            done = 0
+            while done < num_samples:
+                k = min(sizes.particles, num_samples - done)
+                terms = _chunk_terms_or_shrink(model, guide, x, rows, k, done, plan.structure, sizes)
+                if terms is None:  # out of memory: sizes shrank, try again
+                    rows = slice(start, min(start + sizes.rows, num_rows))
+                    continue
+                yield rows, terms
+                done += k
                 if bar is not None:
-                    bar.update(1)
+                    bar.update((rows.stop - rows.start) * k)
+            start = rows.stop
     if bar is not None:
         bar.close()
+
+
+@dataclass
+class _ChunkSizes:
+    """The chunk sizes of one evaluation; they shrink when a chunk runs out of memory."""
+
+    rows: int  # datapoints per chunk
+    particles: int  # particles per chunk
+
+
+def _chunk_terms_or_shrink(
+    model: Callable, guide: Callable, x: torch.Tensor, rows: slice, k: int, done: int,
+    structure: ProgramStructure, sizes: _ChunkSizes,
+) -> ChunkTerms | None:
+    """:func:`chunk_terms` of one chunk, or None after an out-of-memory error has shrunk ``sizes`` (with a warning)."""
+    try:
+        return chunk_terms(model, guide, x[rows], k, structure)
+    except OUT_OF_MEMORY_ERRORS as error:
+        message = _shrink_chunk_sizes(sizes, rows.stop - rows.start, k, done, error)
+    # Outside the except clause: the failed chunk's tensors are no longer referenced by the traceback.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    warnings.warn(message, EvaluationMemoryWarning, stacklevel=4)
+    return None
+
+
+def _shrink_chunk_sizes(sizes: _ChunkSizes, num_rows: int, k: int, done: int, error: BaseException) -> str:
+    """Halve the particles per chunk, else (before a data chunk's first draw) the datapoints; say what changed."""
+    if k > 1:
+        sizes.particles = k // 2
+        change = f"{_count(sizes.particles, 'particle')} per chunk"
+    elif done == 0 and num_rows > 1:
+        sizes.rows = num_rows // 2
+        change = f"{_count(sizes.rows, 'datapoint')} per chunk"
+    elif done:
+        raise PplVaeError(
+            f"out of memory evaluating {_count(num_rows, 'datapoint')} with 1 particle after earlier chunks of them "
+            f"fit ({type(error).__name__}): free memory on the device, pass a smaller chunk_size (--chunk-size), "
+            "or evaluate on the CPU (--device cpu)"
+        ) from error
+    else:
+        raise PplVaeError(
+            f"out of memory evaluating a single datapoint with a single particle ({type(error).__name__}): the "
+            "programs do not fit on this device; evaluate on the CPU (--device cpu) or free memory on the device"
+        ) from error
+    return (
+        f"out of memory evaluating {_count(num_rows, 'datapoint')} x {_count(k, 'particle')} at once; retrying "
+        f"with {change} (the Monte Carlo draws differ from an evaluation that fits in memory; the estimator is the same)"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _progress_bar(total: int, progress: bool | str):
@@ -318,7 +477,9 @@ def _progress_bar(total: int, progress: bool | str):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=progress if isinstance(progress, str) else "evaluating", unit="chunk", leave=False)
+    # Counted in draws (datapoints x particles), which stays right when chunks shrink after running out of memory.
+    desc = progress if isinstance(progress, str) else "evaluating"
+    return tqdm(total=total, desc=desc, unit="draw", unit_scale=True, leave=False)
 
 
 def elbo_decomposition(

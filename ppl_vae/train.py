@@ -9,24 +9,54 @@ and an atomic checkpoint (model, optimizer and scheduler state, RNG state,
 configuration, epoch), so ``resume=True`` continues an interrupted run exactly.
 At the end: a test evaluation (ELBO decomposition and importance-sampled log
 p(x)) written to ``test.json``.
+
+Reliability (what :func:`train` guarantees):
+
+* **Interrupted runs resume exactly.** Checkpoints hold the state at epoch
+  boundaries only: one is written before the first epoch (epoch 0) and one after
+  every epoch. A run stopped in the middle of epoch e (killed, Ctrl-C, a crash)
+  resumes from the checkpoint of epoch e-1 and runs epoch e again from its start,
+  with the same random stream, so on the CPU it ends with the same numbers as a run
+  never stopped. The epoch's permutation and position are never saved: that would
+  save at most one epoch of work (seconds to minutes) at the cost of a second,
+  mid-epoch resume path to keep exact.
+* **Ctrl-C** (SIGINT) asks training to stop before its next step: the run
+  directory is left consistent (an epoch whose training is done is still
+  validated and saved first) and :class:`~ppl_vae.errors.TrainingInterrupted` is
+  raised. A second Ctrl-C stops at once.
+* **Numerical faults.** Every step checks the loss and the global gradient norm
+  before the optimizer applies them (:func:`checked_svi_step`); the validation ELBO
+  is checked after every epoch. A NaN or infinity raises
+  :class:`~ppl_vae.errors.NumericalFaultError` naming the epoch and step, with the
+  parameters and checkpoints as they were before the fault. ``clip_norm`` clips
+  the global gradient norm of every step.
+* **Damaged checkpoint.** ``resume=True`` falls back to ``checkpoint.prev.pt``
+  with a warning when ``checkpoint.pt`` is damaged or missing
+  (:func:`ppl_vae.runs.load_checkpoint_for_resume`).
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyro
 import pyro.optim
 import torch
+from pyro import poutine
 from pyro.infer import SVI
+from pyro.infer.util import zero_grads
 
 from . import runs
 from .data import MNISTData, load_mnist
-from .errors import PplVaeError
+from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
 from .evaluate import elbo_decomposition, evaluation_summary, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
 from .objectives import OBJECTIVES, make_objective
@@ -58,6 +88,7 @@ class TrainConfig:
     beta: float = 1.0  # the KL weight, applied with poutine.scale on the latent site
     warmup_epochs: int = 0  # linear KL warm-up from warmup_start to beta over this many epochs
     warmup_start: float = 0.01
+    clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
 
     def __post_init__(self) -> None:
@@ -75,8 +106,10 @@ class TrainConfig:
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
         if self.objective == "iwae" and (self.beta != 1.0 or self.warmup_epochs):
             raise PplVaeError("the IWAE objective has no KL term to weight: use beta 1 and no warm-up with --objective iwae")
-        if not self.learning_rate > 0:
-            raise PplVaeError(f"the learning rate must be positive, got {self.learning_rate}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise PplVaeError(f"the learning rate must be a positive finite number, got {self.learning_rate}")
+        if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise PplVaeError(f"clip_norm must be a positive finite number or None, got {self.clip_norm}")
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:
@@ -157,20 +190,17 @@ def train(
     """Train a VAE on MNIST into ``run_dir``; returns the final test evaluation.
 
     With ``resume=True`` the configuration is read from the run directory and the
-    run continues after its last checkpoint.
+    run continues after its last checkpoint (see the module docstring for what
+    interruptions, numerical faults and damaged checkpoints do).
     """
     run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    checkpoint = None
     if resume:
-        saved = runs.read_json(run_dir / runs.CONFIG_FILE)
-        config = TrainConfig(**{**saved["train"], **_resume_overrides(config)})
-        model_config = VAEConfig(**saved["model"])
+        config, model_config = _saved_configs(run_dir, config)
     config = config or TrainConfig()
     model_config = model_config or VAEConfig()
     device = resolve_device(config.device)
-    if resume:
-        checkpoint = runs.load_checkpoint(run_dir, map_location=device)
-    else:
+    checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location=device) if resume else None
+    if not resume:
         runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
 
     pyro.clear_param_store()
@@ -187,48 +217,50 @@ def train(
         _set_rng_state(checkpoint["rng"])
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
         runs.truncate_metrics(run_dir, start_epoch)
+    else:
+        # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
+        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, optimizer, config, model_config, elapsed))
 
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        started = time.perf_counter()
-        vae.kl_weight = kl_weight(config, epoch)
-        train_elbo, steps = _train_one_epoch(svi, data, config, epoch, progress)
-        lr = current_learning_rate(optimizer, config)
-        optimizer.step()  # the scheduler steps once per epoch
-        epoch_seconds = time.perf_counter() - started
-        elapsed += epoch_seconds
-        val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
-        val_elbo, val_elbo_se = mean_and_stderr(val["elbo"])
-        record = {
-            "epoch": epoch,
-            "train_elbo": train_elbo,
-            "val_elbo": val_elbo,
-            "val_elbo_stderr": val_elbo_se,
-            "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
-            "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
-            "learning_rate": lr,
-            "kl_weight": vae.kl_weight,
-            "epoch_seconds": epoch_seconds,
-            "steps_per_second": steps / epoch_seconds,
-            "train_seconds": elapsed,
-            "device": str(device),
-        }
-        runs.append_metrics(run_dir, record)
-        runs.save_checkpoint(
-            run_dir,
-            {
+    with _StopRequest() as stop:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
+            started = time.perf_counter()
+            vae.kl_weight = kl_weight(config, epoch)
+            train_elbo, steps = _train_one_epoch(svi, data, config, epoch, progress, stop, kept)
+            lr = current_learning_rate(optimizer, config)
+            optimizer.step()  # the scheduler steps once per epoch
+            epoch_seconds = time.perf_counter() - started
+            elapsed += epoch_seconds
+            val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
+            val_elbo, val_elbo_se = mean_and_stderr(val["elbo"])
+            if not math.isfinite(val_elbo):
+                raise NumericalFaultError(_fault_message(f"the validation ELBO became {val_elbo} after epoch {epoch}", kept))
+            record = {
                 "epoch": epoch,
-                "model": vae.state_dict(),
-                "optimizer": optimizer.get_state(),
-                "rng": _rng_state(),
-                "config": {"model": model_config.to_dict(), "train": asdict(config)},
+                "train_elbo": train_elbo,
+                "val_elbo": val_elbo,
+                "val_elbo_stderr": val_elbo_se,
+                "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
+                "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
+                "learning_rate": lr,
+                "kl_weight": vae.kl_weight,
+                "epoch_seconds": epoch_seconds,
+                "steps_per_second": steps / epoch_seconds,
                 "train_seconds": elapsed,
-            },
-        )
-        if progress:
-            print(
-                f"epoch {epoch}/{config.epochs}: train ELBO {train_elbo:.2f}, validation ELBO "
-                f"{val_elbo:.2f} ± {val_elbo_se:.2f} nats/image ({epoch_seconds:.1f} s)",
-                flush=True,
+                "device": str(device),
+            }
+            runs.append_metrics(run_dir, record)
+            runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, optimizer, config, model_config, elapsed))
+            if progress:
+                print(
+                    f"epoch {epoch}/{config.epochs}: train ELBO {train_elbo:.2f}, validation ELBO "
+                    f"{val_elbo:.2f} ± {val_elbo_se:.2f} nats/image ({epoch_seconds:.1f} s)",
+                    flush=True,
+                )
+        if stop.requested:
+            raise TrainingInterrupted(
+                f"interrupted by Ctrl-C after the last epoch ({config.epochs}), which is saved in {run_dir}; "
+                "the test evaluation was skipped: --resume runs it"
             )
 
     vae.kl_weight = 1.0
@@ -242,6 +274,34 @@ def train(
     })
     runs.write_json(run_dir / "test.json", result)
     return result
+
+
+def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfig, VAEConfig]:
+    """The configurations of the run to resume, from its config.json (only ``epochs`` may be raised by ``config``)."""
+    path = run_dir / runs.CONFIG_FILE
+    saved = runs.read_json(path)
+    try:
+        return TrainConfig(**{**saved["train"], **_resume_overrides(config)}), VAEConfig(**saved["model"])
+    except (KeyError, TypeError) as error:
+        raise RunDirectoryError(
+            f"{path} does not hold a configuration this version of ppl_vae can read ({type(error).__name__}: "
+            f"{error}); resume it with the version that wrote it, or start again with --overwrite"
+        ) from None
+
+
+def _checkpoint_state(
+    epoch: int, vae: VAE, optimizer: pyro.optim.PyroLRScheduler, config: TrainConfig, model_config: VAEConfig,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """Everything that resuming after ``epoch`` needs to continue exactly as an uninterrupted run."""
+    return {
+        "epoch": epoch,
+        "model": vae.state_dict(),
+        "optimizer": optimizer.get_state(),
+        "rng": _rng_state(),
+        "config": {"model": model_config.to_dict(), "train": asdict(config)},
+        "train_seconds": train_seconds,
+    }
 
 
 def describe_objective(config: TrainConfig) -> str:
@@ -268,8 +328,15 @@ def _resume_overrides(config: TrainConfig | None) -> dict:
     return {"epochs": config.epochs} if config is not None else {}
 
 
-def _train_one_epoch(svi: SVI, data: MNISTData, config: TrainConfig, epoch: int, progress: bool) -> tuple[float, int]:
-    """One pass over the training set; returns the mean training ELBO (nats/image) and the number of steps."""
+def _train_one_epoch(
+    svi: SVI, data: MNISTData, config: TrainConfig, epoch: int, progress: bool, stop: _StopRequest, kept: str
+) -> tuple[float, int]:
+    """One pass over the training set; returns the mean training ELBO (nats/image) and the number of steps.
+
+    Raises :class:`TrainingInterrupted` before a step when Ctrl-C was pressed, and
+    :class:`NumericalFaultError` when a step is not finite; both messages name ``kept``,
+    the checkpoint that holds the last good state.
+    """
     from tqdm.auto import tqdm
 
     num_steps = math.ceil(data.train.shape[0] / config.batch_size)
@@ -282,17 +349,117 @@ def _train_one_epoch(svi: SVI, data: MNISTData, config: TrainConfig, epoch: int,
         disable=not progress,
         leave=False,
     )
-    for step, batch in enumerate(bar, start=1):
-        loss = svi.step(batch)
-        if not math.isfinite(loss):
-            raise PplVaeError(
-                f"the loss became {loss} at epoch {epoch}, step {step}: training diverged. Likely causes: a "
-                "learning rate too high (try --lr smaller), data outside the likelihood's support, or an "
-                "encoder scale collapsing to 0. The last good checkpoint is kept; fix and --resume."
-            )
-        total_loss += loss
-        seen += batch.shape[0]
-        if step % 10 == 0 or step == num_steps:
-            bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
-    bar.close()
+    try:
+        for step, batch in enumerate(bar, start=1):
+            where = f"epoch {epoch}, step {step} of {num_steps}"
+            if stop.requested:
+                raise TrainingInterrupted(
+                    f"interrupted by Ctrl-C at {where}; --resume continues from {kept}, running epoch {epoch} again "
+                    "from its start"
+                )
+            try:
+                loss = checked_svi_step(svi, batch, config.clip_norm)
+            except NumericalFaultError as fault:
+                raise NumericalFaultError(_fault_message(f"{fault} at {where}", kept)) from None
+            total_loss += loss
+            seen += batch.shape[0]
+            if step % 10 == 0 or step == num_steps:
+                bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
+    finally:
+        bar.close()
     return -total_loss / seen, num_steps
+
+
+def checked_svi_step(svi: SVI, batch: torch.Tensor, clip_norm: float | None = None) -> float:
+    """``svi.step(batch)`` that never applies a non-finite update; returns the loss.
+
+    Pyro's ``SVI.step`` (loss and gradients, then the optimizer on every parameter
+    seen, then zeroed gradients) with one addition between gradients and update:
+    the global norm of all gradients is computed, and clipped to ``clip_norm`` when
+    given (``torch.nn.utils.clip_grad_norm_``). If the loss or that norm is NaN or
+    infinite, the gradients are zeroed and :class:`NumericalFaultError` is raised,
+    with the parameters and the optimizer state untouched. The check costs one
+    small reduction per parameter tensor and one device synchronization, so it runs
+    every step. Pyro's own ``clip_args`` were not used: they clip each parameter
+    tensor separately, not the global norm, and return no norm to check.
+    """
+    with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's warning; the error below says more
+        try:
+            loss = float(svi.loss_and_grads(svi.model, svi.guide, batch))
+        except ValueError as error:  # with Pyro's validation on, NaN parameters fail a distribution's checks
+            if "invalid values" not in str(error):
+                raise
+            first_line = str(error).strip().splitlines()[0]
+            raise NumericalFaultError(f"a distribution got NaN or infinite parameters ({first_line})") from None
+    # Trace order, not a set: the global norm then sums the same way in every process.
+    params = list(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
+    grad_norm = _global_grad_norm(params, clip_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = _non_finite_gradients(params)
+        zero_grads(params)
+        if not math.isfinite(loss):
+            raise NumericalFaultError(f"the loss became {loss}")
+        if bad:
+            raise NumericalFaultError(f"the gradient became {grad_norm} (non-finite gradients of {', '.join(bad)})")
+        raise NumericalFaultError(f"the gradient norm overflowed to {grad_norm} (gradients too large to square)")
+    svi.optim(params)
+    zero_grads(params)
+    return loss
+
+
+def _global_grad_norm(params: list[torch.Tensor], clip_norm: float | None) -> float:
+    """The 2-norm of all gradients together, before clipping them to ``clip_norm`` (when given)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if clip_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def _non_finite_gradients(params: list[torch.Tensor], limit: int = 3) -> list[str]:
+    """The Pyro names of (at most ``limit``) parameters whose gradient holds a NaN or infinity."""
+    store = pyro.get_param_store()
+    names = [store.param_name(p) or "?" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+
+
+def _fault_message(what: str, kept: str) -> str:
+    return (
+        f"{what}: training diverged and was stopped before that update was applied. Likely causes: a learning "
+        "rate too high (try a smaller --lr), exploding gradients (try --clip-norm, e.g. 100), data outside the "
+        "likelihood's support, or an encoder or decoder scale collapsing to 0 or overflowing. "
+        f"The last good state is kept: {kept}. Resuming would repeat the same steps, so start a new run (or "
+        "--overwrite) with changed settings."
+    )
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop before the next training step.
+
+    Training then stops with its run directory consistent (see :func:`train`); a
+    second Ctrl-C raises ``KeyboardInterrupt`` at once. Where a handler cannot be set
+    (outside the main thread) or SIGINT is ignored, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping before the next training step (press again to stop at once)", file=sys.stderr, flush=True)

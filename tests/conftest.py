@@ -2,8 +2,15 @@ import os
 import sys
 from pathlib import Path
 
-import pyro
-import pytest
+# Tiny networks run fastest on one thread, and CI has two cores: keep the test processes (and the
+# subprocesses they start) from fighting over them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pyro  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
