@@ -6,6 +6,7 @@ Errors the user can fix are printed as one message (no traceback) with exit stat
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -38,7 +39,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_train_parser(subparsers) -> None:
+def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     from .data import BINARIZATIONS
     from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
@@ -96,7 +97,12 @@ def _add_train_parser(subparsers) -> None:
     ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
     ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    ev.add_argument("--evidence-every", type=int, default=t.evidence_every, help="every N epochs (and at the end) record log p(x) on validation images in metrics.jsonl: a learning curve; 0: off")
+    ev.add_argument("--evidence-examples", type=_positive_int, default=t.evidence_examples, help="validation images for that learning curve")
+    ev.add_argument("--evidence-samples", type=_positive_int, default=t.evidence_samples, help="K for that learning curve")
+    p.add_argument("--config", default=None, metavar="FILE", help="JSON file of option values, keyed by option name with underscores (e.g. experiments/configs/*.json); keys starting with '_' are notes; options given on the command line win")
     p.set_defaults(handler=_run_train)
+    return p
 
 
 def _add_evaluate_parser(subparsers) -> None:
@@ -189,7 +195,7 @@ def _add_bench_parser(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl-vae", description=DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_train_parser(subparsers)
+    parser.train_parser = _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_plot_parser(subparsers)
@@ -224,6 +230,9 @@ def _run_train(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples,
         val_samples=args.val_samples,
         test_samples=args.test_samples,
+        evidence_every=args.evidence_every,
+        evidence_examples=args.evidence_examples,
+        evidence_samples=args.evidence_samples,
         objective=args.objective,
         particles=args.particles,
         beta=args.beta,
@@ -395,8 +404,31 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Make the values of ``train --config FILE`` the defaults, so command-line options still win."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "train" or "--config" not in " ".join(argv):
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv[1:])[0].config
+    if path is None:
+        return
+    train_parser = parser.train_parser
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        train_parser.error(f"cannot read --config {path}: {error}")
+    known = {action.dest for action in train_parser._actions}
+    unknown = sorted(key for key in values if not key.startswith("_") and key not in known)
+    if unknown:
+        train_parser.error(f"--config {path} has unknown options {unknown}; the known ones are the options of `train --help`")
+    train_parser.set_defaults(**{key: value for key, value in values.items() if not key.startswith("_")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     try:
         with _one_line_warnings(args.command):

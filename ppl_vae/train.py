@@ -57,7 +57,7 @@ from pyro.infer.util import zero_grads
 from . import runs
 from .data import MNISTData, load_mnist
 from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
-from .evaluate import elbo_decomposition, evaluation_summary, mean_and_stderr
+from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
 from .objectives import OBJECTIVES, make_objective
 
@@ -88,6 +88,9 @@ class TrainConfig:
     beta: float = 1.0  # the KL weight, applied with poutine.scale on the latent site
     warmup_epochs: int = 0  # linear KL warm-up from warmup_start to beta over this many epochs
     warmup_start: float = 0.01
+    evidence_every: int = 0  # every this many epochs (and at the end), log p̂(x) on validation images; 0: never
+    evidence_examples: int = 500  # validation images for that learning curve
+    evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
 
@@ -95,7 +98,9 @@ class TrainConfig:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.lr_schedule not in LR_SCHEDULES:
             raise PplVaeError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
-        for name in ("epochs", "batch_size", "val_samples", "test_samples"):
+        if self.evidence_every < 0:
+            raise PplVaeError(f"evidence_every must be >= 0 (0 turns the learning curve off), got {self.evidence_every}")
+        for name in ("epochs", "batch_size", "val_samples", "test_samples", "evidence_examples", "evidence_samples"):
             if getattr(self, name) < 1:
                 raise PplVaeError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.objective not in OBJECTIVES:
@@ -249,6 +254,8 @@ def train(
                 "train_seconds": elapsed,
                 "device": str(device),
             }
+            if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
+                record.update(_validation_evidence(vae, data, config))
             runs.append_metrics(run_dir, record)
             runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, optimizer, config, model_config, elapsed))
             if progress:
@@ -321,6 +328,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[V
     vae.load_state_dict(checkpoint["model"])
     vae.eval()
     return vae, {**config, "epoch": checkpoint["epoch"]}
+
+
+def _validation_evidence(vae: VAE, data: MNISTData, config: TrainConfig) -> dict[str, float]:
+    """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve."""
+    images = data.val[: config.evidence_examples]
+    estimate = evidence_estimate(vae.model, vae.guide, images, config.evidence_samples)
+    mean, stderr = mean_and_stderr(estimate.log_evidence)
+    return {"val_log_px": mean, "val_log_px_stderr": stderr, "val_log_px_images": images.shape[0],
+            "val_log_px_samples": config.evidence_samples}
 
 
 def _resume_overrides(config: TrainConfig | None) -> dict:
