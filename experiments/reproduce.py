@@ -1,0 +1,67 @@
+"""Reproduce a row of Burda, Grosse & Salakhutdinov (2015), Table 1, within an epoch budget.
+
+    python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
+
+Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
+schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
+log p(x) every --every epochs; then evaluates on the test set with K importance samples and
+writes experiments/results/reproduce/<name>.md with the measured numbers beside the published one.
+On a GPU, the full budget is the same command with --epochs 3280.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from ppl_vae import runs
+from ppl_vae.cli import main
+
+HERE = Path(__file__).parent
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("name", help="a config in experiments/configs, e.g. burda2015-vae-k1")
+parser.add_argument("--epochs", type=int, default=None, help="epoch budget (default: the config's, 3,280)")
+parser.add_argument("--every", type=int, default=5, help="epochs between points of the learning curve")
+parser.add_argument("--runs-dir", default="runs")
+parser.add_argument("--k", type=int, default=5000, help="importance samples per test image")
+parser.add_argument("--examples", type=int, default=None, help="test images (default: all 10,000)")
+args = parser.parse_args()
+
+config_path = HERE / "configs" / f"{args.name}.json"
+config = json.loads(config_path.read_text())
+run_dir = Path(args.runs_dir) / args.name
+budget = ["--epochs", str(args.epochs)] if args.epochs else []
+main(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
+      "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
+evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
+main(evaluate + (["--examples", str(args.examples)] if args.examples else []))
+
+result = runs.read_json(run_dir / "evaluation.json")
+metrics = runs.read_metrics(run_dir)
+curve = [(m["epoch"], m["val_log_px"], m["val_log_px_stderr"]) for m in metrics if "val_log_px" in m]
+published = config["_published_test_log_px"]
+lines = [
+    f"## {args.name}",
+    "",
+    f"Config `{config_path.name}` ({config['_source']}), trained {metrics[-1]['epoch']} of {config['epochs']} epochs "
+    f"in {metrics[-1]['train_seconds']:.0f} s on {metrics[-1]['device']}.",
+    "",
+    "| | measured | published |",
+    "|---|---|---|",
+    f"| test log p̂(x), K={result['log_evidence']['num_samples']} ({result['num_datapoints']} images) | "
+    f"{result['log_evidence']['mean']:.2f} ± {result['log_evidence']['stderr']:.2f} | {published} |",
+    f"| test ELBO | {result['elbo']['mean']:.2f} ± {result['elbo']['stderr']:.2f} | |",
+    f"| gap log p̂(x) − ELBO | {result['gap']['mean']:.2f} | |",
+    f"| active units | {result['diagnostics']['active_units']} | |",
+    f"| share of images with PSIS k-hat > 0.7 | {result['diagnostics']['psis'].get('unreliable_share', float('nan')):.2f} | |",
+    "",
+    f"Learning curve, validation log p̂(x) (K={metrics[-1].get('val_log_px_samples')}, "
+    f"{metrics[-1].get('val_log_px_images')} images):",
+    "",
+    "| epoch | log p̂(x) |",
+    "|---|---|",
+    *[f"| {epoch} | {value:.2f} ± {se:.2f} |" for epoch, value, se in curve],
+]
+out = HERE / "results" / "reproduce" / f"{args.name}.md"
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text("\n".join(lines) + "\n")
+print(out.read_text())
