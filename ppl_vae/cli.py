@@ -353,6 +353,10 @@ def _run_plot(args: argparse.Namespace) -> int:
     written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
     written.append(plots.plot_samples(vae, out / "samples.png"))
     written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
+    if vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole: codes by digit and the decoded grid
+        codes = load_mnist(args.data_dir or train_config.get("data_dir"), train_config["binarize"], eval_examples=2000,
+                           dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+        written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
     for path in written:
         print(path)
     return 0

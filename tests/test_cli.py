@@ -100,6 +100,16 @@ def test_variants_train_and_compare_and_plot(tmp_path, data_root):
     assert plotted.returncode == 0, plotted.stderr
     for name in ("training_curves", "reconstructions", "samples", "interpolations"):
         assert (first / "plots" / f"{name}.png").stat().st_size > 1000
+    assert not (first / "plots" / "latent_space.png").exists()  # 4-D latents: no latent-space figure
+
+
+def test_plot_draws_the_latent_space_of_a_2d_model(tmp_path, data_root):
+    run_dir = tmp_path / "two"
+    tiny_2d = [*TINY[:6], "--latent-dim", "2", *TINY[8:]]
+    assert run_cli("train", "--run-dir", run_dir, *tiny_2d, data_root=data_root).returncode == 0
+    plotted = run_cli("plot", run_dir, data_root=data_root)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (run_dir / "plots" / "latent_space.png").stat().st_size > 1000
 
 
 def test_unknown_variant_name_lists_the_choices(tmp_path):
