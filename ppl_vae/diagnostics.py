@@ -677,7 +677,10 @@ def diagnostics_summary(
         "psis": _psis_summary(psis) if psis is not None else {
             "unavailable": f"PSIS needs at least {MIN_PSIS_SAMPLES} importance samples per datapoint"
         },
-        "active_units": collapse.get("num_active"),
+        # Active units need only a diagonal-Normal guide, so they are counted even where the prior
+        # (a mixture, a flow) rules out the per-dimension KL of the collapse report.
+        "active_units": collapse["num_active"] if "num_active" in collapse else _or_reason(
+            lambda: active_units(model, guide, x, site, chunk_size=chunk_size)["num_active"]),
         "collapse": collapse,
         "elbo_surgery": _or_reason(lambda: elbo_surgery(model, guide, x, site, chunk_size=chunk_size)),
         "total_correlation": _or_reason(lambda: total_correlation(model, guide, x, site, chunk_size=chunk_size)),

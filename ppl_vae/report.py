@@ -64,7 +64,10 @@ def format_diagnostics(diagnostics: dict[str, Any]) -> str:
         lines.append(f"log p̂(x), plain / PSIS-smoothed: {_stat(psis['log_evidence'])} / {_stat(psis['psis_log_evidence'])}")
     collapse = diagnostics["collapse"]
     if "unavailable" in collapse:
-        lines.append(f"active units, KL per dimension: not available ({collapse['unavailable']})")
+        active = diagnostics["active_units"]
+        if isinstance(active, int):
+            lines.append(f"active units (Var_x E_q[z_d|x] > 0.01): {active}")
+        lines.append(f"KL per dimension: not available ({collapse['unavailable']})")
     else:
         top = ", ".join(f"{kl:.2f}" for kl in collapse["kl_sorted"][:5])
         lines.append(

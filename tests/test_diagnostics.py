@@ -298,3 +298,16 @@ def test_every_diagnostic_runs_on_the_package_vae():
     assert set(total_correlation(vae.model, vae.guide, x)) >= {"total_correlation", "dimensionwise_kl"}
     result = psis_diagnostics(importance_log_weights(vae.model, vae.guide, x, 100))
     assert result["khat"].shape == (40,) and torch.all(torch.isfinite(result["khat"]))
+
+
+def test_active_units_are_counted_with_a_mixture_prior():
+    """The collapse report needs a diagonal prior; active units need only a diagonal guide."""
+    from ppl_vae.diagnostics import diagnostics_summary, evidence_with_psis
+    from ppl_vae.model import VAE, VAEConfig
+
+    vae = VAE(VAEConfig(data_dim=20, latent_dim=3, hidden_sizes=(8,), prior="mixture", prior_components=3))
+    x = torch.bernoulli(torch.full((50, 20), 0.3))
+    _, psis = evidence_with_psis(vae.model, vae.guide, x, 30)
+    summary = diagnostics_summary(vae.model, vae.guide, x, psis)
+    assert "unavailable" in summary["collapse"]
+    assert summary["active_units"] == active_units(vae.model, vae.guide, x)["num_active"]
