@@ -17,7 +17,7 @@ from ppl_vae.cli import main
 VARIANTS = {
     "standard": [],
     "mixture": ["--prior", "mixture", "--prior-components", "10"],
-    "vamp": ["--prior", "vamp", "--prior-components", "500"],
+    "vamp": ["--prior", "vamp"],  # --prior-components from --vamp-components
     "flow-prior": ["--prior", "flow", "--num-flows", "2"],
     "iaf-guide": ["--guide", "iaf", "--num-flows", "2"],
 }
@@ -28,6 +28,9 @@ parser.add_argument("--epochs", type=int, default=50)
 parser.add_argument("--examples", type=int, default=2000, help="test images for the evaluation")
 parser.add_argument("--k", type=int, default=5000, help="importance samples per test image")
 parser.add_argument("--only", nargs="*", default=None, help="names of the variants to run (default: all)")
+parser.add_argument("--warmup", type=int, default=0, help="epochs of linear KL warm-up for every variant "
+                    "(Tomczak & Welling warm up for 100 epochs; without it the VampPrior can collapse at once)")
+parser.add_argument("--vamp-components", type=int, default=500, help="pseudo-inputs of the VampPrior")
 args = parser.parse_args()
 
 run_dirs = []
@@ -35,9 +38,10 @@ for name, flags in VARIANTS.items():
     if args.only and name not in args.only:
         continue
     run_dir = Path(args.runs_dir) / name
+    flags = flags + (["--prior-components", str(args.vamp_components)] if name == "vamp" else [])
     if not (run_dir / "test.json").is_file():
         main(["train", "--run-dir", str(run_dir), "--epochs", str(args.epochs), "--test-samples", "100",
-              "--no-progress", "--overwrite", *flags])
+              "--warmup", str(args.warmup), "--no-progress", "--overwrite", *flags])
     main(["evaluate", str(run_dir), "--num-samples", str(args.k), "--examples", str(args.examples), "--no-progress"])
     run_dirs.append(str(run_dir))
 main(["compare", *run_dirs, "--out", str(Path(__file__).parent / "results" / "priors")])
