@@ -27,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
@@ -61,10 +62,10 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
     return path
 
 
-def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """[N, 784] (or [N, 1, 28, 28]) values in [0, 1] -> one [H, W] grid, via ``make_grid``."""
+def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """[N, 784] (or [N, 1, 28, 28]) values in [0, 1] -> one [H, W] grid (a NumPy array, what matplotlib takes), via ``make_grid``."""
     images = images.detach().cpu().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).clamp(0, 1)
-    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)[0]
+    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
 
 
 def plot_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, title: str = "", dpi: int = DPI) -> Path:
