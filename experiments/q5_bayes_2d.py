@@ -127,7 +127,7 @@ for i, (label, index) in enumerate(chosen.items()):
     log_q = latent2d.site_log_density(vae.guide, x[index : index + 1], latent2d.grid_points(lo, hi, p))[0].reshape(p, p)
     name = "ABCD"[i]
     if i == 0:
-        panels.append({"title": f"guide q(z|x) of image A", "z1": z1[0], "z2": z2[0], "log_density": log_q, "image": x[index]})
+        panels.append({"title": "guide q(z|x) of image A", "z1": z1[0], "z2": z2[0], "log_density": log_q, "image": x[index]})
     panels.append({
         "title": f"{name} ({label}): p(z|x), contours q(z|x)\nlog p(x) {exact[index]:.2f}, ELBO {elbo[index]:.2f}, gap {gap[index]:.2f}",
         "z1": z1[0], "z2": z2[0], "log_density": log_post[0], "contour": log_q, "image": x[index],

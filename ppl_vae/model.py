@@ -16,7 +16,7 @@ These two programs are the single source of truth: training (SVI with
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyro

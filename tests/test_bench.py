@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from ppl_vae.bench import STEP_VARIANTS, ReferenceStep, time_reference_evidence
+from ppl_vae.bench import STEP_VARIANTS, time_reference_evidence
 from ppl_vae.evaluate import elbo_decomposition, evidence_estimate
 from ppl_vae.model import VAE, VAEConfig
 

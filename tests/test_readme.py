@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

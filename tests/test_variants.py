@@ -16,7 +16,7 @@ from ppl_vae.guides import FullCovarianceGaussianGuide, IAFGuide
 from ppl_vae.likelihoods import LIKELIHOODS, DiscretizedLogistic
 from ppl_vae.model import VAE, VAEConfig
 from ppl_vae.objectives import make_objective
-from ppl_vae.priors import PRIORS, FlowPrior, VampPrior
+from ppl_vae.priors import PRIORS
 
 
 def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
