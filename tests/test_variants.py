@@ -16,7 +16,7 @@ from ppl_vae.guides import FullCovarianceGaussianGuide, IAFGuide
 from ppl_vae.likelihoods import LIKELIHOODS, DiscretizedLogistic
 from ppl_vae.model import VAE, VAEConfig
 from ppl_vae.objectives import make_objective
-from ppl_vae.priors import PRIORS
+from ppl_vae.priors import PRIORS, DiagonalNormalMixture
 
 
 def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -52,6 +52,46 @@ def test_vamp_prior_is_the_mixture_of_guide_posteriors_at_pseudo_inputs():
     expected = torch.logsumexp(components.log_prob(z.unsqueeze(-2)), dim=-1) - math.log(prior.pseudo_inputs.shape[0])
     torch.testing.assert_close(prior().log_prob(z), expected)
     assert not any(p is q for p in prior.parameters() for q in prior.guide_net.parameters())
+
+
+@pytest.mark.parametrize("min_scale", [1.0, 1e-2])
+def test_matmul_mixture_density_equals_torchs_mixture_same_family(min_scale):
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(5, 3, generator=g, requires_grad=True)
+    scale = (min_scale + torch.rand(5, 3, generator=g)).requires_grad_()
+    logits = torch.randn(5, generator=g)
+    fast = DiagonalNormalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    slow = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    # z near the components (where small scales make the expanded form cancel), expanded by a plate of 4
+    # and with a leading particle dimension of 2, as in an evidence chunk.
+    z = loc.detach()[torch.randint(5, (2, 4), generator=g)] + min_scale * torch.randn(2, 4, 3, generator=g)
+    fast_lp, slow_lp = fast.expand([4]).log_prob(z), slow.expand([4]).log_prob(z)
+    assert fast_lp.shape == slow_lp.shape == (2, 4)
+    torch.testing.assert_close(fast_lp, slow_lp, atol=1e-5, rtol=1e-6)
+    fast_grad = torch.autograd.grad(fast_lp.sum(), [loc, scale])
+    slow_grad = torch.autograd.grad(slow_lp.sum(), [loc, scale])
+    for a, b in zip(fast_grad, slow_grad):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_matmul_mixture_falls_back_for_a_real_batch_of_mixtures():
+    loc, scale = torch.randn(4, 5, 3), torch.rand(4, 5, 3) + 0.5  # four different mixtures
+    logits = torch.zeros(4, 5)
+    fast = DiagonalNormalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    slow = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    z = torch.randn(2, 4, 3)
+    torch.testing.assert_close(fast.log_prob(z), slow.log_prob(z))
+
+
+def test_vamp_prior_with_the_diagonal_guide_is_the_mixture_of_its_posteriors():
+    from ppl_vae.guides import DiagonalGaussianGuide
+
+    guide = perturb(DiagonalGaussianGuide(data_dim=4, latent_dim=2, hidden_sizes=(8,)), 1)
+    prior = perturb(PRIORS["vamp"](2, num_components=3, guide_net=guide, data_dim=4))
+    z = torch.randn(7, 2)
+    components = guide(prior.pseudo_inputs)
+    expected = torch.logsumexp(components.log_prob(z.unsqueeze(-2)), dim=-1) - math.log(3)
+    torch.testing.assert_close(prior().log_prob(z), expected)
 
 
 def test_flow_prior_log_density_matches_the_autograd_jacobian():
