@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -37,6 +38,22 @@ def _positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def _add_scale_out_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group(
+        "scale-out",
+        f"{what} on several processes with torch.distributed: one per GPU (NCCL), or CPU processes (gloo) without CUDA. "
+        "Above one process, ppl-vae starts itself through torchrun (python -m torch.distributed.run); under torchrun "
+        "these options are only checked against it.",
+    )
+    g.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                   help="processes on this machine, one per GPU; not given: one, or what torchrun started")
+    g.add_argument("--num-nodes", type=_positive_int, default=1, metavar="M",
+                   help="machines; run the same command on every one of them, with --rdzv-endpoint")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="torchrun's c10d rendezvous with several machines: a free port on one of them, reachable from all")
+    g.add_argument("--rdzv-id", default="ppl-vae", help="the job's rendezvous id, the same on every machine")
 
 
 def _add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -84,7 +101,8 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
                      help=f"epochs to train (default: {t.epochs}; with --resume, the run's own number unless given)")
-    opt.add_argument("--batch-size", type=_positive_int, default=t.batch_size)
+    opt.add_argument("--batch-size", type=_positive_int, default=t.batch_size,
+                     help="minibatch size; with several processes, the global minibatch, split between them")
     opt.add_argument("--lr", type=_positive_float, default=t.learning_rate, help="Adam learning rate")
     opt.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule, help="per-epoch schedule")
     opt.add_argument("--lr-milestones", type=_positive_int, nargs="*", default=[], help="epochs after which 'step' multiplies the rate by --lr-gamma")
@@ -101,6 +119,7 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--evidence-examples", type=_positive_int, default=t.evidence_examples, help="validation images for that learning curve")
     ev.add_argument("--evidence-samples", type=_positive_int, default=t.evidence_samples, help="K for that learning curve")
     p.add_argument("--config", default=None, metavar="FILE", help="JSON file of option values, keyed by option name with underscores (e.g. experiments/configs/*.json); keys starting with '_' are notes; options given on the command line win")
+    _add_scale_out_options(p, "Train")
     p.set_defaults(handler=_run_train)
     return p
 
@@ -122,9 +141,11 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--examples", type=_positive_int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--chunk-size", type=_positive_int, default=None, help="images per evaluation chunk (default: sized from a memory budget)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws")
+    p.add_argument("--chunk-size", type=_positive_int, default=None, help="images per evaluation chunk, within blocks of 100 (default: sized from a memory budget)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the Monte Carlo draws (each block of 100 images is seeded from it and the block's index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -204,7 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launched(args: argparse.Namespace) -> int | None:
+    """With several processes asked for and none started yet: start them through torchrun, return its status."""
+    from . import distributed
+
+    distributed.check_launch(args.devices, args.num_nodes, args.rdzv_endpoint, args.device)
+    if not distributed.should_launch(args.devices, args.num_nodes):
+        return None
+    return distributed.launch(args.argv, args.devices or 1, args.num_nodes, args.rdzv_endpoint, args.rdzv_id)
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .model import VAEConfig
     from .report import format_evaluation
     from .train import TrainConfig, train
@@ -251,31 +283,71 @@ def _run_train(args: argparse.Namespace) -> int:
         num_flows=args.num_flows,
         obs_scale=args.obs_scale,
     )
-    print(f"run directory: {run_dir}", flush=True)
+    if distributed.should_launch(args.devices, args.num_nodes):
+        # Checked before any process starts, so that a usage error reads as one line, not as torchrun's failure
+        # report (the run directory only where this machine holds it: one machine).
+        if not args.resume:
+            distributed.check_objective(config)
+        if args.num_nodes == 1:
+            from . import runs
+
+            runs.check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+    code = _launched(args)
+    if code is not None:
+        return code
     if args.resume and epochs is None:
         config = None
-    result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    print(format_evaluation(result, title=f"test evaluation of {run_dir} after {result['epochs']} epochs ({result['device']})"))
+    context = distributed.initialize(args.device) if distributed.launched_by_torchrun() else None
+    main = context is None or context.is_main
+    if main:
+        print(f"run directory: {run_dir}", flush=True)
+    try:
+        fit = distributed.train_distributed if context is not None else train
+        result = fit(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if main:
+        print(format_evaluation(result, title=f"test evaluation of {run_dir} after {result['epochs']} epochs ({result['device']})"))
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    code = _launched(args)
+    if code is not None:
+        return code
+    context = distributed.initialize(args.device) if distributed.launched_by_torchrun() else None
+    try:
+        return _evaluate(args, context)
+    finally:
+        distributed.shutdown()
+
+
+def _evaluate(args: argparse.Namespace, context) -> int:
+    """``ppl-vae evaluate`` in this process; with a process group, every process evaluates its share of the images.
+
+    The per-image numbers come from :func:`ppl_vae.distributed.evaluate_per_datapoint`, the same with
+    any number of processes; rank 0 then computes the tables and the diagnostics (which need all images
+    at once: the aggregate posterior) and writes the files.
+    """
+    import numpy
     import pyro
     import torch
 
     from . import runs
     from .data import load_mnist
-    import numpy
-
-    from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary, evidence_with_psis
-    from .evaluate import evaluation_summary, evidence_estimate
+    from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
+    from .distributed import EVALUATION_BLOCK_SIZE, derive_seed, evaluate_per_datapoint, load_run_everywhere, seeded
+    from .evaluate import evaluation_summary
     from .model import VAEConfig
     from .report import format_diagnostics, format_evaluation
-    from .train import TrainConfig, describe_objective, levels_of, load_run, resolve_device
+    from .train import TrainConfig, describe_objective, levels_of, resolve_device
 
     run_dir = Path(args.run_dir)
-    device = resolve_device(args.device)
-    vae, config = load_run(run_dir, device)
+    device = context.device if context is not None else resolve_device(args.device)
+    vae, config = load_run_everywhere(run_dir, device)
     train_config = config["train"]
     levels = levels_of(vae, train_config["binarize"])
     data = load_mnist(
@@ -286,39 +358,44 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.examples is not None:
         x = x[: args.examples]
     vae.likelihood.check_data(x)
-    pyro.set_rng_seed(args.seed)
     started = time.perf_counter()
-    progress = not args.no_progress
-    bar = f"log p(x), K={args.num_samples}" if progress else False
-    if args.num_samples >= MIN_PSIS_SAMPLES:
-        evidence, psis = evidence_with_psis(vae.model, vae.guide, x, args.num_samples, args.chunk_size, progress=bar)
-    else:
-        evidence, psis = evidence_estimate(vae.model, vae.guide, x, args.num_samples, args.chunk_size, progress=bar), None
-    result = evaluation_summary(
-        vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
-        chunk_size=args.chunk_size, progress=progress, levels=levels, evidence=evidence,
+    main = context is None or context.is_main
+    progress = not args.no_progress and main
+    per_datapoint = evaluate_per_datapoint(
+        vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples, seed=args.seed,
+        psis=args.num_samples >= MIN_PSIS_SAMPLES, chunk_size=args.chunk_size, progress=progress,
     )
-    result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis, chunk_size=args.chunk_size)
+    if not main:
+        return 0
+    evidence, psis = per_datapoint.evidence, per_datapoint.psis
+    result = evaluation_summary(
+        vae.model, vae.guide, x, num_samples=args.num_samples, chunk_size=args.chunk_size, levels=levels,
+        evidence=evidence, decomposition=per_datapoint.decomposition,
+    )
+    with seeded(derive_seed(args.seed, "diagnostics")):
+        result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis, chunk_size=args.chunk_size)
     result.update({
         "split": args.split,
         "epoch": config["epoch"],
         "model": VAEConfig(**config["model"]).describe(),
         "objective": describe_objective(TrainConfig(**train_config)),
         "epochs": train_config["epochs"],
-        "device": str(device),
+        "device": context.describe() if context is not None else str(device),
+        "world_size": context.world_size if context is not None else 1,
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "evaluation_seconds": time.perf_counter() - started,
         "seed": args.seed,
+        "seed_block_size": EVALUATION_BLOCK_SIZE,
     })
     runs.write_json(run_dir / "evaluation.json", result)
-    per_datapoint = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
+    arrays = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
     if psis is not None:
-        per_datapoint.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
-    numpy.savez(run_dir / PER_DATAPOINT_FILE, **{key: value.numpy() for key, value in per_datapoint.items()})
+        arrays.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
+    numpy.savez(run_dir / PER_DATAPOINT_FILE, **{key: value.numpy() for key, value in arrays.items()})
     title = (
         f"{run_dir}: {result['model']}, epoch {result['epoch']}; {args.split} split, "
-        f"{result['num_datapoints']} images, {device}, {result['evaluation_seconds']:.1f} s"
+        f"{result['num_datapoints']} images, {result['device']}, {result['evaluation_seconds']:.1f} s"
     )
     print(format_evaluation(result, title=title))
     print(format_diagnostics(result["diagnostics"]))
@@ -434,18 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _apply_config_file(parser, argv)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--devices N` hands on to torchrun
+    # Under torchrun, every process prints its own errors; those of the other ranks say which they are.
+    command = args.command if os.environ.get("RANK", "0") == "0" else f"{args.command} (rank {os.environ['RANK']})"
     try:
-        with _one_line_warnings(args.command):
+        with _one_line_warnings(command):
             return args.handler(args)
     except PplVaeError as error:
-        print(f"ppl-vae {args.command}: error: {error}", file=sys.stderr)
+        print(f"ppl-vae {command}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as interrupted:
-        print(f"ppl-vae {args.command}: {interrupted}", file=sys.stderr)
+        print(f"ppl-vae {command}: {interrupted}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         what = "the last epoch's checkpoint is kept (use --resume)" if args.command == "train" else "nothing was written"
-        print(f"ppl-vae {args.command}: interrupted; {what}", file=sys.stderr)
+        print(f"ppl-vae {command}: interrupted; {what}", file=sys.stderr)
         return 130
 
 

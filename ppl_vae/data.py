@@ -90,7 +90,7 @@ def _missing_message(root: Path, missing: list[str], download: bool, error: Exce
 def dequantize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Grey levels k/255 -> (k + u) / 256 with u ~ U(0, 1): a point in the level's cell of [0, 1)."""
     levels = torch.round(images * (NUM_LEVELS - 1))
-    noise = torch.rand(images.shape, generator=generator, device="cpu" if generator is not None else images.device)
+    noise = torch.rand(images.shape, generator=generator, device=generator.device if generator is not None else images.device)
     return (levels + noise.to(images.device)) / NUM_LEVELS
 
 
@@ -132,18 +132,22 @@ class MNISTData:
             return dequantize(images, torch.Generator().manual_seed(EVAL_BINARIZATION_SEED))
         return images
 
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """One epoch of minibatches in a fresh random order (torch's global RNG).
+    def train_batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """One epoch of minibatches in a fresh random order.
 
+        The order and the per-minibatch draws (dynamic binarization, dequantization)
+        come from torch's global RNG, or from ``generator`` (on the device of the
+        data) when given: distributed training gives every process a generator with
+        the same seed, so all of them see the same global minibatches.
         The last, smaller minibatch is kept so every image is seen once per epoch.
         """
-        order = torch.randperm(self.train.shape[0], device=self.train.device)
+        order = torch.randperm(self.train.shape[0], device=self.train.device, generator=generator)
         for start in range(0, order.numel(), batch_size):
             batch = self.train[order[start : start + batch_size]]
             if self.binarize == "dynamic":
-                batch = torch.bernoulli(batch)
+                batch = torch.bernoulli(batch, generator=generator)
             elif self.dequantized:
-                batch = dequantize(batch)
+                batch = dequantize(batch, generator)
             yield batch
 
 

@@ -641,6 +641,7 @@ def evaluation_summary(
     progress: bool = False,
     levels: str | None = None,
     evidence: EvidenceEstimate | None = None,
+    decomposition: dict | None = None,
 ) -> dict[str, Any]:
     """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
 
@@ -654,14 +655,19 @@ def evaluation_summary(
     (a mass on the 256 levels) or ``"dequantized"`` (a density at dequantized
     levels); then ``bits_per_dim`` holds the ELBO and log p̂(x) on that one scale.
     ``evidence`` reuses an :class:`EvidenceEstimate` already computed for ``x``
-    (e.g. by :func:`ppl_vae.diagnostics.evidence_with_psis`) instead of drawing anew.
+    (e.g. by :func:`ppl_vae.diagnostics.evidence_with_psis`) instead of drawing anew, and
+    ``decomposition`` reuses a result of :func:`elbo_decomposition` on ``x`` (e.g. gathered
+    from several processes by :func:`ppl_vae.distributed.evaluate_per_datapoint`); then
+    ``elbo_samples`` is taken from it.
     """
     if levels not in (None, "discrete", "dequantized"):
         raise InvalidDataError(f"levels must be None, 'discrete' or 'dequantized', got {levels!r}")
-    decomposition = elbo_decomposition(
-        model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
-        progress="ELBO" if progress else False,
-    )
+    if decomposition is None:
+        decomposition = elbo_decomposition(
+            model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
+            progress="ELBO" if progress else False,
+        )
+    elbo_samples = decomposition["num_samples"]
     if evidence is None:
         evidence = evidence_estimate(
             model, guide, x, num_samples, chunk_size=chunk_size, data_plate=data_plate,

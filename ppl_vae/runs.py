@@ -40,12 +40,8 @@ DAMAGED_CHECKPOINT_FILE = "checkpoint.damaged.pt"
 CHECKPOINT_FORMAT = 1
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create ``run_dir`` for a new run, or check it holds a run to resume.
-
-    An existing, non-empty folder is refused unless ``resume`` (continue it) or
-    ``overwrite`` (delete it first) is given, so no earlier run is lost by accident.
-    """
+def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """The checks of :func:`prepare_run_dir`, changing nothing: raises :class:`RunDirectoryError` where it would."""
     path = Path(run_dir)
     if resume and overwrite:
         raise RunDirectoryError("--resume and --overwrite contradict each other: give one of them")
@@ -55,13 +51,24 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite:
                 f"cannot resume: {path / CHECKPOINT_FILE} does not exist (the run stopped before its first "
                 "checkpoint, or this is no run directory); start it again with --overwrite"
             )
+    elif path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirectoryError(
+            f"the run directory {path} already exists and is not empty: pass --resume to continue "
+            "that run, --overwrite to replace it, or choose another --run-dir"
+        )
+    return path
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` for a new run, or check it holds a run to resume.
+
+    An existing, non-empty folder is refused unless ``resume`` (continue it) or
+    ``overwrite`` (delete it first) is given, so no earlier run is lost by accident.
+    """
+    path = check_run_dir(run_dir, resume, overwrite)
+    if resume:
         return path
     if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise RunDirectoryError(
-                f"the run directory {path} already exists and is not empty: pass --resume to continue "
-                "that run, --overwrite to replace it, or choose another --run-dir"
-            )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

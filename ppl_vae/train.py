@@ -146,6 +146,24 @@ def make_optimizer(config: TrainConfig) -> pyro.optim.PyroLRScheduler:
     return pyro.optim.MultiStepLR({**optim_args, "milestones": milestones, "gamma": config.lr_gamma})
 
 
+def make_torch_optimizer(
+    params, config: TrainConfig
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LRScheduler]:
+    """The same Adam and per-epoch schedule as :func:`make_optimizer`, as plain torch objects over ``params``.
+
+    Pyro's ``PyroLRScheduler`` wraps these torch classes, one instance per parameter;
+    Adam works elementwise, so one instance over all parameters updates them the same way.
+    The distributed path (:mod:`ppl_vae.distributed`) trains a torch module and needs these.
+    """
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+    if config.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.lr_final)
+    else:
+        milestones = list(config.lr_milestones) if config.lr_schedule == "step" else []
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.lr_gamma)
+    return optimizer, scheduler
+
+
 def current_learning_rate(optimizer: pyro.optim.PyroLRScheduler, config: TrainConfig) -> float:
     for scheduler in optimizer.optim_objs.values():
         return scheduler.optimizer.param_groups[0]["lr"]
@@ -196,7 +214,8 @@ def train(
 
     With ``resume=True`` the configuration is read from the run directory and the
     run continues after its last checkpoint (see the module docstring for what
-    interruptions, numerical faults and damaged checkpoints do).
+    interruptions, numerical faults and damaged checkpoints do). This is training in
+    one process; :func:`ppl_vae.distributed.train_distributed` trains on several.
     """
     run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
     if resume:
@@ -205,6 +224,8 @@ def train(
     model_config = model_config or VAEConfig()
     device = resolve_device(config.device)
     checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location=device) if resume else None
+    if checkpoint is not None:
+        check_optimizer_format(checkpoint, OPTIMIZER_FORMAT_PYRO, run_dir)
     if not resume:
         runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
 
@@ -237,33 +258,14 @@ def train(
             epoch_seconds = time.perf_counter() - started
             elapsed += epoch_seconds
             val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
-            val_elbo, val_elbo_se = mean_and_stderr(val["elbo"])
-            if not math.isfinite(val_elbo):
-                raise NumericalFaultError(_fault_message(f"the validation ELBO became {val_elbo} after epoch {epoch}", kept))
-            record = {
-                "epoch": epoch,
-                "train_elbo": train_elbo,
-                "val_elbo": val_elbo,
-                "val_elbo_stderr": val_elbo_se,
-                "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
-                "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
-                "learning_rate": lr,
-                "kl_weight": vae.kl_weight,
-                "epoch_seconds": epoch_seconds,
-                "steps_per_second": steps / epoch_seconds,
-                "train_seconds": elapsed,
-                "device": str(device),
-            }
+            record = epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=vae.kl_weight, epoch_seconds=epoch_seconds,
+                                  steps=steps, train_seconds=elapsed, device=device)
             if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
                 record.update(_validation_evidence(vae, data, config))
             runs.append_metrics(run_dir, record)
             runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, optimizer, config, model_config, elapsed))
             if progress:
-                print(
-                    f"epoch {epoch}/{config.epochs}: train ELBO {train_elbo:.2f}, validation ELBO "
-                    f"{val_elbo:.2f} ± {val_elbo_se:.2f} nats/image ({epoch_seconds:.1f} s)",
-                    flush=True,
-                )
+                print_epoch(record, config)
         if stop.requested:
             raise TrainingInterrupted(
                 f"interrupted by Ctrl-C after the last epoch ({config.epochs}), which is saved in {run_dir}; "
@@ -281,6 +283,65 @@ def train(
     })
     runs.write_json(run_dir / "test.json", result)
     return result
+
+
+def epoch_record(
+    epoch: int, train_elbo: float, val: dict, kept: str, *, lr: float, kl_weight: float, epoch_seconds: float,
+    steps: int, train_seconds: float, device: torch.device | str,
+) -> dict[str, Any]:
+    """The line of ``metrics.jsonl`` for ``epoch``, from the validation ELBO decomposition ``val``.
+
+    Raises :class:`NumericalFaultError` (naming ``kept``, the last good checkpoint) when
+    the validation ELBO is not finite.
+    """
+    val_elbo, val_elbo_se = mean_and_stderr(val["elbo"])
+    if not math.isfinite(val_elbo):
+        raise NumericalFaultError(_fault_message(f"the validation ELBO became {val_elbo} after epoch {epoch}", kept))
+    return {
+        "epoch": epoch,
+        "train_elbo": train_elbo,
+        "val_elbo": val_elbo,
+        "val_elbo_stderr": val_elbo_se,
+        "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
+        "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
+        "learning_rate": lr,
+        "kl_weight": kl_weight,
+        "epoch_seconds": epoch_seconds,
+        "steps_per_second": steps / epoch_seconds,
+        "train_seconds": train_seconds,
+        "device": str(device),
+    }
+
+
+def print_epoch(record: dict[str, Any], config: TrainConfig) -> None:
+    print(
+        f"epoch {record['epoch']}/{config.epochs}: train ELBO {record['train_elbo']:.2f}, validation ELBO "
+        f"{record['val_elbo']:.2f} ± {record['val_elbo_stderr']:.2f} nats/image ({record['epoch_seconds']:.1f} s)",
+        flush=True,
+    )
+
+
+# Checkpoints say how their optimizer state is stored: Pyro's optimizer (one torch optimizer per
+# parameter, keyed by the param store's names; single-process SVI) or one torch optimizer and LR
+# scheduler over the module's parameters (distributed training). Checkpoints without the key are Pyro's.
+OPTIMIZER_FORMAT_PYRO = "pyro"
+OPTIMIZER_FORMAT_TORCH = "torch"
+
+
+def check_optimizer_format(checkpoint: dict[str, Any], expected: str, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint whose optimizer state the caller's training path cannot read."""
+    found = checkpoint.get("optimizer_format", OPTIMIZER_FORMAT_PYRO)
+    if found == expected:
+        return
+    if found == OPTIMIZER_FORMAT_TORCH:
+        world_size = checkpoint.get("world_size", "several")
+        how = f"with --devices (it ran on {world_size} process{'es' if world_size != 1 else ''}, under torchrun)"
+    else:
+        how = "without --devices (it was trained in a single process with SVI)"
+    raise RunDirectoryError(
+        f"the checkpoint of {run_dir} holds {found!r} optimizer state, which this training path cannot resume: "
+        f"resume it {how}"
+    )
 
 
 def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfig, VAEConfig]:

@@ -1,0 +1,748 @@
+r"""Scale-out: training and evaluation on several processes with ``torch.distributed``.
+
+Processes are started by ``torchrun`` (``torch.distributed.run``, PyTorch's own launcher):
+``ppl-vae train --devices N`` re-launches itself through it (:func:`launch`), or run
+``torchrun ... -m ppl_vae train ...`` yourself. Each process reads its rank from the
+environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``), uses ``cuda:LOCAL_RANK`` with the NCCL backend when CUDA is there and the
+CPU with gloo otherwise (:func:`initialize`).
+
+**Training** (:func:`train_distributed`) wraps the loss in ``DistributedDataParallel``;
+no gradient is averaged by hand. The loss is Pyro's: :class:`VAELoss` is the
+``ELBOModule`` that ``Trace_ELBO()(model, guide)`` returns, with the VAE registered as a
+submodule so that its parameters are the module's. Every process draws the same global
+minibatch B (same permutation, same dynamic binarization: a generator seeded with the run's
+seed and the epoch) and keeps its contiguous share B_r (:func:`shard_rows`). With
+L(B) = sum_{n in B} l_n the loss single-process SVI minimizes (the objective summed over
+the minibatch), process r back-propagates W L(B_r), W the number of processes; DDP
+averages gradients over processes, so every process applies
+
+.. math::
+
+    \frac{1}{W} \sum_{r=1}^{W} \nabla\big(W\, L(B_r)\big) = \nabla \sum_r L(B_r) = \nabla L(B),
+
+the single-process gradient of the same global minibatch, whatever the shard sizes (the
+scale is W for every process, also when W does not divide |B|). ``--batch-size`` is the
+global minibatch. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and
+``test.json``; it reads the checkpoint on ``--resume`` and sends it to every process, so
+only rank 0 needs the run directory (every process needs MNIST).
+
+Random streams: the data stream is seeded per epoch from (seed, epoch), the Monte Carlo
+draws of process r from (seed, epoch, r). A resumed run therefore re-seeds at the start of
+the epoch it continues with and ends exactly as an uninterrupted run with the same number
+of processes (on the CPU); no RNG state is saved. With another number of processes the data
+are the same but the draws are not.
+
+**Evaluation** (:func:`evaluate_per_datapoint`) cuts the datapoints into fixed blocks of
+consecutive indices, seeds block b from (seed, b) alone, deals the blocks round-robin to the
+processes and all-gathers the per-datapoint results in datapoint order: the result does not
+depend on the number of processes (exactly, on the CPU).
+
+Not supported on several processes: ``--objective iwae`` (Pyro's ``RenyiELBO`` has no
+``differentiable_loss``, which a torch module needs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pyro
+import torch
+import torch.distributed as dist
+from pyro.infer import ELBO
+from pyro.infer.elbo import ELBOModule
+from torch.nn.parallel import DistributedDataParallel
+
+from . import runs
+from . import train as training
+from .errors import (
+    NumericalFaultError,
+    PplVaeError,
+    PplVaeWarning,
+    RunDirectoryError,
+    TrainingInterrupted,
+)
+from .evaluate import (
+    EvidenceEstimate,
+    _check_inputs,
+    elbo_decomposition,
+    evaluation_summary,
+    evidence_estimate,
+    mean_and_stderr,
+)
+from .model import VAE, VAEConfig, build_vae
+from .objectives import make_objective
+
+# Datapoints per evaluation block: the unit of seeding and of work sharing (see evaluate_per_datapoint).
+EVALUATION_BLOCK_SIZE = 100
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE")
+DEFAULT_RDZV_ID = "ppl-vae"
+
+T = TypeVar("T")
+
+
+# --- Processes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"{self.device.type}, {self.world_size} process{'es' if self.world_size != 1 else ''} ({self.backend})"
+
+
+_CONTEXT: Context | None = None
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process runs under torchrun (or anything else that sets RANK and WORLD_SIZE)."""
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def initialize(device: str = "auto") -> Context:
+    """Join the process group described by torchrun's environment variables; returns this process's context.
+
+    The device is ``cuda:LOCAL_RANK`` with the NCCL backend when CUDA is available and
+    ``device`` is ``"auto"`` or ``"cuda"``, else the CPU with gloo. Calling it again
+    returns the same context.
+    """
+    global _CONTEXT
+    if _CONTEXT is not None and dist.is_initialized():
+        return _CONTEXT
+    if not launched_by_torchrun():
+        raise PplVaeError(
+            "not started by torchrun: RANK and WORLD_SIZE are not set (use --devices N, or torchrun --nproc-per-node N "
+            "-m ppl_vae ...)"
+        )
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PplVaeError("--device cuda was asked for, but torch sees no CUDA GPU: use --device cpu or auto")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise PplVaeError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise PplVaeError(
+                f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; start at most that "
+                "many processes per machine (--devices)"
+            )
+        torch.cuda.set_device(local_rank)
+        chosen, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        chosen, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    _CONTEXT = Context(rank, world_size, local_rank, chosen, backend)
+    return _CONTEXT
+
+
+def current() -> Context | None:
+    """The context of this process when :func:`initialize` joined a process group, else None."""
+    return _CONTEXT if _CONTEXT is not None and dist.is_initialized() else None
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op outside one)."""
+    global _CONTEXT
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
+
+
+def _rank_and_size() -> tuple[int, int]:
+    context = current()
+    return (context.rank, context.world_size) if context is not None else (0, 1)
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its value sent to every process; an error there is raised on every process.
+
+    For the work only rank 0 may do (creating the run directory, reading and repairing
+    checkpoints). Outside a process group it is just ``compute()``.
+    """
+    context = current()
+    if context is None or context.world_size == 1:
+        return compute()
+    payload: list[Any] = [None]
+    failure: BaseException | None = None
+    if context.is_main:
+        try:
+            payload = [("value", compute())]
+        except PplVaeError as error:
+            failure, payload = error, [("error", error)]
+        except BaseException as error:  # noqa: BLE001 -- a bug, or Ctrl-C: the others must not wait forever
+            failure = error
+            payload = [("error", PplVaeError(f"rank 0 failed ({type(error).__name__}: {error})"))]
+    dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise value
+    return value
+
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every process's ``value``, in rank order (``[value]`` outside a process group)."""
+    context = current()
+    if context is None or context.world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A seed in [0, 2**32) that depends on ``parts`` alone (e.g. the run's seed, a purpose, an epoch)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the body with Pyro's random streams (torch, CUDA, ``random``, NumPy) seeded by ``seed``; restore them after."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        pyro.set_rng_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+# --- Launching ----------------------------------------------------------------------------------
+
+
+def check_launch(devices: int | None, num_nodes: int, rdzv_endpoint: str | None, device: str) -> None:
+    """Refuse scale-out options that cannot work, before any process is started."""
+    if devices is not None and devices < 1:
+        raise PplVaeError(f"--devices must be at least 1, got {devices}")
+    if num_nodes < 1:
+        raise PplVaeError(f"--num-nodes must be at least 1, got {num_nodes}")
+    if num_nodes > 1 and not rdzv_endpoint:
+        raise PplVaeError(
+            "--num-nodes above 1 needs --rdzv-endpoint HOST:PORT, an address of one of the machines that every "
+            "machine can reach (the same on all of them)"
+        )
+    if launched_by_torchrun():
+        world_size = int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if devices is not None and (devices != local or devices * num_nodes != world_size):
+            raise PplVaeError(
+                f"--devices {devices} --num-nodes {num_nodes} disagree with torchrun, which started {local} process(es) "
+                f"on this machine and {world_size} in all: give the same numbers, or leave --devices out under torchrun"
+            )
+        return
+    if device != "cpu" and torch.cuda.is_available() and devices is not None and devices > torch.cuda.device_count():
+        raise PplVaeError(
+            f"--devices {devices} asks for more GPUs than this machine has ({torch.cuda.device_count()}); "
+            "one process per GPU"
+        )
+
+
+def should_launch(devices: int | None, num_nodes: int) -> bool:
+    """Whether ``ppl-vae`` must start itself through torchrun: several processes asked for, and not under torchrun yet."""
+    return not launched_by_torchrun() and ((devices or 1) > 1 or num_nodes > 1)
+
+
+def launch_command(
+    argv: list[str], devices: int, num_nodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str = DEFAULT_RDZV_ID
+) -> list[str]:
+    """The torchrun command (``python -m torch.distributed.run``) that runs ``ppl-vae ARGV`` on ``devices`` processes per machine.
+
+    One machine: ``--standalone`` (a local rendezvous on a free port). Several: the c10d
+    rendezvous at ``rdzv_endpoint``, where every machine runs the same command.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(devices)]
+    if num_nodes == 1:
+        command.append("--standalone")
+    else:
+        command += ["--nnodes", str(num_nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", str(rdzv_endpoint),
+                    "--rdzv-id", rdzv_id]
+    return [*command, "-m", "ppl_vae", *argv]
+
+
+def launch(argv: list[str], devices: int, num_nodes: int = 1, rdzv_endpoint: str | None = None,
+           rdzv_id: str = DEFAULT_RDZV_ID) -> int:
+    """Run ``ppl-vae ARGV`` under torchrun (:func:`launch_command`) and return its exit status.
+
+    While it runs, this process ignores Ctrl-C: torchrun receives it too and stops its
+    workers (``--resume`` continues from the last saved epoch).
+    """
+    command = launch_command(argv, devices, num_nodes, rdzv_endpoint, rdzv_id)
+    print(f"launching: {' '.join(command)}", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        code = process.wait()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return 128 - code if code < 0 else code
+
+
+# --- Training -----------------------------------------------------------------------------------
+
+
+class VAELoss(ELBOModule):
+    """Pyro's ``ELBOModule`` for a VAE: ``forward(x)`` is the objective's ``differentiable_loss`` of its programs.
+
+    ``Trace_ELBO()(model, guide)`` returns an ``ELBOModule`` whose parameters are those of
+    ``model`` and ``guide`` as modules; the VAE's programs are methods of one module, so
+    that module is registered here and its parameters are this module's. The loss is the
+    negative objective summed over the datapoints of ``x`` (with beta, the beta-weighted
+    objective), as ``SVI`` minimizes it; ``vae.register_params`` is turned off, since the
+    torch optimizer gets the parameters from the module, not from Pyro's param store.
+    """
+
+    def __init__(self, vae: VAE, elbo: ELBO):
+        if not callable(getattr(elbo, "differentiable_loss", None)):
+            raise PplVaeError(f"{type(elbo).__name__} has no differentiable_loss: it cannot be used as a torch module")
+        super().__init__(vae.model, vae.guide, elbo)
+        self.vae = vae
+        vae.register_params = False
+
+
+def check_objective(config) -> None:
+    """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
+    objective = make_objective(config.objective, config.particles)
+    if not callable(getattr(objective, "differentiable_loss", None)):
+        raise PplVaeError(
+            f"--objective {config.objective} cannot be trained on several processes: Pyro's {type(objective).__name__} "
+            "has no differentiable_loss, which a torch module (and so DistributedDataParallel) needs; train it with "
+            "--devices 1"
+        )
+
+
+def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Process ``rank``'s contiguous share of the rows of ``batch``: shares in rank order, sizes differing by at most 1."""
+    return torch.tensor_split(batch, world_size)[rank]
+
+
+def checked_ddp_step(
+    loss_module: DistributedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    shard: torch.Tensor,
+    world_size: int,
+    clip_norm: float | None = None,
+    stop_requested: bool = False,
+    weight: float = 1.0,
+) -> tuple[float, bool]:
+    """One step of distributed training on this process's ``shard`` of a global minibatch B.
+
+    Back-propagates ``world_size * L(shard)``; DDP averages the gradients over the
+    processes, which gives the gradient of L(B) = sum_r L(shard_r) (module docstring).
+    One all-reduce of two numbers then gives every process the global loss L(B) and
+    whether any of them was asked to stop (Ctrl-C). As :func:`ppl_vae.train.checked_svi_step`,
+    the global gradient norm is computed (and clipped to ``clip_norm``); a NaN or infinite
+    loss or norm zeroes the gradients and raises :class:`NumericalFaultError` before the
+    update. The averaged gradients and the global loss are the same on every process, so
+    all of them take the same decision. ``weight`` multiplies this process's loss: a process
+    whose share of the minibatch is empty (a minibatch smaller than the number of processes)
+    passes one row with weight 0, since every process must take part in the all-reduce.
+
+    Returns L(B) (nats, summed over the global minibatch) and whether to stop before the next step.
+    """
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's warning; the error below says more
+        try:
+            local_loss = loss_module(shard)
+        except ValueError as error:  # with Pyro's validation on, NaN parameters fail a distribution's checks
+            if "invalid values" not in str(error):
+                raise
+            first_line = str(error).strip().splitlines()[0]
+            raise NumericalFaultError(f"a distribution got NaN or infinite parameters ({first_line})") from None
+    (local_loss * (world_size * weight)).backward()
+    totals = torch.stack([local_loss.detach().float() * weight, local_loss.new_tensor(float(stop_requested))])
+    dist.all_reduce(totals)
+    loss, stop = float(totals[0]), bool(totals[1] > 0)
+    grad_norm = training._global_grad_norm(params, clip_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = _non_finite_gradients(loss_module)
+        optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(loss):
+            raise NumericalFaultError(f"the loss became {loss}")
+        if bad:
+            raise NumericalFaultError(f"the gradient became {grad_norm} (non-finite gradients of {', '.join(bad)})")
+        raise NumericalFaultError(f"the gradient norm overflowed to {grad_norm} (gradients too large to square)")
+    optimizer.step()
+    return loss, stop
+
+
+def _non_finite_gradients(module: torch.nn.Module, limit: int = 3) -> list[str]:
+    """The names (in the VAE) of at most ``limit`` parameters whose gradient holds a NaN or infinity."""
+    names = [
+        name.removeprefix("module.").removeprefix("vae.")
+        for name, p in module.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+    return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+
+
+def _agree_to_stop(requested: bool, device: torch.device) -> bool:
+    """Whether any process was asked to stop (one all-reduce)."""
+    flag = torch.tensor([float(requested)], device=device)
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def train_distributed(
+    run_dir: str | Path,
+    config=None,
+    model_config: VAEConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`ppl_vae.train.train` on every process of the process group (:func:`initialize` first).
+
+    Same run directory, options and guarantees (resume, Ctrl-C, numerical faults, damaged
+    checkpoints), with DistributedDataParallel instead of ``SVI``; see the module docstring
+    for the loss scaling and the random streams. The device is the process group's (see
+    :func:`initialize`), not ``config.device``. Returns the final test evaluation on every
+    process; rank 0 writes every file.
+    """
+    context = current()
+    if context is None:
+        raise PplVaeError("train_distributed needs a process group: call ppl_vae.distributed.initialize() under torchrun")
+
+    def prepare() -> tuple[Path, Any, VAEConfig, dict | None]:
+        """On rank 0: the configurations, the run directory and (resuming) the checkpoint, checked before use."""
+        if not resume:
+            train_config, vae_config = config or training.TrainConfig(), model_config or VAEConfig()
+            check_objective(train_config)  # before the run directory is touched
+            path = runs.prepare_run_dir(run_dir, overwrite=overwrite)
+            runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
+            return path, train_config, vae_config, None
+        path = runs.prepare_run_dir(run_dir, resume=True, overwrite=overwrite)
+        train_config, vae_config = training._saved_configs(path, config)
+        check_objective(train_config)
+        checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
+        training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
+        if checkpoint.get("world_size") != context.world_size:
+            warnings.warn(
+                f"resuming a run saved by {checkpoint.get('world_size')} processes on {context.world_size}: the data "
+                "are the same, but the Monte Carlo draws differ from those of an uninterrupted run",
+                PplVaeWarning,
+                stacklevel=2,
+            )
+        return path, train_config, vae_config, checkpoint
+
+    run_dir, config, model_config, checkpoint = on_main(prepare)
+    device, main = context.device, context.is_main
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    pyro.enable_validation(config.pyro_validation)
+    vae = build_vae(model_config).to(device)
+    loss = VAELoss(vae, make_objective(config.objective, config.particles))
+    data = training.load_data(config, vae, device)
+    optimizer, scheduler = training.make_torch_optimizer(vae.parameters(), config)
+    start_epoch, elapsed = 0, 0.0
+    if checkpoint is not None:
+        vae.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
+        if main:
+            runs.truncate_metrics(run_dir, start_epoch)
+    elif main:
+        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, optimizer, scheduler, config, model_config, elapsed, context))
+    ddp = DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None)
+
+    with training._StopRequest() as stop:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"
+            started = time.perf_counter()
+            vae.kl_weight = training.kl_weight(config, epoch)
+            train_elbo, steps = _train_one_epoch(ddp, optimizer, data, config, epoch, context, progress, stop, kept)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            epoch_seconds = time.perf_counter() - started
+            elapsed += epoch_seconds
+            val = evaluate_per_datapoint(
+                vae.model, vae.guide, data.val, elbo_samples=config.val_samples,
+                seed=derive_seed(config.seed, "validation", epoch),
+            ).decomposition
+            record = training.epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=vae.kl_weight,
+                                         epoch_seconds=epoch_seconds, steps=steps, train_seconds=elapsed,
+                                         device=context.describe())
+            record["world_size"] = context.world_size
+            if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
+                record.update(_validation_evidence(vae, data, config, epoch))
+            if main:
+                runs.append_metrics(run_dir, record)
+                runs.save_checkpoint(
+                    run_dir, _checkpoint_state(epoch, vae, optimizer, scheduler, config, model_config, elapsed, context)
+                )
+                if progress:
+                    training.print_epoch(record, config)
+        if _agree_to_stop(stop.requested, device):
+            raise TrainingInterrupted(
+                f"interrupted by Ctrl-C after the last epoch ({config.epochs}), which is saved in {run_dir}; "
+                "the test evaluation was skipped: --resume runs it"
+            )
+
+    vae.kl_weight = 1.0
+    per_datapoint = evaluate_per_datapoint(
+        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10,
+        seed=derive_seed(config.seed, "test"), progress=progress and main,
+    )
+    result = evaluation_summary(
+        vae.model, vae.guide, data.test, num_samples=config.test_samples, levels=training.levels_of(vae, config.binarize),
+        evidence=per_datapoint.evidence, decomposition=per_datapoint.decomposition,
+    )
+    result.update({
+        "split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": context.describe(),
+        "world_size": context.world_size, "model": model_config.describe(), "objective": training.describe_objective(config),
+    })
+    if main:
+        runs.write_json(run_dir / "test.json", result)
+    return result
+
+
+def _train_one_epoch(
+    ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, data, config, epoch: int, context: Context,
+    progress: bool, stop, kept: str,
+) -> tuple[float, int]:
+    """One pass over the training set in global minibatches; returns the mean training ELBO and the number of steps.
+
+    The data stream is seeded from (seed, epoch) on every process, this process's draws
+    from (seed, epoch, rank), so the epoch can be run again exactly after a resume.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
+    pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, context.rank))
+    num_steps = math.ceil(data.train.shape[0] / config.batch_size)
+    total_loss, seen = 0.0, 0
+    stopping = _agree_to_stop(stop.requested, context.device)
+    bar = tqdm(
+        data.train_batches(config.batch_size, generator=generator), total=num_steps,
+        desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not (progress and context.is_main), leave=False,
+    )
+    try:
+        for step, batch in enumerate(bar, start=1):
+            where = f"epoch {epoch}, step {step} of {num_steps}"
+            if stopping:
+                raise TrainingInterrupted(
+                    f"interrupted by Ctrl-C at {where}; --resume continues from {kept}, running epoch {epoch} again "
+                    "from its start"
+                )
+            shard, weight = shard_rows(batch, context.rank, context.world_size), 1.0
+            if shard.shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
+                shard, weight = batch[:1], 0.0
+            try:
+                loss, stopping = checked_ddp_step(ddp, optimizer, shard, context.world_size, config.clip_norm,
+                                                  stop.requested, weight)
+            except NumericalFaultError as fault:
+                raise NumericalFaultError(training._fault_message(f"{fault} at {where}", kept)) from None
+            total_loss += loss
+            seen += batch.shape[0]
+            if step % 10 == 0 or step == num_steps:
+                bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
+    finally:
+        bar.close()
+    return -total_loss / seen, num_steps
+
+
+def _validation_evidence(vae: VAE, data, config, epoch: int) -> dict[str, float]:
+    """The learning curve's log p̂(x) (see :func:`ppl_vae.train._validation_evidence`), shared over the processes."""
+    images = data.val[: config.evidence_examples]
+    estimate = evaluate_per_datapoint(
+        vae.model, vae.guide, images, num_samples=config.evidence_samples, seed=derive_seed(config.seed, "evidence", epoch)
+    ).evidence
+    mean, stderr = mean_and_stderr(estimate.log_evidence)
+    return {"val_log_px": mean, "val_log_px_stderr": stderr, "val_log_px_images": images.shape[0],
+            "val_log_px_samples": config.evidence_samples}
+
+
+def _checkpoint_state(
+    epoch: int, vae: VAE, optimizer: torch.optim.Optimizer, scheduler, config, model_config: VAEConfig,
+    train_seconds: float, context: Context,
+) -> dict[str, Any]:
+    """What resuming after ``epoch`` needs; no RNG state, since every epoch seeds its own streams."""
+    return {
+        "epoch": epoch,
+        "model": vae.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "optimizer_format": training.OPTIMIZER_FORMAT_TORCH,
+        "world_size": context.world_size,
+        "config": {"model": model_config.to_dict(), "train": asdict(config)},
+        "train_seconds": train_seconds,
+    }
+
+
+# --- Evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PerDatapointEvaluation:
+    """Per-datapoint results over all of ``x``, in datapoint order (float64 CPU tensors [N]).
+
+    * ``decomposition`` -- as :func:`ppl_vae.evaluate.elbo_decomposition` returns (None when not asked for);
+    * ``evidence`` -- an :class:`~ppl_vae.evaluate.EvidenceEstimate` (None when not asked for);
+    * ``psis`` -- as the second value of :func:`ppl_vae.diagnostics.evidence_with_psis` (None unless asked for).
+    """
+
+    decomposition: dict | None
+    evidence: EvidenceEstimate | None
+    psis: dict | None
+
+
+PSIS_PER_DATAPOINT = ("khat", "unreliable", "ess", "log_evidence", "psis_log_evidence")
+
+
+def evaluate_per_datapoint(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    num_samples: int | None = None,
+    elbo_samples: int | None = None,
+    seed: int = 0,
+    psis: bool = False,
+    chunk_size: int | None = None,
+    block_size: int = EVALUATION_BLOCK_SIZE,
+    progress: bool = False,
+) -> PerDatapointEvaluation:
+    """Importance-sampled log p(x) with ``num_samples`` draws and the ELBO decomposition with ``elbo_samples``, per datapoint.
+
+    The datapoints are cut into blocks of ``block_size`` consecutive indices (the last may
+    be smaller). Block b is evaluated on its own with Pyro's random streams seeded by
+    ``derive_seed(seed, "block", b)``: first the evidence (with PSIS diagnostics when
+    ``psis``), then the decomposition. Its draws therefore depend on (seed, b) alone, never
+    on the process evaluating it. In a process group (:func:`initialize`) block b goes to
+    rank b mod W, and the results are all-gathered and put back in datapoint order, so
+    every process returns the same tensors as a single process would, exactly on the CPU
+    (on GPUs, up to the determinism of CUDA kernels). The caller's random streams are
+    restored afterwards. An error in any block (say, a non-finite evidence estimate) is
+    raised on every process.
+    """
+    from .diagnostics import evidence_with_psis
+
+    if num_samples is None and elbo_samples is None:
+        raise PplVaeError("evaluate_per_datapoint needs num_samples (log p(x)) or elbo_samples (the ELBO), or both")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise PplVaeError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_inputs(x, 1)
+    rank, world_size = _rank_and_size()
+    n = x.shape[0]
+    mine = range(rank, math.ceil(n / block_size), world_size)
+    bar = _progress_bar(progress, sum(min(block_size, n - block * block_size) for block in mine))
+    done: list[tuple[int, dict[str, Any]]] = []
+    for block in mine:
+        rows = slice(block * block_size, min(n, (block + 1) * block_size))
+        xb = x[rows]
+        result: dict[str, Any] = {}
+        try:
+            with seeded(derive_seed(seed, "block", block)):
+                if num_samples is not None and psis:
+                    result["evidence"], result["psis"] = evidence_with_psis(model, guide, xb, num_samples, chunk_size)
+                elif num_samples is not None:
+                    result["evidence"] = evidence_estimate(model, guide, xb, num_samples, chunk_size)
+                if elbo_samples is not None:
+                    result["decomposition"] = elbo_decomposition(model, guide, xb, elbo_samples, chunk_size=chunk_size)
+        except PplVaeError as error:
+            done.append((block, {"error": type(error)(f"{error} (in datapoints {rows.start} to {rows.stop - 1} of x)")}))
+            break
+        done.append((block, result))
+        if bar is not None:
+            bar.update(xb.shape[0])
+    if bar is not None:
+        bar.close()
+    blocks = sorted((item for items in all_gather_objects(done) for item in items), key=lambda item: item[0])
+    for _, result in blocks:
+        if "error" in result:
+            raise result["error"]
+    parts = [result for _, result in blocks]
+    return PerDatapointEvaluation(
+        decomposition=_join_decompositions([p["decomposition"] for p in parts]) if elbo_samples is not None else None,
+        evidence=_join_evidence([p["evidence"] for p in parts]) if num_samples is not None else None,
+        psis=_join_psis([p["psis"] for p in parts]) if num_samples is not None and psis else None,
+    )
+
+
+def _progress_bar(progress: bool, total: int):
+    """A bar over this process's share of the datapoints."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluating", unit="image", leave=False)
+
+
+def _join_decompositions(parts: list[dict]) -> dict:
+    first = parts[0]
+    return {
+        "elbo": torch.cat([p["elbo"] for p in parts]),
+        "reconstruction": torch.cat([p["reconstruction"] for p in parts]),
+        "kl": {name: torch.cat([p["kl"][name] for p in parts]) for name in first["kl"]},
+        "kl_method": dict(first["kl_method"]),
+        "num_samples": first["num_samples"],
+    }
+
+
+def _join_evidence(parts: list[EvidenceEstimate]) -> EvidenceEstimate:
+    return EvidenceEstimate(
+        torch.cat([p.log_evidence for p in parts]), torch.cat([p.stderr for p in parts]),
+        torch.cat([p.ess for p in parts]), parts[0].num_samples,
+    )
+
+
+def _join_psis(parts: list[dict]) -> dict:
+    joined: dict[str, Any] = {key: torch.cat([p[key] for p in parts]) for key in PSIS_PER_DATAPOINT}
+    joined.update(
+        unreliable_share=joined["unreliable"].double().mean().item(), khat_threshold=parts[0]["khat_threshold"],
+        num_samples=parts[0]["num_samples"],
+    )
+    return joined
+
+
+def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[VAE, dict]:
+    """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
+    def read() -> tuple[dict, dict, int]:
+        config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
+        checkpoint = runs.load_checkpoint(run_dir, map_location="cpu")
+        return config, checkpoint["model"], checkpoint["epoch"]
+
+    config, state, epoch = on_main(read)
+    try:
+        vae = build_vae(VAEConfig(**config["model"])).to(device)
+    except (KeyError, TypeError) as error:
+        raise RunDirectoryError(f"{run_dir}/config.json holds no model configuration this version can read ({error})") from None
+    vae.load_state_dict(state)
+    vae.eval()
+    return vae, {**config, "epoch": epoch}

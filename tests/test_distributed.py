@@ -1,0 +1,264 @@
+"""Scale-out (issue 9): training and evaluation on 2 processes with torch.distributed, on the CPU with gloo.
+
+The processes are started by ``torch.multiprocessing.spawn`` (tests/distributed_workers.py) or, through
+the command line, by torchrun itself (``ppl-vae train --devices 2``). Tiny models keep the file fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import distributed_workers as workers
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from ppl_vae import cli, distributed, runs
+from ppl_vae.errors import PplVaeError
+from ppl_vae.model import VAEConfig, build_vae
+from ppl_vae.objectives import make_objective
+from ppl_vae.train import TrainConfig, checked_svi_step, make_optimizer
+
+WORLD_SIZE = 2
+
+
+# --- In 2 processes of one gloo group (all tasks in one group: starting processes is what takes time) --
+
+STEP_CASES = [(None, 1.0), (5.0, 0.5)]  # (clip_norm, kl_weight)
+# 11 rows: shares of 6 and 5, so the loss scaling is checked with unequal shares too.
+STEP_BATCH = torch.bernoulli(torch.full((11, workers.TINY["data_dim"]), 0.3), generator=torch.Generator().manual_seed(1))
+# 8 blocks of 32 (the last of 26) dealt to 2 processes; K = 30 gives PSIS diagnostics too.
+EVALUATION_OPTIONS = {"num_samples": 30, "elbo_samples": 3, "seed": 7, "psis": True, "block_size": 32, "chunk_size": 20}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """The folder where the 2 processes saved what they got; they ran every task below."""
+    path = tmp_path_factory.mktemp("spawned")
+    pyro.set_rng_seed(3)
+    vae = build_vae(VAEConfig(**workers.TINY))
+    x = torch.bernoulli(torch.full((250, workers.TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
+    torch.save({"state": vae.state_dict(), "x": x}, path / "model-and-data.pt")
+    tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight))
+             for i, (clip_norm, kl_weight) in enumerate(STEP_CASES)]
+    tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS))]
+    workers.spawn(tasks, WORLD_SIZE)
+    return path
+
+
+@pytest.mark.parametrize("case", range(len(STEP_CASES)))
+def test_one_distributed_step_equals_one_single_process_step_on_the_global_minibatch(spawned, monkeypatch, case):
+    clip_norm, kl_weight = STEP_CASES[case]
+    # The same step in this process: SVI (Pyro's Adam, one torch Adam per parameter) on the whole minibatch,
+    # with the same fixed draws from the guide.
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal", workers.fixed_noise)
+    pyro.enable_validation(False)
+    pyro.set_rng_seed(0)
+    vae = build_vae(VAEConfig(**workers.TINY))
+    vae.kl_weight = kl_weight
+    svi = pyro.infer.SVI(vae.model, vae.guide, make_optimizer(TrainConfig(learning_rate=1e-2)), loss=make_objective("elbo"))
+    before = {name: value.clone() for name, value in vae.state_dict().items()}
+    loss = checked_svi_step(svi, STEP_BATCH, clip_norm)
+
+    ranks = [torch.load(spawned / f"step{case}" / f"step-rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    assert [r["rows"] for r in ranks] == [6, 5]
+    for r in ranks:
+        assert r["loss"] == pytest.approx(loss, rel=1e-6) and r["stop"] is True  # rank 1 alone was asked to stop
+        for name, value in vae.state_dict().items():
+            torch.testing.assert_close(r["state"][name], value, atol=1e-6, rtol=0, msg=name)
+    assert all(torch.equal(ranks[0]["state"][n], ranks[1]["state"][n]) for n in ranks[0]["state"])
+    moved = [name for name, _ in vae.named_parameters() if not torch.equal(vae.state_dict()[name], before[name])]
+    assert moved == [name for name, _ in vae.named_parameters()]  # the step changed every parameter tensor
+
+
+def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spawned):
+    for rank in range(WORLD_SIZE):
+        result = torch.load(spawned / f"fault-rank{rank}.pt")
+        assert result["message"] == "the gradient became nan (non-finite gradients of decoder.0.weight)"
+        assert result["unchanged"]
+
+
+def test_distributed_evaluation_equals_single_process_evaluation_exactly(spawned):
+    saved = torch.load(spawned / "model-and-data.pt")
+    vae = build_vae(VAEConfig(**workers.TINY))
+    vae.load_state_dict(saved["state"])
+    single = vars(distributed.evaluate_per_datapoint(vae.model, vae.guide, saved["x"], **EVALUATION_OPTIONS))
+    for rank in range(WORLD_SIZE):
+        gathered = torch.load(spawned / f"evaluation-rank{rank}.pt", weights_only=False)
+        decomposition, expected = gathered["decomposition"], single["decomposition"]
+        for key in ("elbo", "reconstruction"):
+            assert torch.equal(decomposition[key], expected[key]), key
+        assert torch.equal(decomposition["kl"]["z"], expected["kl"]["z"])
+        for key in ("log_evidence", "stderr", "ess"):
+            assert torch.equal(getattr(gathered["evidence"], key), getattr(single["evidence"], key)), key
+        for key in distributed.PSIS_PER_DATAPOINT:
+            assert torch.equal(gathered["psis"][key], single["psis"][key]), key
+        assert gathered["psis"]["unreliable_share"] == single["psis"]["unreliable_share"]
+    assert decomposition["elbo"].shape == (250,)
+
+
+def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
+    """Blocks of 20: the first 60 datapoints of 90 and 60 datapoints alone fill the same 3 blocks."""
+    pyro.set_rng_seed(3)
+    vae = build_vae(VAEConfig(**workers.TINY))
+    x = torch.bernoulli(torch.full((90, workers.TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
+    options = {"num_samples": 8, "elbo_samples": 2, "block_size": 20}
+    whole = distributed.evaluate_per_datapoint(vae.model, vae.guide, x, seed=1, **options)
+    torch.manual_seed(123)  # the caller's stream plays no part, and is left as it was
+    state = torch.get_rng_state()
+    part = distributed.evaluate_per_datapoint(vae.model, vae.guide, x[:60], seed=1, **options)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(part.evidence.log_evidence, whole.evidence.log_evidence[:60])
+    assert torch.equal(part.decomposition["elbo"], whole.decomposition["elbo"][:60])
+    other = distributed.evaluate_per_datapoint(vae.model, vae.guide, x[:60], seed=2, **options)
+    assert not torch.equal(other.evidence.log_evidence, part.evidence.log_evidence)
+
+
+# --- Training from the command line: torchrun, checkpoints, resume ----------------------------------
+
+TINY_RUN = ["--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--latent-dim", "4",
+            "--hidden-sizes", "16", "--test-samples", "5", "--evidence-every", "1", "--evidence-examples", "30",
+            "--evidence-samples", "10", "--device", "cpu", "--no-progress"]
+TIMING_KEYS = {"epoch_seconds", "steps_per_second", "train_seconds"}
+
+
+def start_cli(data_root, *args, torchrun: bool = False) -> subprocess.Popen:
+    """``python -m ppl_vae ARGS``, or with ``torchrun`` the same under ``torchrun --standalone --nproc-per-node 2``."""
+    env = {**os.environ, "PPL_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "ppl_vae", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return out
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
+
+
+def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
+    tmp_path, data_root, capsys
+):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # Two runs at once (4 processes on the CPU): one of 2 epochs, one stopped after its first epoch.
+    both = [start_cli(data_root, "train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN),
+            start_cli(data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN)]
+    outputs = [finish(process) for process in both]
+    out = outputs[0]
+    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out
+    assert out.count("run directory:") == 1  # rank 0 alone prints
+    assert runs.load_checkpoint(resumed)["epoch"] == 1
+    # Resumed under torchrun itself (as the README shows), where --devices is only checked against it.
+    finish(start_cli(data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
+                     "--device", "cpu", "--no-progress", torchrun=True))
+
+    a, b = runs.load_checkpoint(straight), runs.load_checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == b["world_size"] == 2
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+    metrics = runs.read_metrics(straight)
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
+    assert without_timings(runs.read_metrics(resumed)) == without_timings(metrics)
+    for key in ("elbo", "log_evidence", "reconstruction"):
+        assert runs.read_json(resumed / "test.json")[key] == runs.read_json(straight / "test.json")[key]
+
+    # Evaluation on 2 processes gives the numbers of evaluation in one process, digit for digit.
+    evaluate = ["evaluate", straight, "--num-samples", "30", "--examples", "130", "--elbo-samples", "2",
+                "--device", "cpu", "--no-progress"]
+    finish(start_cli(data_root, *evaluate, "--devices", "2"))
+    two = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
+    two_json = json.loads((straight / "evaluation.json").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PPL_VAE_DATA", str(data_root))
+        assert cli.main([str(word) for word in evaluate]) == 0
+    one = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
+    one_json = json.loads((straight / "evaluation.json").read_text())
+    assert sorted(two) == sorted(one) and all(np.array_equal(two[key], one[key]) for key in one)
+    assert two_json["world_size"] == 2 and one_json["world_size"] == 1
+    for key in ("elbo", "reconstruction", "kl", "log_evidence", "gap", "diagnostics"):
+        assert two_json[key] == one_json[key], key
+
+    # A distributed run's checkpoint cannot be resumed by single-process SVI: a clear error, nothing changed.
+    capsys.readouterr()
+    assert cli.main(["train", "--run-dir", str(resumed), "--resume", "--epochs", "3", "--no-progress"]) == 2
+    assert "resume it with --devices (it ran on 2 processes" in capsys.readouterr().err
+    assert runs.load_checkpoint(resumed)["epoch"] == 2
+
+
+# --- Pieces that need no processes ----------------------------------------------------------------
+
+
+def test_shares_of_a_minibatch_cover_it_in_order():
+    batch = torch.arange(11).unsqueeze(1)
+    for world_size in (1, 2, 3, 4, 11, 12):
+        shares = [distributed.shard_rows(batch, rank, world_size) for rank in range(world_size)]
+        assert torch.equal(torch.cat(shares), batch)
+        assert max(s.shape[0] for s in shares) - min(s.shape[0] for s in shares) <= 1
+
+
+def test_the_data_stream_of_an_epoch_comes_from_its_generator_alone(mnist):
+    def epoch(seed: int) -> list[torch.Tensor]:
+        return list(mnist.train_batches(20_000, generator=torch.Generator().manual_seed(seed)))
+
+    first = epoch(5)
+    torch.manual_seed(99)  # the global stream plays no part
+    again = epoch(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and [b.shape[0] for b in first] == [20_000, 20_000, 10_000]
+    assert not torch.equal(epoch(6)[0], first[0])
+
+
+def test_derived_seeds_depend_on_every_part():
+    seeds = {distributed.derive_seed(seed, "block", block) for seed in range(5) for block in range(200)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**32 for s in seeds)
+    assert distributed.derive_seed(0, "draws", 1, 0) != distributed.derive_seed(0, "draws", 1, 1)
+
+
+def test_launch_commands_use_torchrun():
+    argv = ["train", "--devices", "4"]
+    command = distributed.launch_command(argv, 4)
+    assert command[1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone", "-m", "ppl_vae", *argv]
+    command = distributed.launch_command(argv, 4, num_nodes=2, rdzv_endpoint="node0:29400", rdzv_id="job")
+    assert command[3:13] == ["--nproc-per-node", "4", "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                             "node0:29400", "--rdzv-id", "job"]
+
+
+def test_scale_out_options_that_cannot_work_are_refused(monkeypatch, tmp_path, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(PplVaeError, match="--rdzv-endpoint HOST:PORT"):
+        distributed.check_launch(2, 2, None, "cpu")
+    assert not distributed.should_launch(None, 1) and not distributed.should_launch(1, 1)
+    assert distributed.should_launch(2, 1) and distributed.should_launch(1, 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert not distributed.should_launch(4, 1)  # already under torchrun
+    distributed.check_launch(4, 1, None, "cpu")
+    with pytest.raises(PplVaeError, match=r"--devices 2 --num-nodes 1 disagree with torchrun, which started 4"):
+        distributed.check_launch(2, 1, None, "cpu")
+    monkeypatch.delenv("RANK")
+    # From the command line: the error, before any process is started or any file written.
+    assert cli.main(["train", "--run-dir", str(tmp_path / "run"), "--devices", "2", "--num-nodes", "2"]) == 2
+    assert "--num-nodes above 1 needs --rdzv-endpoint" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # The iwae objective has no differentiable loss (Pyro's RenyiELBO); an existing run directory is refused too.
+    assert cli.main(["train", "--run-dir", str(tmp_path / "run"), "--objective", "iwae", "--particles", "2",
+                     "--devices", "2"]) == 2
+    assert "iwae cannot be trained on several processes" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("earlier work")
+    assert cli.main(["train", "--run-dir", str(tmp_path / "run"), "--devices", "2"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    with pytest.raises(PplVaeError, match="iwae cannot be trained on several processes"):
+        distributed.check_objective(TrainConfig(objective="iwae", particles=2))
+    distributed.check_objective(TrainConfig(objective="meanfield"))
