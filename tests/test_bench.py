@@ -8,6 +8,7 @@ import sys
 import pyro
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
 
 from ppl_vae.bench import STEP_VARIANTS, time_reference_evidence
 from ppl_vae.evaluate import elbo_decomposition, evidence_estimate
@@ -25,7 +26,7 @@ def test_every_step_variant_computes_the_same_first_loss():
         pyro.set_rng_seed(11)
         losses[name] = step(x)
     for name, loss in losses.items():
-        if name != "svi-meanfield":
+        if name not in ("svi-meanfield", "svi-jit"):  # the JIT path is checked below, with fixed draws
             assert loss == pytest.approx(losses["svi"], rel=1e-5), name
     # TraceMeanField_ELBO takes the KL analytically: the same draw, minus the analytic KL, as ours.
     pyro.clear_param_store()
@@ -33,6 +34,31 @@ def test_every_step_variant_computes_the_same_first_loss():
     ours = elbo_decomposition(base.model, base.guide, x, num_samples=1)
     assert ours["kl_method"] == {"z": "analytic"}
     assert losses["svi-meanfield"] == pytest.approx(-ours["elbo"].sum().item(), rel=1e-5)
+
+
+def test_jit_compiled_loss_and_gradients_equal_trace_elbo_with_the_draws_fixed(monkeypatch):
+    # JitTrace_ELBO draws its noise with torch.normal inside the traced graph, so the same seed gives
+    # other draws than Trace_ELBO. Holding eps fixed checks everything else: the traced log-densities,
+    # the surrogate and the gradients.
+    eps = torch.linspace(-1.5, 1.5, 50)
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
+                        lambda shape, dtype, device: eps.to(dtype=dtype, device=device).expand(shape).clone())
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig())
+    x = torch.bernoulli(torch.full((16, 784), 0.3))
+    pyro.clear_param_store()
+    jit = STEP_VARIANTS["svi-jit"](vae).svi.loss_and_grads
+    results = []
+    for loss_and_grads in (jit, jit, Trace_ELBO().loss_and_grads):  # the first call compiles
+        for p in vae.parameters():
+            p.grad = None
+        with pyro.validation_enabled(False):
+            loss = loss_and_grads(vae.model, vae.guide, x)
+        results.append((loss, [p.grad.clone() for p in vae.parameters()]))
+    (_, _), (jit_loss, jit_grads), (loss, grads) = results
+    assert jit_loss == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(jit_grads, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_reference_evidence_equals_the_package_estimate_with_the_same_draws():
