@@ -1,6 +1,7 @@
 """Priors and guides compared on one scale (issue: model variants, benchmark).
 
     python experiments/priors.py [RUNS_DIR] [--epochs N] [--examples N] [--k K] [--out DIR]
+                                 [--train-examples N] [--eval-examples N]   # smaller training runs
 
 Trains each variant below with the same networks (by default 784-300-300-40 ReLU MLPs,
 the size of Tomczak & Welling's VampPrior comparison), data (dynamically binarized
@@ -17,9 +18,18 @@ leaves the plateau within ~100 steps. See experiments/results/priors/NOTES.md.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from ppl_vae.cli import main
+
+
+def run(argv: list[str]) -> None:
+    """``ppl-vae ARGV``; a failing command (its error already printed) stops the script before it reads stale results."""
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
 
 VARIANTS = {
     "standard": [],
@@ -41,10 +51,15 @@ parser.add_argument("--vamp-components", type=int, default=500, help="pseudo-inp
 parser.add_argument("--hidden-sizes", nargs="+", default=["300", "300"], help="hidden widths of every network")
 parser.add_argument("--latent-dim", default="40")
 parser.add_argument("--activation", default="relu")
+parser.add_argument("--train-examples", type=int, default=None, help="train on the first N training images (default: all 50,000)")
+parser.add_argument("--eval-examples", type=int, default=None,
+                    help="validation and test images during training (default: all; the evaluation uses --examples)")
 parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "priors"),
                     help="folder for the comparison table and figure")
 args = parser.parse_args()
 
+shrink = ((["--train-examples", str(args.train_examples)] if args.train_examples else [])
+          + (["--eval-examples", str(args.eval_examples)] if args.eval_examples else []))
 network = ["--hidden-sizes", *args.hidden_sizes, "--latent-dim", args.latent_dim, "--activation", args.activation]
 run_dirs = []
 for name, flags in VARIANTS.items():
@@ -53,8 +68,8 @@ for name, flags in VARIANTS.items():
     run_dir = Path(args.runs_dir) / name
     flags = flags + (["--prior-components", str(args.vamp_components)] if name == "vamp" else [])
     if not (run_dir / "test.json").is_file():
-        main(["train", "--run-dir", str(run_dir), "--epochs", str(args.epochs), "--test-samples", "100",
-              "--warmup", str(args.warmup), "--no-progress", "--overwrite", *network, *flags])
-    main(["evaluate", str(run_dir), "--num-samples", str(args.k), "--examples", str(args.examples), "--no-progress"])
+        run(["train", "--run-dir", str(run_dir), "--epochs", str(args.epochs), "--test-samples", "100",
+              "--warmup", str(args.warmup), "--no-progress", "--overwrite", *network, *flags, *shrink])
+    run(["evaluate", str(run_dir), "--num-samples", str(args.k), "--examples", str(args.examples), "--no-progress"])
     run_dirs.append(str(run_dir))
-main(["compare", *run_dirs, "--out", args.out])
+run(["compare", *run_dirs, "--out", args.out])

@@ -1,20 +1,31 @@
 """Reproduce a row of Burda, Grosse & Salakhutdinov (2015), Table 1, within an epoch budget.
 
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
+                                    [--train-examples N] [--eval-examples N] [--out DIR]
 
 Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
 log p(x) every --every epochs; then evaluates on the test set with K importance samples and
-writes experiments/results/reproduce/<name>.md with the measured numbers beside the published one.
+writes experiments/results/reproduce/<name>.md (--out: another folder) with the measured numbers beside
+the published one. --train-examples and --eval-examples shrink the training run (for smoke tests).
 On a GPU, the full budget is the same command with --epochs 3280.
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ppl_vae import runs
 from ppl_vae.cli import main
+
+
+def run(argv: list[str]) -> None:
+    """``ppl-vae ARGV``; a failing command (its error already printed) stops the script before it reads stale results."""
+    code = main(argv)
+    if code:
+        sys.exit(code)
+
 
 HERE = Path(__file__).parent
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,16 +35,22 @@ parser.add_argument("--every", type=int, default=5, help="epochs between points 
 parser.add_argument("--runs-dir", default="runs")
 parser.add_argument("--k", type=int, default=5000, help="importance samples per test image")
 parser.add_argument("--examples", type=int, default=None, help="test images (default: all 10,000)")
+parser.add_argument("--train-examples", type=int, default=None, help="train on the first N training images (default: all 50,000)")
+parser.add_argument("--eval-examples", type=int, default=None,
+                    help="validation and test images during training (default: all; the evaluation uses --examples)")
+parser.add_argument("--out", default=str(HERE / "results" / "reproduce"), help="folder for <name>.md")
 args = parser.parse_args()
 
 config_path = HERE / "configs" / f"{args.name}.json"
 config = json.loads(config_path.read_text())
 run_dir = Path(args.runs_dir) / args.name
 budget = ["--epochs", str(args.epochs)] if args.epochs else []
-main(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
+budget += ["--train-examples", str(args.train_examples)] if args.train_examples else []
+budget += ["--eval-examples", str(args.eval_examples)] if args.eval_examples else []
+run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
       "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
 evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
-main(evaluate + (["--examples", str(args.examples)] if args.examples else []))
+run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
 
 result = runs.read_json(run_dir / "evaluation.json")
 metrics = runs.read_metrics(run_dir)
@@ -61,7 +78,7 @@ lines = [
     "|---|---|",
     *[f"| {epoch} | {value:.2f} ± {se:.2f} |" for epoch, value, se in curve],
 ]
-out = HERE / "results" / "reproduce" / f"{args.name}.md"
+out = Path(args.out) / f"{args.name}.md"
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text("\n".join(lines) + "\n")
 print(out.read_text())
