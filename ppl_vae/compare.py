@@ -4,14 +4,24 @@ Each run contributes its configuration, its training metrics and its evaluation
 (``evaluation.json`` from ``ppl-vae evaluate`` when present, else the final
 ``test.json`` of ``ppl-vae train``). Numbers are as measured, in nats per image
 (and bits/dim for grey-level likelihoods), with standard errors over the images.
+
+Paired differences: when two runs were evaluated by ``ppl-vae evaluate`` on the same
+images (same split, same number of images, same binarization), the table also gives
+log p̂(x) of each run minus that of the first, as the mean over images of the per-image
+differences d_n, with standard error sd(d_n) / sqrt(N). The images' own spread cancels
+in d_n, so this s.e. is several times smaller than that of either run's mean: the honest
+scale for "is variant B better than A on these images".
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy
 
 from . import runs
 from .errors import RunDirectoryError
@@ -21,7 +31,9 @@ from .train import TrainConfig, describe_objective
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "elbo", "elbo_se", "reconstruction", "kl",
     "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
+    "log_px_minus_first", "log_px_minus_first_se",
 )
+PER_IMAGE_FILE = "evaluation_per_datapoint.npz"  # written by `ppl-vae evaluate` beside evaluation.json
 
 
 def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -59,7 +71,36 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "active_units": diagnostics.get("active_units"),
         "train_seconds": metrics[-1]["train_seconds"] if metrics else None,
         "device": metrics[-1]["device"] if metrics else result.get("device"),
+        "log_px_minus_first": None,
+        "log_px_minus_first_se": None,
+        # Not a table column: what the paired differences need.
+        "_per_image_log_px": _per_image_log_px(run_dir, name, result),
+        "_binarize": train_config.binarize,
     }
+
+
+def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.ndarray | None:
+    """The per-image log p̂(x) of ``ppl-vae evaluate``, when saved and consistent with its summary."""
+    path = run_dir / PER_IMAGE_FILE
+    if result_file != "evaluation.json" or not path.is_file():
+        return None
+    values = numpy.load(path)["log_evidence"].astype(numpy.float64)
+    return values if values.shape == (result["num_datapoints"],) else None
+
+
+def add_paired_differences(rows: list[dict[str, Any]]) -> None:
+    """Fill ``log_px_minus_first`` (mean of per-image differences to the first run) and its s.e., where comparable."""
+    first = rows[0]
+    for row in rows[1:]:
+        comparable = (
+            first["_per_image_log_px"] is not None and row["_per_image_log_px"] is not None
+            and (row["split"], row["images"], row["_binarize"]) == (first["split"], first["images"], first["_binarize"])
+        )
+        if not comparable:
+            continue
+        differences = row["_per_image_log_px"] - first["_per_image_log_px"]
+        row["log_px_minus_first"] = float(differences.mean())
+        row["log_px_minus_first_se"] = float(differences.std(ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else math.nan
 
 
 def _format(value: Any, digits: int = 2) -> str:
@@ -71,29 +112,44 @@ def _format(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ("run", "model", "objective", "epochs", "ELBO", "reconstruction", "KL", "log p̂(x)", "K", "gap",
-              "bits/dim", "active units", "train time", "device")
+    header = ("run", "model", "objective", "epochs", "ELBO", "reconstruction", "KL", "log p̂(x)", "K",
+              "minus first run (paired)", "gap", "bits/dim", "active units", "train time", "device")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (
             Path(r["run"]).name, r["model"], r["objective"], r["epochs"],
             f"{r['elbo']:.2f} ± {r['elbo_se']:.2f}", _format(r["reconstruction"]), _format(r["kl"]),
-            f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _format(r["gap"]), _format(r["bits_per_dim"], 3),
-            _format(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
+            f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _paired(r), _format(r["gap"]),
+            _format(r["bits_per_dim"], 3), _format_active_units(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
         )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     images = {r["images"] for r in rows}
     lines.append("")
     lines.append(
         f"Nats per image on the {', '.join(sorted({r['split'] for r in rows}))} split "
-        f"({', '.join(str(i) for i in sorted(images))} images), ± standard error over images."
+        f"({', '.join(str(i) for i in sorted(images))} images), ± standard error over images. "
+        "Paired: the mean over the same images of log p̂(x) minus the first run's, ± its standard error "
+        "(– where the runs were not evaluated on the same images by `ppl-vae evaluate`)."
     )
     return "\n".join(lines)
 
 
+def _paired(row: dict[str, Any]) -> str:
+    if row["log_px_minus_first"] is None:
+        return "–"
+    return f"{row['log_px_minus_first']:+.2f} ± {row['log_px_minus_first_se']:.2f}"
+
+
+def _format_active_units(value: Any) -> str:
+    # The diagnostics give a count, or a dict saying why there is none (e.g. a flow guide has no posterior mean).
+    if isinstance(value, dict):
+        return "–"
+    return _format(value)
+
+
 def csv_table(rows: list[dict[str, Any]]) -> str:
     stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=COLUMNS)
+    writer = csv.DictWriter(stream, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return stream.getvalue()
@@ -104,6 +160,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, 
     from .plots import plot_comparison
 
     rows = [load_run_summary(run_dir) for run_dir in run_dirs]
+    add_paired_differences(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
