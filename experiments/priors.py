@@ -18,6 +18,7 @@ leaves the plateau within ~100 steps. See experiments/results/priors/NOTES.md.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -67,7 +68,18 @@ for name, flags in VARIANTS.items():
         continue
     run_dir = Path(args.runs_dir) / name
     flags = flags + (["--prior-components", str(args.vamp_components)] if name == "vamp" else [])
-    if not (run_dir / "test.json").is_file():
+    if (run_dir / "test.json").is_file():
+        # A finished run is reused (only evaluated again), so it must be the run these options ask for.
+        saved = json.loads((run_dir / "config.json").read_text())
+        wanted = {"epochs": args.epochs, "latent_dim": int(args.latent_dim), "activation": args.activation,
+                  "hidden_sizes": [int(h) for h in args.hidden_sizes]}
+        found = {"epochs": saved["train"]["epochs"], **{k: saved["model"][k] for k in wanted if k != "epochs"}}
+        found["hidden_sizes"] = list(found["hidden_sizes"])
+        if found != wanted:
+            sys.exit(f"{run_dir} holds a finished run with {found}, not {wanted}: choose another RUNS_DIR "
+                     "or delete that run")
+        print(f"reusing the finished run {run_dir} ({found['epochs']} epochs); evaluating it again")
+    else:
         run(["train", "--run-dir", str(run_dir), "--epochs", str(args.epochs), "--test-samples", "100",
               "--warmup", str(args.warmup), "--no-progress", "--overwrite", *network, *flags, *shrink])
     run(["evaluate", str(run_dir), "--num-samples", str(args.k), "--examples", str(args.examples), "--no-progress"])

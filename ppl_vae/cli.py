@@ -444,6 +444,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import format_benchmark, run_benchmark
     from .train import resolve_device
 
+    # Checked before minutes of measuring, not after: a folder that cannot be made fails now.
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(
         resolve_device(args.device), args.batch_sizes, args.repeats, args.steps, args.evidence_examples,
         args.evidence_samples, epoch=not args.no_epoch, data_dir=args.data_dir,
