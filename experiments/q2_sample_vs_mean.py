@@ -177,7 +177,7 @@ table_rows = [[kind, common.fmt(r["training_objective"]), common.fmt(r["elbo"]),
                common.fmt(r["log_px"]), f"{r['scale_median']:.3g}", f"{r['scale_share_above_0.9']:.1%}", f"{r['mean_rms']:.3g}",
                str(r["active_units"])] for kind, r in rows.items()]
 section = f"""
-Setup: 784-200-200-{config['latent_dim']} tanh MLP, standard prior, Bernoulli likelihood, diagonal Gaussian guide; {config['epochs']} epochs on
+Setup: 784-{'-'.join(str(h) for h in config['hidden_sizes'])}-{config['latent_dim']} tanh MLP, standard prior, Bernoulli likelihood, diagonal Gaussian guide; {config['epochs']} epochs on
 {'all 50,000' if not config['train_examples'] else config['train_examples']} training images (dynamic binarization), Adam 1e-3, batch 100, seed {config['seed']},
 TraceMeanField_ELBO (analytic KL) for both models. Measured on the first {len(x)} test images, nats per image ± standard error over images.
 

@@ -79,7 +79,7 @@ table_rows = [[f"{r['obs_scale']:g}", f"{r['obs_scale'] ** 2:g}", f"{r['kl']:.3f
                f"{r['sample_rms_to_mean_image']:.3f}", f"{r['sample_pixel_std']:.3f}", f"{r['log_px']:.1f} ± {r['log_px_se']:.1f}",
                "yes" if r["collapsed"] else "no"] for r in rows]
 section = f"""
-Setup: 784-200-200-{config['latent_dim']} tanh MLP, standard prior, Gaussian likelihood N(x; sigmoid(decoder(z)), s² I) with fixed s, diagonal guide; grey levels,
+Setup: 784-{'-'.join(str(h) for h in config['hidden_sizes'])}-{config['latent_dim']} tanh MLP, standard prior, Gaussian likelihood N(x; sigmoid(decoder(z)), s² I) with fixed s, diagonal guide; grey levels,
 uniformly dequantized; for each s, {config['epochs']} epochs on {'all 50,000' if not config['train_examples'] else config['train_examples']} training images, Adam 1e-3, batch 100, seed {config['seed']}.
 Measured on the first {len(x)} test images (nats per image ± standard error; log p̂(x) with K = {k} is a density, so it is not comparable across s).
 Largest variances of the training images' pixel covariance (PCA): {', '.join(f'{v:.2f}' for v in eigenvalues[:6].tolist())}, ...

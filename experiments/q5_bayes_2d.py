@@ -167,7 +167,7 @@ far_text = (f"{missed['count']} of {len(x)} images have a gap above {config['amo
             f"the difference is {common.fmt(missed['difference_rest'], 3)} and {missed['within_3_se_rest']:.1%} are within 3 s.e."
             if missed["count"] else f"No image has a gap above {config['amortization_gap']:g} nats.")
 section = f"""
-Setup: the 2-D VAE of Q1 (784-200-200-2 tanh MLP, Bernoulli likelihood, KL weight 1, {config['epochs']} epochs); the first
+Setup: the 2-D VAE of Q1 (784-{'-'.join(str(h) for h in config['hidden_sizes'])}-2 tanh MLP, Bernoulli likelihood, KL weight 1, {config['epochs']} epochs); the first
 {len(x)} test images. Quadrature (ppl_vae.latent2d.log_evidence_2d): a {config['points']}x{config['points']} trapezoid grid over
 [{low:g}, {high:g}]² (spacing {(high - low) / (config['points'] - 1):.3f}); per image a {config['zoom_points']}x{config['zoom_points']} grid
 (final sizes after refinement: {', '.join(f'{k}x{k} for {v} images' for k, v in g['local_points'].items())}) over the box where log p(x, z) is within 30 nats of its
