@@ -1,14 +1,15 @@
 """Reproduce a row of Burda, Grosse & Salakhutdinov (2015), Table 1, within an epoch budget.
 
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
-                                    [--train-examples N] [--eval-examples N] [--out DIR]
+                                    [--train-examples N] [--eval-examples N] [--out DIR] [--resume]
 
 Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
 log p(x) every --every epochs; then evaluates on the test set with K importance samples and
 writes experiments/results/reproduce/<name>.md (--out: another folder) with the measured numbers beside
 the published one. --train-examples and --eval-examples shrink the training run (for smoke tests).
-On a GPU, the full budget is the same command with --epochs 3280.
+On a GPU, the full budget is the same command with --epochs 3280; --resume continues an
+earlier run to a larger --epochs.
 """
 
 import argparse
@@ -39,6 +40,8 @@ parser.add_argument("--train-examples", type=int, default=None, help="train on t
 parser.add_argument("--eval-examples", type=int, default=None,
                     help="validation and test images during training (default: all; the evaluation uses --examples)")
 parser.add_argument("--out", default=str(HERE / "results" / "reproduce"), help="folder for <name>.md")
+parser.add_argument("--resume", action="store_true",
+                    help="continue the run in RUNS_DIR/NAME up to --epochs (its own settings otherwise) instead of starting over")
 args = parser.parse_args()
 
 config_path = HERE / "configs" / f"{args.name}.json"
@@ -47,8 +50,12 @@ run_dir = Path(args.runs_dir) / args.name
 budget = ["--epochs", str(args.epochs)] if args.epochs else []
 budget += ["--train-examples", str(args.train_examples)] if args.train_examples else []
 budget += ["--eval-examples", str(args.eval_examples)] if args.eval_examples else []
-run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
-      "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
+if args.resume:
+    run(["train", "--run-dir", str(run_dir), "--resume", *(["--epochs", str(args.epochs)] if args.epochs else []),
+         "--no-progress"])
+else:
+    run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
+         "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
 evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
 run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
 

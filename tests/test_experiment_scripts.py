@@ -194,6 +194,10 @@ def test_reproduce(tmp_path, data_root):
     assert re.search(r"^\| 1 \| -?\d", text, re.M) and re.search(r"^\| 2 \| -?\d", text, re.M)  # the learning curve
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
     assert config["batch_size"] == 20 and config["train_examples"] == 100 and config["epochs"] == 2
+    run_script("reproduce.py", "burda2015-vae-k1", "--epochs", "3", "--resume", "--runs-dir", tmp_path / "runs",
+               "--k", "3", "--examples", "10", "--out", out, cwd=tmp_path, data_root=data_root)
+    text = (out / "burda2015-vae-k1.md").read_text()
+    assert "trained 3 of 3280 epochs" in text and re.search(r"^\| 3 \| -?\d", text, re.M)  # continued, curve kept
 
 
 def test_bench(tmp_path, data_root):
