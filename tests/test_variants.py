@@ -65,7 +65,9 @@ def test_matmul_mixture_density_equals_torchs_mixture_same_family(min_scale):
     # z near the components (where small scales make the expanded form cancel), expanded by a plate of 4
     # and with a leading particle dimension of 2, as in an evidence chunk.
     z = loc.detach()[torch.randint(5, (2, 4), generator=g)] + min_scale * torch.randn(2, 4, 3, generator=g)
-    fast_lp, slow_lp = fast.expand([4]).log_prob(z), slow.expand([4]).log_prob(z)
+    expanded = fast.expand([4])
+    assert isinstance(expanded, DiagonalNormalMixture) and expanded._unbroadcast_parameters() is not None  # the fast path
+    fast_lp, slow_lp = expanded.log_prob(z), slow.expand([4]).log_prob(z)
     assert fast_lp.shape == slow_lp.shape == (2, 4)
     torch.testing.assert_close(fast_lp, slow_lp, atol=1e-5, rtol=1e-6)
     fast_grad = torch.autograd.grad(fast_lp.sum(), [loc, scale])
@@ -80,6 +82,7 @@ def test_matmul_mixture_falls_back_for_a_real_batch_of_mixtures():
     fast = DiagonalNormalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
     slow = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
     z = torch.randn(2, 4, 3)
+    assert fast._unbroadcast_parameters() is None
     torch.testing.assert_close(fast.log_prob(z), slow.log_prob(z))
 
 
