@@ -157,16 +157,24 @@ def write_results(name: str, results: dict[str, Any], section: str, args) -> Non
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (results_dir / f"{name}.md").write_text(section.strip() + "\n")
-    if args.quick or not README.is_file():
-        print(section)
-        return
-    text = README.read_text()
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    if begin in text and end in text:
-        before, rest = text.split(begin, 1)
-        _, after = rest.split(end, 1)
-        README.write_text(f"{before}{begin}\n{section.strip()}\n{end}{after}")
+    if not args.quick and README.is_file():
+        replace_section(README, name, section)
     print(section)
+
+
+def replace_section(readme: Path, name: str, section: str) -> bool:
+    """Put ``section`` between the ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` markers of ``readme``.
+
+    Returns whether the markers were there (without them the file is left alone).
+    """
+    text = readme.read_text()
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    if begin not in text or end not in text:
+        return False
+    before, rest = text.split(begin, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{begin}\n{section.strip()}\n{end}{after}")
+    return True
 
 
 def relative(path: Path) -> str:

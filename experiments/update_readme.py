@@ -15,10 +15,5 @@ args = parser.parse_args()
 readme = Path(args.readme)
 
 for path in sorted(Path(args.results).glob("q*.md")):
-    text = readme.read_text()
-    begin, end = f"<!-- begin {path.stem} -->", f"<!-- end {path.stem} -->"
-    if begin in text and end in text:
-        before, rest = text.split(begin, 1)
-        _, after = rest.split(end, 1)
-        readme.write_text(f"{before}{begin}\n{path.read_text().strip()}\n{end}{after}")
+    if common.replace_section(readme, path.stem, path.read_text()):
         print(f"updated the section {path.stem}")

@@ -536,45 +536,29 @@ def _train_one_epoch(
     ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, data, config, epoch: int, context: Context,
     progress: bool, stop, kept: str,
 ) -> tuple[float, int]:
-    """One pass over the training set in global minibatches; returns the mean training ELBO and the number of steps.
+    """One pass over the training set in global minibatches (:func:`ppl_vae.train.run_epoch`).
 
     The data stream is seeded from (seed, epoch) on every process, this process's draws
-    from (seed, epoch, rank), so the epoch can be run again exactly after a resume.
+    from (seed, epoch, rank), so the epoch can be run again exactly after a resume. The
+    decision to stop is the one all processes agreed on in the previous step's all-reduce.
     """
-    from tqdm.auto import tqdm
-
     generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
     pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, context.rank))
-    num_steps = math.ceil(data.train.shape[0] / config.batch_size)
-    total_loss, seen = 0.0, 0
     stopping = _agree_to_stop(stop.requested, context.device)
-    bar = tqdm(
-        data.train_batches(config.batch_size, generator=generator), total=num_steps,
-        desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not (progress and context.is_main), leave=False,
+
+    def step(batch: torch.Tensor) -> float:
+        nonlocal stopping
+        shard, weight = shard_rows(batch, context.rank, context.world_size), 1.0
+        if shard.shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
+            shard, weight = batch[:1], 0.0
+        loss, stopping = checked_ddp_step(ddp, optimizer, shard, context.world_size, config.clip_norm,
+                                          stop.requested, weight)
+        return loss
+
+    return training.run_epoch(
+        data.train_batches(config.batch_size, generator=generator), step, lambda: stopping,
+        math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs, progress and context.is_main, kept,
     )
-    try:
-        for step, batch in enumerate(bar, start=1):
-            where = f"epoch {epoch}, step {step} of {num_steps}"
-            if stopping:
-                raise TrainingInterrupted(
-                    f"interrupted by Ctrl-C at {where}; --resume continues from {kept}, running epoch {epoch} again "
-                    "from its start"
-                )
-            shard, weight = shard_rows(batch, context.rank, context.world_size), 1.0
-            if shard.shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
-                shard, weight = batch[:1], 0.0
-            try:
-                loss, stopping = checked_ddp_step(ddp, optimizer, shard, context.world_size, config.clip_norm,
-                                                  stop.requested, weight)
-            except NumericalFaultError as fault:
-                raise NumericalFaultError(training._fault_message(f"{fault} at {where}", kept)) from None
-            total_loss += loss
-            seen += batch.shape[0]
-            if step % 10 == 0 or step == num_steps:
-                bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
-    finally:
-        bar.close()
-    return -total_loss / seen, num_steps
 
 
 def _validation_evidence(vae: VAE, data, config, epoch: int) -> dict[str, float]:

@@ -45,6 +45,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyro
@@ -408,39 +409,51 @@ def _resume_overrides(config: TrainConfig | None) -> dict:
 def _train_one_epoch(
     svi: SVI, data: MNISTData, config: TrainConfig, epoch: int, progress: bool, stop: _StopRequest, kept: str
 ) -> tuple[float, int]:
-    """One pass over the training set; returns the mean training ELBO (nats/image) and the number of steps.
+    """One pass over the training set with :func:`checked_svi_step`; see :func:`run_epoch`."""
+    return run_epoch(
+        data.train_batches(config.batch_size), lambda batch: checked_svi_step(svi, batch, config.clip_norm),
+        lambda: stop.requested, math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs,
+        progress, kept,
+    )
 
-    Raises :class:`TrainingInterrupted` before a step when Ctrl-C was pressed, and
-    :class:`NumericalFaultError` when a step is not finite; both messages name ``kept``,
-    the checkpoint that holds the last good state.
+
+def run_epoch(
+    batches: Iterable[torch.Tensor],
+    step: Callable[[torch.Tensor], float],
+    stop_requested: Callable[[], bool],
+    num_steps: int,
+    epoch: int,
+    epochs: int,
+    progress: bool,
+    kept: str,
+) -> tuple[float, int]:
+    """Run ``step`` (returning the loss, nats summed over the minibatch) on every minibatch of one epoch.
+
+    Returns the mean training objective (nats/image, the negative mean loss) and the
+    number of steps. Raises :class:`TrainingInterrupted` before a step when
+    ``stop_requested()``, and re-raises a step's :class:`NumericalFaultError` naming the
+    step; both messages name ``kept``, the checkpoint that holds the last good state.
+    Shared by single-process SVI training and :mod:`ppl_vae.distributed`.
     """
     from tqdm.auto import tqdm
 
-    num_steps = math.ceil(data.train.shape[0] / config.batch_size)
     total_loss, seen = 0.0, 0
-    bar = tqdm(
-        data.train_batches(config.batch_size),
-        total=num_steps,
-        desc=f"epoch {epoch}/{config.epochs}",
-        unit="step",
-        disable=not progress,
-        leave=False,
-    )
+    bar = tqdm(batches, total=num_steps, desc=f"epoch {epoch}/{epochs}", unit="step", disable=not progress, leave=False)
     try:
-        for step, batch in enumerate(bar, start=1):
-            where = f"epoch {epoch}, step {step} of {num_steps}"
-            if stop.requested:
+        for step_number, batch in enumerate(bar, start=1):
+            where = f"epoch {epoch}, step {step_number} of {num_steps}"
+            if stop_requested():
                 raise TrainingInterrupted(
                     f"interrupted by Ctrl-C at {where}; --resume continues from {kept}, running epoch {epoch} again "
                     "from its start"
                 )
             try:
-                loss = checked_svi_step(svi, batch, config.clip_norm)
+                loss = step(batch)
             except NumericalFaultError as fault:
                 raise NumericalFaultError(_fault_message(f"{fault} at {where}", kept)) from None
             total_loss += loss
             seen += batch.shape[0]
-            if step % 10 == 0 or step == num_steps:
+            if step_number % 10 == 0 or step_number == num_steps:
                 bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
     finally:
         bar.close()
