@@ -83,7 +83,6 @@ from .evaluate import (
     elbo_decomposition,
     evaluation_summary,
     evidence_estimate,
-    mean_and_stderr,
 )
 from .model import VAE, VAEConfig, build_vae
 from .objectives import make_objective
@@ -567,9 +566,7 @@ def _validation_evidence(vae: VAE, data, config, epoch: int) -> dict[str, float]
     estimate = evaluate_per_datapoint(
         vae.model, vae.guide, images, num_samples=config.evidence_samples, seed=derive_seed(config.seed, "evidence", epoch)
     ).evidence
-    mean, stderr = mean_and_stderr(estimate.log_evidence)
-    return {"val_log_px": mean, "val_log_px_stderr": stderr, "val_log_px_images": images.shape[0],
-            "val_log_px_samples": config.evidence_samples}
+    return training.learning_curve_point(estimate.log_evidence, config)
 
 
 def _checkpoint_state(

@@ -395,9 +395,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[V
 def _validation_evidence(vae: VAE, data: MNISTData, config: TrainConfig) -> dict[str, float]:
     """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve."""
     images = data.val[: config.evidence_examples]
-    estimate = evidence_estimate(vae.model, vae.guide, images, config.evidence_samples)
-    mean, stderr = mean_and_stderr(estimate.log_evidence)
-    return {"val_log_px": mean, "val_log_px_stderr": stderr, "val_log_px_images": images.shape[0],
+    return learning_curve_point(evidence_estimate(vae.model, vae.guide, images, config.evidence_samples).log_evidence,
+                                config)
+
+
+def learning_curve_point(log_evidence: torch.Tensor, config: TrainConfig) -> dict[str, float]:
+    """The metrics.jsonl entries of one learning-curve point from per-image log p̂(x) (nats)."""
+    mean, stderr = mean_and_stderr(log_evidence)
+    return {"val_log_px": mean, "val_log_px_stderr": stderr, "val_log_px_images": log_evidence.shape[0],
             "val_log_px_samples": config.evidence_samples}
 
 
