@@ -64,7 +64,7 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     from .networks import ACTIVATIONS
     from .objectives import OBJECTIVES
     from .priors import PRIORS
-    from .train import LR_SCHEDULES, TrainConfig
+    from .train import ENGINES, LR_SCHEDULES, TrainConfig
 
     t, m = TrainConfig(), VAEConfig()
     p = subparsers.add_parser(
@@ -111,6 +111,10 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=_positive_float, default=t.clip_norm, help="clip the global gradient norm of every step to this; None: no clipping")
     opt.add_argument("--seed", type=int, default=t.seed)
     opt.add_argument("--device", default=t.device, help="auto (CUDA when present, else CPU), cpu or cuda")
+    opt.add_argument("--engine", choices=ENGINES, default=t.engine,
+                     help="how each step computes the loss of the same Pyro programs: svi (SVI with Trace_ELBO and "
+                     "Pyro's optimizer) or jit (the ELBO compiled by Pyro's JitTrace_ELBO, one graph per batch size "
+                     "and KL weight, with one torch Adam: faster, see `ppl-vae bench`; --objective elbo only)")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
     ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")
@@ -271,6 +275,7 @@ def _run_train(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup,
         warmup_start=args.warmup_start,
         clip_norm=args.clip_norm,
+        engine=args.engine,
     )
     model_config = VAEConfig(
         latent_dim=args.latent_dim,

@@ -64,14 +64,11 @@ import numpy as np
 import pyro
 import torch
 import torch.distributed as dist
-from pyro.infer import ELBO
-from pyro.infer.elbo import ELBOModule
 from torch.nn.parallel import DistributedDataParallel
 
 from . import runs
 from . import train as training
 from .errors import (
-    NumericalFaultError,
     PplVaeError,
     PplVaeWarning,
     RunDirectoryError,
@@ -85,7 +82,7 @@ from .evaluate import (
     evidence_estimate,
 )
 from .model import VAE, VAEConfig, build_vae
-from .objectives import make_objective
+from .objectives import make_loss_module, make_objective
 
 # Datapoints per evaluation block: the unit of seeding and of work sharing (see evaluate_per_datapoint).
 EVALUATION_BLOCK_SIZE = 100
@@ -313,29 +310,10 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, rdzv_endpoint: str
 # --- Training -----------------------------------------------------------------------------------
 
 
-class VAELoss(ELBOModule):
-    """Pyro's ``ELBOModule`` for a VAE: ``forward(x)`` is the objective's ``differentiable_loss`` of its programs.
-
-    ``Trace_ELBO()(model, guide)`` returns an ``ELBOModule`` whose parameters are those of
-    ``model`` and ``guide`` as modules; the VAE's programs are methods of one module, so
-    that module is registered here and its parameters are this module's. The loss is the
-    negative objective summed over the datapoints of ``x`` (with beta, the beta-weighted
-    objective), as ``SVI`` minimizes it; ``vae.register_params`` is turned off, since the
-    torch optimizer gets the parameters from the module, not from Pyro's param store.
-    """
-
-    def __init__(self, vae: VAE, elbo: ELBO):
-        if not callable(getattr(elbo, "differentiable_loss", None)):
-            raise PplVaeError(f"{type(elbo).__name__} has no differentiable_loss: it cannot be used as a torch module")
-        super().__init__(vae.model, vae.guide, elbo)
-        self.vae = vae
-        vae.register_params = False
-
-
 def check_objective(config) -> None:
     """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
     objective = make_objective(config.objective, config.particles)
-    if not callable(getattr(objective, "differentiable_loss", None)):
+    if config.engine == "svi" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
             f"--objective {config.objective} cannot be trained on several processes: Pyro's {type(objective).__name__} "
             "has no differentiable_loss, which a torch module (and so DistributedDataParallel) needs; train it with "
@@ -372,42 +350,17 @@ def checked_ddp_step(
 
     Returns L(B) (nats, summed over the global minibatch) and whether to stop before the next step.
     """
-    params = [p for p in loss_module.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's warning; the error below says more
-        try:
-            local_loss = loss_module(shard)
-        except ValueError as error:  # with Pyro's validation on, NaN parameters fail a distribution's checks
-            if "invalid values" not in str(error):
-                raise
-            first_line = str(error).strip().splitlines()[0]
-            raise NumericalFaultError(f"a distribution got NaN or infinite parameters ({first_line})") from None
-    (local_loss * (world_size * weight)).backward()
-    totals = torch.stack([local_loss.detach().float() * weight, local_loss.new_tensor(float(stop_requested))])
-    dist.all_reduce(totals)
-    loss, stop = float(totals[0]), bool(totals[1] > 0)
-    grad_norm = training._global_grad_norm(params, clip_norm)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        bad = _non_finite_gradients(loss_module)
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(loss):
-            raise NumericalFaultError(f"the loss became {loss}")
-        if bad:
-            raise NumericalFaultError(f"the gradient became {grad_norm} (non-finite gradients of {', '.join(bad)})")
-        raise NumericalFaultError(f"the gradient norm overflowed to {grad_norm} (gradients too large to square)")
-    optimizer.step()
-    return loss, stop
+    agreed: dict[str, bool] = {}
 
+    def total_loss(local_loss: torch.Tensor) -> float:
+        totals = torch.stack([local_loss.float() * weight, local_loss.new_tensor(float(stop_requested))])
+        dist.all_reduce(totals)
+        agreed["stop"] = bool(totals[1] > 0)
+        return float(totals[0])
 
-def _non_finite_gradients(module: torch.nn.Module, limit: int = 3) -> list[str]:
-    """The names (in the VAE) of at most ``limit`` parameters whose gradient holds a NaN or infinity."""
-    names = [
-        name.removeprefix("module.").removeprefix("vae.")
-        for name, p in module.named_parameters()
-        if p.grad is not None and not torch.isfinite(p.grad).all()
-    ]
-    return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+    loss = training.checked_module_step(loss_module, optimizer, shard, clip_norm, loss_scale=world_size * weight,
+                                        total_loss=total_loss)
+    return loss, agreed["stop"]
 
 
 def _agree_to_stop(requested: bool, device: torch.device) -> bool:
@@ -450,9 +403,9 @@ def train_distributed(
         check_objective(train_config)
         checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
         training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
-        if checkpoint.get("world_size") != context.world_size:
+        if checkpoint.get("world_size", 1) != context.world_size:
             warnings.warn(
-                f"resuming a run saved by {checkpoint.get('world_size')} processes on {context.world_size}: the data "
+                f"resuming a run saved by {checkpoint.get('world_size', 1)} process(es) on {context.world_size}: the data "
                 "are the same, but the Monte Carlo draws differ from those of an uninterrupted run",
                 PplVaeWarning,
                 stacklevel=2,
@@ -465,7 +418,7 @@ def train_distributed(
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.pyro_validation)
     vae = build_vae(model_config).to(device)
-    loss = VAELoss(vae, make_objective(config.objective, config.particles))
+    loss = make_loss_module(vae, config.objective, config.particles, compiled=config.engine == "jit")
     data = training.load_data(config, vae, device)
     optimizer, scheduler = training.make_torch_optimizer(vae.parameters(), config)
     start_epoch, elapsed = 0, 0.0

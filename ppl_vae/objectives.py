@@ -16,13 +16,31 @@ r"""Training objectives: what SVI maximizes, all of them Pyro's own ELBO classes
 
 The KL weight beta (with its warm-up schedule) is not an objective: it is a
 ``poutine.scale`` on the latent site inside the model and guide (``VAE.kl_weight``).
+
+The same objectives as torch modules (for a torch optimizer, ``DistributedDataParallel``
+and the compiled fast path): :class:`VAELoss` is Pyro's ``ELBOModule``
+(``Trace_ELBO()(model, guide)``) for a VAE, and :class:`CompiledVAELoss` the same loss
+with Pyro's ``JitTrace_ELBO``, which traces the model and guide once with
+``torch.jit.trace`` and replays the graph, skipping Pyro's per-step Python work. Either
+way the loss is computed from the VAE's Pyro programs; nothing is rewritten by hand.
 """
 
 from __future__ import annotations
 
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+import warnings
+
+import torch
+from pyro.infer import (
+    ELBO,
+    JitTrace_ELBO,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.infer.elbo import ELBOModule
 
 from .errors import PplVaeError
+from .model import VAE
 
 OBJECTIVES = ("elbo", "meanfield", "iwae")
 # The VAE's programs have one plate, over the data; the particle plate goes left of it.
@@ -31,11 +49,135 @@ MAX_PLATE_NESTING = 1
 
 def make_objective(name: str = "elbo", particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING) -> ELBO:
     """The loss for ``SVI(model, guide, optim, loss)`` by name (see the module docstring)."""
+    check_objective(name, particles)
+    options = _elbo_options(particles, max_plate_nesting)
+    if name == "iwae":
+        return RenyiELBO(alpha=0.0, **options)
+    return (Trace_ELBO if name == "elbo" else TraceMeanField_ELBO)(**options)
+
+
+def check_objective(name: str, particles: int = 1, compiled: bool = False) -> None:
+    """Refuse an unknown objective, fewer than one particle, or (``compiled``) an objective Pyro cannot compile."""
     if name not in OBJECTIVES:
         raise PplVaeError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
     if particles < 1:
         raise PplVaeError(f"particles must be at least 1, got {particles}")
-    options = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=max_plate_nesting)
-    if name == "iwae":
-        return RenyiELBO(alpha=0.0, **options)
-    return (Trace_ELBO if name == "elbo" else TraceMeanField_ELBO)(**options)
+    if compiled and name not in COMPILED_OBJECTIVES:
+        raise PplVaeError(
+            f"--engine jit compiles --objective {' or '.join(COMPILED_OBJECTIVES)} only, not {name} (Pyro 1.9 has no "
+            f"working compiled version of it): train --objective {name} with --engine svi"
+        )
+
+
+def _elbo_options(particles: int, max_plate_nesting: int) -> dict:
+    return dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=max_plate_nesting)
+
+
+class VAELoss(ELBOModule):
+    """Pyro's ``ELBOModule`` for a VAE: ``forward(x)`` is the objective's ``differentiable_loss`` of its programs.
+
+    ``Trace_ELBO()(model, guide)`` returns an ``ELBOModule`` whose parameters are those of
+    ``model`` and ``guide`` as modules; the VAE's programs are methods of one module, so
+    that module is registered here and its parameters are this module's. The loss is the
+    negative objective summed over the datapoints of ``x`` (with beta, the beta-weighted
+    objective), as ``SVI`` minimizes it; ``vae.register_params`` is turned off, since the
+    torch optimizer gets the parameters from the module, not from Pyro's param store.
+    """
+
+    def __init__(self, vae: VAE, elbo: ELBO):
+        if not callable(getattr(elbo, "differentiable_loss", None)):
+            raise PplVaeError(f"{type(elbo).__name__} has no differentiable_loss: it cannot be used as a torch module")
+        super().__init__(vae.model, vae.guide, elbo)
+        self.vae = vae
+        vae.register_params = False
+
+
+# What CompiledVAELoss compiles. Not meanfield: Pyro 1.9's JitTraceMeanField_ELBO checks a cache attribute it
+# never sets, so it traces again on every call (measured 2.7 times slower than not compiling), and
+# TraceMeanField_ELBO.differentiable_loss wrapped in pyro.ops.jit.trace returned wrong loss values (right
+# gradients) on batches other than the traced one. Not iwae: RenyiELBO has no JIT version.
+COMPILED_OBJECTIVES = ("elbo",)
+
+
+# The graph takes its parameters from Pyro's param store by name; pyro.module keeps a tensor already stored
+# under a name, so the VAE's own parameters are then not inputs and torch.jit.trace refuses them.
+_FOREIGN_PARAMETERS = (
+    "the compiled loss cannot take this VAE's parameters as inputs: Pyro's param store holds other tensors under "
+    "their names (another model built in this process?), or the programs use a tensor that requires grad without "
+    "registering it with pyro.module or pyro.param. Call pyro.clear_param_store() before building the compiled loss"
+)
+
+
+class CompiledVAELoss(torch.nn.Module):
+    """The loss of :class:`VAELoss` with ``Trace_ELBO``, compiled by Pyro's ``JitTrace_ELBO``.
+
+    ``forward(x)`` is the negative ELBO summed over ``x`` (nats), differentiable, as
+    ``VAELoss`` returns it. ``JitTrace_ELBO`` traces the VAE's programs once with
+    ``torch.jit.trace`` and replays the graph, skipping Pyro's per-step Python work. Its
+    ``loss_and_surrogate_loss`` is used, not its ``differentiable_loss``: in Pyro 1.9 that
+    returns ``loss + (surrogate - surrogate.detach())`` with ``loss`` not detached, which
+    doubles the gradient of every reparameterized site (``tests/test_compiled.py``).
+
+    A trace holds everything that was a Python value when it was taken, so one graph is
+    compiled per *compile key*: the batch's shape, dtype and device, and the KL weight
+    ``vae.kl_weight`` (a Python float the trace bakes in). Pyro's own cache is keyed by
+    the number of arguments only, which would replay a graph traced for one batch size
+    on another and keep the first beta of a warm-up; the key is passed to it as keyword
+    arguments, which it does hash. A KL warm-up therefore compiles one graph per epoch.
+
+    Compiling runs the programs (three times, inside Pyro) and would consume random
+    draws; it runs with the random streams forked, so the draws of the steps do not
+    depend on when graphs were compiled (a resumed run continues exactly). The traced
+    graph draws its noise with ``torch.normal``, so from the same seed it uses other
+    draws than ``Trace_ELBO``: the same estimator, other Monte Carlo noise.
+
+    The compiled function finds the parameters through Pyro's param store, so the VAE
+    keeps registering them with ``pyro.module``; they are the VAE's own tensors, which a
+    torch optimizer over ``vae.parameters()`` updates. Pyro's validation is off inside
+    the trace: check the data's support beforehand (``ppl_vae.train`` checks all the
+    data once).
+    """
+
+    def __init__(self, vae: VAE, objective: str = "elbo", particles: int = 1,
+                 max_plate_nesting: int = MAX_PLATE_NESTING):
+        super().__init__()
+        check_objective(objective, particles, compiled=True)
+        self.vae = vae
+        vae.register_params = True
+        self.elbo = JitTrace_ELBO(ignore_jit_warnings=True, **_elbo_options(particles, max_plate_nesting))
+
+        # Programs that accept (and ignore) the compile key, which JitTrace_ELBO passes on to them;
+        # defined once, since Pyro keys its cache on their id().
+        def model(x: torch.Tensor, **compile_key) -> torch.Tensor:
+            return vae.model(x)
+
+        def guide(x: torch.Tensor, **compile_key) -> torch.Tensor:
+            return vae.guide(x)
+
+        self._programs = (model, guide)
+        self._compiled_keys: set[tuple] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = {"shape": tuple(x.shape), "dtype": str(x.dtype), "device": str(x.device),
+               "kl_weight": float(self.vae.kl_weight)}
+        frozen = tuple(sorted(key.items()))
+        if frozen not in self._compiled_keys:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), warnings.catch_warnings():
+                # torch 2.15 marks torch.jit.trace deprecated; Pyro 1.9's JIT ELBOs are built on it (nothing to act on).
+                warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
+                try:
+                    self.elbo.loss_and_surrogate_loss(*self._programs, x, **key)
+                except RuntimeError as error:
+                    if "requires grad as a constant" not in str(error):
+                        raise
+                    raise PplVaeError(_FOREIGN_PARAMETERS) from error
+            self._compiled_keys.add(frozen)
+        loss, surrogate = self.elbo.loss_and_surrogate_loss(*self._programs, x, **key)
+        return loss.detach() + (surrogate - surrogate.detach())
+
+
+def make_loss_module(vae: VAE, objective: str = "elbo", particles: int = 1, compiled: bool = False) -> torch.nn.Module:
+    """The objective of ``vae``'s programs as a torch module: :class:`CompiledVAELoss` or :class:`VAELoss`."""
+    if compiled:
+        return CompiledVAELoss(vae, objective, particles)
+    return VAELoss(vae, make_objective(objective, particles))

@@ -37,6 +37,7 @@ Reliability (what :func:`train` guarantees):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -45,7 +46,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyro
@@ -60,9 +61,11 @@ from .data import MNISTData, load_mnist
 from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
 from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
-from .objectives import OBJECTIVES, make_objective
+from .objectives import OBJECTIVES, check_objective, make_loss_module, make_objective
 
 LR_SCHEDULES = ("constant", "step", "cosine")
+# How a step is computed (see the Engine classes below); both read the same Pyro programs.
+ENGINES = ("svi", "jit")
 
 
 @dataclass
@@ -94,6 +97,7 @@ class TrainConfig:
     evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
+    engine: str = "svi"  # svi: SVI with Pyro's optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam
 
     def __post_init__(self) -> None:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
@@ -108,6 +112,9 @@ class TrainConfig:
             raise PplVaeError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.particles < 1:
             raise PplVaeError(f"particles must be at least 1, got {self.particles}")
+        if self.engine not in ENGINES:
+            raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        check_objective(self.objective, self.particles, compiled=self.engine == "jit")
         if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
         if self.objective == "iwae" and (self.beta != 1.0 or self.warmup_epochs):
@@ -226,7 +233,7 @@ def train(
     device = resolve_device(config.device)
     checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location=device) if resume else None
     if checkpoint is not None:
-        check_optimizer_format(checkpoint, OPTIMIZER_FORMAT_PYRO, run_dir)
+        check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
     if not resume:
         runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
 
@@ -235,27 +242,26 @@ def train(
     pyro.enable_validation(config.pyro_validation)
     vae = build_vae(model_config).to(device)
     data = load_data(config, vae, device)
-    optimizer = make_optimizer(config)
-    svi = SVI(vae.model, vae.guide, optimizer, loss=make_objective(config.objective, config.particles))
+    engine = ENGINE_CLASSES[config.engine](vae, config)
     start_epoch, elapsed = 0, 0.0
     if checkpoint is not None:
         vae.load_state_dict(checkpoint["model"])
-        optimizer.set_state(checkpoint["optimizer"])
+        engine.load_state_dict(checkpoint)
         _set_rng_state(checkpoint["rng"])
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
         runs.truncate_metrics(run_dir, start_epoch)
     else:
         # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
-        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, optimizer, config, model_config, elapsed))
+        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, model_config, elapsed))
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
             started = time.perf_counter()
             vae.kl_weight = kl_weight(config, epoch)
-            train_elbo, steps = _train_one_epoch(svi, data, config, epoch, progress, stop, kept)
-            lr = current_learning_rate(optimizer, config)
-            optimizer.step()  # the scheduler steps once per epoch
+            train_elbo, steps = _train_one_epoch(engine, data, config, epoch, progress, stop, kept)
+            lr = engine.learning_rate()
+            engine.end_epoch()  # the learning-rate schedule steps once per epoch
             epoch_seconds = time.perf_counter() - started
             elapsed += epoch_seconds
             val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
@@ -264,7 +270,7 @@ def train(
             if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
                 record.update(_validation_evidence(vae, data, config))
             runs.append_metrics(run_dir, record)
-            runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, optimizer, config, model_config, elapsed))
+            runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, model_config, elapsed))
             if progress:
                 print_epoch(record, config)
         if stop.requested:
@@ -323,8 +329,9 @@ def print_epoch(record: dict[str, Any], config: TrainConfig) -> None:
 
 
 # Checkpoints say how their optimizer state is stored: Pyro's optimizer (one torch optimizer per
-# parameter, keyed by the param store's names; single-process SVI) or one torch optimizer and LR
-# scheduler over the module's parameters (distributed training). Checkpoints without the key are Pyro's.
+# parameter, keyed by the param store's names; --engine svi in one process) or one torch optimizer and LR
+# scheduler over the module's parameters (distributed training, and --engine jit). Checkpoints without the
+# key are Pyro's.
 OPTIMIZER_FORMAT_PYRO = "pyro"
 OPTIMIZER_FORMAT_TORCH = "torch"
 
@@ -334,15 +341,28 @@ def check_optimizer_format(checkpoint: dict[str, Any], expected: str, run_dir: P
     found = checkpoint.get("optimizer_format", OPTIMIZER_FORMAT_PYRO)
     if found == expected:
         return
-    if found == OPTIMIZER_FORMAT_TORCH:
-        world_size = checkpoint.get("world_size", "several")
+    if found == OPTIMIZER_FORMAT_TORCH and "world_size" in checkpoint:
+        world_size = checkpoint["world_size"]
         how = f"with --devices (it ran on {world_size} process{'es' if world_size != 1 else ''}, under torchrun)"
+    elif found == OPTIMIZER_FORMAT_TORCH:
+        how = "in a single process, as it was trained (--engine jit)"
     else:
         how = "without --devices (it was trained in a single process with SVI)"
     raise RunDirectoryError(
         f"the checkpoint of {run_dir} holds {found!r} optimizer state, which this training path cannot resume: "
         f"resume it {how}"
     )
+
+
+def check_single_process_checkpoint(checkpoint: dict[str, Any], expected: str, run_dir: Path) -> None:
+    """Refuse a checkpoint that single-process training cannot resume: one written under torchrun, or another format."""
+    if "world_size" in checkpoint:  # only distributed training writes it (and no RNG state)
+        world_size = checkpoint["world_size"]
+        raise RunDirectoryError(
+            f"the checkpoint of {run_dir} was written by training on {world_size} process"
+            f"{'es' if world_size != 1 else ''} under torchrun: resume it with --devices {world_size}"
+        )
+    check_optimizer_format(checkpoint, expected, run_dir)
 
 
 def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfig, VAEConfig]:
@@ -359,14 +379,14 @@ def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConf
 
 
 def _checkpoint_state(
-    epoch: int, vae: VAE, optimizer: pyro.optim.PyroLRScheduler, config: TrainConfig, model_config: VAEConfig,
+    epoch: int, vae: VAE, engine: "SviEngine | CompiledEngine", config: TrainConfig, model_config: VAEConfig,
     train_seconds: float,
 ) -> dict[str, Any]:
     """Everything that resuming after ``epoch`` needs to continue exactly as an uninterrupted run."""
     return {
         "epoch": epoch,
         "model": vae.state_dict(),
-        "optimizer": optimizer.get_state(),
+        **engine.state_dict(),
         "rng": _rng_state(),
         "config": {"model": model_config.to_dict(), "train": asdict(config)},
         "train_seconds": train_seconds,
@@ -412,11 +432,12 @@ def _resume_overrides(config: TrainConfig | None) -> dict:
 
 
 def _train_one_epoch(
-    svi: SVI, data: MNISTData, config: TrainConfig, epoch: int, progress: bool, stop: _StopRequest, kept: str
+    engine: "SviEngine | CompiledEngine", data: MNISTData, config: TrainConfig, epoch: int, progress: bool,
+    stop: _StopRequest, kept: str,
 ) -> tuple[float, int]:
-    """One pass over the training set with :func:`checked_svi_step`; see :func:`run_epoch`."""
+    """One pass over the training set with the engine's checked step; see :func:`run_epoch`."""
     return run_epoch(
-        data.train_batches(config.batch_size), lambda batch: checked_svi_step(svi, batch, config.clip_norm),
+        data.train_batches(config.batch_size), engine.step,
         lambda: stop.requested, math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs,
         progress, kept,
     )
@@ -478,29 +499,75 @@ def checked_svi_step(svi: SVI, batch: torch.Tensor, clip_norm: float | None = No
     every step. Pyro's own ``clip_args`` were not used: they clip each parameter
     tensor separately, not the global norm, and return no norm to check.
     """
-    with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's warning; the error below says more
-        try:
-            loss = float(svi.loss_and_grads(svi.model, svi.guide, batch))
-        except ValueError as error:  # with Pyro's validation on, NaN parameters fail a distribution's checks
-            if "invalid values" not in str(error):
-                raise
-            first_line = str(error).strip().splitlines()[0]
-            raise NumericalFaultError(f"a distribution got NaN or infinite parameters ({first_line})") from None
+    with poutine.trace(param_only=True) as capture, _faults_as_errors():
+        loss = float(svi.loss_and_grads(svi.model, svi.guide, batch))
     # Trace order, not a set: the global norm then sums the same way in every process.
     params = list(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
     grad_norm = _global_grad_norm(params, clip_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         bad = _non_finite_gradients(params)
         zero_grads(params)
-        if not math.isfinite(loss):
-            raise NumericalFaultError(f"the loss became {loss}")
-        if bad:
-            raise NumericalFaultError(f"the gradient became {grad_norm} (non-finite gradients of {', '.join(bad)})")
-        raise NumericalFaultError(f"the gradient norm overflowed to {grad_norm} (gradients too large to square)")
+        _raise_fault(loss, grad_norm, bad)
     svi.optim(params)
     zero_grads(params)
     return loss
+
+
+def checked_module_step(
+    loss_module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    clip_norm: float | None = None,
+    *,
+    loss_scale: float = 1.0,
+    total_loss: Callable[[torch.Tensor], float] | None = None,
+) -> float:
+    """:func:`checked_svi_step` for a loss that is a torch module, with a torch optimizer; returns the loss.
+
+    Back-propagates ``loss_scale * loss_module(batch)`` (the module returns the loss in
+    nats summed over the batch), computes the global gradient norm (clipped to
+    ``clip_norm`` when given) and applies ``optimizer`` only when the loss and that norm
+    are finite; otherwise the gradients are zeroed and :class:`NumericalFaultError` is
+    raised with the parameters and the optimizer state untouched. ``total_loss`` maps the
+    detached loss to the number that is checked and returned (default: its value);
+    distributed training passes an all-reduce over the processes there
+    (:func:`ppl_vae.distributed.checked_ddp_step`).
+    """
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    with _faults_as_errors():
+        local_loss = loss_module(batch)
+    (local_loss * loss_scale).backward()
+    loss = total_loss(local_loss.detach()) if total_loss is not None else float(local_loss)
+    grad_norm = _global_grad_norm(params, clip_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad = _non_finite_module_gradients(loss_module)
+        optimizer.zero_grad(set_to_none=True)
+        _raise_fault(loss, grad_norm, bad)
+    optimizer.step()
+    return loss
+
+
+@contextlib.contextmanager
+def _faults_as_errors() -> Iterator[None]:
+    """Turn a distribution's refusal of NaN parameters (with Pyro's validation on) into a NumericalFaultError."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's warning; the error raised later says more
+        try:
+            yield
+        except ValueError as error:
+            if "invalid values" not in str(error):
+                raise
+            first_line = str(error).strip().splitlines()[0]
+            raise NumericalFaultError(f"a distribution got NaN or infinite parameters ({first_line})") from None
+
+
+def _raise_fault(loss: float, grad_norm: float, bad: list[str]) -> None:
+    if not math.isfinite(loss):
+        raise NumericalFaultError(f"the loss became {loss}")
+    if bad:
+        raise NumericalFaultError(f"the gradient became {grad_norm} (non-finite gradients of {', '.join(bad)})")
+    raise NumericalFaultError(f"the gradient norm overflowed to {grad_norm} (gradients too large to square)")
 
 
 def _global_grad_norm(params: list[torch.Tensor], clip_norm: float | None) -> float:
@@ -518,6 +585,84 @@ def _non_finite_gradients(params: list[torch.Tensor], limit: int = 3) -> list[st
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
     return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+
+
+def _non_finite_module_gradients(module: torch.nn.Module, limit: int = 3) -> list[str]:
+    """The names (in the VAE) of at most ``limit`` parameters of ``module`` whose gradient holds a NaN or infinity."""
+    names = [
+        name.removeprefix("module.").removeprefix("vae.")
+        for name, p in module.named_parameters()
+        if p.grad is not None and not torch.isfinite(p.grad).all()
+    ]
+    return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+
+
+class SviEngine:
+    """Training steps with ``SVI(model, guide, Pyro's Adam, objective)``: the reference path (``--engine svi``).
+
+    Pyro's optimizer keeps one torch Adam per parameter, with the learning-rate schedule
+    of :func:`make_optimizer`; checkpoints hold its state (format "pyro").
+    """
+
+    optimizer_format = OPTIMIZER_FORMAT_PYRO
+
+    def __init__(self, vae: VAE, config: TrainConfig):
+        self.config = config
+        self.optimizer = make_optimizer(config)
+        self.svi = SVI(vae.model, vae.guide, self.optimizer, loss=make_objective(config.objective, config.particles))
+
+    def step(self, batch: torch.Tensor) -> float:
+        return checked_svi_step(self.svi, batch, self.config.clip_norm)
+
+    def learning_rate(self) -> float:
+        return current_learning_rate(self.optimizer, self.config)
+
+    def end_epoch(self) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.get_state(), "optimizer_format": self.optimizer_format}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.set_state(checkpoint["optimizer"])
+
+
+class CompiledEngine:
+    """Training steps on the compiled loss (``--engine jit``): the fast path.
+
+    The loss is :class:`ppl_vae.objectives.CompiledVAELoss`, the VAE programs' ELBO
+    compiled by Pyro's ``JitTrace_ELBO``; one ``torch.optim.Adam`` over all parameters with
+    the schedule of :func:`make_torch_optimizer` (Adam works elementwise: the same updates
+    as Pyro's per-parameter Adam). Checkpoints hold the torch optimizer and scheduler
+    (format "torch"). ``ppl-vae bench`` measures the gain (variant ``module-jit``).
+    """
+
+    optimizer_format = OPTIMIZER_FORMAT_TORCH
+
+    def __init__(self, vae: VAE, config: TrainConfig):
+        self.config = config
+        self.loss = make_loss_module(vae, config.objective, config.particles, compiled=True)
+        self.optimizer, self.scheduler = make_torch_optimizer(vae.parameters(), config)
+
+    def step(self, batch: torch.Tensor) -> float:
+        return checked_module_step(self.loss, self.optimizer, batch, self.config.clip_norm)
+
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def end_epoch(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer_format": self.optimizer_format}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+
+
+ENGINE_CLASSES = {"svi": SviEngine, "jit": CompiledEngine}
 
 
 def _fault_message(what: str, kept: str) -> str:

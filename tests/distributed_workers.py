@@ -56,7 +56,8 @@ def fixed_noise(shape, dtype=None, device=None) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, shape[-1], dtype=dtype, device=device).expand(shape).contiguous()
 
 
-def one_step(path: Path, batch: torch.Tensor, learning_rate: float, clip_norm: float | None, kl_weight: float) -> None:
+def one_step(path: Path, batch: torch.Tensor, learning_rate: float, clip_norm: float | None, kl_weight: float,
+             compiled: bool = False) -> None:
     """One distributed step on this rank's share of ``batch``; every rank saves its parameters and the loss."""
     from ppl_vae import distributed
 
@@ -65,22 +66,23 @@ def one_step(path: Path, batch: torch.Tensor, learning_rate: float, clip_norm: f
     standard_normal = torch.distributions.normal._standard_normal
     torch.distributions.normal._standard_normal = fixed_noise
     try:
-        _one_step(path, batch, learning_rate, clip_norm, kl_weight, context)
+        _one_step(path, batch, learning_rate, clip_norm, kl_weight, context, compiled)
     finally:
         torch.distributions.normal._standard_normal = standard_normal
 
 
-def _one_step(path, batch, learning_rate, clip_norm, kl_weight, context) -> None:
+def _one_step(path, batch, learning_rate, clip_norm, kl_weight, context, compiled) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from ppl_vae import distributed
     from ppl_vae.model import VAEConfig, build_vae
-    from ppl_vae.objectives import make_objective
+    from ppl_vae.objectives import make_loss_module
 
+    pyro.clear_param_store()  # the compiled loss finds the parameters there, by name
     pyro.set_rng_seed(0)
     vae = build_vae(VAEConfig(**TINY))
     vae.kl_weight = kl_weight
-    ddp = DistributedDataParallel(distributed.VAELoss(vae, make_objective("elbo")))
+    ddp = DistributedDataParallel(make_loss_module(vae, compiled=compiled))
     optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     shard = distributed.shard_rows(batch, context.rank, context.world_size)
     # The last rank alone is asked to stop (Ctrl-C): every rank must learn it from the step.
@@ -97,7 +99,7 @@ def faulty_step(path: Path, batch: torch.Tensor) -> None:
     from ppl_vae import distributed
     from ppl_vae.errors import NumericalFaultError
     from ppl_vae.model import VAEConfig, build_vae
-    from ppl_vae.objectives import make_objective
+    from ppl_vae.objectives import VAELoss, make_objective
 
     context = distributed.current()
     pyro.set_rng_seed(0)
@@ -105,7 +107,7 @@ def faulty_step(path: Path, batch: torch.Tensor) -> None:
     before = {name: value.clone() for name, value in vae.state_dict().items()}
     if context.rank == context.world_size - 1:
         vae.decoder[0].weight.register_hook(lambda grad: grad * float("nan"))
-    ddp = DistributedDataParallel(distributed.VAELoss(vae, make_objective("elbo")))
+    ddp = DistributedDataParallel(VAELoss(vae, make_objective("elbo")))
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
     shard = distributed.shard_rows(batch, context.rank, context.world_size)
     try:

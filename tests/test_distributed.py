@@ -28,7 +28,7 @@ WORLD_SIZE = 2
 
 # --- In 2 processes of one gloo group (all tasks in one group: starting processes is what takes time) --
 
-STEP_CASES = [(None, 1.0), (5.0, 0.5)]  # (clip_norm, kl_weight)
+STEP_CASES = [(None, 1.0, False), (5.0, 0.5, False), (5.0, 0.5, True)]  # (clip_norm, kl_weight, compiled loss)
 # 11 rows: shares of 6 and 5, so the loss scaling is checked with unequal shares too.
 STEP_BATCH = torch.bernoulli(torch.full((11, workers.TINY["data_dim"]), 0.3), generator=torch.Generator().manual_seed(1))
 # 8 blocks of 32 (the last of 26) dealt to 2 processes; K = 30 gives PSIS diagnostics too.
@@ -43,8 +43,8 @@ def spawned(tmp_path_factory):
     vae = build_vae(VAEConfig(**workers.TINY))
     x = torch.bernoulli(torch.full((250, workers.TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
     torch.save({"state": vae.state_dict(), "x": x}, path / "model-and-data.pt")
-    tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight))
-             for i, (clip_norm, kl_weight) in enumerate(STEP_CASES)]
+    tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight, compiled))
+             for i, (clip_norm, kl_weight, compiled) in enumerate(STEP_CASES)]
     tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS))]
     workers.spawn(tasks, WORLD_SIZE)
     return path
@@ -52,9 +52,9 @@ def spawned(tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))
 def test_one_distributed_step_equals_one_single_process_step_on_the_global_minibatch(spawned, monkeypatch, case):
-    clip_norm, kl_weight = STEP_CASES[case]
+    clip_norm, kl_weight, _ = STEP_CASES[case]
     # The same step in this process: SVI (Pyro's Adam, one torch Adam per parameter) on the whole minibatch,
-    # with the same fixed draws from the guide.
+    # with the same fixed draws from the guide (the compiled loss, --engine jit, included).
     monkeypatch.setattr(torch.distributions.normal, "_standard_normal", workers.fixed_noise)
     pyro.enable_validation(False)
     pyro.set_rng_seed(0)
@@ -192,7 +192,7 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     # A distributed run's checkpoint cannot be resumed by single-process SVI: a clear error, nothing changed.
     capsys.readouterr()
     assert cli.main(["train", "--run-dir", str(resumed), "--resume", "--epochs", "3", "--no-progress"]) == 2
-    assert "resume it with --devices (it ran on 2 processes" in capsys.readouterr().err
+    assert "written by training on 2 processes under torchrun: resume it with --devices 2" in capsys.readouterr().err
     assert runs.load_checkpoint(resumed)["epoch"] == 2
 
 

@@ -311,8 +311,9 @@ def test_clip_norm_clips_the_global_gradient_norm():
     torch.testing.assert_close(store["a"], torch.tensor([-3.6, 0.0]))
 
 
+@pytest.mark.parametrize("engine", ["svi", "jit"])
 def test_a_nan_gradient_in_training_stops_at_its_step_and_keeps_the_last_good_state(
-    tmp_path, data_root, fast_mnist, monkeypatch
+    tmp_path, data_root, fast_mnist, monkeypatch, engine
 ):
     built = {}
 
@@ -331,7 +332,7 @@ def test_a_nan_gradient_in_training_stops_at_its_step_and_keeps_the_last_good_st
     build_vae = train_module.build_vae
     monkeypatch.setattr(train_module, "build_vae", build_with_a_poisoned_gradient)
     with pytest.raises(NumericalFaultError) as info:
-        train(tmp_path / "run", tiny_config(data_root), TINY_MODEL, progress=False)
+        train(tmp_path / "run", tiny_config(data_root, engine=engine), TINY_MODEL, progress=False)
     message = str(info.value)
     assert re.search(r"the gradient became nan \(non-finite gradients of decoder\S*\) at epoch 2, step 1 of 6", message)
     assert "Likely causes" in message and "checkpoint of epoch 1" in message

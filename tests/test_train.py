@@ -34,11 +34,12 @@ def test_training_improves_the_validation_elbo(tmp_path, data_root):
         assert (tmp_path / "run" / name).is_file()
 
 
-def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data_root):
-    config = small_config(data_root, epochs=2, lr_schedule="step", lr_milestones=(1,), lr_gamma=0.5)
+@pytest.mark.parametrize("engine", ["svi", "jit"])
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data_root, engine):
+    schedule = dict(lr_schedule="step", lr_milestones=(1,), lr_gamma=0.5, engine=engine)
+    config = small_config(data_root, epochs=2, **schedule)
     straight = train(tmp_path / "straight", config, SMALL_MODEL, progress=False)
-    train(tmp_path / "split", small_config(data_root, epochs=1, lr_schedule="step", lr_milestones=(1,), lr_gamma=0.5),
-          SMALL_MODEL, progress=False)
+    train(tmp_path / "split", small_config(data_root, epochs=1, **schedule), SMALL_MODEL, progress=False)
     resumed = train(tmp_path / "split", small_config(data_root, epochs=2), resume=True, progress=False)
     a, b = runs.read_metrics(tmp_path / "straight"), runs.read_metrics(tmp_path / "split")
     assert [m["epoch"] for m in b] == [1, 2]
