@@ -6,9 +6,11 @@
   sizes, as steps/s, for the plain-PyTorch reference and for each Pyro path:
   ``svi`` (``SVI`` + ``Trace_ELBO``, Pyro's validation on, its default), ``svi-novalid``
   (validation off, as ``ppl-vae train`` runs), ``svi-meanfield`` (``TraceMeanField_ELBO``)
-  ``elbo-module`` (``Trace_ELBO()(model, guide)`` as a torch module with one
-  ``torch.optim.Adam`` over all parameters) and ``elbo-module-noreg`` (the same, with the
-  programs' ``pyro.module`` registration turned off, since the torch optimizer does not need it);
+  ``svi-jit`` (``SVI`` + Pyro's ``JitTrace_ELBO``), ``elbo-module`` (``Trace_ELBO()(model, guide)``
+  as a torch module with one ``torch.optim.Adam`` over all parameters), ``elbo-module-noreg``
+  (the same, with the programs' ``pyro.module`` registration turned off, since the torch
+  optimizer does not need it) and ``module-jit`` (the compiled loss
+  :class:`~ppl_vae.objectives.CompiledVAELoss` with one torch Adam: ``ppl-vae train --engine jit``);
 * an epoch over the 50,000 MNIST training images (when the data are available);
 * evidence estimation (log-weights per second and peak memory) against a plain-PyTorch
   reference doing the same computation;
@@ -39,6 +41,7 @@ from torch.nn import functional as F
 
 from .evaluate import evidence_estimate
 from .model import VAE, VAEConfig
+from .objectives import CompiledVAELoss
 
 # Dense fp32 peaks (no sparsity, no tensor cores) for the GPUs this project meets; None elsewhere.
 FP32_PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
@@ -106,6 +109,15 @@ class _Program(nn.Module):
         return getattr(self.vae, self.method)(x)
 
 
+@contextlib.contextmanager
+def _own_param_store(step) -> Iterator[None]:
+    """Run ``step`` with its own Pyro param store: the copies of one VAE share its parameter names,
+    and the JIT paths need the store's tensors to be their module's."""
+    with pyro.get_param_store().scope(step.param_state) as state:
+        step.param_state = state
+        yield
+
+
 class ElboModuleStep:
     """``Trace_ELBO()(model, guide)`` as a torch module, one ``torch.optim.Adam`` over all its parameters."""
 
@@ -113,6 +125,9 @@ class ElboModuleStep:
         vae.register_params = register_params
         self.loss_module = Trace_ELBO()(_Program(vae, "model"), _Program(vae, "guide"))
         self.optimizer = torch.optim.Adam(self.loss_module.parameters(), lr=lr)
+        self.param_state: dict | None = None
+
+    own_params = _own_param_store
 
     def __call__(self, x: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -122,19 +137,22 @@ class ElboModuleStep:
         return loss.item()
 
 
+class CompiledModuleStep(ElboModuleStep):
+    """The compiled loss of ``ppl-vae train --engine jit`` (:class:`~ppl_vae.objectives.CompiledVAELoss`), one torch Adam."""
+
+    def __init__(self, vae: VAE, lr: float = 1e-3):
+        self.param_state = None
+        self.loss_module = CompiledVAELoss(vae)  # its graph reads the parameters from this variant's param store
+        self.optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+
+
 class SviStep:
     def __init__(self, vae: VAE, elbo, validation: bool, lr: float = 1e-3):
         self.svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
         self.validation = validation
         self.param_state: dict | None = None
 
-    @contextlib.contextmanager
-    def own_params(self) -> Iterator[None]:
-        """Run with this variant's own Pyro param store: the copies of one VAE share its parameter names,
-        and the JIT path needs the store's tensors to be its module's."""
-        with pyro.get_param_store().scope(self.param_state) as state:
-            self.param_state = state
-            yield
+    own_params = _own_param_store
 
     def __call__(self, x: torch.Tensor) -> float:
         with pyro.validation_enabled(self.validation):
@@ -152,6 +170,7 @@ STEP_VARIANTS: dict[str, Callable[[VAE], Callable[[torch.Tensor], float]]] = {
     "svi-jit": lambda vae: SviStep(vae, JitTrace_ELBO(ignore_jit_warnings=True), validation=False),
     "elbo-module": ElboModuleStep,
     "elbo-module-noreg": lambda vae: ElboModuleStep(vae, register_params=False),
+    "module-jit": CompiledModuleStep,
 }
 
 
@@ -173,7 +192,7 @@ def _fresh_vae(device: torch.device, seed: int = 0) -> VAE:
 
 
 def _own_params(step: Callable):
-    return step.own_params() if isinstance(step, SviStep) else contextlib.nullcontext()
+    return step.own_params() if hasattr(step, "own_params") else contextlib.nullcontext()
 
 
 def time_steps(
@@ -185,9 +204,7 @@ def time_steps(
     for batch_size in batch_sizes:
         x = torch.bernoulli(torch.full((batch_size, 784), 0.3, device=device))
         pyro.clear_param_store()
-        # One VAE copy per variant; the SVI variants each run in their own Pyro param store (the copies
-        # share parameter names). The module variants register their copies under the same names in the
-        # global store, which only costs the same per-step work: their torch optimizers hold their own.
+        # One VAE copy per variant, each run in its own Pyro param store (the copies share parameter names).
         base = _fresh_vae(device)
         steppers = {name: STEP_VARIANTS[name](copy.deepcopy(base)) for name in variants}
         for step in steppers.values():  # warm-up: lazy optimizer creation, allocator, first traces, JIT
@@ -264,7 +281,9 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
 
 
 def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100) -> dict[str, Any] | None:
-    """One epoch over the 50,000 training images, Pyro (validation off) against the reference; None without data."""
+    """One epoch over the 50,000 training images: Pyro SVI (validation off) and the compiled loss (``--engine jit``)
+    against the reference; None without data. ``ratio`` is SVI's time over the reference's, ``ratio_jit`` the
+    compiled loss's (its first steps include compiling)."""
     from .data import load_mnist
     from .errors import DataNotFoundError
 
@@ -273,7 +292,7 @@ def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100
     except DataNotFoundError:
         return None
     seconds = {}
-    for name in ("pytorch", "svi-novalid"):
+    for name in ("pytorch", "svi-novalid", "module-jit"):
         pyro.clear_param_store()
         step = STEP_VARIANTS[name](_fresh_vae(device))
         _sync(device)
@@ -283,7 +302,7 @@ def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100
         _sync(device)
         seconds[name] = time.perf_counter() - started
     return {"batch_size": batch_size, "images": data.train.shape[0], "seconds": seconds,
-            "ratio": seconds["svi-novalid"] / seconds["pytorch"]}
+            "ratio": seconds["svi-novalid"] / seconds["pytorch"], "ratio_jit": seconds["module-jit"] / seconds["pytorch"]}
 
 
 def run_benchmark(
@@ -329,10 +348,10 @@ def run_benchmark(
 def format_benchmark(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}, pyro {result['pyro']}; "
              f"medians of {result['repeats']} interleaved repeats of {result['steps_per_repeat']} steps"]
-    lines.append(f"{'variant':<15}{'batch':>7}{'steps/s':>10}{'ms/step':>10}{'x pytorch':>11}{'spread':>8}{'GFLOP/s':>9}")
+    lines.append(f"{'variant':<19}{'batch':>7}{'steps/s':>10}{'ms/step':>10}{'x pytorch':>11}{'spread':>8}{'GFLOP/s':>9}")
     for row in result["svi_step"]:
         lines.append(
-            f"{row['variant']:<15}{row['batch_size']:>7}{row['steps_per_second']:>10.1f}{row['ms_per_step']:>10.2f}"
+            f"{row['variant']:<19}{row['batch_size']:>7}{row['steps_per_second']:>10.1f}{row['ms_per_step']:>10.2f}"
             f"{row['time_ratio_to_pytorch']:>11.2f}{100 * row['spread']:>7.0f}%{row['achieved_flops'] / 1e9:>9.1f}"
         )
     ev = result["evidence"]
@@ -344,7 +363,8 @@ def format_benchmark(result: dict[str, Any]) -> str:
     if result["epoch"]:
         ep = result["epoch"]
         lines.append(
-            f"epoch of {ep['images']} images at batch {ep['batch_size']}: Pyro SVI {ep['seconds']['svi-novalid']:.1f} s, "
-            f"plain PyTorch {ep['seconds']['pytorch']:.1f} s (x{ep['ratio']:.2f})"
+            f"epoch of {ep['images']} images at batch {ep['batch_size']}: Pyro SVI {ep['seconds']['svi-novalid']:.1f} s "
+            f"(x{ep['ratio']:.2f}), compiled loss (--engine jit) {ep['seconds']['module-jit']:.1f} s (x{ep['ratio_jit']:.2f}), "
+            f"plain PyTorch {ep['seconds']['pytorch']:.1f} s"
         )
     return "\n".join(lines)

@@ -199,7 +199,7 @@ def _add_bench_parser(subparsers) -> None:
         "bench",
         help="time Pyro's SVI step and evidence estimation against plain PyTorch",
         description="Benchmark, in one process with interleaved runs and medians: one SVI step of the default VAE "
-        "(Trace_ELBO, validation on/off, TraceMeanField_ELBO, Trace_ELBO as a torch module) against the same "
+        "(Trace_ELBO, validation on/off, TraceMeanField_ELBO, JitTrace_ELBO, Trace_ELBO as a torch module, the compiled loss of train --engine jit) against the same "
         "networks and loss in plain PyTorch, at several batch sizes; an epoch over the 50,000 MNIST training "
         "images; evidence estimation (log-weights/s, peak CUDA memory) against a plain-PyTorch reference; "
         "achieved FLOP/s. Prints a table and writes JSON.",

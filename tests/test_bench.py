@@ -26,7 +26,7 @@ def test_every_step_variant_computes_the_same_first_loss():
         pyro.set_rng_seed(11)
         losses[name] = step(x)
     for name, loss in losses.items():
-        if name not in ("svi-meanfield", "svi-jit"):  # the JIT path is checked below, with fixed draws
+        if name not in ("svi-meanfield", "svi-jit", "module-jit"):  # the JIT paths are checked below, with fixed draws
             assert loss == pytest.approx(losses["svi"], rel=1e-5), name
     # TraceMeanField_ELBO takes the KL analytically: the same draw, minus the analytic KL, as ours.
     pyro.clear_param_store()
@@ -59,6 +59,29 @@ def test_jit_compiled_loss_and_gradients_equal_trace_elbo_with_the_draws_fixed(m
     assert jit_loss == pytest.approx(loss, rel=1e-6)
     for a, b in zip(jit_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_compiled_module_step_equals_the_svi_step_with_the_draws_fixed(monkeypatch):
+    # module-jit (ppl-vae train --engine jit): the same loss, and one torch Adam making the same update
+    # as Pyro's per-parameter Adam, so two steps leave the same parameters.
+    eps = torch.linspace(-1.5, 1.5, 50)
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
+                        lambda shape, dtype, device: eps.to(dtype=dtype, device=device).expand(shape).clone())
+    torch.manual_seed(0)
+    base = VAE(VAEConfig())
+    x = torch.bernoulli(torch.full((16, 784), 0.3))
+    results = {}
+    for name in ("module-jit", "svi-novalid"):
+        pyro.clear_param_store()
+        vae = copy.deepcopy(base)
+        step = STEP_VARIANTS[name](vae)
+        with step.own_params():
+            losses = [step(x) for _ in range(2)]
+        results[name] = losses, vae.state_dict()
+    (jit_losses, jit_state), (svi_losses, svi_state) = results["module-jit"], results["svi-novalid"]
+    assert jit_losses == pytest.approx(svi_losses, rel=1e-6)
+    for name, value in svi_state.items():
+        torch.testing.assert_close(jit_state[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_reference_evidence_equals_the_package_estimate_with_the_same_draws():

@@ -128,3 +128,16 @@ def test_a_param_store_holding_another_models_tensors_is_refused():
         CompiledVAELoss(VAE(VAEConfig(**SMALL)))(x)
     pyro.clear_param_store()
     assert torch.isfinite(CompiledVAELoss(VAE(VAEConfig(**SMALL)))(x))
+
+
+def test_train_engine_jit_from_the_command_line(tmp_path, data_root):
+    from ppl_vae import cli
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", "--run-dir", str(run_dir), "--engine", "jit", "--epochs", "1", "--data-dir", str(data_root),
+                     "--train-examples", "300", "--eval-examples", "100", "--test-samples", "10", "--latent-dim", "4",
+                     "--hidden-sizes", "32", "--device", "cpu", "--no-progress"]) == 0
+    assert runs.read_json(run_dir / "config.json")["train"]["engine"] == "jit"
+    assert cli.main(["train", "--run-dir", str(tmp_path / "iwae"), "--engine", "jit", "--objective", "iwae",
+                     "--data-dir", str(data_root), "--no-progress"]) == 2
+    assert not (tmp_path / "iwae").exists()
