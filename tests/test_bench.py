@@ -36,13 +36,18 @@ def test_every_step_variant_computes_the_same_first_loss():
     assert losses["svi-meanfield"] == pytest.approx(-ours["elbo"].sum().item(), rel=1e-5)
 
 
-def test_jit_compiled_loss_and_gradients_equal_trace_elbo_with_the_draws_fixed(monkeypatch):
-    # JitTrace_ELBO draws its noise with torch.normal inside the traced graph, so the same seed gives
-    # other draws than Trace_ELBO. Holding eps fixed checks everything else: the traced log-densities,
-    # the surrogate and the gradients.
+@pytest.fixture
+def fixed_draws(monkeypatch):
+    """The guide's standard-normal noise held fixed: one value per latent dimension (50), for every image."""
     eps = torch.linspace(-1.5, 1.5, 50)
     monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
                         lambda shape, dtype, device: eps.to(dtype=dtype, device=device).expand(shape).clone())
+
+
+def test_jit_compiled_loss_and_gradients_equal_trace_elbo_with_the_draws_fixed(fixed_draws):
+    # JitTrace_ELBO draws its noise with torch.normal inside the traced graph, so the same seed gives
+    # other draws than Trace_ELBO. Holding eps fixed checks everything else: the traced log-densities,
+    # the surrogate and the gradients.
     torch.manual_seed(0)
     vae = VAE(VAEConfig())
     x = torch.bernoulli(torch.full((16, 784), 0.3))
@@ -61,12 +66,9 @@ def test_jit_compiled_loss_and_gradients_equal_trace_elbo_with_the_draws_fixed(m
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_the_compiled_module_step_equals_the_svi_step_with_the_draws_fixed(monkeypatch):
+def test_the_compiled_module_step_equals_the_svi_step_with_the_draws_fixed(fixed_draws):
     # module-jit (ppl-vae train --engine jit): the same loss, and one torch Adam making the same update
     # as Pyro's per-parameter Adam, so two steps leave the same parameters.
-    eps = torch.linspace(-1.5, 1.5, 50)
-    monkeypatch.setattr(torch.distributions.normal, "_standard_normal",
-                        lambda shape, dtype, device: eps.to(dtype=dtype, device=device).expand(shape).clone())
     torch.manual_seed(0)
     base = VAE(VAEConfig())
     x = torch.bernoulli(torch.full((16, 784), 0.3))
