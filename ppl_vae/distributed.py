@@ -8,9 +8,10 @@ environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_AD
 CPU with gloo otherwise (:func:`initialize`).
 
 **Training** (:func:`train_distributed`) wraps the loss in ``DistributedDataParallel``;
-no gradient is averaged by hand. The loss is Pyro's: :class:`VAELoss` is the
+no gradient is averaged by hand. The loss is Pyro's: :class:`~ppl_vae.objectives.VAELoss` is the
 ``ELBOModule`` that ``Trace_ELBO()(model, guide)`` returns, with the VAE registered as a
-submodule so that its parameters are the module's. Every process draws the same global
+submodule so that its parameters are the module's (with ``--engine jit``, the compiled
+:class:`~ppl_vae.objectives.CompiledVAELoss`). Every process draws the same global
 minibatch B (same permutation, same dynamic binarization: a generator seeded with the run's
 seed and the epoch) and keeps its contiguous share B_r (:func:`shard_rows`). With
 L(B) = sum_{n in B} l_n the loss single-process SVI minimizes (the objective summed over

@@ -1,7 +1,9 @@
 """Training: stochastic variational inference on the VAE's Pyro programs.
 
 Each step maximizes the ELBO of a minibatch through ``SVI(model, guide, optim,
-Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`); the loss
+Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or, with
+``engine="jit"``, through the same ELBO compiled by Pyro's ``JitTrace_ELBO`` and one
+torch Adam (:class:`CompiledEngine`, faster per step; both read the same programs); the loss
 Pyro reports is the negative objective summed over the minibatch, so the running
 value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
 the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``
