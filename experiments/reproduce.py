@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
                                     [--train-examples N] [--eval-examples N] [--out DIR] [--resume]
+                                    [--engine svi|jit]
 
 Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
@@ -40,6 +41,8 @@ parser.add_argument("--train-examples", type=int, default=None, help="train on t
 parser.add_argument("--eval-examples", type=int, default=None,
                     help="validation and test images during training (default: all; the evaluation uses --examples)")
 parser.add_argument("--out", default=str(HERE / "results" / "reproduce"), help="folder for <name>.md")
+parser.add_argument("--engine", choices=("svi", "jit"), default="svi",
+                    help="training engine of a new run (jit: the compiled ELBO, faster; the VAE rows only, not IWAE)")
 parser.add_argument("--resume", action="store_true",
                     help="continue the run in RUNS_DIR/NAME up to --epochs (its own settings otherwise) instead of starting over")
 args = parser.parse_args()
@@ -54,7 +57,8 @@ if args.resume:
     run(["train", "--run-dir", str(run_dir), "--resume", *(["--epochs", str(args.epochs)] if args.epochs else []),
          "--no-progress"])
 else:
-    run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--test-samples", "100",
+    run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--engine", args.engine,
+         "--test-samples", "100",
          "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
 evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
 run(evaluate + (["--examples", str(args.examples)] if args.examples else []))

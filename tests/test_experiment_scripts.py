@@ -188,12 +188,13 @@ def test_reproduce(tmp_path, data_root):
     out = tmp_path / "reproduce"
     run_script("reproduce.py", "burda2015-vae-k1", "--epochs", "2", "--every", "1", "--runs-dir", tmp_path / "runs",
                "--k", "3", "--examples", "10", "--train-examples", "100", "--eval-examples", "10", "--out", out,
-               cwd=tmp_path, data_root=data_root)
+               "--engine", "jit", cwd=tmp_path, data_root=data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 2 of 3280 epochs" in text and "| -86.76 |" in text and "K=3 (10 images)" in text
     assert re.search(r"^\| 1 \| -?\d", text, re.M) and re.search(r"^\| 2 \| -?\d", text, re.M)  # the learning curve
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
     assert config["batch_size"] == 20 and config["train_examples"] == 100 and config["epochs"] == 2
+    assert config["engine"] == "jit"  # and --resume continues with the run's own engine
     run_script("reproduce.py", "burda2015-vae-k1", "--epochs", "3", "--resume", "--runs-dir", tmp_path / "runs",
                "--k", "3", "--examples", "10", "--out", out, cwd=tmp_path, data_root=data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
