@@ -63,6 +63,19 @@ else:
 evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
 run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
 
+
+
+def surgery_rows(surgery: dict | None) -> list[str]:
+    """The KL term split as in Hoffman & Johnson (2016): mutual information + marginal KL (absent: no rows)."""
+    if not surgery:
+        return []
+    return [
+        f"| … mutual information I(x; z) (at most log N = {surgery['mutual_information_bound']:.2f}) | "
+        f"{surgery['mutual_information']['mean']:.2f} ± {surgery['mutual_information']['stderr']:.2f} | |",
+        f"| … marginal KL(q(z) ‖ p(z)) | {surgery['marginal_kl']['mean']:.2f} ± {surgery['marginal_kl']['stderr']:.2f} | |",
+    ]
+
+
 result = runs.read_json(run_dir / "evaluation.json")
 metrics = runs.read_metrics(run_dir)
 curve = [(m["epoch"], m["val_log_px"], m["val_log_px_stderr"]) for m in metrics if "val_log_px" in m]
@@ -78,6 +91,9 @@ lines = [
     f"| test log p̂(x), K={result['log_evidence']['num_samples']} ({result['num_datapoints']} images) | "
     f"{result['log_evidence']['mean']:.2f} ± {result['log_evidence']['stderr']:.2f} | {published} |",
     f"| test ELBO | {result['elbo']['mean']:.2f} ± {result['elbo']['stderr']:.2f} | |",
+    f"| reconstruction E_q[log p(x\\|z)] | {result['reconstruction']['mean']:.2f} ± {result['reconstruction']['stderr']:.2f} | |",
+    f"| KL(q(z\\|x) ‖ p(z)) | {result['kl']['total']['mean']:.2f} ± {result['kl']['total']['stderr']:.2f} | |",
+    *surgery_rows(result["diagnostics"].get("elbo_surgery")),
     f"| gap log p̂(x) − ELBO | {result['gap']['mean']:.2f} | |",
     f"| active units | {result['diagnostics']['active_units']} | |",
     f"| share of images with PSIS k-hat > 0.7 | {result['diagnostics']['psis'].get('unreliable_share', float('nan')):.2f} | |",

@@ -411,6 +411,7 @@ def train_distributed(
                 PplVaeWarning,
                 stacklevel=2,
             )
+        runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
         return path, train_config, vae_config, checkpoint
 
     run_dir, config, model_config, checkpoint = on_main(prepare)

@@ -236,8 +236,8 @@ def train(
     checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location=device) if resume else None
     if checkpoint is not None:
         check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
-    if not resume:
-        runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
+    # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.
+    runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
 
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)

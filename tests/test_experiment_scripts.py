@@ -191,6 +191,7 @@ def test_reproduce(tmp_path, data_root):
                "--engine", "jit", cwd=tmp_path, data_root=data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 2 of 3280 epochs" in text and "| -86.76 |" in text and "K=3 (10 images)" in text
+    assert "| … mutual information I(x; z)" in text and "| KL(q(z\\|x) ‖ p(z)) |" in text
     assert re.search(r"^\| 1 \| -?\d", text, re.M) and re.search(r"^\| 2 \| -?\d", text, re.M)  # the learning curve
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
     assert config["batch_size"] == 20 and config["train_examples"] == 100 and config["epochs"] == 2
@@ -199,6 +200,8 @@ def test_reproduce(tmp_path, data_root):
                "--k", "3", "--examples", "10", "--out", out, cwd=tmp_path, data_root=data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 3 of 3280 epochs" in text and re.search(r"^\| 3 \| -?\d", text, re.M)  # continued, curve kept
+    config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
+    assert config["epochs"] == 3 and config["engine"] == "jit"  # the record says how far the run was trained
 
 
 def test_bench(tmp_path, data_root):
