@@ -39,7 +39,7 @@ from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 from torch.nn import functional as F
 
-from .evaluate import evidence_estimate
+from .evaluate import chunk_element_budget, evidence_estimate
 from .model import VAE, VAEConfig
 from .objectives import CompiledVAELoss
 
@@ -248,7 +248,8 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
     vae = _fresh_vae(device)
     x = torch.bernoulli(torch.full((num_examples, 784), 0.3, device=device))
     chunk = min(num_examples, 500)
-    particles = max(1, min(num_samples, 2**24 // (chunk * 784)))
+    # The package's chunk budget for both (on a GPU it grows with the free memory).
+    particles = max(1, min(num_samples, chunk_element_budget(device) // (chunk * 784)))
     runs: dict[str, list[float]] = {"pytorch": [], "ppl_vae": []}
     peaks: dict[str, int | None] = {}
     with pyro.validation_enabled(False):

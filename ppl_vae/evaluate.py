@@ -62,8 +62,13 @@ from .errors import EvaluationMemoryWarning, InvalidDataError, ModelStructureErr
 
 PARTICLE_PLATE = "_ppl_vae_particles"
 # Default size of the largest per-chunk tensor, in elements of one data item times
-# particles times datapoints: 2**24 float32 values is 64 MiB.
+# particles times datapoints: 2**24 float32 values is 64 MiB. On a GPU the budget grows with
+# the free memory (chunk_element_budget), since each chunk pays Pyro's per-call overhead once.
 DEFAULT_CHUNK_ELEMENTS = 2**24
+MAX_GPU_CHUNK_ELEMENTS = 2**28  # 1 GiB per float32 tensor
+# Free bytes per element of the largest tensor: a chunk keeps several tensors of its size alive
+# (logits, probabilities, per-pixel log-densities and their temporaries) in float32.
+GPU_BYTES_PER_CHUNK_ELEMENT = 64
 KL_ANALYTIC = "analytic"
 KL_MONTE_CARLO = "monte carlo"
 # What running out of accelerator memory raises (torch.OutOfMemoryError since torch 2.5;
@@ -338,10 +343,27 @@ def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, struc
     return ChunkTerms(log_weight, reconstruction, kl)
 
 
+def chunk_element_budget(device: torch.device, free_bytes: int | None = None) -> int:
+    """Elements (data item x particles x datapoints) of the largest tensor of one evaluation chunk.
+
+    On the CPU, :data:`DEFAULT_CHUNK_ELEMENTS`. On a GPU, the free memory
+    (``torch.cuda.mem_get_info``, or ``free_bytes``) divided by
+    :data:`GPU_BYTES_PER_CHUNK_ELEMENT`, between that default and
+    :data:`MAX_GPU_CHUNK_ELEMENTS`: fewer, larger chunks keep the GPU busy. A chunk that
+    still runs out of memory is retried smaller (:func:`iter_chunk_terms`).
+    """
+    if device.type != "cuda":
+        return DEFAULT_CHUNK_ELEMENTS
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return int(min(MAX_GPU_CHUNK_ELEMENTS, max(DEFAULT_CHUNK_ELEMENTS, free_bytes // GPU_BYTES_PER_CHUNK_ELEMENT)))
+
+
 def _chunk_sizes(x: torch.Tensor, num_samples: int, chunk_size: int | None, particles_per_chunk: int | None):
     item_numel = max(1, math.prod(x.shape[1:]))
     n = chunk_size or max(1, min(x.shape[0], 500))
-    k = particles_per_chunk or max(1, min(num_samples, DEFAULT_CHUNK_ELEMENTS // (n * item_numel)))
+    budget = chunk_element_budget(x.device) if particles_per_chunk is None else 0
+    k = particles_per_chunk or max(1, min(num_samples, budget // (n * item_numel)))
     return n, min(k, num_samples)
 
 

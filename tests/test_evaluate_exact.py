@@ -155,3 +155,13 @@ def test_chunking_does_not_change_the_estimate(lg):
     whole = elbo_decomposition(lg.model, lg.exact_guide, x, num_samples=12, kl="mc")["elbo"]
     chunked = elbo_decomposition(lg.model, lg.exact_guide, x, num_samples=12, kl="mc", chunk_size=3, particles_per_chunk=5)["elbo"]
     torch.testing.assert_close(whole, chunked, atol=1e-4, rtol=0)
+
+
+def test_evaluation_chunks_grow_with_free_gpu_memory_within_bounds():
+    from ppl_vae.evaluate import DEFAULT_CHUNK_ELEMENTS, MAX_GPU_CHUNK_ELEMENTS, chunk_element_budget
+
+    assert chunk_element_budget(torch.device("cpu")) == DEFAULT_CHUNK_ELEMENTS
+    cuda = torch.device("cuda")  # the budget is arithmetic on the free bytes: no GPU needed to check it
+    assert chunk_element_budget(cuda, free_bytes=2**30) == DEFAULT_CHUNK_ELEMENTS  # never below the CPU default
+    assert chunk_element_budget(cuda, free_bytes=16 * 2**30) == 16 * 2**30 // 64
+    assert chunk_element_budget(cuda, free_bytes=80 * 2**30) == MAX_GPU_CHUNK_ELEMENTS
