@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ppl_vae import runs
 from ppl_vae.cli import main
+from ppl_vae.plots import plot_learning_curve
 
 
 def run(argv: list[str]) -> None:
@@ -107,5 +108,8 @@ lines = [
 ]
 out = Path(args.out) / f"{args.name}.md"
 out.parent.mkdir(parents=True, exist_ok=True)
+figure = plot_learning_curve(metrics, out.with_suffix(".png"), published=published,
+                             title=f"{args.name}: {metrics[-1]['epoch']} of {config['epochs']} epochs")
+lines += ["", f"![learning curve]({figure.name})"]
 out.write_text("\n".join(lines) + "\n")
 print(out.read_text())

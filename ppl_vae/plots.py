@@ -98,6 +98,31 @@ def plot_training_curves(metrics: Sequence[dict[str, Any]], path: str | Path) ->
     return _save(figure, path)
 
 
+def plot_learning_curve(metrics: Sequence[dict[str, Any]], path: str | Path, published: float | None = None,
+                        title: str = "") -> Path:
+    """Validation ELBO per epoch and the learning curve of validation log p̂(x) (``--evidence-every``), nats per image.
+
+    ``published``: a reference value of test log p(x), drawn as a dashed line. Figure 6 x 4 inches.
+    """
+    figure, axes = _figure()
+    axis = axes[0, 0]
+    axis.plot([m["epoch"] for m in metrics], [m["val_elbo"] for m in metrics], lw=1, color="tab:gray",
+              label="validation ELBO")
+    curve = [m for m in metrics if "val_log_px" in m]
+    if curve:
+        axis.errorbar([m["epoch"] for m in curve], [m["val_log_px"] for m in curve],
+                      yerr=[m["val_log_px_stderr"] for m in curve], marker="o", ms=3, capsize=2, color="tab:blue",
+                      label=f"validation log p̂(x), K={curve[-1]['val_log_px_samples']}")
+    if published is not None:
+        axis.axhline(published, ls="--", color="tab:red", label=f"published test log p(x) ({published})")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("nats per image")
+    if title:
+        axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """ELBO and log p̂(x) of several runs side by side, with standard-error bars."""
     names = [Path(r["run"]).name for r in rows]

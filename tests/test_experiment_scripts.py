@@ -191,6 +191,7 @@ def test_reproduce(tmp_path, data_root):
                "--engine", "jit", cwd=tmp_path, data_root=data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 2 of 3280 epochs" in text and "| -86.76 |" in text and "K=3 (10 images)" in text
+    assert (out / "burda2015-vae-k1.png").stat().st_size > 0 and "![learning curve](burda2015-vae-k1.png)" in text
     assert "| … mutual information I(x; z)" in text and "| KL(q(z\\|x) ‖ p(z)) |" in text
     assert re.search(r"^\| 1 \| -?\d", text, re.M) and re.search(r"^\| 2 \| -?\d", text, re.M)  # the learning curve
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]

@@ -34,6 +34,8 @@ def test_run_figures(tmp_path, vae, images):
     metrics = [{"epoch": e, "train_elbo": -200 + e, "val_elbo": -210 + e, "val_elbo_stderr": 1.0,
                 "val_reconstruction": -190 + e, "val_kl": 10 + e} for e in range(1, 4)]
     check_png(plots.plot_training_curves(metrics, tmp_path / "curves.png"), 10, 3.5, plots.DPI)
+    metrics[-1].update(val_log_px=-205.0, val_log_px_stderr=1.0, val_log_px_samples=500)
+    check_png(plots.plot_learning_curve(metrics, tmp_path / "learning.png", published=-86.76, title="row"), 6, 4, plots.DPI)
     check_png(plots.plot_reconstructions(vae, images, tmp_path / "recon.png"), 6.0, 1.6, plots.DPI)
     check_png(plots.plot_samples(vae, tmp_path / "samples.png", num_samples=16), 4.8, 1.6, plots.DPI)
     check_png(plots.plot_interpolations(vae, images, tmp_path / "interp.png", steps=6), 3.6, 3.4, plots.DPI)
