@@ -141,3 +141,17 @@ def test_train_engine_jit_from_the_command_line(tmp_path, data_root):
     assert cli.main(["train", "--run-dir", str(tmp_path / "iwae"), "--engine", "jit", "--objective", "iwae",
                      "--data-dir", str(data_root), "--no-progress"]) == 2
     assert not (tmp_path / "iwae").exists()
+
+
+def test_compiled_loss_with_vectorized_particles_equals_trace_elbo(fixed_draws):
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    vae = VAE(VAEConfig(**SMALL))
+    compiled = CompiledVAELoss(vae, particles=3)
+    reference = VAELoss(copy.deepcopy(vae), make_objective("elbo", particles=3))
+    x = torch.bernoulli(torch.full((10, 784), 0.3))
+    loss, grads = loss_and_gradients(compiled, vae, x)
+    expected_loss, expected_grads = loss_and_gradients(reference, reference.vae, x)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
