@@ -2,7 +2,7 @@
 
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
                                     [--train-examples N] [--eval-examples N] [--out DIR] [--resume]
-                                    [--engine svi|jit]
+                                    [--engine svi|jit] [--report-only]
 
 Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
@@ -46,6 +46,8 @@ parser.add_argument("--engine", choices=("svi", "jit"), default="svi",
                     help="training engine of a new run (jit: the compiled ELBO, faster; the VAE rows only, not IWAE)")
 parser.add_argument("--resume", action="store_true",
                     help="continue the run in RUNS_DIR/NAME up to --epochs (its own settings otherwise) instead of starting over")
+parser.add_argument("--report-only", action="store_true",
+                    help="neither train nor evaluate: write <name>.md and its figure from RUNS_DIR/NAME's last evaluation")
 args = parser.parse_args()
 
 config_path = HERE / "configs" / f"{args.name}.json"
@@ -54,15 +56,19 @@ run_dir = Path(args.runs_dir) / args.name
 budget = ["--epochs", str(args.epochs)] if args.epochs else []
 budget += ["--train-examples", str(args.train_examples)] if args.train_examples else []
 budget += ["--eval-examples", str(args.eval_examples)] if args.eval_examples else []
-if args.resume:
+if args.report_only:
+    if not (run_dir / "evaluation.json").is_file():
+        sys.exit(f"reproduce.py: {run_dir} holds no evaluation.json to report; run without --report-only first")
+elif args.resume:
     run(["train", "--run-dir", str(run_dir), "--resume", *(["--epochs", str(args.epochs)] if args.epochs else []),
          "--no-progress"])
 else:
     run(["train", "--config", str(config_path), "--run-dir", str(run_dir), *budget, "--engine", args.engine,
          "--test-samples", "100",
          "--evidence-every", str(args.every), "--no-progress", "--overwrite"])
-evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
-run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
+if not args.report_only:
+    evaluate = ["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress"]
+    run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
 
 
 

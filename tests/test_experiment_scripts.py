@@ -203,6 +203,10 @@ def test_reproduce(tmp_path, data_root):
     assert "trained 3 of 3280 epochs" in text and re.search(r"^\| 3 \| -?\d", text, re.M)  # continued, curve kept
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
     assert config["epochs"] == 3 and config["engine"] == "jit"  # the record says how far the run was trained
+    (out / "burda2015-vae-k1.md").unlink()
+    run_script("reproduce.py", "burda2015-vae-k1", "--report-only", "--runs-dir", tmp_path / "runs", "--out", out,
+               cwd=tmp_path, data_root=data_root)
+    assert (out / "burda2015-vae-k1.md").read_text() == text  # the same table, from the saved evaluation
 
 
 def test_bench(tmp_path, data_root):
