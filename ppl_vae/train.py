@@ -540,7 +540,8 @@ def checked_module_step(
     with _faults_as_errors():
         local_loss = loss_module(batch)
     (local_loss * loss_scale).backward()
-    loss = total_loss(local_loss.detach()) if total_loss is not None else float(local_loss)
+    detached = local_loss.detach()
+    loss = total_loss(detached) if total_loss is not None else float(detached)
     grad_norm = _global_grad_norm(params, clip_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         bad = _non_finite_module_gradients(loss_module)
