@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from pyro.infer import SVI
 
 from ppl_vae import runs
+from ppl_vae.bench import cpu_name
 from ppl_vae.data import load_mnist
 from ppl_vae.evaluate import evaluation_summary, mean_and_stderr
 from ppl_vae.model import VAEConfig
@@ -68,7 +68,7 @@ def output_dirs(args) -> tuple[Path, Path]:
 
 def hardware() -> str:
     device = "CUDA GPU" if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {device}; torch {torch.__version__} "
+    return (f"{os.cpu_count()} CPU cores ({cpu_name()}), {device}; torch {torch.__version__} "
             f"with {torch.get_num_threads()} threads, pyro {pyro.__version__}")
 
 

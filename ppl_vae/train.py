@@ -233,7 +233,9 @@ def train(
     config = config or TrainConfig()
     model_config = model_config or VAEConfig()
     device = resolve_device(config.device)
-    checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location=device) if resume else None
+    # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
+    # one, so mapping to the run's GPU broke resuming there); load_state_dict moves weights and optimizer state.
+    checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
     if checkpoint is not None:
         check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
     # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.

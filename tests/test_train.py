@@ -52,6 +52,24 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, data_root, eng
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_resume_reads_the_checkpoint_onto_the_cpu(tmp_path, data_root, monkeypatch):
+    # The saved RNG states must stay CPU byte tensors: torch.set_rng_state refuses any other kind, so a
+    # checkpoint mapped onto a run's GPU could not be resumed there (shown here with the "meta" device).
+    with pytest.raises(TypeError, match="ByteTensor"):
+        torch.set_rng_state(torch.get_rng_state().to("meta"))
+    train(tmp_path / "run", small_config(data_root, epochs=1, train_examples=100), SMALL_MODEL, progress=False)
+    asked = []
+    real = runs.load_checkpoint_for_resume
+
+    def spy(run_dir, map_location="cpu"):
+        asked.append(map_location)
+        return real(run_dir, map_location)
+
+    monkeypatch.setattr(runs, "load_checkpoint_for_resume", spy)
+    train(tmp_path / "run", small_config(data_root, epochs=2, train_examples=100), resume=True, progress=False)
+    assert asked == ["cpu"]  # not the run's device (torch.device("cpu") here, "cuda" on a GPU)
+
+
 def test_existing_run_directory_is_refused_without_resume_or_overwrite(tmp_path, data_root):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "something").write_text("earlier work")
