@@ -8,7 +8,8 @@ Trains with experiments/configs/<name>.json (the paper's networks, batch and lea
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
 log p(x) every --every epochs; then evaluates on the test set with K importance samples and
 writes experiments/results/reproduce/<name>.md (--out: another folder) with the measured numbers beside
-the published one. --train-examples and --eval-examples shrink the training run (for smoke tests).
+the published one, its learning-curve figure <name>.png, and <name>.json, the numbers that
+`python experiments/update_readme.py` puts in the main README's table of all rows. --train-examples and --eval-examples shrink the training run (for smoke tests).
 On a GPU, the full budget is the same command with --epochs 3280; --resume continues an
 earlier run to a larger --epochs.
 """
@@ -18,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import common
 from ppl_vae import runs
 from ppl_vae.cli import main
 from ppl_vae.plots import plot_learning_curve
@@ -119,3 +121,40 @@ figure = plot_learning_curve(metrics, out.with_suffix(".png"), published=publish
 lines += ["", f"![learning curve]({figure.name})"]
 out.write_text("\n".join(lines) + "\n")
 print(out.read_text())
+
+trained = runs.read_json(run_dir / runs.CONFIG_FILE)["train"]
+surgery = result["diagnostics"].get("elbo_surgery") or {}
+summary = {
+    "name": args.name,
+    "config": f"experiments/configs/{config_path.name}",
+    "published_test_log_px": published,
+    "objective": trained["objective"],
+    "particles": trained["particles"],
+    "batch_size": trained["batch_size"],
+    "engine": trained["engine"],
+    "epochs": metrics[-1]["epoch"],
+    "published_epochs": config["epochs"],
+    "train_seconds": metrics[-1]["train_seconds"],
+    "device": metrics[-1]["device"],
+    "hardware": common.hardware(),  # of the machine running this script (training too, unless --report-only)
+    "test": {
+        "images": result["num_datapoints"],
+        "num_samples": result["log_evidence"]["num_samples"],
+        "log_px": result["log_evidence"]["mean"],
+        "log_px_stderr": result["log_evidence"]["stderr"],
+        "elbo": result["elbo"]["mean"],
+        "elbo_stderr": result["elbo"]["stderr"],
+        "reconstruction": result["reconstruction"]["mean"],
+        "kl": result["kl"]["total"]["mean"],
+        "mutual_information": surgery.get("mutual_information", {}).get("mean"),
+        "marginal_kl": surgery.get("marginal_kl", {}).get("mean"),
+        "gap": result["gap"]["mean"],
+        "active_units": result["diagnostics"]["active_units"],
+        "khat_above_0.7_share": result["diagnostics"]["psis"].get("unreliable_share"),
+    },
+    "learning_curve": [{"epoch": e, "val_log_px": v, "stderr": se} for e, v, se in curve],
+    # The paper's full budget from scratch (--device auto takes a GPU when there is one), or this run continued.
+    "full_budget_command": f"python experiments/reproduce.py {args.name}" + (" --engine jit" if trained["objective"] == "elbo" else ""),
+    "continue_command": f"python experiments/reproduce.py {args.name} --resume --epochs {config['epochs']} --runs-dir RUNS_DIR",
+}
+runs.write_json(out.with_suffix(".json"), summary)

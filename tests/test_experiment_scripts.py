@@ -208,6 +208,23 @@ def test_reproduce(tmp_path, data_root):
                cwd=tmp_path, data_root=data_root)
     assert (out / "burda2015-vae-k1.md").read_text() == text  # the same table, from the saved evaluation
 
+    summary = json.loads((out / "burda2015-vae-k1.json").read_text())
+    assert summary["epochs"] == 3 and summary["published_epochs"] == 3280 and summary["engine"] == "jit"
+    assert summary["test"]["images"] == 10 and summary["test"]["num_samples"] == 3
+    assert f"{summary['test']['log_px']:.2f} ± {summary['test']['log_px_stderr']:.2f}" in text
+    assert [point["epoch"] for point in summary["learning_curve"]] == [1, 2, 3]
+    main_readme = tmp_path / "README.md"
+    main_readme.write_text("top\n<!-- begin burda2015-table -->\nold\n<!-- end burda2015-table -->\nbottom\n")
+    stdout = run_script("update_readme.py", "--results", tmp_path, "--readme", tmp_path / "experiments-README.md",
+                        "--main-readme", main_readme, cwd=tmp_path, data_root=data_root).stdout
+    assert "updated the section burda2015-table (1 rows)" in stdout
+    table = main_readme.read_text()
+    assert table.startswith("top\n<!-- begin burda2015-table -->\n| row |") and table.endswith("<!-- end burda2015-table -->\nbottom\n")
+    row = next(line for line in table.splitlines() if line.startswith("| VAE, k=1"))
+    t = summary["test"]
+    assert f"| -86.76 | {t['log_px']:.2f} ± {t['log_px_stderr']:.2f} | {t['log_px'] + 86.76:+.2f} |" in row
+    assert f"| {t['active_units']} |" in row and "3 of 3,280 epochs, batch 20" in row
+
 
 def test_bench(tmp_path, data_root):
     out = tmp_path / "bench.json"
