@@ -86,6 +86,7 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 from .errors import InvalidDataError, ModelStructureError
 from .evaluate import (
     DEFAULT_CHUNK_ELEMENTS,
+    DEVICE_ERRORS,
     KL_ANALYTIC,
     KL_MONTE_CARLO,
     EvidenceEstimate,
@@ -651,6 +652,8 @@ def _or_reason(compute: Callable[[], Any]) -> Any:
         return compute()
     except (ModelStructureError, NotImplementedError) as error:
         return {"unavailable": str(error).splitlines()[0]}
+    except DEVICE_ERRORS:  # out of memory or a CUDA error: not the program's structure, and later steps would fail too
+        raise
     except RuntimeError as error:  # e.g. a conditional flow that does not broadcast over other datapoints' draws
         return {"unavailable": "the guide's distribution cannot be evaluated at other datapoints' draws "
                                f"({str(error).splitlines()[0]})"}

@@ -76,6 +76,11 @@ KL_MONTE_CARLO = "monte carlo"
 OUT_OF_MEMORY_ERRORS: tuple[type[BaseException], ...] = tuple(
     {torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)}
 )
+# Failures of the accelerator itself (out of memory; a CUDA error, torch.AcceleratorError since torch 2.8):
+# never a sign of wrong input or of the program's structure, so they are never reworded or swallowed.
+DEVICE_ERRORS: tuple[type[BaseException], ...] = OUT_OF_MEMORY_ERRORS + tuple(
+    error for error in (getattr(torch, "AcceleratorError", None),) if error is not None
+)
 # Errors that running the user's programs on a wrong x typically raises deep inside torch or Pyro.
 _PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
@@ -204,11 +209,11 @@ def _explain_program_errors(x: torch.Tensor) -> Iterator[None]:
 
     Running a model on data of the wrong shape, dtype or device fails deep inside torch
     or Pyro; the message names x's shape, dtype and device, and the original error stays
-    attached as the cause. Errors of ppl_vae itself and out-of-memory errors pass unchanged.
+    attached as the cause. Errors of ppl_vae itself and of the device (out of memory, CUDA errors) pass unchanged.
     """
     try:
         yield
-    except (PplVaeError, *OUT_OF_MEMORY_ERRORS):
+    except (PplVaeError, *DEVICE_ERRORS):
         raise
     except _PROGRAM_ERRORS as error:
         first_line = (str(error).strip().splitlines() or [""])[0]

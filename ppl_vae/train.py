@@ -180,18 +180,21 @@ def current_learning_rate(optimizer: pyro.optim.PyroLRScheduler, config: TrainCo
     return config.learning_rate
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """Python's, NumPy's and torch's CPU generators, and the training GPU's own (only that one: a run may
+    resume where fewer GPUs are visible, and a CPU run on a GPU machine should not touch CUDA at all)."""
     state = pyro.util.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    state = dict(state)
     cuda_state = state.pop("cuda", None)
     pyro.util.set_rng_state(state)
-    if cuda_state is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_state)
+    if cuda_state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
 
 
 def levels_of(vae: VAE, binarize: str) -> str | None:
@@ -251,7 +254,7 @@ def train(
     if checkpoint is not None:
         vae.load_state_dict(checkpoint["model"])
         engine.load_state_dict(checkpoint)
-        _set_rng_state(checkpoint["rng"])
+        _set_rng_state(checkpoint["rng"], device)
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
         runs.truncate_metrics(run_dir, start_epoch)
     else:
@@ -391,7 +394,7 @@ def _checkpoint_state(
         "epoch": epoch,
         "model": vae.state_dict(),
         **engine.state_dict(),
-        "rng": _rng_state(),
+        "rng": _rng_state(next(vae.parameters()).device),
         "config": {"model": model_config.to_dict(), "train": asdict(config)},
         "train_seconds": train_seconds,
     }

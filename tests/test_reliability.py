@@ -526,6 +526,23 @@ def test_out_of_memory_that_no_smaller_chunk_can_fix_is_a_clear_error(monkeypatc
     assert isinstance(info.value.__cause__, OUT_OF_MEMORY)
 
 
+@pytest.mark.parametrize("device_error", evaluate_module.DEVICE_ERRORS)
+def test_device_errors_are_neither_reworded_nor_swallowed(device_error):
+    # Out of memory or a CUDA error is not bad input: it must not become "check x's shape" or a diagnostic
+    # marked unavailable (after a CUDA error every later step fails too, and the evaluation would exit 0).
+    from ppl_vae.diagnostics import _or_reason
+
+    def broken_model(x):
+        raise device_error("CUDA error: an illegal memory access was encountered (simulated)")
+
+    lg = LinearGaussian()
+    with pytest.raises(device_error, match="simulated"):
+        log_evidence(broken_model, lg.exact_guide, lg.sample(3), num_samples=4)
+    with pytest.raises(device_error, match="simulated"):
+        _or_reason(lambda: broken_model(None))
+    assert "unavailable" in _or_reason(lambda: torch.ones(2) @ torch.ones(3))  # an ordinary RuntimeError still is
+
+
 # --- 6. Run directories from the command line ----------------------------------------------------
 
 
