@@ -351,8 +351,9 @@ def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, struc
 def chunk_element_budget(device: torch.device, free_bytes: int | None = None) -> int:
     """Elements (data item x particles x datapoints) of the largest tensor of one evaluation chunk.
 
-    On the CPU, :data:`DEFAULT_CHUNK_ELEMENTS`. On a GPU, the free memory
-    (``torch.cuda.mem_get_info``, or ``free_bytes``) divided by
+    On the CPU, :data:`DEFAULT_CHUNK_ELEMENTS`. On a GPU, the free memory (``free_bytes``, or
+    what ``torch.cuda.mem_get_info`` reports free plus what PyTorch's caching allocator holds
+    unused, e.g. after training) divided by
     :data:`GPU_BYTES_PER_CHUNK_ELEMENT`, between that default and
     :data:`MAX_GPU_CHUNK_ELEMENTS`: fewer, larger chunks keep the GPU busy. A chunk that
     still runs out of memory is retried smaller (:func:`iter_chunk_terms`).
@@ -361,6 +362,8 @@ def chunk_element_budget(device: torch.device, free_bytes: int | None = None) ->
         return DEFAULT_CHUNK_ELEMENTS
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
+        # Cached blocks count as used for the driver but are free to this process.
+        free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(min(MAX_GPU_CHUNK_ELEMENTS, max(DEFAULT_CHUNK_ELEMENTS, free_bytes // GPU_BYTES_PER_CHUNK_ELEMENT)))
 
 

@@ -165,3 +165,13 @@ def test_evaluation_chunks_grow_with_free_gpu_memory_within_bounds():
     assert chunk_element_budget(cuda, free_bytes=2**30) == DEFAULT_CHUNK_ELEMENTS  # never below the CPU default
     assert chunk_element_budget(cuda, free_bytes=16 * 2**30) == 16 * 2**30 // 64
     assert chunk_element_budget(cuda, free_bytes=80 * 2**30) == MAX_GPU_CHUNK_ELEMENTS
+
+
+def test_free_gpu_memory_counts_what_the_caching_allocator_holds_unused(monkeypatch):
+    from ppl_vae.evaluate import chunk_element_budget
+
+    # After training, PyTorch's allocator keeps freed blocks: the driver calls them used, this process can reuse them.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
+    assert chunk_element_budget(torch.device("cuda")) == (4 + 10 - 2) * 2**30 // 64
