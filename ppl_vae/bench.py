@@ -44,8 +44,9 @@ from .evaluate import chunk_element_budget, evidence_estimate
 from .model import VAE, VAEConfig
 from .objectives import CompiledVAELoss
 
-# Dense fp32 peaks (no sparsity, no tensor cores) for the GPUs this project meets; None elsewhere.
-FP32_PEAK_FLOPS = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12}
+# Dense fp32 peaks (no sparsity, no tensor cores; NVIDIA's data sheets) for the GPUs this project meets,
+# matched against torch.cuda.get_device_name in this order (the PCIe H100 before the SXM one); None elsewhere.
+FP32_PEAK_FLOPS = {"H100 PCIe": 51e12, "H100": 67e12, "H200": 67e12, "A100": 19.5e12}
 
 
 def _sync(device: torch.device) -> None:
@@ -73,8 +74,12 @@ def device_description(device: torch.device) -> str:
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in FP32_PEAK_FLOPS.items() if key in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """The dense fp32 peak of a GPU named ``device_name``, in FLOP/s, where :data:`FP32_PEAK_FLOPS` knows it."""
+    return next((peak for key, peak in FP32_PEAK_FLOPS.items() if key in device_name), None)
 
 
 def mlp_multiply_adds(vae: VAE) -> tuple[int, int]:

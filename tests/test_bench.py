@@ -110,3 +110,12 @@ def test_bench_command_at_tiny_sizes(tmp_path):
     assert all(row["steps_per_second"] > 0 for row in data["svi_step"])
     assert data["evidence"]["log_weights_per_second"]["ppl_vae"] > 0
     assert "x pytorch" in result.stdout
+
+
+def test_peak_flops_tells_the_pcie_h100_from_the_sxm_one():
+    from ppl_vae.bench import peak_flops, peak_flops_of
+
+    assert peak_flops_of("NVIDIA H100 PCIe") == 51e12
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 67e12
+    assert peak_flops_of("NVIDIA GeForce RTX 3060") is None  # unknown: no fraction of peak rather than a wrong one
+    assert peak_flops(torch.device("cpu")) is None
