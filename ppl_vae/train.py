@@ -142,9 +142,13 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PplVaeError("--device cuda was asked for, but torch sees no CUDA GPU: use --device cpu or auto")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError:
         raise PplVaeError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise PplVaeError(f"--device {device} was asked for, but torch sees {torch.cuda.device_count()} GPU(s), "
+                          "numbered from 0: use --device cuda, or a smaller index")
+    return resolved
 
 
 def make_optimizer(config: TrainConfig) -> pyro.optim.PyroLRScheduler:

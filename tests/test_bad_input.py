@@ -84,3 +84,21 @@ def test_global_latent_is_refused_for_per_datapoint_evidence():
 
     with pytest.raises(ModelStructureError, match="not inside the data plate"):
         elbo_decomposition(global_model, global_guide, torch.zeros(4, 3))
+
+
+def test_device_requests_that_this_machine_cannot_meet_are_refused(monkeypatch):
+    from ppl_vae.errors import PplVaeError
+    from ppl_vae.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(PplVaeError, match="torch sees no CUDA GPU: use --device cpu or auto"):
+        resolve_device("cuda")
+    with pytest.raises(PplVaeError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(PplVaeError, match=r"--device cuda:3 was asked for, but torch sees 1 GPU\(s\), numbered from 0"):
+        resolve_device("cuda:3")
