@@ -560,7 +560,7 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: i
     Used to score decoded images (is E[x | z] a recognizable digit?), not as a model of interest.
     """
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the classifier lives on the CPU: leave the GPUs' generators alone
         torch.manual_seed(seed)
         net = nn.Sequential(nn.Linear(images.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10))
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
