@@ -69,7 +69,7 @@ def output_dirs(args) -> tuple[Path, Path]:
 def hardware() -> str:
     device = "CUDA GPU" if torch.cuda.is_available() else "no GPU"
     return (f"{os.cpu_count()} CPU cores ({cpu_name()}), {device}; torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads, pyro {pyro.__version__}")
+            f"with {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}, pyro {pyro.__version__}")
 
 
 def train_or_load(run_dir: Path, train_config: TrainConfig, model_config: VAEConfig, retrain: bool = False):

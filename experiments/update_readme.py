@@ -15,7 +15,7 @@ REPRODUCTION_SECTION = "burda2015-table"
 
 def reproduction_table(summaries: list[dict]) -> str:
     """One row per reproduced configuration: the measured test log p̂(x) beside the published one, and where the bound is lost."""
-    header = ["row", "published log p(x)", "measured log p̂(x)", "measured − published", "ELBO", "gap log p̂ − ELBO",
+    header = ["row", "published log p(x)", "measured log p̂(x)", "test images", "measured − published", "ELBO", "gap log p̂ − ELBO",
               "KL = MI + marginal KL", "active units", "k-hat > 0.7", "trained"]
     rows = []
     for s in summaries:
@@ -26,19 +26,19 @@ def reproduction_table(summaries: list[dict]) -> str:
         if t.get("mutual_information") is not None:
             kl += f" = {t['mutual_information']:.2f} + {t['marginal_kl']:.2f}"
         rows.append([
-            name, f"{s['published_test_log_px']:.2f}", f"{t['log_px']:.2f} ± {t['log_px_stderr']:.2f}",
+            name, f"{s['published_test_log_px']:.2f}", f"{t['log_px']:.2f} ± {t['log_px_stderr']:.2f}", f"{t['images']:,}",
             f"{t['log_px'] - s['published_test_log_px']:+.2f}", f"{t['elbo']:.2f} ± {t['elbo_stderr']:.2f}", f"{t['gap']:.2f}",
             kl, str(t["active_units"]),
             "n/a" if t["khat_above_0.7_share"] is None else f"{t['khat_above_0.7_share']:.0%}",  # PSIS needs enough draws
-            f"{s['epochs']:,} of {s['published_epochs']:,} epochs, batch {s['batch_size']}, {s['train_seconds'] / 3600:.1f} h ({s['engine']})",
+            f"{s['epochs']:,} of {s['published_epochs']:,} epochs, batch {s['batch_size']}, {s['train_seconds'] / 3600:.1f} h, engine {s['engine']}",
         ])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    tests = sorted({(s["test"]["num_samples"], s["test"]["images"]) for s in summaries})
+    samples = sorted({s["test"]["num_samples"] for s in summaries})
     hardware = sorted({s["hardware"] for s in summaries})
     lines += [
         "",
-        "Test log p̂(x) with " + "; ".join(f"K={k} importance samples on the first {n:,} test images" for k, n in tests)
-        + ", nats, ± standard error over the images. Hardware: " + "; ".join(hardware) + ".",
+        "Test log p̂(x) with K=" + " or ".join(map(str, samples)) + " importance samples per image on the first "
+        "N test images (the column), nats, ± standard error over the images. Hardware: " + "; ".join(hardware) + ".",
         "The paper's full budget, from scratch (on a GPU when there is one): `python experiments/reproduce.py NAME`"
         " (the VAE rows with `--engine jit`); a run above continues with `--resume --epochs 3280 --runs-dir RUNS_DIR`.",
     ]

@@ -222,7 +222,7 @@ def test_reproduce(tmp_path, data_root):
     assert table.startswith("top\n<!-- begin burda2015-table -->\n| row |") and table.endswith("<!-- end burda2015-table -->\nbottom\n")
     row = next(line for line in table.splitlines() if line.startswith("| VAE, k=1"))
     t = summary["test"]
-    assert f"| -86.76 | {t['log_px']:.2f} ± {t['log_px_stderr']:.2f} | {t['log_px'] + 86.76:+.2f} |" in row
+    assert f"| -86.76 | {t['log_px']:.2f} ± {t['log_px_stderr']:.2f} | 10 | {t['log_px'] + 86.76:+.2f} |" in row
     assert f"| {t['active_units']} |" in row and "3 of 3,280 epochs, batch 20" in row
 
 
