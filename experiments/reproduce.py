@@ -9,9 +9,10 @@ schedule), truncated to --epochs (the paper: 3,280), recording a learning curve 
 log p(x) every --every epochs; then evaluates on the test set with K importance samples and
 writes experiments/results/reproduce/<name>.md (--out: another folder) with the measured numbers beside
 the published one, its learning-curve figure <name>.png, and <name>.json, the numbers that
-`python experiments/update_readme.py` puts in the main README's table of all rows. --train-examples and --eval-examples shrink the training run (for smoke tests).
-On a GPU, the full budget is the same command with --epochs 3280; --resume continues an
-earlier run to a larger --epochs.
+`python experiments/update_readme.py` puts in the main README's table of all rows.
+--train-examples and --eval-examples shrink the training run (for smoke tests). On a GPU,
+the full budget is the same command without --epochs; --resume continues an earlier run to a
+larger --epochs.
 """
 
 import argparse
@@ -73,7 +74,6 @@ if not args.report_only:
     run(evaluate + (["--examples", str(args.examples)] if args.examples else []))
 
 
-
 def surgery_rows(surgery: dict | None) -> list[str]:
     """The KL term split as in Hoffman & Johnson (2016): mutual information + marginal KL (absent: no rows)."""
     if not surgery:
@@ -86,6 +86,7 @@ def surgery_rows(surgery: dict | None) -> list[str]:
 
 
 result = runs.read_json(run_dir / "evaluation.json")
+surgery = result["diagnostics"].get("elbo_surgery") or {}
 metrics = runs.read_metrics(run_dir)
 curve = [(m["epoch"], m["val_log_px"], m["val_log_px_stderr"]) for m in metrics if "val_log_px" in m]
 published = config["_published_test_log_px"]
@@ -102,7 +103,7 @@ lines = [
     f"| test ELBO | {result['elbo']['mean']:.2f} ± {result['elbo']['stderr']:.2f} | |",
     f"| reconstruction E_q[log p(x\\|z)] | {result['reconstruction']['mean']:.2f} ± {result['reconstruction']['stderr']:.2f} | |",
     f"| KL(q(z\\|x) ‖ p(z)) | {result['kl']['total']['mean']:.2f} ± {result['kl']['total']['stderr']:.2f} | |",
-    *surgery_rows(result["diagnostics"].get("elbo_surgery")),
+    *surgery_rows(surgery),
     f"| gap log p̂(x) − ELBO | {result['gap']['mean']:.2f} | |",
     f"| active units | {result['diagnostics']['active_units']} | |",
     f"| share of images with PSIS k-hat > 0.7 | {result['diagnostics']['psis'].get('unreliable_share', float('nan')):.2f} | |",
@@ -123,7 +124,6 @@ out.write_text("\n".join(lines) + "\n")
 print(out.read_text())
 
 trained = runs.read_json(run_dir / runs.CONFIG_FILE)["train"]
-surgery = result["diagnostics"].get("elbo_surgery") or {}
 summary = {
     "name": args.name,
     "config": f"experiments/configs/{config_path.name}",
@@ -153,8 +153,5 @@ summary = {
         "khat_above_0.7_share": result["diagnostics"]["psis"].get("unreliable_share"),
     },
     "learning_curve": [{"epoch": e, "val_log_px": v, "stderr": se} for e, v, se in curve],
-    # The paper's full budget from scratch (--device auto takes a GPU when there is one), or this run continued.
-    "full_budget_command": f"python experiments/reproduce.py {args.name}" + (" --engine jit" if trained["objective"] == "elbo" else ""),
-    "continue_command": f"python experiments/reproduce.py {args.name} --resume --epochs {config['epochs']} --runs-dir RUNS_DIR",
 }
 runs.write_json(out.with_suffix(".json"), summary)

@@ -292,7 +292,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # Checked before any process starts, so that a usage error reads as one line, not as torchrun's failure
         # report (the run directory only where this machine holds it: one machine).
         if not args.resume:
-            distributed.check_objective(config)
+            distributed.check_trainable_on_processes(config)
         if args.num_nodes == 1:
             from . import runs
 

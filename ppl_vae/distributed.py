@@ -311,7 +311,7 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, rdzv_endpoint: str
 # --- Training -----------------------------------------------------------------------------------
 
 
-def check_objective(config) -> None:
+def check_trainable_on_processes(config) -> None:
     """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
     objective = make_objective(config.objective, config.particles)
     if config.engine == "svi" and not callable(getattr(objective, "differentiable_loss", None)):
@@ -395,13 +395,13 @@ def train_distributed(
         """On rank 0: the configurations, the run directory and (resuming) the checkpoint, checked before use."""
         if not resume:
             train_config, vae_config = config or training.TrainConfig(), model_config or VAEConfig()
-            check_objective(train_config)  # before the run directory is touched
+            check_trainable_on_processes(train_config)  # before the run directory is touched
             path = runs.prepare_run_dir(run_dir, overwrite=overwrite)
             runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
             return path, train_config, vae_config, None
         path = runs.prepare_run_dir(run_dir, resume=True, overwrite=overwrite)
         train_config, vae_config = training._saved_configs(path, config)
-        check_objective(train_config)
+        check_trainable_on_processes(train_config)
         checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
         training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
         if checkpoint.get("world_size", 1) != context.world_size:

@@ -63,7 +63,7 @@ from .data import MNISTData, load_mnist
 from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
 from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
-from .objectives import OBJECTIVES, check_objective, make_loss_module, make_objective
+from .objectives import check_objective, make_loss_module, make_objective
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 # How a step is computed (see the Engine classes below); both read the same Pyro programs.
@@ -110,10 +110,6 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_samples", "test_samples", "evidence_examples", "evidence_samples"):
             if getattr(self, name) < 1:
                 raise PplVaeError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.objective not in OBJECTIVES:
-            raise PplVaeError(f"unknown objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        if self.particles < 1:
-            raise PplVaeError(f"particles must be at least 1, got {self.particles}")
         if self.engine not in ENGINES:
             raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         check_objective(self.objective, self.particles, compiled=self.engine == "jit")
@@ -596,7 +592,7 @@ def _non_finite_gradients(params: list[torch.Tensor], limit: int = 3) -> list[st
     """The Pyro names of (at most ``limit``) parameters whose gradient holds a NaN or infinity."""
     store = pyro.get_param_store()
     names = [store.param_name(p) or "?" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
-    return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
+    return _first_names(names, limit)
 
 
 def _non_finite_module_gradients(module: torch.nn.Module, limit: int = 3) -> list[str]:
@@ -606,6 +602,10 @@ def _non_finite_module_gradients(module: torch.nn.Module, limit: int = 3) -> lis
         for name, p in module.named_parameters()
         if p.grad is not None and not torch.isfinite(p.grad).all()
     ]
+    return _first_names(names, limit)
+
+
+def _first_names(names: list[str], limit: int) -> list[str]:
     return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
 
 

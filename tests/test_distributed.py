@@ -260,5 +260,5 @@ def test_scale_out_options_that_cannot_work_are_refused(monkeypatch, tmp_path, c
     assert cli.main(["train", "--run-dir", str(tmp_path / "run"), "--devices", "2"]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     with pytest.raises(PplVaeError, match="iwae cannot be trained on several processes"):
-        distributed.check_objective(TrainConfig(objective="iwae", particles=2))
-    distributed.check_objective(TrainConfig(objective="meanfield"))
+        distributed.check_trainable_on_processes(TrainConfig(objective="iwae", particles=2))
+    distributed.check_trainable_on_processes(TrainConfig(objective="meanfield"))
