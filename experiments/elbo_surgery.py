@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ppl_vae import runs
+from ppl_vae.diagnostics import site_diagnostics
 from ppl_vae.cli import main
 
 
@@ -52,14 +53,15 @@ for latent_dim in PUBLISHED:
     run(["evaluate", str(run_dir), "--num-samples", str(args.k), "--no-progress",
           *(["--examples", str(args.examples)] if args.examples else [])])
     result = runs.read_json(run_dir / "evaluation.json")
-    surgery = result["diagnostics"]["elbo_surgery"]
+    site = site_diagnostics(result["diagnostics"])["z"]
+    surgery = site["elbo_surgery"]
     elbo, mi, marginal = PUBLISHED[latent_dim]
     rows.append(
         f"| {latent_dim} | {result['elbo']['mean']:.2f} ± {result['elbo']['stderr']:.2f} ({elbo}) "
         f"| {surgery['average_kl']['mean']:.2f} ({mi + marginal:.2f}) "
         f"| {surgery['mutual_information']['mean']:.2f} ± {surgery['mutual_information']['stderr']:.2f} ({mi}) "
         f"| {surgery['marginal_kl']['mean']:.2f} ± {surgery['marginal_kl']['stderr']:.2f} ({marginal}) "
-        f"| {result['diagnostics']['active_units']} |"
+        f"| {site['active_units']} |"
     )
 metrics = runs.read_metrics(Path(args.runs_dir) / "latent-20")
 text = "\n".join([

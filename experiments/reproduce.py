@@ -22,6 +22,7 @@ from pathlib import Path
 
 import common
 from ppl_vae import runs
+from ppl_vae.diagnostics import site_diagnostics
 from ppl_vae.cli import main
 from ppl_vae.plots import plot_learning_curve
 
@@ -86,7 +87,10 @@ def surgery_rows(surgery: dict | None) -> list[str]:
 
 
 result = runs.read_json(run_dir / "evaluation.json")
-surgery = result["diagnostics"].get("elbo_surgery") or {}
+sites = site_diagnostics(result["diagnostics"])
+surgery = next((site["elbo_surgery"] for site in sites.values() if "average_kl" in site.get("elbo_surgery", {})), {})
+active_units = "; ".join(f"{name}: {site.get('active_units')}" for name, site in sites.items()) if len(sites) > 1 else \
+    next(iter(sites.values())).get("active_units")
 metrics = runs.read_metrics(run_dir)
 curve = [(m["epoch"], m["val_log_px"], m["val_log_px_stderr"]) for m in metrics if "val_log_px" in m]
 published = config["_published_test_log_px"]
@@ -105,7 +109,7 @@ lines = [
     f"| KL(q(z\\|x) ‖ p(z)) | {result['kl']['total']['mean']:.2f} ± {result['kl']['total']['stderr']:.2f} | |",
     *surgery_rows(surgery),
     f"| gap log p̂(x) − ELBO | {result['gap']['mean']:.2f} | |",
-    f"| active units | {result['diagnostics']['active_units']} | |",
+    f"| active units | {active_units} | |",
     f"| share of images with PSIS k-hat > 0.7 | {result['diagnostics']['psis'].get('unreliable_share', float('nan')):.2f} | |",
     "",
     f"Learning curve, validation log p̂(x) (K={metrics[-1].get('val_log_px_samples')}, "
@@ -149,7 +153,7 @@ summary = {
         "mutual_information": surgery.get("mutual_information", {}).get("mean"),
         "marginal_kl": surgery.get("marginal_kl", {}).get("mean"),
         "gap": result["gap"]["mean"],
-        "active_units": result["diagnostics"]["active_units"],
+        "active_units": active_units,
         "khat_above_0.7_share": result["diagnostics"]["psis"].get("unreliable_share"),
     },
     "learning_curve": [{"epoch": e, "val_log_px": v, "stderr": se} for e, v, se in curve],

@@ -280,7 +280,7 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
                     for s in range(0, num_examples, chunk):
                         time_reference_evidence(vae, x[s : s + chunk], num_samples, particles)
                 else:
-                    evidence_estimate(vae.model, vae.guide, x, num_samples, chunk_size=chunk, particles_per_chunk=particles)
+                    evidence_estimate(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk, particles_per_chunk=particles)
                 _sync(device)
                 runs[name].append(time.perf_counter() - started)
                 peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

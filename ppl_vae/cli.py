@@ -378,7 +378,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
         evidence=evidence, decomposition=per_datapoint.decomposition,
     )
     with seeded(derive_seed(args.seed, "diagnostics")):
-        result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis, chunk_size=args.chunk_size)
+        result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis=psis, chunk_size=args.chunk_size)
     result.update({
         "split": args.split,
         "epoch": config["epoch"],
@@ -465,6 +465,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     import numpy
 
     from . import plots, runs
+    from .diagnostics import site_diagnostics
     from .errors import RunDirectoryError
 
     run_dir = Path(args.run_dir)
@@ -478,15 +479,20 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", diagnostics["psis"]["khat_threshold"]))
     else:
         print(f"k-hat: not available ({diagnostics['psis']['unavailable']})")
-    collapse, surgery = diagnostics["collapse"], diagnostics["elbo_surgery"]
-    if "unavailable" in collapse:
-        print(f"KL per dimension: not available ({collapse['unavailable']})")
-    else:
-        written.append(plots.plot_kl_per_dimension(collapse["kl_sorted"], out / "kl_per_dimension.png", collapse["kl_threshold"]))
-    if "unavailable" in surgery:
-        print(f"ELBO surgery: not available ({surgery['unavailable']})")
-    else:
-        written.append(plots.plot_elbo_surgery(surgery, out / "elbo_surgery.png"))
+    sites = site_diagnostics(diagnostics)
+    for name, site in sites.items():
+        # One latent site keeps the plain file names; several get one figure each, named by site.
+        suffix, label = (f"_{name}", f"site '{name}': ") if len(sites) > 1 else ("", "")
+        collapse, surgery = site.get("collapse", {}), site.get("elbo_surgery", {})
+        if "unavailable" in collapse:
+            print(f"{label}KL per dimension: not available ({collapse['unavailable']})")
+        elif collapse:
+            written.append(plots.plot_kl_per_dimension(
+                collapse["kl_sorted"], out / f"kl_per_dimension{suffix}.png", collapse["kl_threshold"]))
+        if "unavailable" in surgery:
+            print(f"{label}ELBO surgery: not available ({surgery['unavailable']})")
+        elif surgery:
+            written.append(plots.plot_elbo_surgery(surgery, out / f"elbo_surgery{suffix}.png"))
     for path in written:
         print(path)
     return 0

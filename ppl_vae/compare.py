@@ -24,6 +24,7 @@ from typing import Any
 import numpy
 
 from . import runs
+from .diagnostics import site_diagnostics
 from .errors import RunDirectoryError
 from .model import VAEConfig
 from .train import TrainConfig, describe_objective
@@ -68,7 +69,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "k": result["log_evidence"]["num_samples"],
         "gap": result["gap"]["mean"],
         "bits_per_dim": bpd,
-        "active_units": diagnostics.get("active_units"),
+        "active_units": _active_units(diagnostics),
         "train_seconds": metrics[-1]["train_seconds"] if metrics else None,
         "device": metrics[-1]["device"] if metrics else result.get("device"),
         "log_px_minus_first": None,
@@ -140,10 +141,22 @@ def _paired(row: dict[str, Any]) -> str:
     return f"{row['log_px_minus_first']:+.2f} ± {row['log_px_minus_first_se']:.2f}"
 
 
+def _active_units(diagnostics: dict[str, Any]) -> Any:
+    """The active-unit count of the one latent site, or "site count; ..." for several; None when not evaluated."""
+    if not diagnostics:
+        return None
+    counts = {name: site.get("active_units") for name, site in site_diagnostics(diagnostics).items()}
+    if len(counts) == 1:
+        return next(iter(counts.values()))
+    return "; ".join(f"{name} {_format_active_units(count)}" for name, count in counts.items())
+
+
 def _format_active_units(value: Any) -> str:
     # The diagnostics give a count, or a dict saying why there is none (e.g. a flow guide has no posterior mean).
     if isinstance(value, dict):
         return "–"
+    if isinstance(value, str):  # several sites, already formatted
+        return value
     return _format(value)
 
 

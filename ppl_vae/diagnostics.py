@@ -66,10 +66,20 @@ divided by sqrt(N). They cover the Monte Carlo noise of the draws (conservativel
 the spread between datapoints is included) and the sampling error of the
 dataset mean, not the finite-N bias above.
 
-The latent site is named by ``site``; by default it is the model's only latent
-site. With several latent sites, the named site's distributions are those of one
-draw of the others, so these decompositions hold exactly only when the guide of
-that site depends on x alone and its prior has no latent parents.
+**Several latent sites.** Every function takes the data as positional tensors after the
+guide (``x`` and any conditioning data, as :mod:`ppl_vae.evaluate`), names its site with
+``site=`` (by default the model's only latent site), and :func:`diagnostics_summary`
+computes every diagnostic for every latent site whose structure allows it, saying for
+each site which are unavailable and why. The conditions, read from the programs'
+dependencies (:func:`ppl_vae.evaluate.inspect_program`):
+
+* KL per dimension and the collapse report: the site's model parents are not drawn after
+  it in the guide (the condition of its analytic KL term); where its guide or prior depends
+  on other latent sites, the KL per dimension is taken at one draw of them per datapoint;
+* active units: the site's guide depends on x alone (no latent parents in the guide), so
+  that E_q[z | x] is the mean of one distribution;
+* ELBO surgery and total correlation: also a prior without latent parents, so that
+  KL(q(z) || p(z)) compares the aggregate posterior with a density we can evaluate.
 """
 
 from __future__ import annotations
@@ -90,6 +100,8 @@ from .evaluate import (
     KL_ANALYTIC,
     KL_MONTE_CARLO,
     EvidenceEstimate,
+    ProgramStructure,
+    check_count,
     evidence_from_weight_sums,
     iter_chunk_terms,
     mean_and_stderr,
@@ -116,31 +128,33 @@ def importance_log_weights(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int,
     chunk_size: int | None = None,
-    *,
     particles_per_chunk: int | None = None,
     data_plate: str | None = None,
 ) -> torch.Tensor:
     """log w_nk = log p(x_n, z_nk) - log q(z_nk | x_n), z_nk ~ q(z | x_n): a float64 CPU tensor [N, K], nats.
 
-    K = ``num_samples``; ``chunk_size`` datapoints and ``particles_per_chunk`` draws
-    are traced at a time (by default from a memory budget). The whole [N, K] matrix
-    is kept (8 N K bytes), so use a subset of the data when K is large;
-    :func:`ppl_vae.evaluate.evidence_estimate` streams the same weights without keeping them.
+    K = ``num_samples``; positional tensors after x are per-datapoint conditioning data
+    (as in :func:`ppl_vae.evaluate.elbo_decomposition`). ``chunk_size`` datapoints and
+    ``particles_per_chunk`` draws are traced at a time (by default from a memory budget).
+    The whole [N, K] matrix is kept (8 N K bytes), so use a subset of the data when K is
+    large; :func:`ppl_vae.evaluate.evidence_estimate` streams the same weights without keeping them.
     """
     n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
-    log_weights = torch.empty(n, num_samples, dtype=torch.float64)
-    for rows, block in _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate):
+    log_weights = torch.empty(n, check_count(num_samples, "num_samples"), dtype=torch.float64)
+    for rows, block in _log_weight_blocks(model, guide, (x, *cond), num_samples, chunk_size, particles_per_chunk, data_plate):
         log_weights[rows] = block
     return log_weights
 
 
-def _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, progress=False):
+def _log_weight_blocks(model, guide, data, num_samples, chunk_size, particles_per_chunk, data_plate, progress=False):
     """Yield ``(rows, log_weights [n, K])`` per chunk of datapoints: all K draws of n datapoints at once."""
-    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl="mc")
+    plan = plan_evaluation(model, guide, *data, num_samples=num_samples, chunk_size=chunk_size,
+                           particles_per_chunk=particles_per_chunk, data_plate=data_plate, kl="mc")
     rows_done, parts = None, []
-    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+    for rows, terms in iter_chunk_terms(model, guide, data, plan, progress):
         if rows != rows_done and parts:  # particle chunks of one data chunk come one after another
             yield rows_done, torch.cat(parts, 1)
             parts = []
@@ -154,9 +168,9 @@ def evidence_with_psis(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int = 5000,
     chunk_size: int | None = None,
-    *,
     particles_per_chunk: int | None = None,
     data_plate: str | None = None,
     khat_threshold: float = KHAT_THRESHOLD,
@@ -174,11 +188,12 @@ def evidence_with_psis(
     log_sum_w = torch.empty(n, dtype=torch.float64)
     log_sum_w2 = torch.empty(n, dtype=torch.float64)
     pieces: list[dict[str, Any]] = []
-    for rows, log_weights in _log_weight_blocks(model, guide, x, num_samples, chunk_size, particles_per_chunk,
+    for rows, log_weights in _log_weight_blocks(model, guide, (x, *cond), num_samples, chunk_size, particles_per_chunk,
                                                 data_plate, progress):
         log_sum_w[rows] = torch.logsumexp(log_weights, 1)
         log_sum_w2[rows] = torch.logsumexp(2 * log_weights, 1)
         pieces.append(psis_diagnostics(log_weights, khat_threshold))
+    num_samples = int(num_samples)
     evidence = evidence_from_weight_sums(log_sum_w, log_sum_w2, num_samples)
     psis = {key: torch.cat([p[key] for p in pieces]) for key in ("khat", "unreliable", "ess", "log_evidence", "psis_log_evidence")}
     psis.update(
@@ -300,12 +315,12 @@ def _fit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return smoothed, khat
 
 
-# --- One latent site over the whole batch --------------------------------------------
+# --- Latent sites over the whole batch ------------------------------------------------
 
 
 @dataclass
 class _SiteChunk:
-    """The named latent site for one chunk of datapoints: q(z | x_rows) and the prior p(z), batch [n]."""
+    """A latent site for one chunk of datapoints: q(z | x_rows) and the prior p(z), batch [n]."""
 
     rows: slice
     q: Distribution
@@ -314,10 +329,57 @@ class _SiteChunk:
 
 @dataclass
 class _Site:
+    """A latent site's distributions over all datapoints, and what the programs' structure says of it."""
+
     name: str
     chunks: list[_SiteChunk]
     num_datapoints: int
-    latent_dim: int
+    model_parents: list[str]  # latent sites its prior depends on
+    guide_parents: list[str]  # latent sites its guide depends on
+    conflicts: list[str]  # model parents drawn after it in the guide, from its value
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.chunks[0].q.event_shape[0])
+
+    def require_shape(self) -> None:
+        """Batch shape [n] (the data plate only) and one event dimension, in the guide and the prior."""
+        for role, fn in (("guide", self.chunks[0].q), ("model", self.chunks[0].p)):
+            n = self.chunks[0].rows.stop - self.chunks[0].rows.start
+            if tuple(fn.batch_shape) != (n,) or len(fn.event_shape) != 1:
+                raise ModelStructureError(
+                    f"site {self.name!r}: the {role}'s distribution has batch shape {list(fn.batch_shape)} and event "
+                    f"shape {list(fn.event_shape)}; these diagnostics need batch shape [N] (the data plate only, at "
+                    "dim -1) and one event dimension, e.g. dist.Normal(loc, scale).to_event(1) inside "
+                    "pyro.plate('data', N)"
+                )
+
+    def require_fixed_parents(self) -> None:
+        """The condition of an analytic KL term: no model parent is drawn after the site in the guide."""
+        self.require_shape()
+        if self.conflicts:
+            raise ModelStructureError(
+                f"site {self.name!r}: its model parent(s) {self.conflicts} are drawn after it in the guide, so "
+                "KL(q || p) per dimension at fixed parents is not its KL term"
+            )
+
+    def require_guide_of_x_alone(self) -> None:
+        """q(z | x) is one distribution per datapoint: the site's guide has no latent parents."""
+        self.require_shape()
+        if self.guide_parents:
+            raise ModelStructureError(
+                f"site {self.name!r}: its guide depends on latent site(s) {self.guide_parents}, so q({self.name} | x) "
+                "is a mixture over their draws, not one distribution per datapoint"
+            )
+
+    def require_marginal_prior(self) -> None:
+        """The aggregate posterior is compared with p(z): the site's prior has no latent parents."""
+        self.require_guide_of_x_alone()
+        if self.model_parents:
+            raise ModelStructureError(
+                f"site {self.name!r}: its prior depends on latent site(s) {self.model_parents}, so its marginal "
+                f"p({self.name}) has no closed form to compare the aggregate posterior with"
+            )
 
 
 def _pick_site(latent_sites: list[str], site: str | None) -> str:
@@ -330,32 +392,45 @@ def _pick_site(latent_sites: list[str], site: str | None) -> str:
     return site
 
 
-def _check_site_shape(fn: Distribution, name: str, role: str, n: int) -> None:
-    if tuple(fn.batch_shape) != (n,) or len(fn.event_shape) != 1:
-        raise ModelStructureError(
-            f"site {name!r}: the {role}'s distribution has batch shape {list(fn.batch_shape)} and event shape "
-            f"{list(fn.event_shape)}; these diagnostics need batch shape [N] (the data plate only, at dim -1) "
-            "and one event dimension, e.g. dist.Normal(loc, scale).to_event(1) inside pyro.plate('data', N)"
-        )
+def _collect_sites(
+    model: Callable, guide: Callable, data: tuple, names: list[str] | None, chunk_size: int | None,
+    data_plate: str | None,
+) -> dict[str, _Site]:
+    """Trace the guide, and the model replayed on it, over the data in chunks; keep each named site's distributions.
+
+    ``names`` None means every latent site. One pass serves every site, so the sites'
+    distributions come from the same draws.
+    """
+    plan = plan_evaluation(model, guide, *data, num_samples=1, chunk_size=chunk_size, data_plate=data_plate)
+    structure = plan.structure
+    names = structure.latent_sites if names is None else names
+    n = data[0].shape[0]
+    chunks: dict[str, list[_SiteChunk]] = {name: [] for name in names}
+    with torch.no_grad():
+        for start in range(0, n, plan.chunk_size):
+            rows = slice(start, min(start + plan.chunk_size, n))
+            model_trace, guide_trace = trace_pair(
+                model, guide, tuple(value[rows] for value in data), None, structure.max_plate_nesting
+            )
+            for name in names:
+                chunks[name].append(_SiteChunk(rows, guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]))
+    return {name: _site(name, chunks[name], n, structure) for name in names}
+
+
+def _site(name: str, chunks: list[_SiteChunk], n: int, structure: ProgramStructure) -> _Site:
+    return _Site(
+        name, chunks, n, sorted(structure.model_parents.get(name, ())), sorted(structure.guide_parents.get(name, ())),
+        list(structure.order_conflicts.get(name, [])),
+    )
 
 
 def _collect_site(
-    model: Callable, guide: Callable, x: torch.Tensor, site: str | None, chunk_size: int | None, data_plate: str | None
+    model: Callable, guide: Callable, data: tuple, site: str | None, chunk_size: int | None, data_plate: str | None
 ) -> _Site:
-    """Trace the guide, and the model replayed on it, over ``x`` in chunks; keep the site's two distributions."""
-    plan = plan_evaluation(model, guide, x, 1, chunk_size, data_plate=data_plate)
+    """:func:`_collect_sites` for one site: ``site``, or the model's only latent site."""
+    plan = plan_evaluation(model, guide, *data, num_samples=1, chunk_size=chunk_size, data_plate=data_plate)
     name = _pick_site(plan.structure.latent_sites, site)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], plan.chunk_size):
-            rows = slice(start, min(start + plan.chunk_size, x.shape[0]))
-            model_trace, guide_trace = trace_pair(model, guide, x[rows], None, plan.structure.max_plate_nesting)
-            q, p = guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]
-            n = rows.stop - rows.start
-            _check_site_shape(q, name, "guide", n)
-            _check_site_shape(p, name, "model", n)
-            chunks.append(_SiteChunk(rows, q, p))
-    return _Site(name, chunks, x.shape[0], int(chunks[0].q.event_shape[0]))
+    return _collect_sites(model, guide, data, [name], chunk_size, data_plate)[name]
 
 
 def _diagonal_normal(fn: Distribution, name: str, role: str) -> Normal:
@@ -375,6 +450,7 @@ def _diagonal_normal(fn: Distribution, name: str, role: str) -> Normal:
 
 
 def _kl_per_dimension(site: _Site) -> torch.Tensor:
+    site.require_fixed_parents()
     total = torch.zeros(site.latent_dim, dtype=torch.float64)
     for chunk in site.chunks:
         q = _diagonal_normal(chunk.q, site.name, "guide")
@@ -384,6 +460,7 @@ def _kl_per_dimension(site: _Site) -> torch.Tensor:
 
 
 def _activity(site: _Site) -> torch.Tensor:
+    site.require_guide_of_x_alone()
     means = torch.cat([_diagonal_normal(c.q, site.name, "guide").loc.double().cpu() for c in site.chunks])
     return means.var(0, correction=1 if site.num_datapoints > 1 else 0)
 
@@ -392,79 +469,66 @@ def kl_per_dimension(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     site: str | None = None,
     chunk_size: int | None = None,
-    *,
     data_plate: str | None = None,
 ) -> torch.Tensor:
     """(1/N) sum_n KL(q(z_d | x_n) || p(z_d)) for each latent dimension d: a float64 CPU tensor [D], nats.
 
     Analytic Normal-Normal KL; the guide and the prior of ``site`` must both be
-    diagonal Normals (``dist.Normal(loc, scale).to_event(1)``). The entries sum to
-    the site's analytic KL term of :func:`ppl_vae.evaluate.elbo_decomposition`.
+    diagonal Normals (``dist.Normal(loc, scale).to_event(1)``), and the site's model
+    parents must not be drawn after it in the guide. The entries sum to the site's
+    analytic KL term of :func:`ppl_vae.evaluate.elbo_decomposition`.
     """
-    return _kl_per_dimension(_collect_site(model, guide, x, site, chunk_size, data_plate))
+    return _kl_per_dimension(_collect_site(model, guide, (x, *cond), site, chunk_size, data_plate))
+
+
+def _active_units(site: _Site, threshold: float) -> dict[str, Any]:
+    activity = _activity(site)
+    active = activity > threshold
+    return {"num_active": int(active.sum()), "active": active, "activity": activity, "threshold": threshold}
 
 
 def active_units(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     site: str | None = None,
     threshold: float = ACTIVITY_THRESHOLD,
     chunk_size: int | None = None,
-    *,
     data_plate: str | None = None,
 ) -> dict[str, Any]:
     """Active units of Burda et al. (2015): unit d is active when A_d = Var_x(E_q[z_d | x]) > ``threshold``.
 
-    The guide of ``site`` must be a diagonal Normal (its mean is read from the
-    distribution). Returns ``"num_active"`` (int), ``"active"`` (bool tensor [D]),
-    ``"activity"`` (A_d, float64 tensor [D], in squared units of z) and ``"threshold"``.
+    The guide of ``site`` must be a diagonal Normal that depends on x alone (its mean
+    is read from the distribution). Returns ``"num_active"`` (int), ``"active"`` (bool
+    tensor [D]), ``"activity"`` (A_d, float64 tensor [D], in squared units of z) and ``"threshold"``.
     """
-    activity = _activity(_collect_site(model, guide, x, site, chunk_size, data_plate))
-    active = activity > threshold
-    return {"num_active": int(active.sum()), "active": active, "activity": activity, "threshold": threshold}
+    return _active_units(_collect_site(model, guide, (x, *cond), site, chunk_size, data_plate), threshold)
 
 
-def collapse_report(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    site: str | None = None,
-    kl_threshold: float = COLLAPSED_KL_THRESHOLD,
-    activity_threshold: float = ACTIVITY_THRESHOLD,
-    chunk_size: int | None = None,
-    *,
-    data_plate: str | None = None,
-) -> dict[str, Any]:
-    """A posterior-collapse report for a diagonal-Normal latent site, JSON-ready (floats and lists), in nats.
-
-    * ``"kl_per_dimension"`` -- mean KL of each dimension, in dimension order;
-    * ``"dimensions_by_kl"`` and ``"kl_sorted"`` -- the dimensions and their KL, largest KL first;
-    * ``"total_kl"`` -- their sum (the site's KL term);
-    * ``"collapsed_share"`` -- share of dimensions whose KL is below ``kl_threshold``;
-    * ``"num_active"`` -- active units (Burda et al. 2015, ``activity_threshold``), see :func:`active_units`;
-    * ``"warning"`` -- a sentence when most dimensions are collapsed or the total KL is
-      below 0.1 nats (the decoder then barely uses z), else None.
-    """
-    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
-    kl = _kl_per_dimension(data)
-    num_active = int((_activity(data) > activity_threshold).sum())
+def _collapse_report(site: _Site, kl_threshold: float, activity_threshold: float) -> dict[str, Any]:
+    kl = _kl_per_dimension(site)
+    try:
+        num_active: int | dict = int((_activity(site) > activity_threshold).sum())
+    except ModelStructureError as error:  # the KL per dimension holds; the posterior mean is not one distribution's
+        num_active = {"unavailable": str(error)}
     order = torch.argsort(kl, descending=True)
     collapsed = int((kl < kl_threshold).sum())
     total = kl.sum().item()
-    d = data.latent_dim
+    d = site.latent_dim
     problems = []
     if collapsed > d / 2:
         problems.append(f"{collapsed} of {d} latent dimensions carry less than {kl_threshold} nats of KL")
     if total < NEGLIGIBLE_TOTAL_KL:
         problems.append(f"the total KL is {total:.3g} nats, so q(z|x) barely differs from the prior")
-    warning = f"posterior collapse at site {data.name!r}: " + "; ".join(problems) if problems else None
+    warning = f"posterior collapse at site {site.name!r}: " + "; ".join(problems) if problems else None
     return {
-        "site": data.name,
+        "site": site.name,
         "units": "nats per datapoint",
-        "num_datapoints": data.num_datapoints,
+        "num_datapoints": site.num_datapoints,
         "latent_dim": d,
         "kl_per_dimension": kl.tolist(),
         "dimensions_by_kl": order.tolist(),
@@ -476,6 +540,32 @@ def collapse_report(
         "activity_threshold": activity_threshold,
         "warning": warning,
     }
+
+
+def collapse_report(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *cond: torch.Tensor,
+    site: str | None = None,
+    kl_threshold: float = COLLAPSED_KL_THRESHOLD,
+    activity_threshold: float = ACTIVITY_THRESHOLD,
+    chunk_size: int | None = None,
+    data_plate: str | None = None,
+) -> dict[str, Any]:
+    """A posterior-collapse report for a diagonal-Normal latent site, JSON-ready (floats and lists), in nats.
+
+    * ``"kl_per_dimension"`` -- mean KL of each dimension, in dimension order;
+    * ``"dimensions_by_kl"`` and ``"kl_sorted"`` -- the dimensions and their KL, largest KL first;
+    * ``"total_kl"`` -- their sum (the site's KL term);
+    * ``"collapsed_share"`` -- share of dimensions whose KL is below ``kl_threshold``;
+    * ``"num_active"`` -- active units (Burda et al. 2015, ``activity_threshold``), see
+      :func:`active_units`; ``{"unavailable": reason}`` where the site's guide depends on other latent sites;
+    * ``"warning"`` -- a sentence when most dimensions are collapsed or the total KL is
+      below 0.1 nats (the decoder then barely uses z), else None.
+    """
+    data = _collect_site(model, guide, (x, *cond), site, chunk_size, data_plate)
+    return _collapse_report(data, kl_threshold, activity_threshold)
 
 
 # --- Aggregate posterior: ELBO surgery and total correlation ---------------------------
@@ -512,8 +602,8 @@ def _log_aggregate(z: torch.Tensor, site: _Site, per_dimension: bool):
 
 def _aggregate_terms(site: _Site, num_samples: int, per_dimension: bool) -> _AggregateTerms:
     """Draw ``num_samples`` z from every q(z | x_n) and evaluate each draw under q(z | x_n), p(z) and q(z)."""
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InvalidDataError(f"num_samples must be a positive integer, got {num_samples!r}")
+    site.require_marginal_prior()
+    num_samples = check_count(num_samples, "num_samples")
     draws, log_q_own, log_p, log_p_dims, kl = [], [], [], [], []
     with torch.no_grad():
         for chunk in site.chunks:
@@ -566,10 +656,10 @@ def elbo_surgery(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     site: str | None = None,
     num_samples: int = 1,
     chunk_size: int | None = None,
-    *,
     data_plate: str | None = None,
 ) -> dict[str, Any]:
     r"""Average KL = mutual information + marginal KL (Hoffman & Johnson 2016), JSON-ready, nats per datapoint.
@@ -585,9 +675,13 @@ def elbo_surgery(
     Each is ``{"mean": ..., "stderr": ...}``. See the module docstring for the
     estimator's bias with finite N and what the standard errors cover. Works for any
     guide distribution with batch shape [N] and one event dimension (a diagonal
-    Normal, a MultivariateNormal, ...). Costs O(S N^2 D) time for S = ``num_samples``.
+    Normal, a MultivariateNormal, ...) that depends on x alone, and a prior without
+    latent parents. Costs O(S N^2 D) time for S = ``num_samples``.
     """
-    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
+    return _elbo_surgery(_collect_site(model, guide, (x, *cond), site, chunk_size, data_plate), num_samples)
+
+
+def _elbo_surgery(data: _Site, num_samples: int) -> dict[str, Any]:
     terms = _aggregate_terms(data, num_samples, per_dimension=False)
     marginal = (terms.log_q_agg - terms.log_p).mean(0)
     return {
@@ -607,10 +701,10 @@ def total_correlation(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     site: str | None = None,
     num_samples: int = 1,
     chunk_size: int | None = None,
-    *,
     data_plate: str | None = None,
 ) -> dict[str, Any]:
     r"""Marginal KL = total correlation + dimension-wise KL (Chen et al. 2018), JSON-ready, nats per datapoint.
@@ -626,7 +720,10 @@ def total_correlation(
     All use the full-dataset aggregate, so no minibatch-weighted sampling is
     needed; see the module docstring for the finite-N bias.
     """
-    data = _collect_site(model, guide, x, site, chunk_size, data_plate)
+    return _total_correlation(_collect_site(model, guide, (x, *cond), site, chunk_size, data_plate), num_samples)
+
+
+def _total_correlation(data: _Site, num_samples: int) -> dict[str, Any]:
     terms = _aggregate_terms(data, num_samples, per_dimension=True)
     tc = (terms.log_q_agg - terms.log_q_agg_dims.sum(-1)).mean(0)
     dimensionwise = (terms.log_q_agg_dims - terms.log_p_dims).mean(0)  # [N, D]
@@ -663,31 +760,54 @@ def diagnostics_summary(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
-    psis: dict[str, Any] | None,
-    site: str | None = None,
+    *cond: torch.Tensor,
+    psis: dict[str, Any] | None = None,
     chunk_size: int | None = None,
+    data_plate: str | None = None,
 ) -> dict[str, Any]:
-    """JSON-ready diagnostics of a pair on ``x``: PSIS reliability, collapse, active units, ELBO surgery, TC.
+    """JSON-ready diagnostics of a pair on its data: PSIS reliability, and per latent site collapse, active units,
+    ELBO surgery and total correlation.
 
-    ``psis`` is the second value of :func:`evidence_with_psis` on the same ``x``
-    (None when K was too small for PSIS).
-    Diagnostics the pair's structure does not allow (per-dimension ones need
-    diagonal Normals) come back as ``{"unavailable": reason}``.
+    ``psis`` is the second value of :func:`evidence_with_psis` on the same data (None
+    when K was too small for PSIS). ``"sites"`` maps every latent site to its
+    diagnostics; one that the site's structure does not allow (per-dimension ones need
+    diagonal Normals; see the module docstring for the conditions on dependencies)
+    comes back as ``{"unavailable": reason}``.
     """
-    collapse = _or_reason(lambda: collapse_report(model, guide, x, site, chunk_size=chunk_size))
+    sites = _collect_sites(model, guide, (x, *cond), None, chunk_size, data_plate)
     return {
         "units": "nats per datapoint",
         "psis": _psis_summary(psis) if psis is not None else {
             "unavailable": f"PSIS needs at least {MIN_PSIS_SAMPLES} importance samples per datapoint"
         },
-        # Active units need only a diagonal-Normal guide, so they are counted even where the prior
-        # (a mixture, a flow) rules out the per-dimension KL of the collapse report.
-        "active_units": collapse["num_active"] if "num_active" in collapse else _or_reason(
-            lambda: active_units(model, guide, x, site, chunk_size=chunk_size)["num_active"]),
-        "collapse": collapse,
-        "elbo_surgery": _or_reason(lambda: elbo_surgery(model, guide, x, site, chunk_size=chunk_size)),
-        "total_correlation": _or_reason(lambda: total_correlation(model, guide, x, site, chunk_size=chunk_size)),
+        "sites": {name: _site_diagnostics(site) for name, site in sites.items()},
     }
+
+
+def _site_diagnostics(site: _Site) -> dict[str, Any]:
+    collapse = _or_reason(lambda: _collapse_report(site, COLLAPSED_KL_THRESHOLD, ACTIVITY_THRESHOLD))
+    return {
+        # Active units need only a diagonal-Normal guide of x alone, so they are counted even where the
+        # prior (a mixture, a flow, a prior with latent parents) rules out the per-dimension KL.
+        "active_units": collapse["num_active"] if "num_active" in collapse else _or_reason(
+            lambda: _active_units(site, ACTIVITY_THRESHOLD)["num_active"]),
+        "collapse": collapse,
+        "elbo_surgery": _or_reason(lambda: _elbo_surgery(site, 1)),
+        "total_correlation": _or_reason(lambda: _total_correlation(site, 1)),
+    }
+
+
+def site_diagnostics(diagnostics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-site diagnostics of a :func:`diagnostics_summary` result, by site name.
+
+    Results written before diagnostics were per site (one latent site, at the top level)
+    are read as one site, named by their collapse report or ``"z"``.
+    """
+    if "sites" in diagnostics:
+        return diagnostics["sites"]
+    keys = ("active_units", "collapse", "elbo_surgery", "total_correlation")
+    name = diagnostics.get("collapse", {}).get("site") or diagnostics.get("elbo_surgery", {}).get("site") or "z"
+    return {name: {key: diagnostics[key] for key in keys if key in diagnostics}}
 
 
 def _psis_summary(psis: dict[str, Any]) -> dict[str, Any]:

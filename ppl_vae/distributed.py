@@ -77,7 +77,7 @@ from .errors import (
 )
 from .evaluate import (
     EvidenceEstimate,
-    _check_inputs,
+    check_data,
     elbo_decomposition,
     evaluation_summary,
     evidence_estimate,
@@ -565,7 +565,7 @@ def evaluate_per_datapoint(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
-    *,
+    *cond: torch.Tensor,
     num_samples: int | None = None,
     elbo_samples: int | None = None,
     seed: int = 0,
@@ -576,6 +576,8 @@ def evaluate_per_datapoint(
 ) -> PerDatapointEvaluation:
     """Importance-sampled log p(x) with ``num_samples`` draws and the ELBO decomposition with ``elbo_samples``, per datapoint.
 
+    Positional tensors after x are per-datapoint conditioning data (as in
+    :func:`ppl_vae.evaluate.elbo_decomposition`), cut into the same blocks as x.
     The datapoints are cut into blocks of ``block_size`` consecutive indices (the last may
     be smaller). Block b is evaluated on its own with Pyro's random streams seeded by
     ``derive_seed(seed, "block", b)``: first the evidence (with PSIS diagnostics when
@@ -593,7 +595,7 @@ def evaluate_per_datapoint(
         raise PplVaeError("evaluate_per_datapoint needs num_samples (log p(x)) or elbo_samples (the ELBO), or both")
     if not isinstance(block_size, int) or block_size < 1:
         raise PplVaeError(f"block_size must be a positive integer, got {block_size!r}")
-    _check_inputs(x, 1)
+    data = check_data(x, cond)
     rank, world_size = _rank_and_size()
     n = x.shape[0]
     mine = range(rank, math.ceil(n / block_size), world_size)
@@ -601,22 +603,25 @@ def evaluate_per_datapoint(
     done: list[tuple[int, dict[str, Any]]] = []
     for block in mine:
         rows = slice(block * block_size, min(n, (block + 1) * block_size))
-        xb = x[rows]
+        block_data = tuple(value[rows] for value in data)
         result: dict[str, Any] = {}
         try:
             with seeded(derive_seed(seed, "block", block)):
                 if num_samples is not None and psis:
-                    result["evidence"], result["psis"] = evidence_with_psis(model, guide, xb, num_samples, chunk_size)
+                    result["evidence"], result["psis"] = evidence_with_psis(
+                        model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
                 elif num_samples is not None:
-                    result["evidence"] = evidence_estimate(model, guide, xb, num_samples, chunk_size)
+                    result["evidence"] = evidence_estimate(
+                        model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
                 if elbo_samples is not None:
-                    result["decomposition"] = elbo_decomposition(model, guide, xb, elbo_samples, chunk_size=chunk_size)
+                    result["decomposition"] = elbo_decomposition(
+                        model, guide, *block_data, num_samples=elbo_samples, chunk_size=chunk_size)
         except PplVaeError as error:
             done.append((block, {"error": type(error)(f"{error} (in datapoints {rows.start} to {rows.stop - 1} of x)")}))
             break
         done.append((block, result))
         if bar is not None:
-            bar.update(xb.shape[0])
+            bar.update(rows.stop - rows.start)
     if bar is not None:
         bar.close()
     blocks = sorted((item for items in all_gather_objects(done) for item in items), key=lambda item: item[0])
@@ -647,6 +652,7 @@ def _join_decompositions(parts: list[dict]) -> dict:
         "reconstruction": torch.cat([p["reconstruction"] for p in parts]),
         "kl": {name: torch.cat([p["kl"][name] for p in parts]) for name in first["kl"]},
         "kl_method": dict(first["kl_method"]),
+        "kl_reason": dict(first.get("kl_reason", {})),
         "num_samples": first["num_samples"],
     }
 

@@ -47,6 +47,7 @@ the batch.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from typing import Any, Callable, Iterator
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.inspect import get_dependencies
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import constraints, kl_divergence
 
@@ -85,9 +87,21 @@ DEVICE_ERRORS: tuple[type[BaseException], ...] = OUT_OF_MEMORY_ERRORS + tuple(
 _PROGRAM_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 
+Data = tuple  # (x, *cond): the per-datapoint tensors passed, in this order, to both programs
+
+
 @dataclass
 class ProgramStructure:
-    """What one trace of a model/guide pair says about its sites and plates."""
+    """What one trace of a model/guide pair says about its sites, plates and dependencies.
+
+    ``model_parents[s]`` and ``guide_parents[s]`` are the latent sites whose values the
+    density of latent site ``s`` depends on directly, in the model and in the guide;
+    ``dependencies`` says how they were found: ``"provenance"`` (Pyro's
+    ``get_dependencies``, which follows values through the programs' tensor operations) or
+    ``"site order"`` (every earlier latent site counts as a parent: a safe over-approximation,
+    used where provenance tracking fails on a program). ``kl_reasons[s]`` says why the KL
+    term of ``s`` is Monte Carlo (absent when it is analytic).
+    """
 
     max_plate_nesting: int
     data_plate: str
@@ -95,15 +109,70 @@ class ProgramStructure:
     observed_sites: list[str]
     latent_sites: list[str]
     kl_methods: dict[str, str] = field(default_factory=dict)
+    kl_reasons: dict[str, str] = field(default_factory=dict)
+    model_parents: dict[str, set[str]] = field(default_factory=dict)
+    guide_parents: dict[str, set[str]] = field(default_factory=dict)
+    dependencies: str = "provenance"
+    # Latent sites whose model parents are drawn after them in the guide, and depend on them there:
+    # their KL(q || p) at fixed parents is not their term of the ELBO (site -> those parents).
+    order_conflicts: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _check_inputs(x: torch.Tensor, num_samples: int) -> None:
+def check_count(value: Any, name: str) -> int:
+    """A positive integer option (a Python or NumPy integer; not a bool), as an int; else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidDataError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_data(x: Any, cond: tuple = ()) -> Data:
+    """``(x, *cond)`` checked: tensors with the datapoints on dim 0, one leading size N, no NaN or infinity.
+
+    Every positional argument after the guide is per-datapoint data, passed to both
+    programs in order and sliced with x into every chunk; options are keyword-only, so
+    a number here is most likely an option given by position, and the message says so.
+    """
     if not isinstance(x, torch.Tensor):
         raise InvalidDataError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise InvalidDataError(f"x must be a non-empty batch with the datapoints on dim 0, got shape {list(x.shape)}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise InvalidDataError(f"num_samples must be a positive integer, got {num_samples!r}")
+    n = x.shape[0]
+    for position, value in enumerate(cond, start=2):
+        if not isinstance(value, torch.Tensor):
+            raise InvalidDataError(
+                f"data argument {position} (after the guide) is a {type(value).__name__}, not a tensor: every positional "
+                "argument after the guide is per-datapoint data for the programs, and options are keyword-only "
+                f"(e.g. num_samples={value!r})"
+            )
+        if value.dim() == 0 or value.shape[0] != n:
+            raise InvalidDataError(
+                f"data argument {position} (after the guide) has shape {list(value.shape)}, but x has {n} datapoints: "
+                "every tensor after the guide holds one row per datapoint of x, on dim 0"
+            )
+    for position, value in enumerate((x, *cond), start=1):
+        _check_finite(value, "x" if position == 1 else f"data argument {position}")
+    return (x, *cond)
+
+
+def _check_finite(value: torch.Tensor, name: str) -> None:
+    if not (value.is_floating_point() or value.is_complex()):
+        return
+    bad = ~torch.isfinite(value)
+    if bad.any():
+        rows = bad.reshape(value.shape[0], -1).any(1)
+        kinds = " and ".join(k for k, found in (("NaN", torch.isnan(value).any()), ("infinite", torch.isinf(value).any())) if found)
+        raise InvalidDataError(
+            f"{name} holds {kinds} values: {int(bad.sum())} entries in {int(rows.sum())} datapoint(s), the first at "
+            f"index {int(rows.nonzero()[0])} of dim 0; remove or impute them, or mask them with poutine.mask in the model"
+        )
+
+
+def _slice(data: Data, rows: slice) -> Data:
+    return tuple(value[rows] for value in data)
+
+
+def _as_data(data: torch.Tensor | Data) -> Data:
+    return (data,) if isinstance(data, torch.Tensor) else tuple(data)
 
 
 def _sample_sites(trace: poutine.Trace) -> dict[str, dict]:
@@ -123,16 +192,20 @@ def _in_particle_plate(fn: Callable, num_particles: int, dim: int) -> Callable:
     return wrapped
 
 
-def trace_pair(model: Callable, guide: Callable, x: torch.Tensor, num_particles: int | None, max_plate_nesting: int):
+def trace_pair(
+    model: Callable, guide: Callable, data: torch.Tensor | Data, num_particles: int | None, max_plate_nesting: int
+):
     """Guide trace and model trace replayed on it; vectorized over particles unless ``num_particles`` is None.
 
-    The particle plate sits at dim -(max_plate_nesting + 1), left of every plate of the programs.
+    ``data`` is x or the tuple (x, *cond) passed to both programs. The particle plate
+    sits at dim -(max_plate_nesting + 1), left of every plate of the programs.
     """
+    data = _as_data(data)
     if num_particles is not None:
         dim = -(max_plate_nesting + 1)
         model, guide = (_in_particle_plate(fn, num_particles, dim) for fn in (model, guide))
-    guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    guide_trace = poutine.trace(guide).get_trace(*data)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*data)
     return model_trace, guide_trace
 
 
@@ -145,23 +218,32 @@ def _analytic_kl_available(q_fn, p_fn) -> bool:
 
 
 def inspect_program(
-    model: Callable, guide: Callable, x: torch.Tensor, data_plate: str | None = None, kl: str = "auto"
+    model: Callable, guide: Callable, data: torch.Tensor | Data, data_plate: str | None = None, kl: str = "auto"
 ) -> ProgramStructure:
-    """Trace the pair once on ``x`` and find its data plate, observed sites and latent sites.
+    """Trace the pair once on ``data`` (x or (x, *cond)) and find its data plate, sites and dependencies.
 
     ``data_plate`` names the plate over the datapoints; by default it is the one
     vectorized plate of size ``len(x)`` that holds every observed site.
-    ``kl`` is ``"auto"`` (analytic where registered) or ``"mc"`` (Monte Carlo for every site).
+    ``kl`` is ``"auto"`` (analytic where valid) or ``"mc"`` (Monte Carlo for every site).
+
+    The KL term of latent site i, E_q[log q(z_i | ·) - log p(z_i | pa_i)], equals the
+    expectation of the analytic KL(q(z_i | ·) || p(z_i | pa_i)) only when the model
+    parents pa_i are fixed while z_i varies: none of them may be drawn after z_i in the
+    guide from a value that depends on z_i (the condition ``TraceMeanField_ELBO`` states).
+    A bottom-up guide q(z1 | x) q(z2 | z1) of the model p(z2) p(z1 | z2) p(x | z1) breaks
+    it at z1. Such a site gets Monte Carlo KL, and ``kl_reasons`` says why.
     """
     if kl not in ("auto", "mc"):
         raise InvalidDataError(f"kl must be 'auto' or 'mc', got {kl!r}")
+    data = _as_data(data)
+    x = data[0]
     # The inspection trace must not move the caller's random stream: with a fixed seed, an
     # estimate (or an IWAE loss) then draws exactly what a plain Trace_ELBO would.
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _explain_program_errors(x):
-        model_trace, guide_trace = trace_pair(model, guide, x, None, 0)
+    with torch.random.fork_rng(devices=devices), _explain_program_errors(data):
+        model_trace, guide_trace = trace_pair(model, guide, data, None, 0)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-    with _explain_program_errors(x):  # shape and dtype mismatches surface when densities are computed
+    with _explain_program_errors(data):  # shape and dtype mismatches surface when densities are computed
         _check_observed_support(model_sites)
         for site in [*model_sites.values(), *guide_sites.values()]:
             _log_prob(site)
@@ -196,16 +278,81 @@ def inspect_program(
                 "evidence needs every latent and observed site to be local to a datapoint"
             )
     _check_guide_data_plate(guide_sites, latent, data_frame)
-    kl_methods = {}
+    guide_order = list(guide_sites)
+    model_parents, guide_parents, dependencies = latent_parents(model, guide, data, latent, guide_order)
+    structure = ProgramStructure(
+        max_plate_nesting, data_frame.name, data_frame.dim, observed, latent,
+        model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
+    )
     for name in latent:
-        analytic = kl == "auto" and _analytic_kl_available(guide_sites[name]["fn"], model_sites[name]["fn"])
-        kl_methods[name] = KL_ANALYTIC if analytic else KL_MONTE_CARLO
-    return ProgramStructure(max_plate_nesting, data_frame.name, data_frame.dim, observed, latent, kl_methods)
+        conflicts = sorted(model_parents[name] & guide_descendants(guide_parents, name))
+        if conflicts:
+            structure.order_conflicts[name] = conflicts
+        q_fn, p_fn = guide_sites[name]["fn"], model_sites[name]["fn"]
+        if kl == "mc":
+            reason = "Monte Carlo requested (kl='mc')"
+        elif conflicts:
+            drawn = "drawn after it in the guide" + (", from its value" if dependencies == "provenance" else "")
+            reason = (f"its model parent(s) {conflicts} are {drawn}: KL(q || p) at fixed parents is not its ELBO term "
+                      f"(dependencies by {dependencies})")
+        elif not _analytic_kl_available(q_fn, p_fn):
+            reason = f"torch has no analytic KL rule for {_describe(q_fn)} against {_describe(p_fn)}"
+        else:
+            reason = None
+        structure.kl_methods[name] = KL_MONTE_CARLO if reason else KL_ANALYTIC
+        if reason:
+            structure.kl_reasons[name] = reason
+    return structure
+
+
+def _describe(fn) -> str:
+    """A distribution's class, with the one inside Independent or an expansion, e.g. ``Independent(Normal)``."""
+    inner = fn
+    while hasattr(inner, "base_dist"):
+        inner = inner.base_dist
+    return type(fn).__name__ if inner is fn else f"{type(fn).__name__}({type(inner).__name__})"
+
+
+def latent_parents(
+    model: Callable, guide: Callable, data: Data, latent: list[str], guide_order: list[str]
+) -> tuple[dict[str, set[str]], dict[str, set[str]], str]:
+    """The direct latent parents of every latent site in the model and in the guide, and how they were found.
+
+    Pyro's ``get_dependencies`` runs each program once with provenance-tracking tensors
+    and reads which sites' values each density depends on. Where that fails on a program
+    (an operation provenance tracking does not support), every earlier latent site counts
+    as a parent: the order of the sites, a safe over-approximation.
+    """
+    try:
+        with torch.no_grad():
+            model_deps = get_dependencies(model, data)["prior_dependencies"]
+            guide_deps = get_dependencies(guide, data)["prior_dependencies"]
+        latent_set = set(latent)
+        model_parents = {name: set(model_deps.get(name, ())) & latent_set - {name} for name in latent}
+        guide_parents = {name: set(guide_deps.get(name, ())) & latent_set - {name} for name in latent}
+        return model_parents, guide_parents, "provenance"
+    except DEVICE_ERRORS:
+        raise
+    except Exception:  # noqa: BLE001 -- any failure of the tracking falls back to the safe order rule
+        model_parents = {name: set(latent[:i]) for i, name in enumerate(latent)}
+        guide_latent = [name for name in guide_order if name in latent]
+        guide_parents = {name: set(guide_latent[: guide_latent.index(name)]) for name in latent}
+        return model_parents, guide_parents, "site order"
+
+
+def guide_descendants(guide_parents: dict[str, set[str]], site: str) -> set[str]:
+    """Latent sites whose guide values depend on ``site``'s, directly or through other sites."""
+    found: set[str] = set()
+    frontier = {site}
+    while frontier:
+        frontier = {child for child, parents in guide_parents.items() if parents & frontier} - found
+        found |= frontier
+    return found - {site}
 
 
 @contextmanager
-def _explain_program_errors(x: torch.Tensor) -> Iterator[None]:
-    """Turn an error raised while running the programs on ``x`` into an :class:`InvalidDataError` that says so.
+def _explain_program_errors(data: Data) -> Iterator[None]:
+    """Turn an error raised while running the programs on ``data`` into an :class:`InvalidDataError` that says so.
 
     Running a model on data of the wrong shape, dtype or device fails deep inside torch
     or Pyro; the message names x's shape, dtype and device, and the original error stays
@@ -217,10 +364,13 @@ def _explain_program_errors(x: torch.Tensor) -> Iterator[None]:
         raise
     except _PROGRAM_ERRORS as error:
         first_line = (str(error).strip().splitlines() or [""])[0]
+        described = ", ".join(
+            f"{'x' if i == 0 else f'data argument {i + 1}'} (shape {list(v.shape)}, dtype {v.dtype}, device {v.device})"
+            for i, v in enumerate(data)
+        )
         raise InvalidDataError(
-            f"running the model and guide on x (shape {list(x.shape)}, dtype {x.dtype}, device {x.device}) failed "
-            f"with {type(error).__name__}: {first_line} -- check that x has the shape, dtype and device the "
-            "programs expect, with the datapoints on dim 0"
+            f"running the model and guide on {described} failed with {type(error).__name__}: {first_line} -- check "
+            "that the data have the shape, dtype and device the programs expect, with the datapoints on dim 0"
         ) from error
 
 
@@ -324,10 +474,13 @@ class ChunkTerms:
     kl: dict[str, torch.Tensor]
 
 
-def chunk_terms(model: Callable, guide: Callable, x: torch.Tensor, k: int, structure: ProgramStructure) -> ChunkTerms:
-    """One vectorized pass of ``k`` particles over the batch ``x``: per-particle, per-datapoint terms."""
-    n = x.shape[0]
-    model_trace, guide_trace = trace_pair(model, guide, x, k, structure.max_plate_nesting)
+def chunk_terms(
+    model: Callable, guide: Callable, data: torch.Tensor | Data, k: int, structure: ProgramStructure
+) -> ChunkTerms:
+    """One vectorized pass of ``k`` particles over the batch ``data`` (x or (x, *cond)): per-particle, per-datapoint terms."""
+    data = _as_data(data)
+    n = data[0].shape[0]
+    model_trace, guide_trace = trace_pair(model, guide, data, k, structure.max_plate_nesting)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     _check_observed_support({name: model_sites[name] for name in structure.observed_sites})
 
@@ -377,7 +530,7 @@ def _chunk_sizes(x: torch.Tensor, num_samples: int, chunk_size: int | None, part
 
 @dataclass
 class EvaluationPlan:
-    """The structure of a model/guide pair and the chunking of one evaluation over x."""
+    """The structure of a model/guide pair and the chunking of one evaluation over its data."""
 
     structure: ProgramStructure
     chunk_size: int  # datapoints per chunk
@@ -389,6 +542,7 @@ def plan_evaluation(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int,
     chunk_size: int | None = None,
     particles_per_chunk: int | None = None,
@@ -396,21 +550,23 @@ def plan_evaluation(
     kl: str = "auto",
 ) -> EvaluationPlan:
     """Check the inputs, trace the pair once, and size the chunks (from a memory budget unless given)."""
-    _check_inputs(x, num_samples)
+    data = check_data(x, cond)
+    check_count(num_samples, "num_samples")
     for name, value in (("chunk_size", chunk_size), ("particles_per_chunk", particles_per_chunk)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InvalidDataError(f"{name} must be a positive integer or None, got {value!r}")
-    n, k = _chunk_sizes(x, num_samples, chunk_size, particles_per_chunk)
+        if value is not None:
+            check_count(value, name)
+    n, k = _chunk_sizes(x, int(num_samples), chunk_size and int(chunk_size), particles_per_chunk and int(particles_per_chunk))
     with torch.no_grad():
-        structure = inspect_program(model, guide, x[:n], data_plate=data_plate, kl=kl)
-    return EvaluationPlan(structure, n, k, num_samples)
+        structure = inspect_program(model, guide, _slice(data, slice(0, n)), data_plate=data_plate, kl=kl)
+    return EvaluationPlan(structure, n, k, int(num_samples))
 
 
 def iter_chunk_terms(
-    model: Callable, guide: Callable, x: torch.Tensor, plan: EvaluationPlan, progress: bool | str = False
+    model: Callable, guide: Callable, data: torch.Tensor | Data, plan: EvaluationPlan, progress: bool | str = False
 ) -> Iterator[tuple[slice, ChunkTerms]]:
     """Yield ``(rows, terms)`` for every (data chunk, particle chunk) of ``plan``.
 
+    ``data`` is x, or the tuple (x, *cond) of per-datapoint tensors, all sliced with the same rows.
     ``rows`` is the slice of ``x`` the chunk covers; ``terms`` holds [k, n] tensors.
     This is the engine behind every public estimate, and a hook for diagnostics
     that need the raw log-weights. The particle chunks of one data chunk come one
@@ -426,7 +582,8 @@ def iter_chunk_terms(
     of results, not the same digits. When one datapoint with one particle does not
     fit, a :class:`~ppl_vae.errors.PplVaeError` says so.
     """
-    num_rows, num_samples = x.shape[0], plan.num_samples
+    data = _as_data(data)
+    num_rows, num_samples = data[0].shape[0], plan.num_samples
     sizes = _ChunkSizes(plan.chunk_size, plan.particles_per_chunk)
     bar = _progress_bar(num_rows * num_samples, progress)
     with torch.no_grad():
@@ -436,7 +593,7 @@ def iter_chunk_terms(
             done = 0
             while done < num_samples:
                 k = min(sizes.particles, num_samples - done)
-                terms = _chunk_terms_or_shrink(model, guide, x, rows, k, done, plan.structure, sizes)
+                terms = _chunk_terms_or_shrink(model, guide, data, rows, k, done, plan.structure, sizes)
                 if terms is None:  # out of memory: sizes shrank, try again
                     rows = slice(start, min(start + sizes.rows, num_rows))
                     continue
@@ -458,12 +615,12 @@ class _ChunkSizes:
 
 
 def _chunk_terms_or_shrink(
-    model: Callable, guide: Callable, x: torch.Tensor, rows: slice, k: int, done: int,
+    model: Callable, guide: Callable, data: Data, rows: slice, k: int, done: int,
     structure: ProgramStructure, sizes: _ChunkSizes,
 ) -> ChunkTerms | None:
     """:func:`chunk_terms` of one chunk, or None after an out-of-memory error has shrunk ``sizes`` (with a warning)."""
     try:
-        return chunk_terms(model, guide, x[rows], k, structure)
+        return chunk_terms(model, guide, _slice(data, rows), k, structure)
     except OUT_OF_MEMORY_ERRORS as error:
         message = _shrink_chunk_sizes(sizes, rows.stop - rows.start, k, done, error)
     # Outside the except clause: the failed chunk's tensors are no longer referenced by the traceback.
@@ -516,6 +673,7 @@ def elbo_decomposition(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int = 10,
     kl: str = "auto",
     chunk_size: int | None = None,
@@ -525,21 +683,31 @@ def elbo_decomposition(
 ) -> dict:
     """Per-datapoint ELBO, reconstruction term and KL term per latent site, averaged over ``num_samples`` draws.
 
+    ``model(x, *cond)`` and ``guide(x, *cond)``: every positional tensor after the guide
+    is per-datapoint data (one row per datapoint of x, e.g. labels y of a conditional
+    VAE), passed to both programs; options are keyword-only.
+
     Returns a dict of float64 CPU tensors of shape [N], in nats:
 
     * ``"elbo"`` -- reconstruction minus the sum of the KL terms;
     * ``"reconstruction"`` -- E_q[log p(x | z)], summed over every observed site;
     * ``"kl"`` -- a dict from each latent site's name to its KL(q || p) term;
     * ``"kl_method"`` -- a dict from each latent site's name to ``"analytic"`` or ``"monte carlo"``;
+    * ``"kl_reason"`` -- for each Monte Carlo site, why (no rule registered, parents drawn
+      after it in the guide, or ``kl="mc"``);
     * ``"num_samples"`` -- the number of draws from the guide per datapoint.
 
     ``kl="mc"`` forces Monte Carlo KL everywhere; then the ELBO is exactly the
     mean log importance weight, the quantity ``Trace_ELBO`` estimates.
     """
-    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl)
+    plan = plan_evaluation(
+        model, guide, x, *cond, num_samples=num_samples, chunk_size=chunk_size,
+        particles_per_chunk=particles_per_chunk, data_plate=data_plate, kl=kl,
+    )
+    num_samples = plan.num_samples
     reconstruction = torch.zeros(x.shape[0], dtype=torch.float64)
     kl_terms = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in plan.structure.latent_sites}
-    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+    for rows, terms in iter_chunk_terms(model, guide, (x, *cond), plan, progress):
         reconstruction[rows] += terms.reconstruction.double().sum(0).cpu()
         for name, value in terms.kl.items():
             kl_terms[name][rows] += value.double().sum(0).cpu()
@@ -551,6 +719,7 @@ def elbo_decomposition(
         "reconstruction": reconstruction,
         "kl": kl_terms,
         "kl_method": dict(plan.structure.kl_methods),
+        "kl_reason": dict(plan.structure.kl_reasons),
         "num_samples": num_samples,
     }
 
@@ -574,6 +743,7 @@ def evidence_estimate(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int = 5000,
     chunk_size: int | None = None,
     particles_per_chunk: int | None = None,
@@ -582,16 +752,21 @@ def evidence_estimate(
 ) -> EvidenceEstimate:
     """Importance-sampled log p(x) per datapoint, with its standard error and effective sample size.
 
+    Positional tensors after x are per-datapoint conditioning data, as in
+    :func:`elbo_decomposition`; with them the estimate is of log p(x | cond).
     Streams over chunks: it keeps log sum_k w_k and log sum_k w_k^2 in float64.
     """
-    plan = plan_evaluation(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, kl="mc")
+    plan = plan_evaluation(
+        model, guide, x, *cond, num_samples=num_samples, chunk_size=chunk_size,
+        particles_per_chunk=particles_per_chunk, data_plate=data_plate, kl="mc",
+    )
     log_sum_w = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
     log_sum_w2 = log_sum_w.clone()
-    for rows, terms in iter_chunk_terms(model, guide, x, plan, progress):
+    for rows, terms in iter_chunk_terms(model, guide, (x, *cond), plan, progress):
         log_w = terms.log_weight.double().cpu()
         log_sum_w[rows] = torch.logaddexp(log_sum_w[rows], torch.logsumexp(log_w, 0))
         log_sum_w2[rows] = torch.logaddexp(log_sum_w2[rows], torch.logsumexp(2 * log_w, 0))
-    return evidence_from_weight_sums(log_sum_w, log_sum_w2, num_samples)
+    return evidence_from_weight_sums(log_sum_w, log_sum_w2, plan.num_samples)
 
 
 def evidence_from_weight_sums(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor, num_samples: int) -> EvidenceEstimate:
@@ -599,8 +774,11 @@ def evidence_from_weight_sums(log_sum_w: torch.Tensor, log_sum_w2: torch.Tensor,
     log_evidence = log_sum_w - math.log(num_samples)
     # Var(w)/mean(w)^2 = K * sum w^2 / (sum w)^2 - 1; the standard error of the mean weight,
     # relative to the mean, is the square root of that over K (delta method for the log).
+    # With K = 1 the spread of the weights is unknown: the standard error is undefined (NaN), not 0.
     ratio = torch.exp(log_sum_w2 - 2 * log_sum_w)
     stderr = torch.sqrt(torch.clamp(ratio - 1.0 / num_samples, min=0.0))
+    if num_samples == 1:
+        stderr = torch.full_like(stderr, math.nan)
     ess = 1.0 / ratio
     bad = ~torch.isfinite(log_evidence)
     if bad.any():
@@ -616,6 +794,7 @@ def log_evidence(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int = 5000,
     chunk_size: int | None = None,
     particles_per_chunk: int | None = None,
@@ -625,9 +804,12 @@ def log_evidence(
     """log p̂(x) = log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x): a float64 CPU tensor [N], in nats.
 
     The IWAE bound with K = ``num_samples``; see :func:`evidence_estimate` for its
-    standard error and effective sample size.
+    standard error and effective sample size, and for conditioning data after x.
     """
-    return evidence_estimate(model, guide, x, num_samples, chunk_size, particles_per_chunk, data_plate, progress).log_evidence
+    return evidence_estimate(
+        model, guide, x, *cond, num_samples=num_samples, chunk_size=chunk_size,
+        particles_per_chunk=particles_per_chunk, data_plate=data_plate, progress=progress,
+    ).log_evidence
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
@@ -664,6 +846,7 @@ def evaluation_summary(
     model: Callable,
     guide: Callable,
     x: torch.Tensor,
+    *cond: torch.Tensor,
     num_samples: int = 5000,
     elbo_samples: int = 10,
     chunk_size: int | None = None,
@@ -675,8 +858,10 @@ def evaluation_summary(
 ) -> dict[str, Any]:
     """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
 
-    Returns a JSON-ready dict: ``elbo``, ``reconstruction``, ``kl`` (``total`` and
-    per ``sites``, each with its method), ``log_evidence`` (with K and the mean
+    Positional tensors after x are per-datapoint conditioning data, as in
+    :func:`elbo_decomposition`. Returns a JSON-ready dict: ``elbo``, ``reconstruction``,
+    ``kl`` (``total`` and per ``sites``, each with its method, and for Monte Carlo sites the
+    reason), ``log_evidence`` (with K and the mean
     per-datapoint Monte Carlo standard error) and ``gap`` = log p̂(x) - ELBO, each
     as ``{"mean": ..., "stderr": ...}``. The standard error is that of the
     dataset mean: sample std over datapoints / sqrt(N).
@@ -694,13 +879,13 @@ def evaluation_summary(
         raise InvalidDataError(f"levels must be None, 'discrete' or 'dequantized', got {levels!r}")
     if decomposition is None:
         decomposition = elbo_decomposition(
-            model, guide, x, elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
+            model, guide, x, *cond, num_samples=elbo_samples, chunk_size=chunk_size, data_plate=data_plate,
             progress="ELBO" if progress else False,
         )
     elbo_samples = decomposition["num_samples"]
     if evidence is None:
         evidence = evidence_estimate(
-            model, guide, x, num_samples, chunk_size=chunk_size, data_plate=data_plate,
+            model, guide, x, *cond, num_samples=num_samples, chunk_size=chunk_size, data_plate=data_plate,
             progress=f"log p(x), K={num_samples}" if progress else False,
         )
     num_samples = evidence.num_samples
@@ -714,14 +899,18 @@ def evaluation_summary(
         "kl": {
             "total": _summary(kl_total),
             "sites": {
-                name: {**_summary(value), "method": decomposition["kl_method"][name]}
+                name: {
+                    **_summary(value), "method": decomposition["kl_method"][name],
+                    **({"reason": decomposition["kl_reason"][name]} if name in decomposition.get("kl_reason", {}) else {}),
+                }
                 for name, value in decomposition["kl"].items()
             },
         },
         "log_evidence": {
             **_summary(evidence.log_evidence),
             "num_samples": num_samples,
-            "mean_mc_stderr": evidence.stderr.mean().item(),
+            # With K = 1 a datapoint's Monte Carlo standard error is undefined (one weight has no spread).
+            "mean_mc_stderr": evidence.stderr.mean().item() if num_samples > 1 else None,
             "mean_ess": evidence.ess.mean().item(),
         },
         "gap": _summary(evidence.log_evidence - decomposition["elbo"]),

@@ -39,7 +39,7 @@ from pyro.infer import (
 )
 from pyro.infer.elbo import ELBOModule
 
-from .errors import PplVaeError
+from .errors import ModelStructureError, PplVaeError
 from .model import VAE
 
 OBJECTIVES = ("elbo", "meanfield", "iwae")
@@ -66,6 +66,28 @@ def check_objective(name: str, particles: int = 1, compiled: bool = False) -> No
         raise PplVaeError(
             f"--engine jit compiles --objective {' or '.join(COMPILED_OBJECTIVES)} only, not {name} (Pyro 1.9 has no "
             f"working compiled version of it): train --objective {name} with --engine svi"
+        )
+
+
+def check_meanfield(model, guide, x: torch.Tensor, *cond: torch.Tensor) -> None:
+    """Refuse ``TraceMeanField_ELBO`` for a program where it would optimize the wrong objective.
+
+    ``TraceMeanField_ELBO`` takes every latent site's KL analytically, KL(q(z_i | ·) || p(z_i | pa_i)),
+    which is that site's ELBO term only when none of its model parents pa_i is drawn after it in
+    the guide from a value that depends on it (Pyro only warns). The dependencies are read from the
+    programs, on ``x`` (and ``cond``), by :func:`ppl_vae.evaluate.inspect_program`.
+    """
+    from .evaluate import check_data, inspect_program
+
+    structure = inspect_program(model, guide, check_data(x, cond))
+    if structure.order_conflicts:
+        sites = "; ".join(f"site {name!r}: model parent(s) {parents}"
+                          for name, parents in structure.order_conflicts.items())
+        raise ModelStructureError(
+            f"--objective meanfield (TraceMeanField_ELBO) needs every latent site's model parents drawn before it in "
+            f"the guide, and this program's guide draws them after ({sites}; dependencies by "
+            f"{structure.dependencies}): its analytic KL terms would not add up to the ELBO. Train it with "
+            "--objective elbo (the same bound, Monte Carlo KL) or reorder the guide"
         )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .diagnostics import site_diagnostics
+
 
 def _row(label: str, stat: dict[str, float], width: int) -> str:
     return f"{label:<{width}} {stat['mean']:>11.3f} {stat['stderr']:>9.3f}"
@@ -34,11 +36,17 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     lines.append("-" * (width + 22))
     if "bits_per_dim" in result:
         lines.append(f"bits/dim: {result['bits_per_dim']['method']} (lower is better).")
+    mc_stderr = result["log_evidence"]["mean_mc_stderr"]
+    mc_text = (f"{mc_stderr:.3f} on average" if mc_stderr is not None
+               else "undefined with K=1 (one weight per datapoint has no spread)")
     lines.append(
         f"N = {result['num_datapoints']} datapoints; s.e. = standard error of the mean over datapoints. "
-        f"Per-datapoint Monte Carlo s.e. of log p̂(x): {result['log_evidence']['mean_mc_stderr']:.3f} on average; "
+        f"Per-datapoint Monte Carlo s.e. of log p̂(x): {mc_text}; "
         f"mean effective sample size {result['log_evidence']['mean_ess']:.0f} of {k}."
     )
+    reasons = [(name, stat["reason"]) for name, stat in result["kl"]["sites"].items() if stat.get("reason")]
+    for name, reason in reasons:
+        lines.append(f"KL at site '{name}' is Monte Carlo: {reason}.")
     return "\n".join(lines)
 
 
@@ -62,35 +70,48 @@ def format_diagnostics(diagnostics: dict[str, Any]) -> str:
             f"{psis['khat_threshold']} (unreliable)"
         )
         lines.append(f"log p̂(x), plain / PSIS-smoothed: {_stat(psis['log_evidence'])} / {_stat(psis['psis_log_evidence'])}")
-    collapse = diagnostics["collapse"]
+    sites = site_diagnostics(diagnostics)
+    for name, site in sites.items():
+        lines += _site_lines(site, f"site '{name}': " if len(sites) > 1 else "")
+    lines.append("-" * 72)
+    return "\n".join(lines)
+
+
+def _site_lines(site: dict[str, Any], prefix: str) -> list[str]:
+    """The diagnostics of one latent site: collapse and active units, ELBO surgery, total correlation."""
+    lines = []
+    collapse, active = site.get("collapse", {}), site.get("active_units")
     if "unavailable" in collapse:
-        active = diagnostics["active_units"]
         if isinstance(active, int):
-            lines.append(f"active units (Var_x E_q[z_d|x] > 0.01): {active}")
-        lines.append(f"KL per dimension: not available ({collapse['unavailable']})")
+            lines.append(f"{prefix}active units (Var_x E_q[z_d|x] > 0.01): {active}")
+        elif isinstance(active, dict):
+            lines.append(f"{prefix}active units: not available ({active['unavailable']})")
+        lines.append(f"{prefix}KL per dimension: not available ({collapse['unavailable']})")
     else:
         top = ", ".join(f"{kl:.2f}" for kl in collapse["kl_sorted"][:5])
+        num_active = collapse["num_active"]
+        units = (f"{num_active} of {collapse['latent_dim']}" if isinstance(num_active, int)
+                 else f"not available ({num_active['unavailable']})")
         lines.append(
-            f"active units (Var_x E_q[z_d|x] > {collapse['activity_threshold']}): {collapse['num_active']} of "
-            f"{collapse['latent_dim']}; collapsed (KL_d < {collapse['kl_threshold']}): "
-            f"{100 * collapse['collapsed_share']:.0f}%; largest KL_d: {top}"
+            f"{prefix}active units (Var_x E_q[z_d|x] > {collapse['activity_threshold']}): {units}; collapsed "
+            f"(KL_d < {collapse['kl_threshold']}): {100 * collapse['collapsed_share']:.0f}% of {collapse['latent_dim']}; "
+            f"largest KL_d: {top}"
         )
         if collapse["warning"]:
             lines.append(f"WARNING: {collapse['warning']}")
-    surgery = diagnostics["elbo_surgery"]
+    surgery = site.get("elbo_surgery", {})
     if "unavailable" in surgery:
-        lines.append(f"ELBO surgery: not available ({surgery['unavailable']})")
-    else:
+        lines.append(f"{prefix}ELBO surgery: not available ({surgery['unavailable']})")
+    elif surgery:
         lines.append(
-            f"ELBO surgery: average KL {_stat(surgery['average_kl'])} = mutual information "
+            f"{prefix}ELBO surgery: average KL {_stat(surgery['average_kl'])} = mutual information "
             f"{_stat(surgery['mutual_information'])} (<= log N = {surgery['mutual_information_bound']:.2f}) "
             f"+ marginal KL(q(z)||p(z)) {_stat(surgery['marginal_kl'])}"
         )
-    tc = diagnostics["total_correlation"]
-    if "unavailable" not in tc:
+    tc = site.get("total_correlation", {})
+    if tc and "unavailable" not in tc:
         lines.append(
-            f"marginal KL = total correlation {_stat(tc['total_correlation'])} + dimension-wise KL "
+            f"{prefix}marginal KL = total correlation {_stat(tc['total_correlation'])} + dimension-wise KL "
             f"{_stat(tc['dimensionwise_kl'])}"
         )
-    lines.append("-" * 72)
-    return "\n".join(lines)
+    return lines

@@ -63,7 +63,7 @@ from .data import MNISTData, load_mnist
 from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
 from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
-from .objectives import check_objective, make_loss_module, make_objective
+from .objectives import check_meanfield, check_objective, make_loss_module, make_objective
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 # How a step is computed (see the Engine classes below); both read the same Pyro programs.
@@ -249,6 +249,9 @@ def train(
     pyro.enable_validation(config.pyro_validation)
     vae = build_vae(model_config).to(device)
     data = load_data(config, vae, device)
+    if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
+        probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
+        check_meanfield(vae.model, vae.guide, next(data.train_batches(config.batch_size, generator=probe)))
     engine = ENGINE_CLASSES[config.engine](vae, config)
     start_epoch, elapsed = 0, 0.0
     if checkpoint is not None:
@@ -422,7 +425,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[V
 def _validation_evidence(vae: VAE, data: MNISTData, config: TrainConfig) -> dict[str, float]:
     """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve."""
     images = data.val[: config.evidence_examples]
-    return learning_curve_point(evidence_estimate(vae.model, vae.guide, images, config.evidence_samples).log_evidence,
+    return learning_curve_point(evidence_estimate(vae.model, vae.guide, images, num_samples=config.evidence_samples).log_evidence,
                                 config)
 
 

@@ -91,7 +91,7 @@ def test_reference_evidence_equals_the_package_estimate_with_the_same_draws():
     vae = VAE(VAEConfig(data_dim=784, latent_dim=5, hidden_sizes=(16,)))
     x = torch.bernoulli(torch.full((6, 784), 0.3))
     pyro.set_rng_seed(3)
-    ours = evidence_estimate(vae.model, vae.guide, x, 40, particles_per_chunk=40).log_evidence
+    ours = evidence_estimate(vae.model, vae.guide, x, num_samples=40, particles_per_chunk=40).log_evidence
     pyro.set_rng_seed(3)
     reference = time_reference_evidence(vae, x, 40, 40)
     torch.testing.assert_close(ours, reference.cpu(), atol=1e-4, rtol=0)

@@ -52,7 +52,7 @@ def linear_diagonal_guide(lg, L: torch.Tensor, shift: torch.Tensor, scale: torch
 
 def test_log_weights_fill_every_column_across_data_and_particle_chunks(lg):
     x = lg.sample(7)
-    log_w = importance_log_weights(lg.model, lg.exact_guide, x, 30, chunk_size=3, particles_per_chunk=7)
+    log_w = importance_log_weights(lg.model, lg.exact_guide, x, num_samples=30, chunk_size=3, particles_per_chunk=7)
     assert log_w.shape == (7, 30) and log_w.dtype == torch.float64
     # With the exact posterior every weight is p(x): an unwritten entry or a misplaced row would show.
     torch.testing.assert_close(log_w, lg.log_evidence(x)[:, None].expand(7, 30), atol=1e-4, rtol=0)
@@ -104,11 +104,11 @@ def test_khat_is_small_for_good_guides_and_large_for_a_narrow_shifted_one(lg):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("latent", dist.Normal(loc + 0.3, 0.05).to_event(1))
 
-    perfect = psis_diagnostics(importance_log_weights(lg.model, lg.exact_guide, x, 1000))
+    perfect = psis_diagnostics(importance_log_weights(lg.model, lg.exact_guide, x, num_samples=1000))
     assert torch.all(perfect["khat"] < 0.5)  # constant weights (up to round-off): no tail at all
     torch.testing.assert_close(perfect["psis_log_evidence"], exact, atol=1e-4, rtol=0)
 
-    good = psis_diagnostics(importance_log_weights(lg.model, wide_guide, x, 1000))
+    good = psis_diagnostics(importance_log_weights(lg.model, wide_guide, x, num_samples=1000))
     assert torch.all(good["khat"] < 0.5) and good["unreliable_share"] == 0.0
     assert torch.all(good["ess"] > 500)
     # With a light tail, smoothing moves the estimate far less than its Monte Carlo error
@@ -117,7 +117,7 @@ def test_khat_is_small_for_good_guides_and_large_for_a_narrow_shifted_one(lg):
     assert torch.all((good["psis_log_evidence"] - good["log_evidence"]).abs() < 0.25 * stderr)
     assert torch.all((good["psis_log_evidence"] - exact).abs() < 4 * stderr)
 
-    bad = psis_diagnostics(importance_log_weights(lg.model, narrow_guide, x, 1000))
+    bad = psis_diagnostics(importance_log_weights(lg.model, narrow_guide, x, num_samples=1000))
     assert bad["khat"].median() > 0.7 and bad["unreliable_share"] >= 0.8
     assert torch.all(bad["ess"] < 250)  # against > 500 for the wide guide
 
@@ -296,7 +296,7 @@ def test_every_diagnostic_runs_on_the_package_vae():
     surgery = elbo_surgery(vae.model, vae.guide, x, chunk_size=16)
     assert surgery["average_kl"]["mean"] == pytest.approx(kl_term, abs=1e-5)
     assert set(total_correlation(vae.model, vae.guide, x)) >= {"total_correlation", "dimensionwise_kl"}
-    result = psis_diagnostics(importance_log_weights(vae.model, vae.guide, x, 100))
+    result = psis_diagnostics(importance_log_weights(vae.model, vae.guide, x, num_samples=100))
     assert result["khat"].shape == (40,) and torch.all(torch.isfinite(result["khat"]))
 
 
@@ -307,7 +307,7 @@ def test_active_units_are_counted_with_a_mixture_prior():
 
     vae = VAE(VAEConfig(data_dim=20, latent_dim=3, hidden_sizes=(8,), prior="mixture", prior_components=3))
     x = torch.bernoulli(torch.full((50, 20), 0.3))
-    _, psis = evidence_with_psis(vae.model, vae.guide, x, 30)
-    summary = diagnostics_summary(vae.model, vae.guide, x, psis)
-    assert "unavailable" in summary["collapse"]
-    assert summary["active_units"] == active_units(vae.model, vae.guide, x)["num_active"]
+    _, psis = evidence_with_psis(vae.model, vae.guide, x, num_samples=30)
+    summary = diagnostics_summary(vae.model, vae.guide, x, psis=psis)
+    assert "unavailable" in summary["sites"]["z"]["collapse"]
+    assert summary["sites"]["z"]["active_units"] == active_units(vae.model, vae.guide, x)["num_active"]

@@ -22,6 +22,10 @@ def test_python_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "log p(x)" in result.stdout
+    # The hierarchy falls back to Monte Carlo KL at z1 and says why; the conditional program is evaluated.
+    assert "{'z2': 'analytic', 'z1': 'monte carlo'}" in result.stdout
+    assert "its model parent(s) ['z2'] are drawn after it in the guide" in result.stdout
+    assert "log p(x | y)" in result.stdout
 
 
 def test_quick_check_commands_run_as_written(tmp_path, data_root):
