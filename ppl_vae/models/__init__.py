@@ -1,0 +1,11 @@
+"""Built-in programs, one module each: every one an ``nn.Module`` with ``model`` and ``guide`` (see :mod:`ppl_vae.programs`).
+
+* :class:`~ppl_vae.model.VAE` -- the one-stochastic-layer VAE with selectable prior, likelihood and guide;
+* :class:`~ppl_vae.models.two_layer.TwoLayerVAE` -- the two-stochastic-layer VAE of Burda et al. (2015);
+* :class:`~ppl_vae.models.conditional.ConditionalVAE` -- a VAE conditioned on class labels.
+"""
+
+from .conditional import ConditionalVAE
+from .two_layer import TwoLayerVAE
+
+__all__ = ["ConditionalVAE", "TwoLayerVAE"]

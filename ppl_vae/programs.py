@@ -1,0 +1,309 @@
+r"""Programs: the one interface through which training, evaluation and every command reach a model.
+
+A *program* is a ``torch.nn.Module`` with two methods, Pyro programs over a batch:
+
+* ``model(x, *cond)`` -- p(z) p_theta(x | z, cond), with x observed;
+* ``guide(x, *cond)`` -- q_phi(z | x, cond) over the same latent sites;
+
+the datapoints on the leading dimension, inside a vectorized ``pyro.plate`` (the data
+plate), as :mod:`ppl_vae.evaluate` requires; ``cond`` are per-datapoint tensors (labels,
+side information). All parameters belong to the module (``nn.Parameter`` attributes, or
+submodules): they are saved and loaded with ``state_dict``. The built-in VAE
+(:class:`ppl_vae.model.VAE`) is one program; a user's own class, in a file of their own, is
+another (``ppl-vae train --program my_models.py:LadderVAE``).
+
+Optional methods that some commands use where a program has them (and skip, with a note,
+where it has not): ``decode_mean(z)`` and ``sample_prior(n)`` for image figures.
+
+**KL weight.** The trainer's beta (and its warm-up) scales every latent, i.e. unobserved,
+sample site of both programs by :class:`LatentScale`: the objective becomes
+E_q[log p(x | z)] - beta KL(q || p) for any program, with no attribute of its own.
+Evaluation never applies it: it reports the unscaled model.
+
+**Where programs come from** (:class:`ProgramSpec`): a built-in name, or a Python file and
+the name of a class or function in it that returns the module, called with keyword
+arguments. The run directory keeps a copy of that file with its sha256, so the program
+can be rebuilt after the user's file moved or changed (:func:`load_spec`, :func:`build_program`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import nn
+
+from .errors import ModelStructureError, PplVaeError
+
+SPEC_FILE = "program.json"
+SOURCE_DIR = "program"  # the copy of a user's program file inside the run directory
+
+
+# --- The interface -------------------------------------------------------------------------------
+
+
+def check_program(program: Any, where: str = "the program") -> nn.Module:
+    """``program`` if it is an ``nn.Module`` with callable ``model`` and ``guide``; else a one-line error."""
+    if not isinstance(program, nn.Module):
+        raise ModelStructureError(
+            f"{where} is a {type(program).__name__}, not a torch.nn.Module: a program is an nn.Module with methods "
+            "model(x, *cond) and guide(x, *cond), so that its parameters are saved with state_dict"
+        )
+    missing = [name for name in ("model", "guide") if not callable(getattr(program, name, None))]
+    if missing:
+        raise ModelStructureError(
+            f"{where} ({type(program).__name__}) has no {' or '.join(missing)} method: a program needs both "
+            "model(x, *cond) and guide(x, *cond), Pyro programs over a batch"
+        )
+    return program
+
+
+class LatentScale(Messenger):
+    """Multiply the log-density of every latent (unobserved) sample site by ``scale``: the KL weight beta.
+
+    Observed sites keep weight 1, so in the model p(x | z) is unscaled and p(z) is scaled,
+    and in the guide q(z | x) is scaled: E_q[log p(x | z)] - beta E_q[log q(z | x) - log p(z)].
+    """
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"] and self.scale != 1.0:
+            msg["scale"] = self.scale * msg["scale"]
+
+
+class Weighted(nn.Module):
+    """The program the trainer optimizes: ``program`` with its latent sites scaled by ``kl_weight``.
+
+    Its ``model`` and ``guide`` call the program's under :class:`LatentScale`. With
+    ``register_params`` (for ``SVI``, which finds parameters in Pyro's param store), they
+    also register the program's parameters with ``pyro.module("program", ...)``; a loss
+    used as a torch module takes them from this module instead and turns it off.
+    """
+
+    def __init__(self, program: nn.Module, kl_weight: float = 1.0):
+        super().__init__()
+        self.program = check_program(program)
+        self.kl_weight = kl_weight
+        self.register_params = True
+
+    def model(self, *data: torch.Tensor) -> Any:
+        if self.register_params:
+            pyro.module("program", self.program)
+        with LatentScale(self.kl_weight):
+            return self.program.model(*data)
+
+    def guide(self, *data: torch.Tensor) -> Any:
+        if self.register_params:
+            pyro.module("program", self.program)
+        with LatentScale(self.kl_weight):
+            return self.program.guide(*data)
+
+
+def check_parameters_belong(program: nn.Module, *data: torch.Tensor) -> None:
+    """Refuse parameters created outside the module with ``pyro.param``: they would not be saved with the run.
+
+    Runs both programs once (random streams forked) and compares every param site's
+    tensor with the module's parameters and buffers.
+    """
+    from pyro import poutine
+
+    owned = {id(p) for p in program.parameters()} | {id(b) for b in program.buffers()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(program.guide).get_trace(*data)
+        poutine.replay(program.model, trace=guide_trace)(*data)
+    foreign = sorted({
+        name for name, site in capture.trace.nodes.items()
+        if site["type"] == "param" and id(_unconstrained(site["value"])) not in owned
+    })
+    if foreign:
+        raise ModelStructureError(
+            f"the program creates parameter(s) {foreign} with pyro.param outside its module: they would not be saved "
+            "in the run's checkpoints. Make them attributes of the module instead (torch.nn.Parameter, or "
+            "pyro.nn.PyroParam in a pyro.nn.PyroModule)"
+        )
+
+
+def _unconstrained(value: torch.Tensor) -> torch.Tensor:
+    unconstrained = getattr(value, "unconstrained", None)
+    return unconstrained() if callable(unconstrained) else value
+
+
+# --- Where a program comes from ------------------------------------------------------------------
+
+
+@dataclass
+class ProgramSpec:
+    """How to build a program, as plain data (saved as ``program.json`` in the run directory).
+
+    * ``name`` -- a built-in program (:data:`BUILTIN_PROGRAMS`), or the name of a class or
+      function in ``path`` that returns the module;
+    * ``path`` -- the user's Python file (None for built-ins);
+    * ``kwargs`` -- keyword arguments the class or function is called with;
+    * ``source`` and ``sha256`` -- the copy of the file inside the run directory and its hash
+      (set by :func:`record_spec`).
+    """
+
+    name: str
+    path: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+    sha256: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, kwargs: str | dict | None = None) -> "ProgramSpec":
+        """``NAME`` (built-in) or ``PATH.py:NAME``, with keyword arguments as a dict or JSON text."""
+        if isinstance(kwargs, str):
+            try:
+                kwargs = json.loads(kwargs)
+            except json.JSONDecodeError as error:
+                raise PplVaeError(f"--program-kwargs is not valid JSON ({error}): give an object, e.g. "
+                                  "'{\"latent\": [64, 32]}'") from None
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise PplVaeError(f"--program-kwargs must be a JSON object of keyword arguments, got {kwargs!r}")
+        if ":" in text:
+            path, _, name = text.rpartition(":")
+            if not path.endswith(".py") or not name.isidentifier():
+                raise PplVaeError(f"--program {text!r}: give FILE.py:NAME, NAME a class or function in that file")
+            return cls(name=name, path=path, kwargs=dict(kwargs or {}))
+        if text not in BUILTIN_PROGRAMS:
+            raise PplVaeError(f"--program {text!r}: not a built-in program ({', '.join(BUILTIN_PROGRAMS)}) and not "
+                              "FILE.py:NAME")
+        return cls(name=text, kwargs=dict(kwargs or {}))
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.path is None
+
+    def describe(self) -> str:
+        where = self.name if self.is_builtin else f"{Path(self.path).name}:{self.name}"
+        return where + (f"({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})" if self.kwargs else "")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def record_spec(run_dir: Path, spec: ProgramSpec) -> ProgramSpec:
+    """Copy the program's file into ``run_dir/program/`` (with its sha256) and write ``program.json``."""
+    if not spec.is_builtin:
+        source = Path(spec.path)
+        if not source.is_file():
+            raise PplVaeError(f"--program: the file {source} does not exist")
+        (run_dir / SOURCE_DIR).mkdir(exist_ok=True)
+        copy = run_dir / SOURCE_DIR / source.name
+        shutil.copyfile(source, copy)
+        spec = ProgramSpec(spec.name, str(source.resolve()), spec.kwargs, f"{SOURCE_DIR}/{source.name}",
+                           file_sha256(copy))
+    from .runs import write_json
+
+    write_json(run_dir / SPEC_FILE, asdict(spec))
+    return spec
+
+
+def load_spec(run_dir: Path) -> ProgramSpec | None:
+    """The run's recorded program, or None for runs that predate programs (the built-in VAE)."""
+    path = Path(run_dir) / SPEC_FILE
+    if not path.is_file():
+        return None
+    from .runs import read_json
+
+    return ProgramSpec(**read_json(path))
+
+
+def changed_source_note(run_dir: Path, spec: ProgramSpec) -> str | None:
+    """A one-line note when the user's file now differs from (or no longer is where) the recorded copy."""
+    if spec.is_builtin:
+        return None
+    original = Path(spec.path)
+    if not original.is_file():
+        return f"the program file {original} is gone; using the copy recorded in {Path(run_dir) / spec.source}"
+    if file_sha256(original) != spec.sha256:
+        return (f"the program file {original} has changed since the run started; using the copy recorded in "
+                f"{Path(run_dir) / spec.source} (sha256 {spec.sha256[:12]})")
+    return None
+
+
+def build_program(spec: ProgramSpec, run_dir: Path | None = None, data_info: dict[str, Any] | None = None) -> nn.Module:
+    """The program ``spec`` describes: a built-in one, or NAME(**kwargs) from its file.
+
+    With ``run_dir`` and a recorded copy, the copy is loaded (never the user's current
+    file), so that a run is rebuilt as it was trained. ``data_info`` (e.g. ``data_dim``,
+    ``num_classes``) fills the built-in programs' data-dependent sizes.
+    """
+    if spec.is_builtin:
+        return BUILTIN_PROGRAMS[spec.name](dict(spec.kwargs), data_info or {})
+    path = Path(run_dir) / spec.source if run_dir is not None and spec.source else Path(spec.path)
+    factory = _load_factory(path, spec.name)
+    try:
+        program = factory(**spec.kwargs)
+    except TypeError as error:
+        raise PplVaeError(f"--program {path.name}:{spec.name} could not be called with the keyword arguments "
+                          f"{spec.kwargs} ({error})") from None
+    return check_program(program, f"{path.name}:{spec.name}(...)")
+
+
+def _load_factory(path: Path, name: str) -> Callable[..., Any]:
+    if not path.is_file():
+        raise PplVaeError(f"--program: the file {path} does not exist")
+    module_name = f"_ppl_vae_program_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PplVaeError(f"--program: {path} cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look classes up by module name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 -- any error in the user's file, reported in one line
+        raise PplVaeError(f"--program: importing {path} failed with {type(error).__name__}: {error}") from error
+    factory = getattr(module, name, None)
+    if factory is None:
+        names = [n for n, v in vars(module).items()
+                 if not n.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == module_name]
+        raise PplVaeError(f"--program: {path} has no {name!r}; it defines {', '.join(names) or 'no class or function'}")
+    if not callable(factory):
+        raise PplVaeError(f"--program: {name!r} in {path} is a {type(factory).__name__}, not a class or function")
+    return factory
+
+
+def _builtin_vae(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
+    from .model import VAE, VAEConfig
+
+    return VAE(VAEConfig(**{**_data_dim(data_info), **kwargs}))
+
+
+def _builtin_two_layer(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
+    from .models.two_layer import TwoLayerVAE
+
+    return TwoLayerVAE(**{**_data_dim(data_info), **kwargs})
+
+
+def _builtin_conditional(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
+    from .models.conditional import ConditionalVAE
+
+    extra = {"num_classes": data_info["num_classes"]} if "num_classes" in data_info else {}
+    return ConditionalVAE(**{**_data_dim(data_info), **extra, **kwargs})
+
+
+def _data_dim(data_info: dict[str, Any]) -> dict[str, Any]:
+    return {"data_dim": data_info["data_dim"]} if "data_dim" in data_info else {}
+
+
+# name -> builder(kwargs, data_info); the VAE's own options also come from its VAEConfig flags.
+BUILTIN_PROGRAMS: dict[str, Callable[[dict[str, Any], dict[str, Any]], nn.Module]] = {
+    "vae": _builtin_vae,
+    "two-layer": _builtin_two_layer,
+    "conditional": _builtin_conditional,
+}
