@@ -54,7 +54,7 @@ __all__ = [
     "BINARIZATIONS", "DATASETS", "DATA_RECORD_FILE", "EVAL_BINARIZATION_SEED", "IMAGE_SHAPE", "MNIST_RAW_FILES",
     "NUM_LEVELS", "NUM_TRAIN", "STATIC_TRAIN_BINARIZATION_SEED", "ImageData", "MNISTData", "binarize_once",
     "check_binarization", "check_dataset", "dataset_image_shape", "default_data_dir", "dequantize", "is_npz",
-    "load_cifar10", "load_dataset", "load_mnist", "load_mnist_family", "load_npz", "make_splits", "sha256_of",
+    "load_cifar10", "load_dataset", "load_run_data", "load_mnist", "load_mnist_family", "load_npz", "make_splits", "sha256_of",
     "_missing_raw_files",
 ]
 
@@ -106,3 +106,23 @@ def load_dataset(
         return load_cifar10(data_dir, binarize, device, train_examples, eval_examples, download, dequantize_levels)
     return load_mnist_family(dataset, data_dir, binarize, device, train_examples, eval_examples, download,
                              dequantize_levels)
+
+
+def load_run_data(
+    train_config: dict,
+    data_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    eval_examples: int | None = None,
+    dequantize_levels: bool = False,
+) -> ImageData:
+    """The data of a run, from its ``config.json`` ``"train"`` record: the same dataset, binarization and splits.
+
+    Every image of every split (``eval_examples`` keeps the first validation and test images);
+    ``data_dir`` overrides the run's folder for named datasets. Runs made before datasets were
+    recorded are MNIST runs. A ``.npz`` file must still have the SHA-256 the run recorded.
+    """
+    return load_dataset(
+        train_config.get("dataset", "mnist"), data_dir or train_config.get("data_dir"), train_config["binarize"],
+        device, eval_examples=eval_examples, dequantize_levels=dequantize_levels,
+        expected_sha256=train_config.get("dataset_sha256"),
+    )
