@@ -66,8 +66,6 @@ class VAEConfig:
             self.data_dim = math.prod(self.image_shape)
         if self.network not in NETWORKS:
             raise PplVaeError(f"unknown network {self.network!r}: choose one of {', '.join(NETWORKS)}")
-        if self.network == "conv" and self.image_shape is None:
-            raise PplVaeError("the conv network needs image_shape (C, H, W); training fills it in from the dataset")
         if min(self.conv_channels, default=0) < 1 or self.likelihood_components < 1:
             raise PplVaeError("conv_channels need at least one width, all positive, and likelihood_components >= 1")
         for kind, value, choices in (
@@ -96,7 +94,7 @@ class VAEConfig:
         likelihood = (f"{self.likelihood}({self.likelihood_components})" if self.likelihood == "logistic-mixture"
                       else self.likelihood)
         if self.network == "conv":
-            shape = "x".join(str(n) for n in self.image_shape)
+            shape = "x".join(str(n) for n in self.image_shape) if self.image_shape else "image"
             channels = "-".join(str(c) for c in self.conv_channels)
             network = f"{shape} conv({channels})-{hidden}-{self.latent_dim} {self.activation}"
         else:

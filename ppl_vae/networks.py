@@ -80,7 +80,8 @@ KERNEL, STRIDE, PADDING = 4, 2, 1  # each strided convolution maps a side of n p
 
 def _check_image_shape(image_shape: Sequence[int] | None, conv_channels: Sequence[int]) -> tuple[int, int, int]:
     if image_shape is None or len(image_shape) != 3:
-        raise PplVaeError(f"the convolutional networks need the image shape (C, H, W), got {image_shape}")
+        raise PplVaeError(f"the convolutional networks need the image shape (C, H, W), got {image_shape}: set "
+                          "VAEConfig(image_shape=...); training fills it in from the dataset")
     if not conv_channels:
         raise PplVaeError("the convolutional networks need at least one convolution width (--conv-channels)")
     c, h, w = (int(n) for n in image_shape)
