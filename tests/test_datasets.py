@@ -230,6 +230,9 @@ def test_a_users_colour_npz_trains_and_evaluates_through_the_cli_with_bits_per_d
     # Random images: about 8 bits per value (uniform over 256 levels), never negative.
     assert 0 < bits < 12 and "bits/dim" in out
 
+    assert cli.main(["plot", str(run_dir)]) == 0  # colour reconstructions, samples and interpolations
+    assert (run_dir / "plots" / "reconstructions.png").is_file() and (run_dir / "plots" / "samples.png").is_file()
+
     # The run records its file: a changed file is refused rather than evaluated.
     write_npz(path, num_train=40, num_test=10, seed=5)
     code = cli.main(["evaluate", str(run_dir), "--num-samples", "4", "--device", "cpu", "--no-progress"])
