@@ -450,7 +450,8 @@ def _run_plot(args: argparse.Namespace) -> int:
     if vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole: codes by digit and the decoded grid
         codes = load_run_data(train_config, args.data_dir, eval_examples=2000,
                               dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
-        written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
+        if codes.test_labels is not None:  # the codes are coloured by label; a .npz file may have none
+            written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
     for path in written:
         print(path)
     return 0

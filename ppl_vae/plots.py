@@ -261,7 +261,8 @@ def _draw_decoded_grid(axis, vae, low, high, steps: int) -> torch.Tensor:
 
     (a1, a2), (b1, b2) = _box(low, high)
     images = decode_grid(vae, [a1, a2], [b1, b2], steps)
-    axis.imshow(image_grid(images, steps), cmap="gray", vmin=0, vmax=1, extent=(a1, b1, a2, b2), aspect="auto")
+    axis.imshow(image_grid(images, steps, vae.config.image_shape), cmap="gray", vmin=0, vmax=1, extent=(a1, b1, a2, b2),
+                aspect="auto")
     axis.set_xlabel("z1")
     axis.set_ylabel("z2")
     return images
