@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .networks import GaussianEncoder, encoder_net
+from .networks import GaussianEncoder, as_flat, encoder_net
 
 
 class DiagonalGaussianGuide(nn.Module):
@@ -45,14 +45,14 @@ class FullCovarianceGaussianGuide(nn.Module):
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh", **options):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.data_dim = latent_dim, data_dim
         self.num_off_diagonal = latent_dim * (latent_dim - 1) // 2
         self.net = encoder_net(data_dim, hidden_sizes, 2 * latent_dim + self.num_off_diagonal, activation, **options)
         self.register_buffer("rows", torch.tril_indices(latent_dim, latent_dim, offset=-1)[0])
         self.register_buffer("cols", torch.tril_indices(latent_dim, latent_dim, offset=-1)[1])
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
-        out = self.net(x)
+        out = self.net(as_flat(x, self.data_dim))
         loc, raw_diag, off = out.split([self.latent_dim, self.latent_dim, self.num_off_diagonal], dim=-1)
         scale_tril = torch.diag_embed(F.softplus(raw_diag) + 1e-5)
         scale_tril[..., self.rows, self.cols] = off
@@ -69,7 +69,7 @@ class IAFGuide(nn.Module):
     def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh",
                  num_flows: int = 2, context_dim: int = 0, **options):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.data_dim = latent_dim, data_dim
         context_dim = context_dim or max(latent_dim, 16)
         self.trunk = encoder_net(data_dim, hidden_sizes, 2 * latent_dim + context_dim, activation, **options)
         hidden = [4 * latent_dim, 4 * latent_dim]
@@ -80,7 +80,7 @@ class IAFGuide(nn.Module):
         self.register_buffer("permutations", torch.stack([torch.randperm(latent_dim, generator=generator) for _ in range(num_flows)]))
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
-        out = self.trunk(x)
+        out = self.trunk(as_flat(x, self.data_dim))
         loc, raw_scale, context = out.split([self.latent_dim, self.latent_dim, out.shape[-1] - 2 * self.latent_dim], dim=-1)
         base = dist.Normal(loc, F.softplus(raw_scale) + 1e-6).to_event(1)
         transforms = []

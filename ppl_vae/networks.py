@@ -42,6 +42,20 @@ ACTIVATIONS = {
 }
 
 
+def as_flat(x: torch.Tensor, data_dim: int) -> torch.Tensor:
+    """x [..., D], or images [..., H, W] / [..., C, H, W] with D values each, as [..., D].
+
+    Lets a guide take a batch straight from the data pipeline ([N, C, H, W]) as well as the
+    flat batch the Pyro programs pass.
+    """
+    if x.shape[-1] == data_dim:
+        return x
+    for k in (2, 3):
+        if x.dim() > k and math.prod(x.shape[-k:]) == data_dim:
+            return x.reshape(*x.shape[:-k], data_dim)
+    return x  # not this network's size: let the first layer say so
+
+
 def mlp(in_features: int, hidden_sizes: Sequence[int], out_features: int, activation: str = "tanh") -> nn.Sequential:
     """A multilayer perceptron: Linear layers with ``activation`` between them, none after the last.
 
@@ -65,11 +79,11 @@ class GaussianEncoder(nn.Module):
     def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh",
                  **network_options):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.data_dim = latent_dim, data_dim
         self.net = encoder_net(data_dim, hidden_sizes, 2 * latent_dim, activation, **network_options)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, raw_scale = self.net(x).split(self.latent_dim, dim=-1)
+        loc, raw_scale = self.net(as_flat(x, self.data_dim)).split(self.latent_dim, dim=-1)
         # The small floor keeps log q finite if a unit's scale is driven to zero.
         return loc, nn.functional.softplus(raw_scale) + 1e-6
 
