@@ -69,8 +69,9 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     t, m = TrainConfig(), VAEConfig()
     p = subparsers.add_parser(
         "train",
-        help="train a VAE on MNIST",
-        description="Train a VAE on MNIST with SVI (Trace_ELBO). Writes config.json, metrics.jsonl, "
+        help="train a VAE on MNIST (or --dataset)",
+        description="Train a VAE on MNIST (or another --dataset) with SVI (Trace_ELBO). Writes config.json, data.json, "
+        "metrics.jsonl, "
         "a checkpoint every epoch and test.json (the final test evaluation) into the run directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
