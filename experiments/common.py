@@ -104,7 +104,8 @@ def _same_run(saved: dict, wanted: dict) -> bool:
 
 
 def mnist(binarize: str = "dynamic", dequantize: bool = False):
-    return load_mnist(None, binarize, "cpu", dequantize_levels=dequantize)
+    # Flat [N, 784]: the scripts were written for MLPs on MNIST and index pixels that way.
+    return load_mnist(None, binarize, "cpu", dequantize_levels=dequantize).flattened()
 
 
 def summary(values: torch.Tensor) -> dict[str, float]:

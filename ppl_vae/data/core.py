@@ -27,6 +27,7 @@ random permutation each epoch: no per-item ``DataLoader`` work in the hot loop.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -111,6 +112,10 @@ class ImageData:
     def data_dim(self) -> int:
         """Values per image, D = C H W (what bits/dim divides by)."""
         return self.train[0].numel()
+
+    def flattened(self) -> "ImageData":
+        """The same data with every image as a flat vector [N, D] (for code written for MNIST's [N, 784])."""
+        return dataclasses.replace(self, **{name: getattr(self, name).flatten(1) for name in ("train", "val", "test")})
 
     def split(self, name: str) -> torch.Tensor:
         if name not in ("train", "val", "test"):
