@@ -30,7 +30,7 @@ from ppl_vae.bench import cpu_name
 from ppl_vae.data import load_mnist
 from ppl_vae.evaluate import evaluation_summary, mean_and_stderr
 from ppl_vae.model import VAEConfig
-from ppl_vae.train import TrainConfig, load_run, train
+from ppl_vae.train import TrainConfig, fit_to_dataset, load_run, train
 
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
@@ -75,6 +75,8 @@ def hardware() -> str:
 def train_or_load(run_dir: Path, train_config: TrainConfig, model_config: VAEConfig, retrain: bool = False):
     """Train into ``run_dir`` unless a finished run of the same configuration is there; return (vae, test result)."""
     run_dir = Path(run_dir)
+    # As train() records them: with the image shape (and a .npz file's path and SHA-256) filled in from the data.
+    train_config, model_config = fit_to_dataset(train_config, model_config)
     wanted = {"model": model_config.to_dict(), "train": asdict(train_config)}
     wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as in config.json
     done = (run_dir / "test.json").is_file() and (run_dir / runs.CONFIG_FILE).is_file()
@@ -94,13 +96,16 @@ def _same_run(saved: dict, wanted: dict) -> bool:
     defaults = {"model": json.loads(json.dumps(VAEConfig().to_dict())), "train": json.loads(json.dumps(asdict(TrainConfig())))}
     for part in ("model", "train"):
         for key, value in wanted[part].items():
+            if key == "image_shape" and saved.get(part, {}).get(key) is None:
+                continue  # a run that predates recording the image shape: it was MNIST's, as data_dim says
             if saved.get(part, {}).get(key, defaults[part].get(key)) != value:
                 return False
     return True
 
 
 def mnist(binarize: str = "dynamic", dequantize: bool = False):
-    return load_mnist(None, binarize, "cpu", dequantize_levels=dequantize)
+    # Flat [N, 784]: the scripts were written for MLPs on MNIST and index pixels that way.
+    return load_mnist(None, binarize, "cpu", dequantize_levels=dequantize).flattened()
 
 
 def summary(values: torch.Tensor) -> dict[str, float]:

@@ -36,7 +36,7 @@ args = parser.parse_args()
 
 pyro.set_rng_seed(args.seed)
 pyro.clear_param_store()
-data = load_mnist(binarize="dynamic", train_examples=args.train_examples)
+data = load_mnist(binarize="dynamic", train_examples=args.train_examples).flattened()
 config = VAEConfig(prior=args.prior, prior_components=args.prior_components, activation=args.activation,
                    hidden_sizes=tuple(args.hidden_sizes), latent_dim=args.latent_dim)
 vae = VAE(config)

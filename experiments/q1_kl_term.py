@@ -29,7 +29,7 @@ timer = common.Timer()
 torch.manual_seed(config["seed"])
 data = common.mnist()
 x, labels = data.test[: config["code_examples"]], data.test_labels[: config["code_examples"]]
-grey = load_mnist(None, "none", "cpu")
+grey = load_mnist(None, "none", "cpu").flattened()
 classifier = latent2d.train_digit_classifier(grey.train[: config.get("train_examples")], grey.train_labels[: config.get("train_examples")],
                                              epochs=config["classifier_epochs"], seed=config["seed"])
 accuracy = (latent2d.classify(classifier, grey.test)[0] == grey.test_labels).double().mean().item()

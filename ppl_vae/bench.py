@@ -100,6 +100,7 @@ class ReferenceStep:
         self.optimizer = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=lr)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)  # the data pipeline's images [N, 1, 28, 28], flat as the MLPs take them
         loc, scale = self.encoder(x)
         z = loc + scale * torch.randn_like(loc)
         log_px = -F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="none").sum(-1)

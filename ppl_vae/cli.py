@@ -57,11 +57,11 @@ def _add_scale_out_options(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_train_parser(subparsers) -> argparse.ArgumentParser:
-    from .data import BINARIZATIONS
+    from .data import BINARIZATIONS, DATASETS
     from .guides import GUIDES
     from .likelihoods import LIKELIHOODS
     from .model import VAEConfig
-    from .networks import ACTIVATIONS
+    from .networks import ACTIVATIONS, NETWORKS
     from .objectives import OBJECTIVES
     from .priors import PRIORS
     from .train import ENGINES, LR_SCHEDULES, TrainConfig
@@ -69,8 +69,9 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     t, m = TrainConfig(), VAEConfig()
     p = subparsers.add_parser(
         "train",
-        help="train a VAE on MNIST",
-        description="Train a VAE on MNIST with SVI (Trace_ELBO). Writes config.json, metrics.jsonl, "
+        help="train a VAE on MNIST (or --dataset)",
+        description="Train a VAE on MNIST (or another --dataset) with SVI (Trace_ELBO). Writes config.json, data.json, "
+        "metrics.jsonl, "
         "a checkpoint every epoch and test.json (the final test evaluation) into the run directory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -78,7 +79,10 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --run-dir first")
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
+    data.add_argument("--dataset", default=t.dataset, metavar="NAME|PATH.npz",
+                      help=f"{', '.join(DATASETS)} (read from --data-dir, downloaded there when missing), or a .npz file "
+                      "of uint8 x_train, x_test (optional x_val, y_*), [N,H,W] grey or [N,H,W,C] colour")
+    data.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (and the other named datasets' folders; default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
     data.add_argument("--binarize", choices=BINARIZATIONS, default=t.binarize, help="dynamic: fresh Bernoulli draw per minibatch; static: one fixed draw; none: grey levels")
     data.add_argument("--train-examples", type=_positive_int, default=None, help="use only the first N training images (quick runs)")
     data.add_argument("--eval-examples", type=_positive_int, default=None, help="use only the first N validation and test images")
@@ -92,6 +96,13 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--prior-components", type=_positive_int, default=m.prior_components, help="K of the mixture prior and the VampPrior")
     model.add_argument("--num-flows", type=_positive_int, default=m.num_flows, help="flow steps of the flow prior and the IAF guide")
     model.add_argument("--obs-scale", type=_positive_float, default=m.obs_scale, help="fixed scale of the 'gaussian' likelihood")
+    model.add_argument("--likelihood-components", type=_positive_int, default=m.likelihood_components,
+                       help="mixture components of the 'logistic-mixture' likelihood")
+    model.add_argument("--network", choices=NETWORKS, default=m.network,
+                       help="mlp, or conv: strided convolutions (encoder) and transposed convolutions (decoder), "
+                       "then/before MLPs of --hidden-sizes")
+    model.add_argument("--conv-channels", type=_positive_int, nargs="+", default=list(m.conv_channels),
+                       help="widths of the conv network's convolutions, each halving the image's height and width")
     objective = p.add_argument_group("objective")
     objective.add_argument("--objective", choices=OBJECTIVES, default=t.objective, help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); iwae: importance-weighted bound")
     objective.add_argument("--particles", type=_positive_int, default=t.particles, help="draws from q per image and step (K for iwae)")
@@ -143,7 +154,7 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--elbo-samples", type=_positive_int, default=10, help="draws from q per image for the ELBO decomposition")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--examples", type=_positive_int, default=None, help="evaluate only the first N images of the split")
-    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--chunk-size", type=_positive_int, default=None, help="images per evaluation chunk, within blocks of 100 (default: sized from a memory budget)")
     p.add_argument("--seed", type=int, default=0,
@@ -176,7 +187,7 @@ def _add_plot_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run_plot)
 
@@ -262,6 +273,7 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device,
         binarize=args.binarize,
         data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        dataset=args.dataset,
         train_examples=args.train_examples,
         eval_examples=args.eval_examples,
         val_samples=args.val_samples,
@@ -287,6 +299,9 @@ def _run_train(args: argparse.Namespace) -> int:
         prior_components=args.prior_components,
         num_flows=args.num_flows,
         obs_scale=args.obs_scale,
+        likelihood_components=args.likelihood_components,
+        network=args.network,
+        conv_channels=tuple(args.conv_channels),
     )
     if distributed.should_launch(args.devices, args.num_nodes):
         # Checked before any process starts, so that a usage error reads as one line, not as torchrun's failure
@@ -342,7 +357,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     import torch
 
     from . import runs
-    from .data import load_mnist
+    from .data import load_run_data
     from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
     from .distributed import EVALUATION_BLOCK_SIZE, derive_seed, evaluate_per_datapoint, load_run_everywhere, seeded
     from .evaluate import evaluation_summary
@@ -355,10 +370,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     vae, config = load_run_everywhere(run_dir, device)
     train_config = config["train"]
     levels = levels_of(vae, train_config["binarize"])
-    data = load_mnist(
-        args.data_dir or train_config.get("data_dir"), train_config["binarize"], device,
-        train_examples=None, eval_examples=None, dequantize_levels=levels == "dequantized",
-    )
+    data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
     x = data.split(args.split)
     if args.examples is not None:
         x = x[: args.examples]
@@ -381,6 +393,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
         result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis=psis, chunk_size=args.chunk_size)
     result.update({
         "split": args.split,
+        "data": data.record,
         "epoch": config["epoch"],
         "model": VAEConfig(**config["model"]).describe(),
         "objective": describe_objective(TrainConfig(**train_config)),
@@ -421,7 +434,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     import pyro
 
     from . import plots, runs
-    from .data import load_mnist
+    from .data import load_run_data
     from .train import levels_of, load_run
 
     run_dir = Path(args.run_dir)
@@ -430,15 +443,16 @@ def _run_plot(args: argparse.Namespace) -> int:
     out = run_dir / "plots"
     written = [plots.plot_training_curves(runs.read_metrics(run_dir), out / "training_curves.png")]
     train_config = config["train"]
-    data = load_mnist(args.data_dir or train_config.get("data_dir"), train_config["binarize"], eval_examples=20,
-                      dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+    data = load_run_data(train_config, args.data_dir, eval_examples=20,
+                         dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
     written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
     written.append(plots.plot_samples(vae, out / "samples.png"))
     written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
     if vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole: codes by digit and the decoded grid
-        codes = load_mnist(args.data_dir or train_config.get("data_dir"), train_config["binarize"], eval_examples=2000,
-                           dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
-        written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
+        codes = load_run_data(train_config, args.data_dir, eval_examples=2000,
+                              dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+        if codes.test_labels is not None:  # the codes are coloured by label; a .npz file may have none
+            written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
     for path in written:
         print(path)
     return 0

@@ -69,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import runs
 from . import train as training
+from .data import DATA_RECORD_FILE
 from .errors import (
     PplVaeError,
     PplVaeWarning,
@@ -395,12 +396,13 @@ def train_distributed(
         """On rank 0: the configurations, the run directory and (resuming) the checkpoint, checked before use."""
         if not resume:
             train_config, vae_config = config or training.TrainConfig(), model_config or VAEConfig()
+            train_config, vae_config = training.fit_to_dataset(train_config, vae_config)
             check_trainable_on_processes(train_config)  # before the run directory is touched
             path = runs.prepare_run_dir(run_dir, overwrite=overwrite)
             runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
             return path, train_config, vae_config, None
         path = runs.prepare_run_dir(run_dir, resume=True, overwrite=overwrite)
-        train_config, vae_config = training._saved_configs(path, config)
+        train_config, vae_config = training.fit_to_dataset(*training._saved_configs(path, config))
         check_trainable_on_processes(train_config)
         checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
         training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
@@ -422,6 +424,8 @@ def train_distributed(
     vae = build_vae(model_config).to(device)
     loss = make_loss_module(vae, config.objective, config.particles, compiled=config.engine == "jit")
     data = training.load_data(config, vae, device)
+    if main:
+        runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
     optimizer, scheduler = training.make_torch_optimizer(vae.parameters(), config)
     start_epoch, elapsed = 0, 0.0
     if checkpoint is not None:

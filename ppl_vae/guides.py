@@ -2,8 +2,9 @@
 
 Interface: ``guide_net(x) -> Distribution`` with batch shape ``x.shape[:-1]`` and
 ``event_shape == (latent_dim,)``, reparameterized (``has_rsample``) so SVI gets
-pathwise gradients. A user's own guide is any module with this interface, passed
-as ``VAE(config, guide_net=...)``.
+pathwise gradients. The networks are MLPs or convolutional (``network="conv"`` among the
+options, see :mod:`ppl_vae.networks`); they take x flat, [..., D]. A user's own guide is any
+module with this interface, passed as ``VAE(config, guide_net=...)``.
 
 Built in (``--guide``):
 
@@ -24,15 +25,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .networks import GaussianEncoder, mlp
+from .networks import GaussianEncoder, as_flat, encoder_net
 
 
 class DiagonalGaussianGuide(nn.Module):
     """q(z | x) = N(z; mu_phi(x), diag(sigma_phi(x)^2))."""
 
-    def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh", **_):
+    def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh", **options):
         super().__init__()
-        self.encoder = GaussianEncoder(data_dim, latent_dim, hidden_sizes, activation)
+        self.encoder = GaussianEncoder(data_dim, latent_dim, hidden_sizes, activation, **options)
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.encoder(x)
@@ -42,16 +43,16 @@ class DiagonalGaussianGuide(nn.Module):
 class FullCovarianceGaussianGuide(nn.Module):
     """q(z | x) = N(z; mu_phi(x), L L^T): the encoder outputs mu, the diagonal of L (softplus) and its lower part."""
 
-    def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh", **_):
+    def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh", **options):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.data_dim = latent_dim, data_dim
         self.num_off_diagonal = latent_dim * (latent_dim - 1) // 2
-        self.net = mlp(data_dim, hidden_sizes, 2 * latent_dim + self.num_off_diagonal, activation)
+        self.net = encoder_net(data_dim, hidden_sizes, 2 * latent_dim + self.num_off_diagonal, activation, **options)
         self.register_buffer("rows", torch.tril_indices(latent_dim, latent_dim, offset=-1)[0])
         self.register_buffer("cols", torch.tril_indices(latent_dim, latent_dim, offset=-1)[1])
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
-        out = self.net(x)
+        out = self.net(as_flat(x, self.data_dim))
         loc, raw_diag, off = out.split([self.latent_dim, self.latent_dim, self.num_off_diagonal], dim=-1)
         scale_tril = torch.diag_embed(F.softplus(raw_diag) + 1e-5)
         scale_tril[..., self.rows, self.cols] = off
@@ -66,11 +67,11 @@ class IAFGuide(nn.Module):
     """
 
     def __init__(self, data_dim: int, latent_dim: int, hidden_sizes: Sequence[int], activation: str = "tanh",
-                 num_flows: int = 2, context_dim: int = 0, **_):
+                 num_flows: int = 2, context_dim: int = 0, **options):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.data_dim = latent_dim, data_dim
         context_dim = context_dim or max(latent_dim, 16)
-        self.trunk = mlp(data_dim, hidden_sizes, 2 * latent_dim + context_dim, activation)
+        self.trunk = encoder_net(data_dim, hidden_sizes, 2 * latent_dim + context_dim, activation, **options)
         hidden = [4 * latent_dim, 4 * latent_dim]
         self.flows = nn.ModuleList(
             T.conditional_affine_autoregressive(latent_dim, context_dim, hidden_dims=hidden) for _ in range(num_flows)
@@ -79,7 +80,7 @@ class IAFGuide(nn.Module):
         self.register_buffer("permutations", torch.stack([torch.randperm(latent_dim, generator=generator) for _ in range(num_flows)]))
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
-        out = self.trunk(x)
+        out = self.trunk(as_flat(x, self.data_dim))
         loc, raw_scale, context = out.split([self.latent_dim, self.latent_dim, out.shape[-1] - 2 * self.latent_dim], dim=-1)
         base = dist.Normal(loc, F.softplus(raw_scale) + 1e-6).to_event(1)
         transforms = []

@@ -562,7 +562,7 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: i
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # the classifier lives on the CPU: leave the GPUs' generators alone
         torch.manual_seed(seed)
-        net = nn.Sequential(nn.Linear(images.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(images[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, 10))
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     images, labels = images.float().cpu(), labels.long().cpu()
     for _ in range(epochs):

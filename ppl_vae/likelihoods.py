@@ -13,7 +13,13 @@ Interface: ``likelihood(decoder_output) -> Distribution`` with ``event_shape == 
 
 Built in (``--likelihood``): ``bernoulli``, ``cbernoulli`` (continuous Bernoulli),
 ``gaussian`` (fixed scale), ``gaussian-learned``, ``laplace``, ``beta``, ``logistic256``
-(discretized logistic). A user's own likelihood is any module with this interface.
+(discretized logistic), ``logistic-mixture`` (a mixture of discretized logistics per value, as in
+PixelCNN++). A user's own likelihood is any module with this interface.
+
+The decoder's output holds ``params_per_dim`` blocks of D values (parameter p of data value d
+at index p D + d, :mod:`ppl_vae.networks`), which the likelihoods split with ``chunk``.
+Every value is one channel of one pixel: colour images are D = C H W independent values
+given z, on the same scales (nats, bits/dim) as grey ones.
 
 **The Gaussian with fixed scale is the "MSE loss".** log N(x; mu, s^2 I) =
 -||x - mu||^2 / (2 s^2) - D log s - (D/2) log(2 pi): minimizing the mean squared
@@ -198,6 +204,7 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     params_per_dim = 2
     data_kind = "discrete"
+    label = "discretized logistic"
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
         loc, raw_scale = out.chunk(2, dim=-1)
@@ -207,9 +214,78 @@ class DiscretizedLogisticLikelihood(Likelihood):
         levels = x * (NUM_LEVELS - 1)
         if not torch.all((levels - levels.round()).abs() < 1e-3) or x.min() < 0 or x.max() > 1:
             raise InvalidDataError(
-                "the discretized logistic likelihood needs 8-bit grey levels k/255 (k = 0..255), not binarized or "
+                f"the {self.label} likelihood needs 8-bit grey levels k/255 (k = 0..255), not binarized or "
                 "dequantized data: use --binarize none"
             )
+
+
+class DiscretizedLogisticMixture(dist.TorchDistribution):
+    r"""A mixture of K discretized logistics on the 256 levels k/255 (Salimans et al. 2017, PixelCNN++).
+
+    P(k) = sum_j pi_j P_j(k), with P_j the :class:`DiscretizedLogistic` of (loc_j, scale_j)
+    and pi = softmax(logits): each component sums to 1 over the 256 levels, so the mixture
+    does too. The components sit on the last dimension of ``logits``, ``loc`` and ``scale``
+    ([..., K]); the batch shape is what remains. log P(k) is a ``logsumexp`` over the
+    components, stable in both tails. Unlike PixelCNN++, the channels of a pixel are
+    independent given z (no autoregressive coupling between them): the decoder already
+    sees the whole image through z. With K = 1 it is the discretized logistic.
+    """
+
+    arg_constraints = {"logits": constraints.real, "loc": constraints.real, "scale": constraints.positive}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        self.logits, self.loc, self.scale = torch.broadcast_tensors(logits, loc, scale)
+        super().__init__(self.loc.shape[:-1], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape) + self.loc.shape[-1:]
+        return DiscretizedLogisticMixture(self.logits.expand(shape), self.loc.expand(shape), self.scale.expand(shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        components = DiscretizedLogistic(self.loc, self.scale).log_prob(value.unsqueeze(-1))
+        return torch.logsumexp(components + self.logits.log_softmax(-1), dim=-1)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            index = dist.Categorical(logits=self.logits).sample(sample_shape).unsqueeze(-1)
+            shape = index.shape[:-1] + self.loc.shape[-1:]
+            loc = self.loc.expand(shape).gather(-1, index).squeeze(-1)
+            scale = self.scale.expand(shape).gather(-1, index).squeeze(-1)
+            return DiscretizedLogistic(loc, scale).sample()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        # The mixture of the components' means (each a clamped location, as for DiscretizedLogistic).
+        return (self.logits.softmax(-1) * self.loc.clamp(0, 1)).sum(-1)
+
+
+class DiscretizedLogisticMixtureLikelihood(DiscretizedLogisticLikelihood):
+    """p(x | z) = prod_d sum_j pi_dj DiscretizedLogistic(x_d; sigmoid(m_dj), softplus(s_dj)) on the levels k/255.
+
+    The decoder gives 3 K numbers per value (``likelihood_components`` = K): K mixture logits,
+    then K raw locations, then K raw scales, each a block of K D outputs (component j of
+    value d at j D + d). Locations and scales go through the same sigmoid and softplus as
+    ``logistic256``, so with K = 1 the two likelihoods give the same probabilities.
+    """
+
+    data_kind = "discrete"
+    label = "logistic mixture"
+
+    def __init__(self, likelihood_components: int = 5, **_):
+        super().__init__()
+        if likelihood_components < 1:
+            raise InvalidDataError(f"the logistic mixture needs at least one component, got {likelihood_components}")
+        self.num_components = likelihood_components
+        self.params_per_dim = 3 * likelihood_components
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        k = self.num_components
+        # [..., 3 K D] -> [..., D, 3 K]: the mixture's components on the last dimension.
+        params = out.reshape(*out.shape[:-1], 3 * k, -1).transpose(-1, -2)
+        logits, loc, raw_scale = params.split(k, dim=-1)
+        return DiscretizedLogisticMixture(logits, torch.sigmoid(loc), F.softplus(raw_scale) + 1e-4).to_event(1)
 
 
 LIKELIHOODS: dict[str, type[nn.Module]] = {
@@ -220,4 +296,5 @@ LIKELIHOODS: dict[str, type[nn.Module]] = {
     "laplace": LaplaceLikelihood,
     "beta": BetaLikelihood,
     "logistic256": DiscretizedLogisticLikelihood,
+    "logistic-mixture": DiscretizedLogisticMixtureLikelihood,
 }

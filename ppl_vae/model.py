@@ -28,7 +28,7 @@ from torch import nn
 from .errors import InvalidDataError, PplVaeError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
-from .networks import mlp
+from .networks import NETWORKS, decoder_net
 from .priors import PRIORS
 
 
@@ -46,9 +46,28 @@ class VAEConfig:
     prior_components: int = 10  # K for the mixture prior and the VampPrior (Tomczak & Welling used 500)
     num_flows: int = 2  # flow steps of the flow prior and the IAF guide
     obs_scale: float = 0.1  # the fixed scale of the "gaussian" likelihood
+    # (C, H, W) of one image; training fills it in from the dataset. With it, data_dim is C H W.
+    image_shape: tuple[int, ...] | None = None
+    network: str = "mlp"  # mlp, or conv: strided convolutions (encoder) and transposed convolutions (decoder)
+    conv_channels: tuple[int, ...] = (32, 64)  # widths of the convolutions of the conv networks, each halving H and W
+    likelihood_components: int = 5  # mixture components of the logistic-mixture likelihood
 
     def __post_init__(self) -> None:
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        if self.image_shape is not None:
+            self.image_shape = tuple(int(n) for n in self.image_shape)
+            if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+                raise PplVaeError(f"image_shape must be (C, H, W) with positive sizes, got {self.image_shape}")
+            # data_dim follows the image shape; a data_dim set to something else is a contradiction.
+            if self.data_dim not in (VAEConfig.data_dim, math.prod(self.image_shape)):
+                raise PplVaeError(f"data_dim {self.data_dim} contradicts image_shape {self.image_shape} "
+                                  f"({math.prod(self.image_shape)} values per image)")
+            self.data_dim = math.prod(self.image_shape)
+        if self.network not in NETWORKS:
+            raise PplVaeError(f"unknown network {self.network!r}: choose one of {', '.join(NETWORKS)}")
+        if min(self.conv_channels, default=0) < 1 or self.likelihood_components < 1:
+            raise PplVaeError("conv_channels need at least one width, all positive, and likelihood_components >= 1")
         for kind, value, choices in (
             ("prior", self.prior, PRIORS),
             ("likelihood", self.likelihood, LIKELIHOODS),
@@ -72,7 +91,19 @@ class VAEConfig:
         prior = f"{self.prior}({self.prior_components})" if self.prior in ("mixture", "vamp") else self.prior
         prior = f"flow({self.num_flows})" if self.prior == "flow" else prior
         guide = f"iaf({self.num_flows})" if self.guide == "iaf" else self.guide
-        return f"{self.data_dim}-{hidden}-{self.latent_dim} {self.activation} MLP, {prior} prior, {self.likelihood} likelihood, {guide} guide"
+        likelihood = (f"{self.likelihood}({self.likelihood_components})" if self.likelihood == "logistic-mixture"
+                      else self.likelihood)
+        if self.network == "conv":
+            shape = "x".join(str(n) for n in self.image_shape) if self.image_shape else "image"
+            channels = "-".join(str(c) for c in self.conv_channels)
+            network = f"{shape} conv({channels})-{hidden}-{self.latent_dim} {self.activation}"
+        else:
+            network = f"{self.data_dim}-{hidden}-{self.latent_dim} {self.activation} MLP"
+        return f"{network}, {prior} prior, {likelihood} likelihood, {guide} guide"
+
+    def network_options(self) -> dict[str, Any]:
+        """What the guides and the decoder need to build a network of :mod:`ppl_vae.networks`."""
+        return dict(network=self.network, image_shape=self.image_shape, conv_channels=self.conv_channels)
 
 
 class VAE(nn.Module):
@@ -85,8 +116,11 @@ class VAE(nn.Module):
     ``poutine.scale``, so the SVI objective becomes E_q[log p(x|z)] - beta KL;
     evaluation ignores it and reports the unscaled model.
 
-    Images of shape [N, 1, 28, 28] or [N, 28, 28] are flattened. All parameters
-    live in this module: save and load it with ``state_dict``.
+    Images [N, C, H, W] (or [N, H, W] for grey ones) are flattened at the observed site;
+    with ``config.image_shape`` set, their shape must be that one (a channels-last batch
+    is refused). The convolutional networks view the flat values as images again
+    (:mod:`ppl_vae.networks`). All parameters live in this module: save and load it with
+    ``state_dict``.
     """
 
     def __init__(
@@ -99,11 +133,14 @@ class VAE(nn.Module):
         super().__init__()
         self.config = config or VAEConfig()
         c = self.config
-        options = dict(num_components=c.prior_components, num_flows=c.num_flows, obs_scale=c.obs_scale)
-        self.guide_net = guide_net or GUIDES[c.guide](c.data_dim, c.latent_dim, c.hidden_sizes, c.activation, **options)
+        options = dict(num_components=c.prior_components, num_flows=c.num_flows, obs_scale=c.obs_scale,
+                       likelihood_components=c.likelihood_components)
+        self.guide_net = guide_net or GUIDES[c.guide](c.data_dim, c.latent_dim, c.hidden_sizes, c.activation,
+                                                      **options, **c.network_options())
         self.likelihood = likelihood or LIKELIHOODS[c.likelihood](**options)
         self.prior = prior or PRIORS[c.prior](c.latent_dim, guide_net=self.guide_net, data_dim=c.data_dim, **options)
-        self.decoder = mlp(c.latent_dim, c.hidden_sizes, c.data_dim * self.likelihood.params_per_dim, c.activation)
+        self.decoder = decoder_net(c.latent_dim, c.data_dim, self.likelihood.params_per_dim, c.hidden_sizes, c.activation,
+                                   **c.network_options())
         self.kl_weight = 1.0
         # Pyro's SVI finds parameters through param sites, so the programs register the modules with
         # pyro.module. A loss used as a torch module (Trace_ELBO()(model, guide)) takes the parameters
@@ -122,6 +159,10 @@ class VAE(nn.Module):
                 f"x must be a non-empty batch of shape [N, {d}] (or [N, ...] with {d} values per item), "
                 f"got shape {list(x.shape)}"
             )
+        shape = self.config.image_shape
+        if shape is not None and x.dim() == 4 and tuple(x.shape[1:]) != shape:
+            raise InvalidDataError(f"x must be images [N, {', '.join(map(str, shape))}] (channels first), "
+                                   f"got shape {list(x.shape)}")
         return x.reshape(x.shape[0], d)
 
     def model(self, x: torch.Tensor) -> torch.Tensor:

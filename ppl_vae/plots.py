@@ -62,16 +62,23 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
     return path
 
 
-def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """[N, 784] (or [N, 1, 28, 28]) values in [0, 1] -> one [H, W] grid (a NumPy array, what matplotlib takes), via ``make_grid``."""
-    images = images.detach().cpu().reshape(-1, 1, IMAGE_SIDE, IMAGE_SIDE).clamp(0, 1)
-    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
+def image_grid(images: torch.Tensor, nrow: int, image_shape: Sequence[int] | None = None) -> np.ndarray:
+    """[N, D] (or [N, C, H, W]) values in [0, 1] -> one grid (a NumPy array, what matplotlib takes), via ``make_grid``.
+
+    ``image_shape`` (C, H, W) defaults to MNIST's (1, 28, 28); the grid is [H', W'] for grey
+    images and [H', W', 3] for colour ones.
+    """
+    shape = tuple(image_shape) if image_shape is not None else (1, IMAGE_SIDE, IMAGE_SIDE)
+    images = images.detach().cpu().reshape(-1, *shape).clamp(0, 1)
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    return grid[0].numpy() if shape[0] == 1 else grid.permute(1, 2, 0).numpy()
 
 
-def plot_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, title: str = "", dpi: int = DPI) -> Path:
+def plot_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, title: str = "", dpi: int = DPI,
+                    image_shape: Sequence[int] | None = None) -> Path:
     """Images in rows of ``nrow``; figure (0.6 nrow) x (0.6 rows + 0.4) inches, rows = len(images) // nrow."""
     figure, axis = plt.subplots(figsize=(nrow * 0.6, max(1, len(images) // nrow) * 0.6 + 0.4), layout="constrained")
-    axis.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=1)
+    axis.imshow(image_grid(images, nrow, image_shape), cmap="gray", vmin=0, vmax=1)
     axis.set_axis_off()
     if title:
         axis.set_title(title, fontsize=9)
@@ -158,13 +165,15 @@ def plot_reconstructions(vae, x: torch.Tensor, path: str | Path, use_mean: bool 
     z = guide_mean(guide) if use_mean else guide.sample()
     reconstructions = vae.decode_mean(z)
     return plot_image_grid(torch.cat([x.reshape(len(x), -1), reconstructions]), path, nrow=len(x),
-                           title="data (top) and reconstructions E[x|z], z ~ q(z|x) (bottom)")
+                           title="data (top) and reconstructions E[x|z], z ~ q(z|x) (bottom)",
+                           image_shape=vae.config.image_shape)
 
 
 @torch.no_grad()
 def plot_samples(vae, path: str | Path, num_samples: int = 64) -> Path:
     """E[x | z] for z ~ p(z): what the generative model has learned."""
-    return plot_image_grid(vae.sample_prior(num_samples), path, nrow=8, title="E[x|z] for z ~ p(z)")
+    return plot_image_grid(vae.sample_prior(num_samples), path, nrow=8, title="E[x|z] for z ~ p(z)",
+                           image_shape=vae.config.image_shape)
 
 
 @torch.no_grad()
@@ -176,7 +185,8 @@ def plot_interpolations(vae, x: torch.Tensor, path: str | Path, steps: int = 10)
     weights = torch.linspace(0, 1, steps, device=means.device).reshape(1, steps, 1)
     path_z = starts[:n, None] * (1 - weights) + ends[:n, None] * weights
     images = vae.decode_mean(path_z.reshape(n * steps, -1))
-    return plot_image_grid(images, path, nrow=steps, title="interpolations between guide means")
+    return plot_image_grid(images, path, nrow=steps, title="interpolations between guide means",
+                           image_shape=vae.config.image_shape)
 
 
 def plot_khat(khat, path: str | Path, threshold: float = 0.7) -> Path:
@@ -251,7 +261,8 @@ def _draw_decoded_grid(axis, vae, low, high, steps: int) -> torch.Tensor:
 
     (a1, a2), (b1, b2) = _box(low, high)
     images = decode_grid(vae, [a1, a2], [b1, b2], steps)
-    axis.imshow(image_grid(images, steps), cmap="gray", vmin=0, vmax=1, extent=(a1, b1, a2, b2), aspect="auto")
+    axis.imshow(image_grid(images, steps, vae.config.image_shape), cmap="gray", vmin=0, vmax=1, extent=(a1, b1, a2, b2),
+                aspect="auto")
     axis.set_xlabel("z1")
     axis.set_ylabel("z2")
     return images

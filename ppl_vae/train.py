@@ -40,6 +40,7 @@ Reliability (what :func:`train` guarantees):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -59,7 +60,7 @@ from pyro.infer import SVI
 from pyro.infer.util import zero_grads
 
 from . import runs
-from .data import MNISTData, load_mnist
+from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
 from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
 from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
 from .model import VAE, VAEConfig, build_vae
@@ -85,6 +86,8 @@ class TrainConfig:
     device: str = "auto"
     binarize: str = "dynamic"
     data_dir: str | None = None
+    dataset: str = "mnist"  # mnist, fashion-mnist, kmnist, cifar10, or the path of a .npz file (ppl_vae.data)
+    dataset_sha256: str | None = None  # of a .npz dataset, filled in by training: evaluate refuses a changed file
     train_examples: int | None = None
     eval_examples: int | None = None
     val_samples: int = 1  # draws from q per datapoint for the per-epoch validation ELBO
@@ -112,6 +115,7 @@ class TrainConfig:
                 raise PplVaeError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.engine not in ENGINES:
             raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        check_dataset(self.dataset)
         check_objective(self.objective, self.particles, compiled=self.engine == "jit")
         if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
@@ -204,11 +208,41 @@ def levels_of(vae: VAE, binarize: str) -> str | None:
     return "discrete" if getattr(vae.likelihood, "data_kind", "continuous") == "discrete" else "dequantized"
 
 
+def fit_to_dataset(config: TrainConfig, model_config: VAEConfig) -> tuple[TrainConfig, VAEConfig]:
+    """The configurations completed from the dataset, before anything is built or written.
+
+    A ``.npz`` dataset becomes its absolute path and SHA-256 (a run resumed on a changed file
+    is refused); the model gets the images' shape (C, H, W), which the conv networks need and
+    which sets data_dim. A model built for another image shape is refused here, with both shapes.
+    """
+    shape = dataset_image_shape(config.dataset)
+    if is_npz(config.dataset):
+        path = str(Path(config.dataset).expanduser().resolve())
+        digest = sha256_of(path)
+        if config.dataset_sha256 is not None and digest != config.dataset_sha256:
+            raise PplVaeError(f"{path} has changed since the run was started (its SHA-256 differs from the run's "
+                              "record): restore the file, or start a new run on it")
+        config = dataclasses.replace(config, dataset=path, dataset_sha256=digest)
+    if model_config.image_shape is None:
+        if model_config.data_dim not in (VAEConfig.data_dim, math.prod(shape)):
+            raise PplVaeError(f"the model's data_dim {model_config.data_dim} does not fit the images of {config.dataset}, "
+                              f"{'x'.join(map(str, shape))} = {math.prod(shape)} values")
+        model_config = dataclasses.replace(model_config, image_shape=shape, data_dim=math.prod(shape))
+    elif model_config.image_shape != shape:
+        raise PplVaeError(f"the model was built for images {list(model_config.image_shape)}, but {config.dataset} holds "
+                          f"images {list(shape)}")
+    return config, model_config
+
+
 def load_data(config: TrainConfig, vae: VAE, device: torch.device) -> MNISTData:
-    data = load_mnist(
-        config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
-        dequantize_levels=levels_of(vae, config.binarize) == "dequantized",
-    )
+    dequantize_levels = levels_of(vae, config.binarize) == "dequantized"
+    if config.dataset == "mnist":  # through the module's name load_mnist, which the tests memoize
+        data = load_mnist(config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
+                          dequantize_levels=dequantize_levels)
+    else:
+        data = load_dataset(config.dataset, config.data_dir, config.binarize, device, config.train_examples,
+                            config.eval_examples, dequantize_levels=dequantize_levels,
+                            expected_sha256=config.dataset_sha256)
     # One check of the whole data against the likelihood's support, instead of one per step.
     for split in ("train", "val", "test"):
         vae.likelihood.check_data(data.split(split))
@@ -235,6 +269,7 @@ def train(
         config, model_config = _saved_configs(run_dir, config)
     config = config or TrainConfig()
     model_config = model_config or VAEConfig()
+    config, model_config = fit_to_dataset(config, model_config)
     device = resolve_device(config.device)
     # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
     # one, so mapping to the run's GPU broke resuming there); load_state_dict moves weights and optimizer state.
@@ -249,6 +284,7 @@ def train(
     pyro.enable_validation(config.pyro_validation)
     vae = build_vae(model_config).to(device)
     data = load_data(config, vae, device)
+    runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
         check_meanfield(vae.model, vae.guide, next(data.train_batches(config.batch_size, generator=probe)))

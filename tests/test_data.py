@@ -6,9 +6,10 @@ from ppl_vae.data import load_mnist
 
 
 def test_splits_have_the_standard_sizes(mnist):
-    assert mnist.train.shape == (50_000, 784)
-    assert mnist.val.shape == (10_000, 784)
-    assert mnist.test.shape == (10_000, 784)
+    # Images keep their [C, H, W] shape; MLPs flatten them.
+    assert mnist.train.shape == (50_000, 1, 28, 28)
+    assert mnist.val.shape == (10_000, 1, 28, 28)
+    assert mnist.test.shape == (10_000, 1, 28, 28)
     assert mnist.train_labels.shape == (50_000,) and mnist.test_labels.shape == (10_000,)
 
 

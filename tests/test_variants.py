@@ -130,7 +130,8 @@ def test_every_likelihood_is_normalized(name):
     likelihood = perturb(LIKELIHOODS[name]())
     # Decoder outputs that give a well-inside-the-support distribution (Beta with a, b > 1, so the
     # midpoint rule needs no care at the endpoints).
-    out = torch.tensor([[1.5, 2.0]] if name == "beta" else [[1.5, -1.0]])[:, : likelihood.params_per_dim]
+    pattern = [1.5, 2.0] if name == "beta" else [1.5, -1.0]
+    out = torch.tensor([(pattern * likelihood.params_per_dim)[: likelihood.params_per_dim]])  # the mixture takes 3 K
     with torch.no_grad():
         if likelihood.data_kind == "binary":
             values = torch.tensor([[0.0], [1.0]])
