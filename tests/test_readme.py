@@ -12,7 +12,7 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def code_block_after(marker: str, language: str) -> str:
-    match = re.search(re.escape(marker) + r"\s*```" + language + r"\n(.*?)```", README, re.S)
+    match = re.search(re.escape(marker) + r".*?```" + language + r"\n(.*?)```", README, re.S)  # the first such block after it
     assert match, f"no {language} block after {marker!r} in README.md"
     return match.group(1)
 
