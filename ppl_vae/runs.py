@@ -265,11 +265,14 @@ class RunLock:
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(self.path), timeout=0)
-        try:
-            with writing(self.path, "create the lock file"):
+        held_by_another = False
+        with writing(self.path, "create the lock file"):
+            try:
                 lock.acquire(timeout=0)
-        except Timeout:
-            raise RunDirectoryError(self._refusal()) from None
+            except Timeout:  # a TimeoutError, hence an OSError: told apart from a failed write here
+                held_by_another = True
+        if held_by_another:
+            raise RunDirectoryError(self._refusal())
         self._lock = lock
         try:
             write_json(self.holder_path, {
