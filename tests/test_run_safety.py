@@ -282,7 +282,7 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tm
 
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied"),
-                                         (errno.EROFS, "read-only")])
+                                         (errno.EROFS, "the file system is read-only")])
 def test_a_failed_write_says_why_and_leaves_no_temporary_file(tmp_path, monkeypatch, code, words):
     runs.save_checkpoint(tmp_path, {"epoch": 1})
 
