@@ -481,6 +481,14 @@ def _safe_globals() -> list:
     return [_reconstruct, numpy.ndarray, numpy.dtype, type(numpy.dtype(numpy.uint32))]
 
 
+def _last_words(message: str) -> str:
+    """The informative line of torch's long weights_only message (e.g. ``Unsupported operand 110``)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                                     "Please file an issue"))]
+    return (informative or lines or [message])[0][:200]
+
+
 def _non_finite_weights(state: dict) -> list[str]:
     model = state.get("model")
     if not isinstance(model, dict):
@@ -498,9 +506,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with torch.serialization.safe_globals(_safe_globals()):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error) and "Weights only" not in str(error):
-            raise RunDirectoryError(f"the checkpoint {path} is damaged or truncated (UnpicklingError: {error})") from None
-        found = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)
+        # weights_only refuses a class or function to call ("GLOBAL"): no damage makes that, only a crafted file
+        # (or another program's). Anything else it cannot read is damage.
+        lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
+        if not lines:
+            raise RunDirectoryError(
+                f"the checkpoint {path} is damaged or truncated (UnpicklingError: {_last_words(str(error))})"
+            ) from None
+        found = lines[0]
         raise RunDirectoryError(
             f"the checkpoint {path} holds objects other than tensors and plain data ({found[:200]}), which ppl_vae "
             "never writes: it was not written by ppl_vae, and loading it could run code, so it is refused. "
