@@ -35,6 +35,12 @@ Reliability (what :func:`train` guarantees):
 * **Damaged checkpoint.** ``resume=True`` falls back to ``checkpoint.prev.pt``
   with a warning when ``checkpoint.pt`` is damaged or missing
   (:func:`ppl_vae.runs.load_checkpoint_for_resume`).
+* **Run directory.** Every check (configuration, device, data; on resume the
+  checkpoint and ``epochs`` >= the epochs trained) comes before anything is
+  written; ``overwrite`` deletes only a ppl_vae run, and only then
+  (:func:`ppl_vae.runs.start_run_dir`); the run is locked while training
+  (:class:`ppl_vae.runs.RunLock`); a new run that fails before its first
+  checkpoint is removed again, so it blocks no later run.
 """
 
 from __future__ import annotations
