@@ -51,11 +51,23 @@ def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProces
     return result
 
 
+def main(*args) -> int:
+    """``ppl-vae ARGS`` in this process (for the variations of a case whose first form runs in a subprocess)."""
+    return cli.main([str(arg) for arg in args])
+
+
+@pytest.fixture(autouse=True)
+def data_from_env(data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_root) -> Path:
     """A finished 3-epoch tiny run (tests copy it before changing anything)."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    succeeded(run_cli(data_root, "train", "--run-dir", run_dir, "--epochs", "3", *TINY))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PPL_VAE_DATA", str(data_root))
+        assert main("train", "--run-dir", run_dir, "--epochs", "3", *TINY) == 0
     return run_dir
 
 
@@ -73,7 +85,7 @@ def files(path: Path) -> dict[str, bytes]:
 # --- 1. --overwrite deletes only a run, and only after every check ---------------------------------
 
 
-def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_path, data_root, run_copy):
+def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_path, data_root, run_copy, capsys):
     folder = tmp_path / "work"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
@@ -85,22 +97,23 @@ def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_p
     # A run with a file of the user's in it: refused too, naming that file; the run is untouched.
     (run_copy / "my-notes.md").write_text("keep")
     before = files(run_copy)
-    err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY))
+    assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY) == 2
+    err = capsys.readouterr().err
     assert "my-notes.md" in err and "config.json" not in err.split("write:")[1]
     assert files(run_copy) == before
     # A folder of ppl_vae file names without a run's config.json is no run either.
     lone = tmp_path / "lone"
     lone.mkdir()
     (lone / "evaluation.json").write_text("{}")
-    assert "holds no readable config.json" in refused(
-        run_cli(data_root, "train", "--run-dir", lone, "--overwrite", "--epochs", "1", *TINY))
+    assert main("train", "--run-dir", lone, "--overwrite", "--epochs", "1", *TINY) == 2
+    assert "holds no readable config.json" in capsys.readouterr().err
     assert (lone / "evaluation.json").read_text() == "{}"
 
 
 def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_when_all_pass(
-    tmp_path, data_root, run_copy
+    tmp_path, data_root, run_copy, capsys
 ):
-    succeeded(run_cli(data_root, "evaluate", run_copy, *EVALUATE))
+    (run_copy / "evaluation.json").write_text("{}")
     before = files(run_copy)
     empty = tmp_path / "empty-data"
     empty.mkdir()
@@ -108,10 +121,9 @@ def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_wh
                           "--data-dir", empty))
     assert "MNIST" in err
     assert files(run_copy) == before
-    err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY,
-                          "--device", "cuda:99"))
-    assert "cuda" in err and files(run_copy) == before
-    succeeded(run_cli(data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY))
+    assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY, "--device", "cuda:99") == 2
+    assert "cuda" in capsys.readouterr().err and files(run_copy) == before
+    assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY) == 0
     assert [m["epoch"] for m in runs.read_metrics(run_copy)] == [1]
     assert not (run_copy / "evaluation.json").exists()  # the old run's files went with it
     assert runs.read_json(run_copy / "test.json")["epoch"] == 1
@@ -120,11 +132,11 @@ def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_wh
 # --- 2. One writer per run; a killed one blocks nothing --------------------------------------------
 
 
-def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, data_root):
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, data_root, capsys):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "ppl_vae", "train", "--run-dir", str(run_dir), "--epochs", "200",
-         "--train-examples", "2000", "--batch-size", "20", "--eval-examples", "50", "--latent-dim", "4",
+        [sys.executable, "-m", "ppl_vae", "train", "--run-dir", str(run_dir), "--epochs", "100000",
+         "--train-examples", "200", "--batch-size", "20", "--eval-examples", "50", "--latent-dim", "4",
          "--hidden-sizes", "16", "--test-samples", "5", "--device", "cpu", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(data_root))
     try:
@@ -133,27 +145,29 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "no epoch after 240 s"
             time.sleep(0.05)
-        for second in (["--resume"], ["--overwrite", "--epochs", "1", *TINY]):
-            err = refused(run_cli(data_root, "train", "--run-dir", run_dir, *second))
-            assert f"is in use: process {process.pid} on " in err and "is training into it" in err, err
-            assert "ppl_vae train --run-dir" in err  # its command
-        # An evaluation may read the run meanwhile: its result says which epoch it saw, not the planned 200.
-        succeeded(run_cli(data_root, "evaluate", run_dir, *EVALUATE))
+        err = refused(run_cli(data_root, "train", "--run-dir", run_dir, "--resume"))
+        assert f"is in use: process {process.pid} on " in err and "is training into it" in err, err
+        assert "ppl_vae train --run-dir" in err  # its command
+        assert main("train", "--run-dir", run_dir, "--overwrite", "--epochs", "1", *TINY) == 2
+        assert f"is in use: process {process.pid} on " in capsys.readouterr().err
+        # An evaluation may read the run meanwhile: its result says which epoch it saw, not the planned number.
+        assert main("evaluate", run_dir, *EVALUATE) == 0
         evaluation = runs.read_json(run_dir / "evaluation.json")
-        assert 1 <= evaluation["epoch"] == evaluation["epochs"] < 200 and evaluation["epochs_planned"] == 200
+        assert 1 <= evaluation["epoch"] == evaluation["epochs"] < 100000 and evaluation["epochs_planned"] == 100000
     finally:
         process.send_signal(signal.SIGKILL)
         process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
     epoch = runs.load_checkpoint(run_dir)["epoch"]
     # The kill left the lock file; the system released the lock, so resuming is not blocked.
-    succeeded(run_cli(data_root, "train", "--run-dir", run_dir, "--resume", "--epochs", max(epoch, 1)))
+    assert main("train", "--run-dir", run_dir, "--resume", "--epochs", max(epoch, 1), "--no-progress") == 0
     assert runs.read_json(run_dir / "test.json")["epoch"] == max(epoch, 1)
 
 
-def test_a_run_being_evaluated_is_not_overwritten(data_root, run_copy):
-    with runs.RunLock(run_copy, "evaluate"):
-        err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY))
+def test_a_run_being_evaluated_is_not_overwritten(data_root, run_copy, capsys):
+    with runs.RunLock(run_copy, "evaluate"):  # a second lock object on the same file is refused even in-process
+        assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY) == 2
+    err = capsys.readouterr().err
     assert f"process {os.getpid()}" in err and "is evaluating it" in err
     assert runs.load_checkpoint(run_copy)["epoch"] == 3
 
@@ -190,16 +204,17 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, data
 # --- 4. Results record their epoch and checkpoint; compare marks a stale one ------------------------
 
 
-def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path, data_root, run_copy):
+def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path, data_root, run_copy, capsys):
     test = runs.read_json(run_copy / "test.json")
     checkpoint = runs.load_checkpoint(run_copy)
     assert test["epoch"] == 3 and test["checkpoint_id"] == checkpoint["id"]
-    succeeded(run_cli(data_root, "evaluate", run_copy, *EVALUATE))
+    assert main("evaluate", run_copy, *EVALUATE) == 0
     evaluation = runs.read_json(run_copy / "evaluation.json")
     assert evaluation["epoch"] == 3 and evaluation["checkpoint_id"] == checkpoint["id"]
-    succeeded(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--epochs", "4", "--no-progress"))
+    assert main("train", "--run-dir", run_copy, "--resume", "--epochs", "4", "--no-progress") == 0
     # compare takes the newest result (test.json, epoch 4): nothing stale.
-    out = succeeded(run_cli(data_root, "compare", run_copy, "--out", tmp_path / "cmp")).stdout
+    assert main("compare", run_copy, "--out", tmp_path / "cmp") == 0
+    out = capsys.readouterr().out
     assert "| run | " in out and "⚠" not in out and "| 4 |" in out
     # Without it, evaluation.json (epoch 3) is marked: computed before the run's latest epoch.
     (run_copy / "test.json").unlink()
@@ -213,20 +228,21 @@ def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path,
 # --- 5. --resume with other options ------------------------------------------------------------------
 
 
-def test_resume_refuses_fewer_epochs_and_options_that_would_change_the_run(data_root, run_copy):
+def test_resume_refuses_fewer_epochs_and_options_that_would_change_the_run(data_root, run_copy, capsys):
     before = files(run_copy)
     err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--epochs", "2"))
     assert "--epochs 2 is fewer than the 3 epochs" in err and "Give --epochs 3 or more" in err
     assert files(run_copy) == before
-    err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--lr", "0.01", "--batch-size", "7",
-                          "--hidden-sizes", "8", "8", "--epochs", "5"))
+    assert main("train", "--run-dir", run_copy, "--resume", "--lr", "0.01", "--batch-size", "7", "--hidden-sizes", "8",
+                "8", "--epochs", "5") == 2
+    err = capsys.readouterr().err
     for change in ("--lr 0.01 (the run's: 0.001)", "--batch-size 7 (the run's: 50)", "--hidden-sizes 8 8 (the run's: 16)"):
         assert change in err
     assert "refused, not ignored" in err and "--epochs (train to that many epochs)" in err and "--epochs 5" not in err
     assert files(run_copy) == before
     # Repeating the run's own values is no change: accepted (this only runs the test evaluation again).
-    succeeded(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--epochs", "3", "--batch-size", "50",
-                      "--device", "cpu", "--no-progress"))
+    assert main("train", "--run-dir", run_copy, "--resume", "--epochs", "3", "--batch-size", "50", "--device", "cpu",
+                "--no-progress") == 0
     assert runs.read_json(run_copy / "test.json")["epochs"] == 3
 
 
@@ -278,7 +294,7 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tm
                           preexec_fn=_file_size_limit(20_000)))
     assert f"cannot write {new / 'checkpoint.pt'}: the file is larger than" in err
     assert not new.exists()
-    succeeded(run_cli(data_root, "train", "--run-dir", new, "--epochs", "1", *TINY))
+    assert main("train", "--run-dir", new, "--epochs", "1", *TINY) == 0
 
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied"),
@@ -301,7 +317,7 @@ def test_a_failed_write_says_why_and_leaves_no_temporary_file(tmp_path, monkeypa
 
 def test_temporary_files_left_by_a_kill_are_removed_when_training_resumes(data_root, run_copy):
     (run_copy / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    succeeded(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--no-progress"))
+    assert main("train", "--run-dir", run_copy, "--resume", "--no-progress") == 0
     assert not (run_copy / ".checkpoint.pt.abc123.tmp").exists()
 
 
@@ -334,7 +350,7 @@ def test_config_file_values_and_odd_options_are_refused_before_anything_is_writt
         assert not run_dir.exists()
     # A good file still works, and the command line wins over it.
     config.write_text(json.dumps({"epochs": 2, "clip_norm": None, "hidden_sizes": [16], "_note": "ignored"}))
-    succeeded(run_cli(data_root, "train", "--config", config, "--run-dir", run_dir, *TINY, "--epochs", "1"))
+    assert main("train", "--config", config, "--run-dir", run_dir, *TINY, "--epochs", "1") == 0
     saved = runs.read_json(run_dir / "config.json")
     assert saved["train"]["epochs"] == 1 and saved["model"]["hidden_sizes"] == [16]
 
