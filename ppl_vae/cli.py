@@ -6,6 +6,7 @@ Errors the user can fix are printed as one message (no traceback) with exit stat
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -30,6 +31,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1 = {2**32 - 1} (NumPy's range), got {text}")
     return value
 
 
@@ -77,7 +85,9 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/vae-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --run-dir first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the ppl_vae run in --run-dir (only a folder holding a run and nothing else; deleted "
+                   "once every other check has passed)")
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=t.dataset, metavar="NAME|PATH.npz",
                       help=f"{', '.join(DATASETS)} (read from --data-dir, downloaded there when missing), or a .npz file "
@@ -120,7 +130,7 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--lr-gamma", type=_positive_float, default=t.lr_gamma)
     opt.add_argument("--lr-final", type=_positive_float, default=t.lr_final, help="the rate 'cosine' anneals to")
     opt.add_argument("--clip-norm", type=_positive_float, default=t.clip_norm, help="clip the global gradient norm of every step to this; None: no clipping")
-    opt.add_argument("--seed", type=int, default=t.seed)
+    opt.add_argument("--seed", type=_seed, default=t.seed)
     opt.add_argument("--device", default=t.device, help="auto (CUDA when present, else CPU), cpu or cuda")
     opt.add_argument("--engine", choices=ENGINES, default=t.engine,
                      help="how each step computes the loss of the same Pyro programs: svi (SVI with Trace_ELBO and "
@@ -259,6 +269,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir is None:
         raise PplVaeError("--resume needs --run-dir: the run to continue")
     run_dir = args.run_dir or f"runs/vae-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        _check_resume_options(args, Path(run_dir))
     # With --resume, every setting but the number of epochs is the run's own, and that one only when given.
     epochs = getattr(args, "epochs", None)
     config = TrainConfig(
@@ -332,6 +344,56 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# With --resume, these options apply; every other one is the run's own and may only repeat it.
+APPLY_ON_RESUME = ("epochs", "no_progress", "devices", "num_nodes", "rdzv_endpoint", "rdzv_id")
+_NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help")
+_CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs"}  # option -> TrainConfig field, where they differ
+
+
+def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse options given with ``--resume`` that would change the run's settings (they cannot apply mid-run).
+
+    An option repeating the run's own value is accepted. ``--epochs`` lower than the
+    epochs already trained is refused by training, once the checkpoint is read.
+    """
+    from dataclasses import fields
+
+    from . import runs
+    from .errors import RunDirectoryError
+    from .model import VAEConfig
+    from .train import TrainConfig
+
+    given = sorted(set(getattr(args, "given", ())) - set(APPLY_ON_RESUME) - set(_NOT_SETTINGS))
+    if not given or not (run_dir / runs.CONFIG_FILE).is_file():
+        return  # nothing to check, or training says what is missing
+    saved = runs.read_json(run_dir / runs.CONFIG_FILE)
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
+        return  # training names the unreadable configuration
+    defaults = {"train": {f.name: f.default for f in fields(TrainConfig)}, "model": {f.name: f.default for f in fields(VAEConfig)}}
+    refused = []
+    for dest in given:
+        field = _CONFIG_FIELDS.get(dest, dest)
+        section = "model" if field in defaults["model"] else "train"
+        theirs = saved[section].get(field, defaults[section].get(field))
+        ours = getattr(args, dest)
+        if dest == "data_dir" and ours is not None:
+            ours = str(Path(ours).resolve())
+        if isinstance(ours, (list, tuple)) or isinstance(theirs, (list, tuple)):
+            ours, theirs = list(ours or []), list(theirs or [])
+        if ours != theirs:
+            option = "--" + dest.replace("_", "-")
+            shown = " ".join(map(str, ours)) if isinstance(ours, list) else ours
+            run_value = " ".join(map(str, theirs)) if isinstance(theirs, list) else theirs
+            refused.append(f"{option} {shown} (the run's: {run_value})")
+    if refused:
+        raise RunDirectoryError(
+            f"--resume continues {run_dir} with the settings it started with, and these options would change them: "
+            f"{'; '.join(refused)}. They are refused, not ignored. With --resume, --epochs (train to that many "
+            "epochs), --no-progress and the scale-out options apply. Leave the others out, or start a new run with "
+            "them (another --run-dir, or --overwrite)"
+        )
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     from . import distributed
 
@@ -340,9 +402,36 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         return code
     context = distributed.initialize(args.device) if distributed.launched_by_torchrun() else None
     try:
-        return _evaluate(args, context)
+        with _evaluation_lock(Path(args.run_dir), context is None or context.is_main):
+            return _evaluate(args, context)
     finally:
         distributed.shutdown()
+
+
+@contextmanager
+def _evaluation_lock(run_dir: Path, main: bool) -> Iterator[None]:
+    """Hold the run's evaluation lock (rank 0): one evaluation writes into a run at a time, and no
+    ``train --overwrite`` deletes it meanwhile. A run directory that cannot be written is evaluated all the
+    same, with a warning now (not after minutes of computing): the tables are printed, the files not written."""
+    from . import runs
+    from .errors import RunWriteError
+
+    if not main or not run_dir.is_dir():
+        yield  # a missing run is named by the evaluation
+        return
+    lock = runs.RunLock(run_dir, "evaluate")
+    try:
+        lock.acquire()
+    except RunWriteError as error:
+        warnings.warn(f"{error}: the tables will be printed, but {runs.EVALUATION_FILE} cannot be written there",
+                      PplVaeWarning, stacklevel=2)
+        yield
+        return
+    try:
+        runs.remove_temporaries(run_dir, runs.EVALUATION_FILES)
+        yield
+    finally:
+        lock.release()
 
 
 def _evaluate(args: argparse.Namespace, context) -> int:
@@ -358,6 +447,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
 
     from . import runs
     from .data import load_run_data
+    from .errors import RunWriteError
     from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
     from .distributed import EVALUATION_BLOCK_SIZE, derive_seed, evaluate_per_datapoint, load_run_everywhere, seeded
     from .evaluate import evaluation_summary
@@ -397,7 +487,9 @@ def _evaluate(args: argparse.Namespace, context) -> int:
         "epoch": config["epoch"],
         "model": VAEConfig(**config["model"]).describe(),
         "objective": describe_objective(TrainConfig(**train_config)),
-        "epochs": train_config["epochs"],
+        "epochs": config["epoch"],  # trained so far: the checkpoint's, not the run's planned number
+        "epochs_planned": train_config["epochs"],
+        "checkpoint_id": config.get("checkpoint_id"),
         "device": context.describe() if context is not None else str(device),
         "world_size": context.world_size if context is not None else 1,
         "torch": torch.__version__,
@@ -406,17 +498,23 @@ def _evaluate(args: argparse.Namespace, context) -> int:
         "seed": args.seed,
         "seed_block_size": EVALUATION_BLOCK_SIZE,
     })
-    runs.write_json(run_dir / "evaluation.json", result)
-    arrays = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
-    if psis is not None:
-        arrays.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
-    numpy.savez(run_dir / PER_DATAPOINT_FILE, **{key: value.numpy() for key, value in arrays.items()})
     title = (
         f"{run_dir}: {result['model']}, epoch {result['epoch']}; {args.split} split, "
         f"{result['num_datapoints']} images, {result['device']}, {result['evaluation_seconds']:.1f} s"
     )
+    # The tables first: a write that fails (disk full, no permission) then loses no result.
     print(format_evaluation(result, title=title))
-    print(format_diagnostics(result["diagnostics"]))
+    print(format_diagnostics(result["diagnostics"]), flush=True)
+    arrays = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
+    if psis is not None:
+        arrays.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
+    per_image = io.BytesIO()
+    numpy.savez(per_image, **{key: value.numpy() for key, value in arrays.items()})
+    try:
+        runs.write_bytes(run_dir / PER_DATAPOINT_FILE, per_image.getvalue())  # before the summary that refers to it
+        runs.write_json(run_dir / runs.EVALUATION_FILE, result)
+    except RunWriteError as error:
+        raise RunWriteError(f"{error}; the tables above are the evaluation's result, printed before writing") from None
     print(f"written to {run_dir / 'evaluation.json'} and {run_dir / PER_DATAPOINT_FILE}")
     return 0
 
@@ -513,7 +611,12 @@ def _run_diagnose(args: argparse.Namespace) -> int:
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
-    """Make the values of ``train --config FILE`` the defaults, so command-line options still win."""
+    """Make the values of ``train --config FILE`` the defaults, so command-line options still win.
+
+    Every value is checked as the command line checks it (type, range, choices), before anything is written;
+    the option names it sets are kept in ``parser.config_options``.
+    """
+    parser.config_options = set()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "train" or "--config" not in " ".join(argv):
         return
@@ -527,11 +630,78 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
         values = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         train_parser.error(f"cannot read --config {path}: {error}")
-    known = {action.dest for action in train_parser._actions}
-    unknown = sorted(key for key in values if not key.startswith("_") and key not in known)
+    if not isinstance(values, dict):
+        train_parser.error(f"--config {path} must hold a JSON object of option values, got {type(values).__name__}")
+    actions = {action.dest: action for action in train_parser._actions if action.dest not in ("help", "config")}
+    unknown = sorted(key for key in values if not key.startswith("_") and key not in actions)
     if unknown:
         train_parser.error(f"--config {path} has unknown options {unknown}; the known ones are the options of `train --help`")
-    train_parser.set_defaults(**{key: value for key, value in values.items() if not key.startswith("_")})
+    checked = {}
+    for key, value in values.items():
+        if key.startswith("_"):
+            continue
+        try:
+            checked[key] = _config_value(actions[key], value)
+        except argparse.ArgumentTypeError as error:
+            option = actions[key].option_strings[-1] if actions[key].option_strings else key
+            train_parser.error(f"--config {path}: {key!r} ({option}) {error}")
+    train_parser.set_defaults(**checked)
+    parser.config_options = set(checked)
+
+
+def _config_value(action: argparse.Action, value):
+    """A value of a --config file for ``action``, checked and converted exactly as on the command line."""
+    if action.nargs == 0:  # a flag such as --no-progress
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {json.dumps(value)}")
+        return value
+    many = action.nargs in ("+", "*")
+    if many and not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"must be a list, e.g. [{json.dumps(value)}], got {json.dumps(value)}")
+    if many and action.nargs == "+" and not value:
+        raise argparse.ArgumentTypeError("must be a list of at least one value, got []")
+    if not many and isinstance(value, (list, dict)):
+        raise argparse.ArgumentTypeError(f"must be a single value, got {json.dumps(value)}")
+    converted = []
+    for item in value if many else [value]:
+        if item is None and not many and action.default is None:
+            converted.append(None)  # the option's own default, e.g. no clipping
+            continue
+        kind = action.type
+        integer = kind in (int, _positive_int, _seed)
+        number = kind in (float, _positive_float)
+        if isinstance(item, bool) or (integer and not isinstance(item, int)) or (
+            number and not isinstance(item, (int, float))
+        ) or (kind is None and not isinstance(item, str)):
+            wanted = "an integer" if integer else "a number" if number else "a string"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {json.dumps(item)}")
+        try:
+            item = kind(str(item)) if kind is not None else item
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if action.choices is not None and item not in action.choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+        converted.append(item)
+    return converted if many else converted[0]
+
+
+def _given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The train options given on the command line or in its --config file (not left at their defaults)."""
+    if not argv or argv[0] != "train":
+        return set()
+    train_parser = parser.train_parser
+    saved = [(action, action.default) for action in train_parser._actions]
+    saved_defaults = dict(train_parser._defaults)
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        train_parser._defaults.clear()
+        given = set(vars(train_parser.parse_args(argv[1:])))
+    finally:
+        for action, default in saved:
+            action.default = default
+        train_parser._defaults.update(saved_defaults)
+    return given | parser.config_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     _apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--devices N` hands on to torchrun
+    args.given = _given_options(parser, args.argv)
     # Under torchrun, every process prints its own errors; those of the other ranks say which they are.
     command = args.command if os.environ.get("RANK", "0") == "0" else f"{args.command} (rank {os.environ['RANK']})"
     try:

@@ -11,6 +11,10 @@ log p̂(x) of each run minus that of the first, as the mean over images of the p
 differences d_n, with standard error sd(d_n) / sqrt(N). The images' own spread cancels
 in d_n, so this s.e. is several times smaller than that of either run's mean: the honest
 scale for "is variant B better than A on these images".
+
+Each result file records the epoch (and the id of the checkpoint) it was computed
+from; the newer of ``evaluation.json`` and ``test.json`` is used, and the table marks a
+result computed before the run's latest checkpoint (``4 (run at 6)``).
 """
 
 from __future__ import annotations
@@ -32,24 +36,54 @@ from .train import TrainConfig, describe_objective
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "elbo", "elbo_se", "reconstruction", "kl",
     "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
-    "log_px_minus_first", "log_px_minus_first_se",
+    "log_px_minus_first", "log_px_minus_first_se", "result_file", "run_epoch", "stale",
 )
 PER_IMAGE_FILE = "evaluation_per_datapoint.npz"  # written by `ppl-vae evaluate` beside evaluation.json
 
 
+def _result_epoch(result: dict) -> int | None:
+    """The epoch a result file was computed from (files older than the ``epoch`` key of test.json: ``epochs``)."""
+    epoch = result.get("epoch", result.get("epochs"))
+    return epoch if isinstance(epoch, int) else None
+
+
+def _current_checkpoint(run_dir: Path, metrics: list[dict]) -> tuple[int | None, str | None]:
+    """The epoch and id of the run's latest checkpoint (else the last epoch in metrics.jsonl, no id)."""
+    try:
+        checkpoint = runs.read_checkpoint(run_dir / runs.CHECKPOINT_FILE)
+        return checkpoint.get("epoch"), checkpoint.get("id")
+    except RunDirectoryError:
+        return (metrics[-1]["epoch"] if metrics else None), None
+
+
 def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
-    """One comparison row from a run directory; a clear error if it has not been evaluated."""
+    """One comparison row from a run directory; a clear error if it has not been evaluated.
+
+    Of ``evaluation.json`` and ``test.json``, the one computed from the later epoch is used
+    (``evaluation.json`` at the same epoch). ``stale`` says when it was computed from another
+    checkpoint than the run's latest (an earlier epoch, or the same epoch trained again).
+    """
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG_FILE)
-    for name in ("evaluation.json", "test.json"):
-        if (run_dir / name).is_file():
-            result = runs.read_json(run_dir / name)
-            break
-    else:
+    found = [(name, runs.read_json(run_dir / name)) for name in (runs.EVALUATION_FILE, runs.TEST_FILE)
+             if (run_dir / name).is_file()]
+    if not found:
         raise RunDirectoryError(
             f"{run_dir} has no evaluation.json or test.json: finish training it or run `ppl-vae evaluate {run_dir}`"
         )
+    # The newest: the highest epoch, evaluation.json first among equals (max keeps the first maximum).
+    name, result = max(found, key=lambda item: -1 if _result_epoch(item[1]) is None else _result_epoch(item[1]))
     metrics = runs.read_metrics(run_dir)
+    run_epoch, run_checkpoint = _current_checkpoint(run_dir, metrics)
+    epoch = _result_epoch(result)
+    if epoch is None or run_epoch is None:
+        stale = None
+    elif epoch != run_epoch:
+        stale = f"computed at epoch {epoch}, the run is at epoch {run_epoch}"
+    elif result.get("checkpoint_id") and run_checkpoint and result["checkpoint_id"] != run_checkpoint:
+        stale = f"computed from another checkpoint of epoch {epoch} (the run was trained again)"
+    else:
+        stale = None
     model_config, train_config = VAEConfig(**config["model"]), TrainConfig(**config["train"])
     diagnostics = result.get("diagnostics", {})
     bpd = result.get("bits_per_dim", {}).get("log_evidence", {}).get("mean")
@@ -57,7 +91,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "run": str(run_dir),
         "model": model_config.describe(),
         "objective": describe_objective(train_config),
-        "epochs": metrics[-1]["epoch"] if metrics else 0,
+        "epochs": epoch,
         "split": result.get("split", "test"),
         "images": result["num_datapoints"],
         "elbo": result["elbo"]["mean"],
@@ -74,6 +108,9 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "device": metrics[-1]["device"] if metrics else result.get("device"),
         "log_px_minus_first": None,
         "log_px_minus_first_se": None,
+        "result_file": name,
+        "run_epoch": run_epoch,
+        "stale": stale,
         # Not a table column: what the paired differences need.
         "_per_image_log_px": _per_image_log_px(run_dir, name, result),
         "_binarize": train_config.binarize,
@@ -83,7 +120,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
 def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.ndarray | None:
     """The per-image log p̂(x) of ``ppl-vae evaluate``, when saved and consistent with its summary."""
     path = run_dir / PER_IMAGE_FILE
-    if result_file != "evaluation.json" or not path.is_file():
+    if result_file != runs.EVALUATION_FILE or not path.is_file():
         return None
     values = numpy.load(path)["log_evidence"].astype(numpy.float64)
     return values if values.shape == (result["num_datapoints"],) else None
@@ -118,7 +155,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (
-            Path(r["run"]).name, r["model"], r["objective"], r["epochs"],
+            Path(r["run"]).name, r["model"], r["objective"], _epochs(r),
             f"{r['elbo']:.2f} ± {r['elbo_se']:.2f}", _format(r["reconstruction"]), _format(r["kl"]),
             f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _paired(r), _format(r["gap"]),
             _format(r["bits_per_dim"], 3), _format_active_units(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
@@ -132,7 +169,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "Paired: the mean over the same images of log p̂(x) minus the first run's, ± its standard error "
         "(– where the runs were not evaluated on the same images by `ppl-vae evaluate`)."
     )
+    stale = [r for r in rows if r.get("stale")]
+    if stale:
+        lines.append("")
+        lines.append("Stale results, marked ⚠ under epochs (run `ppl-vae evaluate` again for the latest checkpoint): "
+                     + "; ".join(f"{Path(r['run']).name}: {r['result_file']} {r['stale']}" for r in stale) + ".")
     return "\n".join(lines)
+
+
+def _epochs(row: dict[str, Any]) -> str:
+    """The epoch the row's numbers come from; marked when the run has moved on since."""
+    epochs = "?" if row["epochs"] is None else str(row["epochs"])
+    if row.get("stale"):
+        now = row.get("run_epoch")
+        return f"{epochs} ⚠ (run at {now})" if now != row["epochs"] else f"{epochs} ⚠ (other checkpoint)"
+    return epochs
 
 
 def _paired(row: dict[str, Any]) -> str:

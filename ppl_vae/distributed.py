@@ -392,20 +392,33 @@ def train_distributed(
     if context is None:
         raise PplVaeError("train_distributed needs a process group: call ppl_vae.distributed.initialize() under torchrun")
 
+    lock = runs.RunLock(run_dir)  # rank 0 holds it while training: one writer per run
+    try:
+        return _train_distributed(context, run_dir, lock, config, model_config, resume, overwrite, progress)
+    finally:
+        lock.release()
+
+
+def _train_distributed(
+    context: Context, run_dir: str | Path, lock: runs.RunLock, config, model_config: VAEConfig | None, resume: bool,
+    overwrite: bool, progress: bool,
+) -> dict[str, Any]:
     def prepare() -> tuple[Path, Any, VAEConfig, dict | None]:
         """On rank 0: the configurations, the run directory and (resuming) the checkpoint, checked before use."""
         if not resume:
             train_config, vae_config = config or training.TrainConfig(), model_config or VAEConfig()
             train_config, vae_config = training.fit_to_dataset(train_config, vae_config)
             check_trainable_on_processes(train_config)  # before the run directory is touched
-            path = runs.prepare_run_dir(run_dir, overwrite=overwrite)
-            runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
+            path = runs.check_run_dir(run_dir, overwrite=overwrite)
             return path, train_config, vae_config, None
-        path = runs.prepare_run_dir(run_dir, resume=True, overwrite=overwrite)
+        path = runs.check_run_dir(run_dir, resume=True, overwrite=overwrite)
+        lock.acquire()  # before the checkpoint is read: a fallback repairs it
+        runs.remove_temporaries(path, runs.TRAINING_FILES)
         train_config, vae_config = training.fit_to_dataset(*training._saved_configs(path, config))
         check_trainable_on_processes(train_config)
         checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
         training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
+        training.check_resume_epochs(checkpoint, train_config, path)
         if checkpoint.get("world_size", 1) != context.world_size:
             warnings.warn(
                 f"resuming a run saved by {checkpoint.get('world_size', 1)} process(es) on {context.world_size}: the data "
@@ -424,7 +437,7 @@ def train_distributed(
     vae = build_vae(model_config).to(device)
     loss = make_loss_module(vae, config.objective, config.particles, compiled=config.engine == "jit")
     data = training.load_data(config, vae, device)
-    if main:
+    if main and checkpoint is not None:
         runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
     optimizer, scheduler = training.make_torch_optimizer(vae.parameters(), config)
     start_epoch, elapsed = 0, 0.0
@@ -433,10 +446,25 @@ def train_distributed(
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
+        checkpoint_id = checkpoint.get("id")
         if main:
             runs.truncate_metrics(run_dir, start_epoch)
-    elif main:
-        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, optimizer, scheduler, config, model_config, elapsed, context))
+    else:
+        def start() -> str:
+            """On rank 0, every check passed (options, devices, data): make the run directory, replacing an old run."""
+            created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
+            try:
+                runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
+                runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
+                return runs.save_checkpoint(
+                    run_dir, _checkpoint_state(0, vae, optimizer, scheduler, config, model_config, elapsed, context)
+                )
+            except BaseException:
+                lock.release()
+                runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
+                raise
+
+        checkpoint_id = on_main(start)
     ddp = DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None)
 
     with training._StopRequest() as stop:
@@ -461,7 +489,7 @@ def train_distributed(
                 record.update(_validation_evidence(vae, data, config, epoch))
             if main:
                 runs.append_metrics(run_dir, record)
-                runs.save_checkpoint(
+                checkpoint_id = runs.save_checkpoint(
                     run_dir, _checkpoint_state(epoch, vae, optimizer, scheduler, config, model_config, elapsed, context)
                 )
                 if progress:
@@ -482,11 +510,12 @@ def train_distributed(
         evidence=per_datapoint.evidence, decomposition=per_datapoint.decomposition,
     )
     result.update({
-        "split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": context.describe(),
+        "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": checkpoint_id,
+        "train_seconds": elapsed, "device": context.describe(),
         "world_size": context.world_size, "model": model_config.describe(), "objective": training.describe_objective(config),
     })
     if main:
-        runs.write_json(run_dir / "test.json", result)
+        runs.write_json(run_dir / runs.TEST_FILE, result)
     return result
 
 
@@ -679,16 +708,16 @@ def _join_psis(parts: list[dict]) -> dict:
 
 def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[VAE, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
-    def read() -> tuple[dict, dict, int]:
+    def read() -> tuple[dict, dict, int, str | None]:
         config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
         checkpoint = runs.load_checkpoint(run_dir, map_location="cpu")
-        return config, checkpoint["model"], checkpoint["epoch"]
+        return config, checkpoint["model"], checkpoint["epoch"], checkpoint.get("id")
 
-    config, state, epoch = on_main(read)
+    config, state, epoch, checkpoint_id = on_main(read)
     try:
         vae = build_vae(VAEConfig(**config["model"])).to(device)
     except (KeyError, TypeError) as error:
         raise RunDirectoryError(f"{run_dir}/config.json holds no model configuration this version can read ({error})") from None
     vae.load_state_dict(state)
     vae.eval()
-    return vae, {**config, "epoch": epoch}
+    return vae, {**config, "epoch": epoch, "checkpoint_id": checkpoint_id}

@@ -26,6 +26,10 @@ class RunDirectoryError(PplVaeError):
     """A run directory that is missing, already used, or holds a broken checkpoint."""
 
 
+class RunWriteError(PplVaeError, OSError):
+    """A file of a run could not be written (disk full, permission denied, ...); the message names the file and the cause."""
+
+
 class NumericalFaultError(PplVaeError):
     """Training met a NaN or infinite loss, gradient or validation ELBO; the last good checkpoint is kept."""
 
@@ -40,6 +44,10 @@ class PplVaeWarning(UserWarning):
 
 class CheckpointFallbackWarning(PplVaeWarning):
     """The latest checkpoint was damaged or missing, and the run resumes from the one before it."""
+
+
+class DamagedMetricsWarning(PplVaeWarning):
+    """A line in the middle of metrics.jsonl could not be read; it is skipped (and set aside on resume), never dropped silently."""
 
 
 class EvaluationMemoryWarning(PplVaeWarning):

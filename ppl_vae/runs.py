@@ -9,39 +9,149 @@ Layout of ``RUN_DIR``::
     checkpoint.damaged.pt  a damaged latest checkpoint set aside by ``--resume`` (only then)
     test.json          the final test evaluation of ``ppl-vae train``
     evaluation.json    the table of ``ppl-vae evaluate``
+    .ppl_vae.lock      the lock of the process training into the run (``.ppl_vae.lock.json`` names it);
+                       ``.ppl_vae.evaluate.lock`` that of an evaluation writing into it
 
 Crash safety: every file but ``metrics.jsonl`` is written to a temporary file,
 flushed to disk and renamed over its target, so a kill leaves the old or the new
 version, never a mix. A new checkpoint is complete on disk before the latest one
 becomes ``checkpoint.prev.pt``. ``metrics.jsonl`` is appended before each
-checkpoint; resuming truncates it to the checkpoint's epoch, and a line cut short
-by a crash is ignored.
+checkpoint; resuming truncates it to the checkpoint's epoch, and a last line cut
+short by a crash is ignored; a damaged line elsewhere is skipped with a warning
+(and set aside in ``metrics.damaged.jsonl`` on resume), never silently dropped with
+the good records after it.
+
+Run-directory safety: one process trains into a run at a time (:class:`RunLock`,
+an OS file lock that a killed process releases); ``overwrite`` deletes only a
+folder that holds a ppl_vae run and nothing else (:func:`check_run_dir`), and only
+once every other check has passed (:func:`start_run_dir`); checkpoints are read
+with ``torch.load(weights_only=True)``, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
+import pickle
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
+import time
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CheckpointFallbackWarning, RunDirectoryError
+from .errors import CheckpointFallbackWarning, DamagedMetricsWarning, RunDirectoryError, RunWriteError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 DAMAGED_CHECKPOINT_FILE = "checkpoint.damaged.pt"
+DAMAGED_METRICS_FILE = "metrics.damaged.jsonl"
+TEST_FILE = "test.json"
+EVALUATION_FILE = "evaluation.json"
+PER_DATAPOINT_FILE = "evaluation_per_datapoint.npz"
+PLOTS_FOLDER = "plots"
+LOCK_FILE = ".ppl_vae.lock"
+EVALUATE_LOCK_FILE = ".ppl_vae.evaluate.lock"
 CHECKPOINT_FORMAT = 1
+
+# Every file ppl_vae writes into a run directory: --overwrite deletes these and nothing else.
+DATA_FILE = "data.json"  # ppl_vae.data.DATA_RECORD_FILE: the dataset and splits of the run
+RUN_FILES = (
+    CONFIG_FILE, DATA_FILE, METRICS_FILE, DAMAGED_METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, DAMAGED_CHECKPOINT_FILE,
+    TEST_FILE, EVALUATION_FILE, PER_DATAPOINT_FILE,
+)
+LOCK_FILES = (LOCK_FILE, LOCK_FILE + ".json", EVALUATE_LOCK_FILE, EVALUATE_LOCK_FILE + ".json")
+# The files training writes (their temporaries, left by a kill, are removed when training starts again).
+TRAINING_FILES = (CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, TEST_FILE, LOCK_FILE + ".json")
+EVALUATION_FILES = (EVALUATION_FILE, PER_DATAPOINT_FILE, EVALUATE_LOCK_FILE + ".json")
+
+
+# --- Writing, and what a failed write says ------------------------------------------------------------
+
+_WRITE_FAILURES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+    errno.EFBIG: "the file is larger than this process may write (a file size limit)",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """The cause of a failed file operation in words, e.g. ``the disk is full (No space left on device)``."""
+    detail = error.strerror or str(error)
+    reason = _WRITE_FAILURES.get(error.errno)
+    return f"{reason} ({detail})" if reason else detail
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str = "write") -> Iterator[None]:
+    """Turn an ``OSError`` of the block into a :class:`RunWriteError` naming ``path`` and the cause."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except OSError as error:
+        raise RunWriteError(f"cannot {what} {path}: {describe_os_error(error)}") from None
+
+
+def _run_dir_contents(path: Path) -> tuple[list[str], list[str]]:
+    """The entries of ``path``: (those ppl_vae writes, every other one), lock files left out."""
+    ours, others = [], []
+    for entry in sorted(path.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name in LOCK_FILES:
+            continue
+        if name in RUN_FILES and entry.is_file():
+            ours.append(name)
+        elif name == PLOTS_FOLDER and entry.is_dir() and all(p.is_file() and p.suffix == ".png" for p in entry.iterdir()):
+            ours.append(name)
+        elif entry.is_file() and _is_our_temporary(name, RUN_FILES + LOCK_FILES):
+            ours.append(name)
+        else:
+            others.append(name + ("/" if entry.is_dir() else ""))
+    return ours, others
+
+
+def _is_our_temporary(name: str, targets: tuple[str, ...]) -> bool:
+    """``name`` is a temporary file of :func:`_write_temporary` for one of ``targets``."""
+    return name.endswith(".tmp") and any(name.startswith(f".{target}.") for target in targets)
+
+
+def _holds_run(path: Path) -> bool:
+    """``path`` holds the config.json of a ppl_vae run."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model" in config and "train" in config
+
+
+def _list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """The checks of :func:`prepare_run_dir`, changing nothing: raises :class:`RunDirectoryError` where it would."""
+    """Check ``run_dir`` can take a new run (or, with ``resume``, holds one to continue), changing nothing.
+
+    An existing, non-empty folder is refused unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) is given, and ``overwrite`` is refused for a folder that
+    holds anything but a ppl_vae run, so no earlier run and no other file is lost by
+    accident. Raises :class:`RunDirectoryError`.
+    """
     path = Path(run_dir)
     if resume and overwrite:
         raise RunDirectoryError("--resume and --overwrite contradict each other: give one of them")
@@ -51,41 +161,180 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: b
                 f"cannot resume: {path / CHECKPOINT_FILE} does not exist (the run stopped before its first "
                 "checkpoint, or this is no run directory); start it again with --overwrite"
             )
-    elif path.exists() and any(path.iterdir()) and not overwrite:
-        raise RunDirectoryError(
-            f"the run directory {path} already exists and is not empty: pass --resume to continue "
-            "that run, --overwrite to replace it, or choose another --run-dir"
-        )
+    elif path.exists():
+        if not path.is_dir():
+            raise RunDirectoryError(f"--run-dir {path} is a file, not a folder: choose another --run-dir")
+        ours, others = _run_dir_contents(path)
+        if (ours or others) and not overwrite:
+            raise RunDirectoryError(
+                f"the run directory {path} already exists and is not empty: pass --resume to continue "
+                "that run, --overwrite to replace it, or choose another --run-dir"
+            )
+        if others:
+            raise RunDirectoryError(
+                f"--overwrite replaces only a ppl_vae run directory, and {path} holds files ppl_vae did not write: "
+                f"{_list(others)}. Nothing was deleted: move them away, or choose another --run-dir"
+            )
+        if ours and not _holds_run(path):
+            raise RunDirectoryError(
+                f"--overwrite replaces only a ppl_vae run directory, and {path} holds no readable {CONFIG_FILE} "
+                f"(it holds {_list(ours)}). Nothing was deleted: remove the folder yourself, or choose another --run-dir"
+            )
     return path
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create ``run_dir`` for a new run, or check it holds a run to resume.
+def start_run_dir(run_dir: str | os.PathLike, lock: "RunLock", overwrite: bool = False) -> bool:
+    """Create ``run_dir`` for a new run, holding ``lock``; with ``overwrite``, delete the run in it first.
 
-    An existing, non-empty folder is refused unless ``resume`` (continue it) or
-    ``overwrite`` (delete it first) is given, so no earlier run is lost by accident.
+    Called once every other check has passed, so a mistake in the options never costs
+    the old run. The checks of :func:`check_run_dir` are repeated under the lock; a
+    run that is being evaluated is not deleted (the evaluation's lock is taken while
+    deleting). Only the files ppl_vae writes are deleted (the checks refuse a folder
+    holding others). Returns whether the folder was created.
     """
-    path = check_run_dir(run_dir, resume, overwrite)
-    if resume:
-        return path
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    path = Path(run_dir)
+    created = not path.exists()
+    with writing(path, "create the run directory"):
+        path.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
+    check_run_dir(path, overwrite=overwrite)
+    ours, _ = _run_dir_contents(path)
+    if ours:
+        with RunLock(path, "evaluate"):  # no evaluation is reading or writing the run being deleted
+            for name in ours:
+                target = path / name
+                with writing(target, "delete"):
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    remove_temporaries(path, TRAINING_FILES)
+    return created
+
+
+def discard_unstarted_run(run_dir: str | os.PathLike, created: bool) -> None:
+    """Undo :func:`start_run_dir` for a run that failed before its first checkpoint, so it blocks no later run."""
+    path = Path(run_dir)
+    for name in (CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+        with contextlib.suppress(OSError):
+            (path / name).unlink(missing_ok=True)
+    remove_temporaries(path, TRAINING_FILES)
+    if created:
+        for name in LOCK_FILES:
+            with contextlib.suppress(OSError):
+                (path / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def remove_temporaries(run_dir: str | os.PathLike, targets: tuple[str, ...]) -> None:
+    """Delete the half-written temporary files of ``targets`` that a killed process left in ``run_dir``."""
+    path = Path(run_dir)
+    for entry in path.iterdir():
+        if entry.is_file() and _is_our_temporary(entry.name, targets):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+# --- The lock: one writer per run -----------------------------------------------------------------
+
+
+def _command_line() -> str:
+    program = Path(sys.argv[0]).name if sys.argv else "python"
+    if program == "__main__.py":
+        program = "python -m ppl_vae"
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
+
+
+class RunLock:
+    """The OS lock (``filelock``: ``flock`` on Linux) of one run directory, for ``"train"`` or ``"evaluate"``.
+
+    One process trains into a run at a time, and one evaluates into it at a time
+    (an evaluation may read a run while it trains: its result records the
+    checkpoint's epoch). The holder's pid, host and command are written beside the
+    lock file, so a refused process can name it. The operating system releases the
+    lock when its holder dies, even by SIGKILL: a stale lock never blocks a run.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, purpose: str = "train"):
+        self.run_dir = Path(run_dir)
+        self.purpose = purpose
+        self.path = self.run_dir / (LOCK_FILE if purpose == "train" else EVALUATE_LOCK_FILE)
+        self.holder_path = self.path.with_name(self.path.name + ".json")
+        self._lock = None
+
+    def acquire(self) -> "RunLock":
+        if self._lock is not None:
+            return self
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path), timeout=0)
+        held_by_another = False
+        with writing(self.path, "create the lock file"):
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # a TimeoutError, hence an OSError: told apart from a failed write here
+                held_by_another = True
+        if held_by_another:
+            raise RunDirectoryError(self._refusal())
+        self._lock = lock
+        try:
+            write_json(self.holder_path, {
+                "purpose": self.purpose, "pid": os.getpid(), "host": socket.gethostname(), "command": _command_line(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            })
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            self.holder_path.unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def _refusal(self) -> str:
+        try:
+            holder = json.loads(self.holder_path.read_text())
+            who = (f"process {holder['pid']} on {holder['host']} (`{holder['command']}`, since {holder['since']})")
+            stop = f"stop it (kill {holder['pid']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            who, stop = "another process (it has not written its details yet)", "stop it ("
+        if self.purpose == "train":
+            return (
+                f"{self.run_dir} is in use: {who} is training into it. Two processes writing one run would mix their "
+                f"epochs: wait for it to finish, or {stop}; then --resume), or choose another --run-dir"
+            )
+        return (
+            f"{self.run_dir} is in use: {who} is evaluating it and writes its results there: wait for it to "
+            f"finish, or {stop})"
+        )
 
 
 def _write_temporary(path: Path, write: Callable) -> str:
-    """Write through ``write(stream)`` into a new temporary file next to ``path``, flushed to disk; return its name."""
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp makes files private; run files are meant to be shared
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    """Write through ``write(stream)`` into a new temporary file next to ``path``, flushed to disk; return its name.
+
+    A failure removes the temporary file and raises :class:`RunWriteError` naming ``path``
+    and the cause (disk full, permission denied, ...).
+    """
+    with writing(path):
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.chmod(tmp_name, 0o644)  # mkstemp makes files private; run files are meant to be shared
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
     return tmp_name
 
 
@@ -93,11 +342,17 @@ def _atomic_write(path: Path, write: Callable) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     tmp_name = _write_temporary(path, write)
     try:
-        os.replace(tmp_name, path)
+        with writing(path):
+            os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically write ``data`` to ``path`` (a :class:`RunWriteError` naming it when that fails)."""
+    _atomic_write(Path(path), lambda stream: stream.write(data))
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -116,51 +371,131 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def append_metrics(run_dir: str | os.PathLike, record: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a") as stream:
+    path = Path(run_dir) / METRICS_FILE
+    with writing(path), open(path, "a") as stream:
         stream.write(json.dumps(record) + "\n")
         stream.flush()
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+def _parse_metrics(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The records of ``metrics.jsonl`` and its damaged lines as (line number, text).
+
+    A last line without its newline is a record cut short by a crash (its epoch was
+    never checkpointed): it is left out and not counted as damaged.
+    """
     if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash: everything before it is good
+        return [], []
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not a record of an epoch")
+            records.append(record)
+        except ValueError:
+            if number == len(lines):  # no newline after it: cut short while being appended
+                continue
+            damaged.append((number, line))
+    return records, damaged
+
+
+def _describe_damage(path: Path, damaged: list[tuple[int, str]]) -> str:
+    numbers = ", ".join(str(number) for number, _ in damaged[:10]) + (" ..." if len(damaged) > 10 else "")
+    return f"{path}: line{'s' if len(damaged) > 1 else ''} {numbers} cannot be read (damaged)"
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of ``metrics.jsonl``; a damaged line is skipped with a :class:`DamagedMetricsWarning`."""
+    path = Path(run_dir) / METRICS_FILE
+    records, damaged = _parse_metrics(path)
+    if damaged:
+        warnings.warn(f"{_describe_damage(path, damaged)} and skipped; the other {len(records)} records are used",
+                      DamagedMetricsWarning, stacklevel=2)
     return records
 
 
 def truncate_metrics(run_dir: str | os.PathLike, last_epoch: int) -> None:
-    """Drop metric records after ``last_epoch`` (written by a run that died before its next checkpoint)."""
-    records = [r for r in read_metrics(run_dir) if r.get("epoch", 0) <= last_epoch]
+    """Drop metric records after ``last_epoch`` (written by a run that died before its next checkpoint).
+
+    Every good record up to ``last_epoch`` is kept. A damaged line is moved to
+    ``metrics.damaged.jsonl`` with a :class:`DamagedMetricsWarning` naming it and the
+    epochs whose records are missing.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    records, damaged = _parse_metrics(path)
+    records = [r for r in records if r["epoch"] <= last_epoch]
+    if damaged:
+        aside = Path(run_dir) / DAMAGED_METRICS_FILE
+        earlier = aside.read_bytes() if aside.is_file() else b""
+        kept = earlier + "".join(line + "\n" for _, line in damaged).encode()
+        _atomic_write(aside, lambda stream: stream.write(kept))
+        present = {r["epoch"] for r in records}
+        missing = [epoch for epoch in range(1, last_epoch + 1) if epoch not in present]
+        lost = f"; the records of epoch{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} are missing" if missing else ""
+        warnings.warn(
+            f"{_describe_damage(path, damaged)}: set aside in {aside}, keeping the {len(records)} good records{lost}",
+            DamagedMetricsWarning, stacklevel=2,
+        )
     text = "".join(json.dumps(r) + "\n" for r in records)
-    _atomic_write(Path(run_dir) / METRICS_FILE, lambda stream: stream.write(text.encode()))
+    _atomic_write(path, lambda stream: stream.write(text.encode()))
 
 
-def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> str:
     """Atomically write ``state`` as the latest checkpoint; the one before it becomes ``checkpoint.prev.pt``.
+
+    Returns the new checkpoint's id (saved in it as ``"id"``), which result files record.
 
     The new checkpoint is written completely first, so a failure while writing it
     (a full disk, a kill) leaves both earlier checkpoints as they were.
     """
     run_dir = Path(run_dir)
     latest, previous = run_dir / CHECKPOINT_FILE, run_dir / PREVIOUS_CHECKPOINT_FILE
-    state = {"format": CHECKPOINT_FORMAT, **state}
-    tmp_name = _write_temporary(latest, lambda stream: torch.save(state, stream))
+    state = {"format": CHECKPOINT_FORMAT, "id": uuid.uuid4().hex, **state}
+    buffer = io.BytesIO()  # serialized first, so that a failed write reports its OS error (torch's does not)
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    tmp_name = _write_temporary(latest, lambda stream: stream.write(data))
     try:
-        if latest.is_file():
-            os.replace(latest, previous)
-        os.replace(tmp_name, latest)
+        with writing(latest):
+            if latest.is_file():
+                os.replace(latest, previous)
+            os.replace(tmp_name, latest)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
-    return latest
+    return state["id"]
+
+
+def _safe_globals() -> list:
+    """The types beyond tensors and plain data that ppl_vae checkpoints hold: NumPy's RNG state (an array)."""
+    import numpy
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, numpy.ndarray, numpy.dtype, type(numpy.dtype(numpy.uint32))]
+
+
+def _last_words(message: str) -> str:
+    """The informative line of torch's long weights_only message (e.g. ``Unsupported operand 110``)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    informative = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation",
+                                                                     "Please file an issue"))]
+    return (informative or lines or [message])[0][:200]
+
+
+def _non_finite_weights(state: dict) -> list[str]:
+    model = state.get("model")
+    if not isinstance(model, dict):
+        return []
+    return [name for name, value in model.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -169,11 +504,32 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise RunDirectoryError(f"no checkpoint at {path}: is {path.parent} a ppl_vae run directory?")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_safe_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses a class or function to call ("GLOBAL"): no damage makes that, only a crafted file
+        # (or another program's). Anything else it cannot read is damage.
+        lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
+        if not lines:
+            raise RunDirectoryError(
+                f"the checkpoint {path} is damaged or truncated (UnpicklingError: {_last_words(str(error))})"
+            ) from None
+        found = lines[0]
+        raise RunDirectoryError(
+            f"the checkpoint {path} holds objects other than tensors and plain data ({found[:200]}), which ppl_vae "
+            "never writes: it was not written by ppl_vae, and loading it could run code, so it is refused. "
+            "Use a checkpoint written by `ppl-vae train`"
+        ) from None
     except Exception as error:  # torch raises several types for a damaged zip/pickle
         raise RunDirectoryError(f"the checkpoint {path} is damaged or truncated ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RunDirectoryError(f"{path} is not a ppl_vae checkpoint of format {CHECKPOINT_FORMAT}")
+    bad = _non_finite_weights(state)
+    if bad:
+        raise RunDirectoryError(
+            f"the checkpoint {path} holds NaN or infinite weights, in {_list(bad, 3)} (epoch {state.get('epoch')}): "
+            "a model with them cannot be evaluated or trained on"
+        )
     return state
 
 
@@ -222,7 +578,7 @@ def load_checkpoint_for_resume(run_dir: str | os.PathLike, map_location: str | t
         os.replace(latest, run_dir / DAMAGED_CHECKPOINT_FILE)
         set_aside = f"; the damaged file is kept as {run_dir / DAMAGED_CHECKPOINT_FILE}"
     good = previous.read_bytes()
-    _atomic_write(latest, lambda stream: stream.write(good))  # both files good again until the next save
+    write_bytes(latest, good)  # both files good again until the next save
     warnings.warn(
         f"{problem}; resuming from the previous checkpoint {previous} (epoch {state.get('epoch')}) instead{set_aside}",
         CheckpointFallbackWarning,

@@ -35,6 +35,12 @@ Reliability (what :func:`train` guarantees):
 * **Damaged checkpoint.** ``resume=True`` falls back to ``checkpoint.prev.pt``
   with a warning when ``checkpoint.pt`` is damaged or missing
   (:func:`ppl_vae.runs.load_checkpoint_for_resume`).
+* **Run directory.** Every check (configuration, device, data; on resume the
+  checkpoint and ``epochs`` >= the epochs trained) comes before anything is
+  written; ``overwrite`` deletes only a ppl_vae run, and only then
+  (:func:`ppl_vae.runs.start_run_dir`); the run is locked while training
+  (:class:`ppl_vae.runs.RunLock`); a new run that fails before its first
+  checkpoint is removed again, so it blocks no later run.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import signal
 import sys
 import threading
@@ -105,6 +112,15 @@ class TrainConfig:
     engine: str = "svi"  # svi: SVI with Pyro's optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed", "val_samples", "test_samples", "particles", "warmup_epochs",
+                     "evidence_every", "evidence_examples", "evidence_samples", "train_examples", "eval_examples"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)) and not (
+                value is None and name in ("train_examples", "eval_examples")
+            ):
+                raise PplVaeError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise PplVaeError(f"the seed must be an integer from 0 to 2**32 - 1 (NumPy's range), got {self.seed}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.lr_schedule not in LR_SCHEDULES:
             raise PplVaeError(f"unknown lr schedule {self.lr_schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
@@ -264,8 +280,22 @@ def train(
     interruptions, numerical faults and damaged checkpoints do). This is training in
     one process; :func:`ppl_vae.distributed.train_distributed` trains on several.
     """
-    run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    lock = runs.RunLock(run_dir)  # held while training: one writer per run
+    try:
+        return _train(run_dir, lock, config, model_config, resume, overwrite, progress)
+    finally:
+        lock.release()
+
+
+def _train(
+    run_dir: Path, lock: runs.RunLock, config: TrainConfig | None, model_config: VAEConfig | None, resume: bool,
+    overwrite: bool, progress: bool,
+) -> dict[str, Any]:
+    """:func:`train` after the first check of ``run_dir``: every other check comes before anything is written."""
     if resume:
+        lock.acquire()  # before the checkpoint is read: a fallback repairs it
+        runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
         config, model_config = _saved_configs(run_dir, config)
     config = config or TrainConfig()
     model_config = model_config or VAEConfig()
@@ -276,29 +306,42 @@ def train(
     checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
     if checkpoint is not None:
         check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
-    # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.
-    runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
+        check_resume_epochs(checkpoint, config, run_dir)
 
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.pyro_validation)
     vae = build_vae(model_config).to(device)
     data = load_data(config, vae, device)
-    runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
         check_meanfield(vae.model, vae.guide, next(data.train_batches(config.batch_size, generator=probe)))
     engine = ENGINE_CLASSES[config.engine](vae, config)
     start_epoch, elapsed = 0, 0.0
+    saved_config = {"model": model_config.to_dict(), "train": asdict(config)}
     if checkpoint is not None:
+        # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.
+        runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
+        runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
         vae.load_state_dict(checkpoint["model"])
         engine.load_state_dict(checkpoint)
         _set_rng_state(checkpoint["rng"], device)
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
+        checkpoint_id = checkpoint.get("id")
         runs.truncate_metrics(run_dir, start_epoch)
     else:
-        # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
-        runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, model_config, elapsed))
+        # Every check has passed (options, device, data): only now is the run directory made, and an old run
+        # replaced with overwrite.
+        created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
+        try:
+            runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
+            runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
+            # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
+            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, model_config, elapsed))
+        except BaseException:
+            lock.release()
+            runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
+            raise
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -316,7 +359,7 @@ def train(
             if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
                 record.update(_validation_evidence(vae, data, config))
             runs.append_metrics(run_dir, record)
-            runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, model_config, elapsed))
+            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, model_config, elapsed))
             if progress:
                 print_epoch(record, config)
         if stop.requested:
@@ -331,10 +374,11 @@ def train(
         levels=levels_of(vae, config.binarize),
     )
     result.update({
-        "split": "test", "epochs": config.epochs, "train_seconds": elapsed, "device": str(device),
-        "model": model_config.describe(), "objective": describe_objective(config),
+        "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": checkpoint_id,
+        "train_seconds": elapsed, "device": str(device), "model": model_config.describe(),
+        "objective": describe_objective(config),
     })
-    runs.write_json(run_dir / "test.json", result)
+    runs.write_json(run_dir / runs.TEST_FILE, result)
     return result
 
 
@@ -400,6 +444,17 @@ def check_optimizer_format(checkpoint: dict[str, Any], expected: str, run_dir: P
     )
 
 
+def check_resume_epochs(checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume to fewer epochs than the checkpoint has trained: its weights are those of its epoch."""
+    trained = checkpoint["epoch"]
+    if config.epochs < trained:
+        raise RunDirectoryError(
+            f"--epochs {config.epochs} is fewer than the {trained} epochs {run_dir} has already trained: its weights "
+            f"are those of epoch {trained}, and a result labelled {config.epochs} epochs would be wrong. Give "
+            f"--epochs {trained} or more (or leave it out to train the run's own number), or start a new run"
+        )
+
+
 def check_single_process_checkpoint(checkpoint: dict[str, Any], expected: str, run_dir: Path) -> None:
     """Refuse a checkpoint that single-process training cannot resume: one written under torchrun, or another format."""
     if "world_size" in checkpoint:  # only distributed training writes it (and no RNG state)
@@ -448,14 +503,14 @@ def describe_objective(config: TrainConfig) -> str:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, dict]:
-    """The trained VAE of a run directory (in eval mode) and its configuration, plus ``"epoch"``."""
+    """The trained VAE of a run directory (in eval mode) and its configuration, plus ``"epoch"`` and ``"checkpoint_id"``."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG_FILE)
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
     vae = build_vae(VAEConfig(**config["model"])).to(device)
     vae.load_state_dict(checkpoint["model"])
     vae.eval()
-    return vae, {**config, "epoch": checkpoint["epoch"]}
+    return vae, {**config, "epoch": checkpoint["epoch"], "checkpoint_id": checkpoint.get("id")}
 
 
 def _validation_evidence(vae: VAE, data: MNISTData, config: TrainConfig) -> dict[str, float]:
