@@ -96,6 +96,20 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--binarize", choices=BINARIZATIONS, default=t.binarize, help="dynamic: fresh Bernoulli draw per minibatch; static: one fixed draw; none: grey levels")
     data.add_argument("--train-examples", type=_positive_int, default=None, help="use only the first N training images (quick runs)")
     data.add_argument("--eval-examples", type=_positive_int, default=None, help="use only the first N validation and test images")
+    program = p.add_argument_group(
+        "program",
+        "What is trained: by default the built-in VAE of the 'model' options; --program NAME for another built-in "
+        "program (two-layer: Burda et al.'s two-stochastic-layer VAE; conditional: a VAE given the labels, with "
+        "--labels), or FILE.py:NAME for your own: a class or function in that file that returns an nn.Module with "
+        "model(x, *cond) and guide(x, *cond) methods. The run directory keeps a copy of the file (with its sha256), "
+        "so evaluate, --resume, diagnose, plot and compare rebuild it without naming it again.",
+    )
+    program.add_argument("--program", default=None, metavar="NAME|FILE.py:NAME",
+                         help="the program to train (default: the built-in VAE)")
+    program.add_argument("--program-kwargs", default=None, metavar="JSON",
+                         help="keyword arguments for the program, a JSON object, e.g. '{\"latent\": [64, 32]}'")
+    program.add_argument("--labels", action="store_true",
+                         help="condition on the class labels: every batch is (x, y), passed to model and guide")
     model = p.add_argument_group("model")
     model.add_argument("--latent-dim", type=_positive_int, default=m.latent_dim, help="size of z")
     model.add_argument("--hidden-sizes", type=_positive_int, nargs="+", default=list(m.hidden_sizes), help="hidden layer widths of encoder and decoder")
@@ -300,7 +314,13 @@ def _run_train(args: argparse.Namespace) -> int:
         warmup_start=args.warmup_start,
         clip_norm=args.clip_norm,
         engine=args.engine,
+        labels=args.labels,
     )
+    spec = None
+    if args.program is not None or args.program_kwargs is not None:
+        from .programs import ProgramSpec
+
+        spec = ProgramSpec.parse(args.program or "vae", args.program_kwargs)
     model_config = VAEConfig(
         latent_dim=args.latent_dim,
         hidden_sizes=tuple(args.hidden_sizes),
@@ -315,6 +335,10 @@ def _run_train(args: argparse.Namespace) -> int:
         network=args.network,
         conv_channels=tuple(args.conv_channels),
     )
+    if spec is not None and spec.name != "vae" and (distributed.should_launch(args.devices, args.num_nodes)
+                                                     or distributed.launched_by_torchrun()):
+        raise PplVaeError("--program trains on one process for now: several processes (--devices, torchrun) train "
+                          "the built-in VAE only. Leave out --devices")
     if distributed.should_launch(args.devices, args.num_nodes):
         # Checked before any process starts, so that a usage error reads as one line, not as torchrun's failure
         # report (the run directory only where this machine holds it: one machine).
@@ -334,13 +358,17 @@ def _run_train(args: argparse.Namespace) -> int:
     if main:
         print(f"run directory: {run_dir}", flush=True)
     try:
-        fit = distributed.train_distributed if context is not None else train
-        result = fit(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
-                     progress=not args.no_progress)
+        if context is not None:
+            result = distributed.train_distributed(run_dir, config, model_config, resume=args.resume,
+                                                   overwrite=args.overwrite, progress=not args.no_progress)
+        else:
+            result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.no_progress, program=spec)
     finally:
         distributed.shutdown()
     if main:
-        print(format_evaluation(result, title=f"test evaluation of {run_dir} after {result['epochs']} epochs ({result['device']})"))
+        print(format_evaluation(result, title=f"test evaluation of {run_dir}, {result['model']}, after {result['epochs']} "
+                                              f"epochs ({result['device']})"))
     return 0
 
 
@@ -367,8 +395,11 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
     if not given or not (run_dir / runs.CONFIG_FILE).is_file():
         return  # nothing to check, or training says what is missing
     saved = runs.read_json(run_dir / runs.CONFIG_FILE)
-    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), (dict, type(None))):
         return  # training names the unreadable configuration
+    saved["model"] = saved["model"] or {}  # a program other than the VAE: its spec is recorded in program.json
+    saved["train"].setdefault("program", None)
+    saved["train"].setdefault("program_kwargs", None)
     defaults = {"train": {f.name: f.default for f in fields(TrainConfig)}, "model": {f.name: f.default for f in fields(VAEConfig)}}
     refused = []
     for dest in given:
@@ -451,7 +482,6 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
     from .distributed import EVALUATION_BLOCK_SIZE, derive_seed, evaluate_per_datapoint, load_run_everywhere, seeded
     from .evaluate import evaluation_summary
-    from .model import VAEConfig
     from .report import format_diagnostics, format_evaluation
     from .train import TrainConfig, describe_objective, levels_of, resolve_device
 
@@ -462,30 +492,33 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     levels = levels_of(vae, train_config["binarize"])
     data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
     x = data.split(args.split)
+    cond = (data.labels(args.split),) if train_config.get("labels") else ()  # the run's conditioning data
     if args.examples is not None:
-        x = x[: args.examples]
-    vae.likelihood.check_data(x)
+        x, cond = x[: args.examples], tuple(c[: args.examples] for c in cond)
+    check = getattr(getattr(vae, "likelihood", None), "check_data", None)
+    if check is not None:  # other programs' data are checked against their likelihood by the evaluation itself
+        check(x)
     started = time.perf_counter()
     main = context is None or context.is_main
     progress = not args.no_progress and main
     per_datapoint = evaluate_per_datapoint(
-        vae.model, vae.guide, x, num_samples=args.num_samples, elbo_samples=args.elbo_samples, seed=args.seed,
+        vae.model, vae.guide, x, *cond, num_samples=args.num_samples, elbo_samples=args.elbo_samples, seed=args.seed,
         psis=args.num_samples >= MIN_PSIS_SAMPLES, chunk_size=args.chunk_size, progress=progress,
     )
     if not main:
         return 0
     evidence, psis = per_datapoint.evidence, per_datapoint.psis
     result = evaluation_summary(
-        vae.model, vae.guide, x, num_samples=args.num_samples, chunk_size=args.chunk_size, levels=levels,
+        vae.model, vae.guide, x, *cond, num_samples=args.num_samples, chunk_size=args.chunk_size, levels=levels,
         evidence=evidence, decomposition=per_datapoint.decomposition,
     )
     with seeded(derive_seed(args.seed, "diagnostics")):
-        result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, psis=psis, chunk_size=args.chunk_size)
+        result["diagnostics"] = diagnostics_summary(vae.model, vae.guide, x, *cond, psis=psis, chunk_size=args.chunk_size)
     result.update({
         "split": args.split,
         "data": data.record,
         "epoch": config["epoch"],
-        "model": VAEConfig(**config["model"]).describe(),
+        "model": config["description"],
         "objective": describe_objective(TrainConfig(**train_config)),
         "epochs": config["epoch"],  # trained so far: the checkpoint's, not the run's planned number
         "epochs_planned": train_config["epochs"],
@@ -533,6 +566,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     from . import plots, runs
     from .data import load_run_data
+    from .model import VAE
     from .train import levels_of, load_run
 
     run_dir = Path(args.run_dir)
@@ -543,10 +577,13 @@ def _run_plot(args: argparse.Namespace) -> int:
     train_config = config["train"]
     data = load_run_data(train_config, args.data_dir, eval_examples=20,
                          dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
-    written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
-    written.append(plots.plot_samples(vae, out / "samples.png"))
-    written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
-    if vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole: codes by digit and the decoded grid
+    if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
+        written += _plot_program(vae, data, out)
+    else:
+        written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
+        written.append(plots.plot_samples(vae, out / "samples.png"))
+        written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
+    if isinstance(vae, VAE) and vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole
         codes = load_run_data(train_config, args.data_dir, eval_examples=2000,
                               dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
         if codes.test_labels is not None:  # the codes are coloured by label; a .npz file may have none
@@ -554,6 +591,38 @@ def _run_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _plot_program(program, data, out: Path) -> list[Path]:
+    """Image figures of a program other than the built-in VAE, from the methods it has; a one-line note for each it lacks.
+
+    ``sample_prior(n)``: samples E[x | z], z ~ p(z); ``encode_mean(x)`` with ``decode_mean(z)``:
+    reconstructions; ``sample_digits(labels)``: one row of samples per class (a conditional program).
+    """
+    import torch
+
+    from . import plots
+
+    shape = tuple(data.record["image_shape"])
+    written = []
+    if callable(getattr(program, "sample_prior", None)):
+        written.append(plots.plot_image_grid(program.sample_prior(64), out / "samples.png", nrow=8,
+                                             title="E[x|z] for z ~ p(z)", image_shape=shape))
+    else:
+        print("samples: skipped (the program has no sample_prior(n) method)")
+    if callable(getattr(program, "encode_mean", None)) and callable(getattr(program, "decode_mean", None)):
+        x = data.test[:10]
+        images = torch.cat([x.reshape(10, -1), program.decode_mean(program.encode_mean(x)).reshape(10, -1)])
+        written.append(plots.plot_image_grid(images, out / "reconstructions.png", nrow=10,
+                                             title="test images (top) and E[x | E_q[z|x]] (bottom)", image_shape=shape))
+    else:
+        print("reconstructions: skipped (the program has no encode_mean(x) and decode_mean(z) methods)")
+    if callable(getattr(program, "sample_digits", None)):
+        classes = getattr(program, "num_classes", 10)
+        labels = torch.arange(classes).repeat_interleave(8)
+        written.append(plots.plot_image_grid(program.sample_digits(labels), out / "samples_by_class.png", nrow=8,
+                                             title="E[x|z,y], z ~ p(z): one row per class y", image_shape=shape))
+    return written
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -84,12 +84,14 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         stale = f"computed from another checkpoint of epoch {epoch} (the run was trained again)"
     else:
         stale = None
-    model_config, train_config = VAEConfig(**config["model"]), TrainConfig(**config["train"])
+    train_config = TrainConfig(**config["train"])
+    # The built-in VAE's configuration, or (another program) the description its result recorded.
+    description = VAEConfig(**config["model"]).describe() if config.get("model") is not None else result.get("model", "?")
     diagnostics = result.get("diagnostics", {})
     bpd = result.get("bits_per_dim", {}).get("log_evidence", {}).get("mean")
     return {
         "run": str(run_dir),
-        "model": model_config.describe(),
+        "model": description,
         "objective": describe_objective(train_config),
         "epochs": epoch,
         "split": result.get("split", "test"),

@@ -73,7 +73,6 @@ from .data import DATA_RECORD_FILE
 from .errors import (
     PplVaeError,
     PplVaeWarning,
-    RunDirectoryError,
     TrainingInterrupted,
 )
 from .evaluate import (
@@ -706,7 +705,7 @@ def _join_psis(parts: list[dict]) -> dict:
     return joined
 
 
-def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[VAE, dict]:
+def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
     def read() -> tuple[dict, dict, int, str | None]:
         config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
@@ -714,10 +713,10 @@ def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[VAE,
         return config, checkpoint["model"], checkpoint["epoch"], checkpoint.get("id")
 
     config, state, epoch, checkpoint_id = on_main(read)
-    try:
-        vae = build_vae(VAEConfig(**config["model"])).to(device)
-    except (KeyError, TypeError) as error:
-        raise RunDirectoryError(f"{run_dir}/config.json holds no model configuration this version can read ({error})") from None
+    # The program's record (program.json and the copy of its file) is read on every process: with a program
+    # other than the built-in VAE, every process needs the run directory (one machine).
+    vae, description = training.build_run_program(run_dir, config)
+    vae = vae.to(device)
     vae.load_state_dict(state)
     vae.eval()
-    return vae, {**config, "epoch": epoch, "checkpoint_id": checkpoint_id}
+    return vae, {**config, "epoch": epoch, "checkpoint_id": checkpoint_id, "description": description}

@@ -14,12 +14,14 @@ r"""Training objectives: what SVI maximizes, all of them Pyro's own ELBO classes
   (``tests/test_variants.py`` checks it against the per-datapoint bound computed by
   :mod:`ppl_vae.evaluate` from the same draws).
 
-The KL weight beta (with its warm-up schedule) is not an objective: it is a
-``poutine.scale`` on the latent site inside the model and guide (``VAE.kl_weight``).
+The KL weight beta (with its warm-up schedule) is not an objective: it is a scale on every
+latent site of the model and guide, applied by the trainer to any program
+(:class:`ppl_vae.programs.Weighted`; the built-in VAE also has its own ``VAE.kl_weight``).
 
 The same objectives as torch modules (for a torch optimizer, ``DistributedDataParallel``
 and the compiled fast path): :class:`VAELoss` is Pyro's ``ELBOModule``
-(``Trace_ELBO()(model, guide)``) for a VAE, and :class:`CompiledVAELoss` the same loss
+(``Trace_ELBO()(model, guide)``) for a program (the VAE, or any module with ``model`` and
+``guide`` methods and a ``kl_weight``), and :class:`CompiledVAELoss` the same loss
 with Pyro's ``JitTrace_ELBO``, which traces the model and guide once with
 ``torch.jit.trace`` and replays the graph, skipping Pyro's per-step Python work. Either
 way the loss is computed from the VAE's Pyro programs; nothing is rewritten by hand.
@@ -40,7 +42,6 @@ from pyro.infer import (
 from pyro.infer.elbo import ELBOModule
 
 from .errors import ModelStructureError, PplVaeError
-from .model import VAE
 
 OBJECTIVES = ("elbo", "meanfield", "iwae")
 # The VAE's programs have one plate, over the data; the particle plate goes left of it.
@@ -106,7 +107,7 @@ class VAELoss(ELBOModule):
     torch optimizer gets the parameters from the module, not from Pyro's param store.
     """
 
-    def __init__(self, vae: VAE, elbo: ELBO):
+    def __init__(self, vae: torch.nn.Module, elbo: ELBO):
         if not callable(getattr(elbo, "differentiable_loss", None)):
             raise PplVaeError(f"{type(elbo).__name__} has no differentiable_loss: it cannot be used as a torch module")
         super().__init__(vae.model, vae.guide, elbo)
@@ -160,7 +161,7 @@ class CompiledVAELoss(torch.nn.Module):
     data once).
     """
 
-    def __init__(self, vae: VAE, objective: str = "elbo", particles: int = 1,
+    def __init__(self, vae: torch.nn.Module, objective: str = "elbo", particles: int = 1,
                  max_plate_nesting: int = MAX_PLATE_NESTING):
         super().__init__()
         check_objective(objective, particles, compiled=True)
@@ -170,36 +171,40 @@ class CompiledVAELoss(torch.nn.Module):
 
         # Programs that accept (and ignore) the compile key, which JitTrace_ELBO passes on to them;
         # defined once, since Pyro keys its cache on their id().
-        def model(x: torch.Tensor, **compile_key) -> torch.Tensor:
-            return vae.model(x)
+        def model(*data: torch.Tensor, **compile_key) -> torch.Tensor:
+            return vae.model(*data)
 
-        def guide(x: torch.Tensor, **compile_key) -> torch.Tensor:
-            return vae.guide(x)
+        def guide(*data: torch.Tensor, **compile_key) -> torch.Tensor:
+            return vae.guide(*data)
 
         self._programs = (model, guide)
         self._compiled_keys: set[tuple] = set()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         key = {"shape": tuple(x.shape), "dtype": str(x.dtype), "device": str(x.device),
-               "kl_weight": float(self.vae.kl_weight)}
+               "kl_weight": float(self.vae.kl_weight),
+               **({"cond": tuple((tuple(c.shape), str(c.dtype)) for c in cond)} if cond else {})}
         frozen = tuple(sorted(key.items()))
         if frozen not in self._compiled_keys:
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), warnings.catch_warnings():
                 # torch 2.15 marks torch.jit.trace deprecated; Pyro 1.9's JIT ELBOs are built on it (nothing to act on).
                 warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
                 try:
-                    self.elbo.loss_and_surrogate_loss(*self._programs, x, **key)
+                    self.elbo.loss_and_surrogate_loss(*self._programs, x, *cond, **key)
                 except RuntimeError as error:
                     if "requires grad as a constant" not in str(error):
                         raise
                     raise PplVaeError(_FOREIGN_PARAMETERS) from error
             self._compiled_keys.add(frozen)
-        loss, surrogate = self.elbo.loss_and_surrogate_loss(*self._programs, x, **key)
+        loss, surrogate = self.elbo.loss_and_surrogate_loss(*self._programs, x, *cond, **key)
         return loss.detach() + (surrogate - surrogate.detach())
 
 
-def make_loss_module(vae: VAE, objective: str = "elbo", particles: int = 1, compiled: bool = False) -> torch.nn.Module:
-    """The objective of ``vae``'s programs as a torch module: :class:`CompiledVAELoss` or :class:`VAELoss`."""
+def make_loss_module(
+    vae: torch.nn.Module, objective: str = "elbo", particles: int = 1, compiled: bool = False,
+    max_plate_nesting: int = MAX_PLATE_NESTING,
+) -> torch.nn.Module:
+    """The objective of a program's ``model`` and ``guide`` as a torch module: :class:`CompiledVAELoss` or :class:`VAELoss`."""
     if compiled:
-        return CompiledVAELoss(vae, objective, particles)
-    return VAELoss(vae, make_objective(objective, particles))
+        return CompiledVAELoss(vae, objective, particles, max_plate_nesting)
+    return VAELoss(vae, make_objective(objective, particles, max_plate_nesting))

@@ -98,6 +98,8 @@ class Weighted(nn.Module):
         self.program = check_program(program)
         self.kl_weight = kl_weight
         self.register_params = True
+        if hasattr(program, "register_params"):  # the built-in VAE registers its pieces itself: this does it once
+            program.register_params = False
 
     def model(self, *data: torch.Tensor) -> Any:
         if self.register_params:
@@ -161,6 +163,13 @@ class ProgramSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
     sha256: str | None = None
+    object: bool = False  # a module passed to train() from Python: it cannot be rebuilt from the run alone
+
+    @classmethod
+    def for_object(cls, program: nn.Module) -> "ProgramSpec":
+        """The record of a program passed as a Python object: its class, by name."""
+        kind = type(program)
+        return cls(name=f"{kind.__module__}.{kind.__qualname__}", object=True)
 
     @classmethod
     def parse(cls, text: str, kwargs: str | dict | None = None) -> "ProgramSpec":
@@ -185,10 +194,10 @@ class ProgramSpec:
 
     @property
     def is_builtin(self) -> bool:
-        return self.path is None
+        return self.path is None and not self.object
 
     def describe(self) -> str:
-        where = self.name if self.is_builtin else f"{Path(self.path).name}:{self.name}"
+        where = self.name if self.path is None else f"{Path(self.path).name}:{self.name}"
         return where + (f"({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})" if self.kwargs else "")
 
 
@@ -198,7 +207,7 @@ def file_sha256(path: Path) -> str:
 
 def record_spec(run_dir: Path, spec: ProgramSpec) -> ProgramSpec:
     """Copy the program's file into ``run_dir/program/`` (with its sha256) and write ``program.json``."""
-    if not spec.is_builtin:
+    if spec.path is not None:
         source = Path(spec.path)
         if not source.is_file():
             raise PplVaeError(f"--program: the file {source} does not exist")
@@ -225,7 +234,7 @@ def load_spec(run_dir: Path) -> ProgramSpec | None:
 
 def changed_source_note(run_dir: Path, spec: ProgramSpec) -> str | None:
     """A one-line note when the user's file now differs from (or no longer is where) the recorded copy."""
-    if spec.is_builtin:
+    if spec.path is None:
         return None
     original = Path(spec.path)
     if not original.is_file():
@@ -243,6 +252,9 @@ def build_program(spec: ProgramSpec, run_dir: Path | None = None, data_info: dic
     file), so that a run is rebuilt as it was trained. ``data_info`` (e.g. ``data_dim``,
     ``num_classes``) fills the built-in programs' data-dependent sizes.
     """
+    if spec.object:
+        raise PplVaeError(f"the program {spec.name} was passed to train() as a Python object and cannot be rebuilt "
+                          "from the run directory: pass a fresh instance as program=")
     if spec.is_builtin:
         return BUILTIN_PROGRAMS[spec.name](dict(spec.kwargs), data_info or {})
     path = Path(run_dir) / spec.source if run_dir is not None and spec.source else Path(spec.path)

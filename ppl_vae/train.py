@@ -68,10 +68,27 @@ from pyro.infer.util import zero_grads
 
 from . import runs
 from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
-from .errors import NumericalFaultError, PplVaeError, RunDirectoryError, TrainingInterrupted
-from .evaluate import elbo_decomposition, evaluation_summary, evidence_estimate, mean_and_stderr
-from .model import VAE, VAEConfig, build_vae
+from .errors import NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
+from .evaluate import (
+    ProgramStructure,
+    elbo_decomposition,
+    evaluation_summary,
+    evidence_estimate,
+    inspect_program,
+    mean_and_stderr,
+)
+from .model import VAEConfig, build_vae
 from .objectives import check_meanfield, check_objective, make_loss_module, make_objective
+from .programs import (
+    ProgramSpec,
+    Weighted,
+    build_program,
+    changed_source_note,
+    check_parameters_belong,
+    check_program,
+    load_spec,
+    record_spec,
+)
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 # How a step is computed (see the Engine classes below); both read the same Pyro programs.
@@ -110,8 +127,11 @@ class TrainConfig:
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
     engine: str = "svi"  # svi: SVI with Pyro's optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam
+    labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
 
     def __post_init__(self) -> None:
+        if not isinstance(self.labels, bool):
+            raise PplVaeError(f"labels must be true or false, got {self.labels!r}")
         for name in ("epochs", "batch_size", "seed", "val_samples", "test_samples", "particles", "warmup_epochs",
                      "evidence_every", "evidence_examples", "evidence_samples", "train_examples", "eval_examples"):
             value = getattr(self, name)
@@ -217,11 +237,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda_state, device)
 
 
-def levels_of(vae: VAE, binarize: str) -> str | None:
-    """How 8-bit grey-level data meet the likelihood: ``"discrete"``, ``"dequantized"``, or None for binary data."""
+def levels_of(program: torch.nn.Module, binarize: str) -> str | None:
+    """How 8-bit grey-level data meet the likelihood: ``"discrete"``, ``"dequantized"``, or None for binary data.
+
+    A program says which with ``data_kind`` ("discrete": a mass on the 256 levels), on itself or on its
+    ``likelihood``; without one, a density is assumed, evaluated at dequantized levels.
+    """
     if binarize != "none":
         return None
-    return "discrete" if getattr(vae.likelihood, "data_kind", "continuous") == "discrete" else "dequantized"
+    kind = getattr(getattr(program, "likelihood", None), "data_kind", getattr(program, "data_kind", "continuous"))
+    return "discrete" if kind == "discrete" else "dequantized"
 
 
 def fit_to_dataset(config: TrainConfig, model_config: VAEConfig) -> tuple[TrainConfig, VAEConfig]:
@@ -250,7 +275,7 @@ def fit_to_dataset(config: TrainConfig, model_config: VAEConfig) -> tuple[TrainC
     return config, model_config
 
 
-def load_data(config: TrainConfig, vae: VAE, device: torch.device) -> MNISTData:
+def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -> MNISTData:
     dequantize_levels = levels_of(vae, config.binarize) == "dequantized"
     if config.dataset == "mnist":  # through the module's name load_mnist, which the tests memoize
         data = load_mnist(config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
@@ -259,10 +284,58 @@ def load_data(config: TrainConfig, vae: VAE, device: torch.device) -> MNISTData:
         data = load_dataset(config.dataset, config.data_dir, config.binarize, device, config.train_examples,
                             config.eval_examples, dequantize_levels=dequantize_levels,
                             expected_sha256=config.dataset_sha256)
-    # One check of the whole data against the likelihood's support, instead of one per step.
-    for split in ("train", "val", "test"):
-        vae.likelihood.check_data(data.split(split))
+    # One check of the whole data against the likelihood's support, instead of one per step (programs without
+    # a likelihood module are checked on their first batch, by ppl_vae.evaluate, in check_first_batch).
+    check = getattr(getattr(vae, "likelihood", None), "check_data", None)
+    for split in ("train", "val", "test") if check is not None else ():
+        check(data.split(split))
+    if config.labels and data.labels("train") is None:
+        raise PplVaeError(f"--labels: the dataset {config.dataset} has no labels to condition on")
     return data
+
+
+def conditioning(data: MNISTData, split: str, config: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """The conditioning data the programs take after x for ``split``: its labels with ``labels``, else nothing."""
+    return (data.labels(split),) if config.labels else ()
+
+
+def _check_arity(program: torch.nn.Module, given: int) -> None:
+    """The programs take as many data arguments as the batches give: (x) or, with labels, (x, y)."""
+    import inspect
+
+    for name in ("model", "guide"):
+        try:
+            parameters = list(inspect.signature(getattr(program, name)).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: running the program will tell
+            return
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        varargs = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+        if len(required) > given:
+            names = ", ".join(p.name for p in required)
+            raise PplVaeError(f"the program's {name}({names}) takes {len(required)} data arguments, but the training "
+                              f"batches give {given} (x{', y' if given > 1 else ''}): train with --labels to pass the "
+                              "class labels after x")
+        if not varargs and len(positional) < given:
+            raise PplVaeError(f"--labels gives the programs (x, y), but the program's {name} takes "
+                              f"{len(positional)} data argument(s): leave out --labels, or add y to its arguments")
+
+
+def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> ProgramStructure:
+    """Run the program once on a training batch: one-line errors for programs that fail, and their structure.
+
+    Checks the structure :mod:`ppl_vae.evaluate` needs (data plate, observed and latent sites,
+    the data within the likelihood's support) and that every parameter belongs to the module.
+    """
+    _check_arity(program, len(batch))
+    try:
+        with torch.no_grad():
+            structure = inspect_program(program.model, program.guide, batch)
+    except PplVaeError as error:
+        shapes = ", ".join(f"{list(t.shape)} {t.dtype}" for t in batch)
+        raise type(error)(f"the program failed on the first training batch ({shapes}): {error}") from error
+    check_parameters_belong(program, *batch)
+    return structure
 
 
 def train(
@@ -272,34 +345,70 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    program: "ProgramSpec | torch.nn.Module | None" = None,
 ) -> dict[str, Any]:
-    """Train a VAE on MNIST into ``run_dir``; returns the final test evaluation.
+    """Train a program into ``run_dir``; returns the final test evaluation.
+
+    ``program`` is what is trained: None for the built-in VAE of ``model_config``; a
+    :class:`~ppl_vae.programs.ProgramSpec` (a built-in name, or a user's FILE.py:NAME with
+    keyword arguments, recorded in the run directory so that every command can rebuild it);
+    or an ``nn.Module`` with ``model`` and ``guide`` methods (a Python object: resuming and
+    evaluating the run then need the same object passed again). Every program goes through
+    the same loop, engines, checkpoints and evaluation.
 
     With ``resume=True`` the configuration is read from the run directory and the
     run continues after its last checkpoint (see the module docstring for what
     interruptions, numerical faults and damaged checkpoints do). This is training in
-    one process; :func:`ppl_vae.distributed.train_distributed` trains on several.
+    one process; :func:`ppl_vae.distributed.train_distributed` trains the built-in VAE on several.
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     lock = runs.RunLock(run_dir)  # held while training: one writer per run
     try:
-        return _train(run_dir, lock, config, model_config, resume, overwrite, progress)
+        return _train(run_dir, lock, config, model_config, resume, overwrite, progress, program)
     finally:
         lock.release()
 
 
+def resolve_program(
+    run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None", model_config: VAEConfig | None,
+) -> tuple[ProgramSpec | None, torch.nn.Module | None]:
+    """The program's spec (None: the built-in VAE of ``model_config``) and the module passed in, if one was.
+
+    On resume the run's recorded spec decides; a Python object must be passed again, and a
+    changed or moved program file is noted (the recorded copy is used).
+    """
+    if isinstance(program, torch.nn.Module):
+        check_program(program)
+        if resume and (load_spec(run_dir) is None or not load_spec(run_dir).object):
+            raise PplVaeError(f"{run_dir} was not trained from a program object: resume it without program=")
+        return ProgramSpec.for_object(program), program
+    if resume:
+        spec = load_spec(run_dir)
+        if spec is not None and spec.object:
+            raise PplVaeError(f"{run_dir} was trained from a Python object ({spec.name}): rebuild it and pass it as "
+                              "train(..., program=module, resume=True)")
+        if spec is not None and (note := changed_source_note(run_dir, spec)):
+            warnings.warn(note, PplVaeWarning, stacklevel=3)
+        return spec, None
+    if isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae":
+        return None, None  # the built-in VAE: its options are model_config's
+    return program, None
+
+
 def _train(
     run_dir: Path, lock: runs.RunLock, config: TrainConfig | None, model_config: VAEConfig | None, resume: bool,
-    overwrite: bool, progress: bool,
+    overwrite: bool, progress: bool, program_arg: "ProgramSpec | torch.nn.Module | None" = None,
 ) -> dict[str, Any]:
     """:func:`train` after the first check of ``run_dir``: every other check comes before anything is written."""
     if resume:
         lock.acquire()  # before the checkpoint is read: a fallback repairs it
         runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
         config, model_config = _saved_configs(run_dir, config)
+    spec, given = resolve_program(run_dir, resume, program_arg, model_config)
     config = config or TrainConfig()
-    model_config = model_config or VAEConfig()
-    config, model_config = fit_to_dataset(config, model_config)
+    # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
+    config, model_config = fit_to_dataset(config, model_config or VAEConfig())
+    description = model_config.describe() if spec is None else spec.describe()
     device = resolve_device(config.device)
     # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
     # one, so mapping to the run's GPU broke resuming there); load_state_dict moves weights and optimizer state.
@@ -311,14 +420,21 @@ def _train(
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.pyro_validation)
-    vae = build_vae(model_config).to(device)
+    if spec is None:
+        vae = build_vae(model_config).to(device)
+    else:
+        data_info = {"data_dim": model_config.data_dim, "image_shape": model_config.image_shape}
+        vae = (given if given is not None else build_program(spec, run_dir if resume else None, data_info)).to(device)
     data = load_data(config, vae, device)
+    probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
+    first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
+    structure = check_first_batch(vae, first)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
-        probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
-        check_meanfield(vae.model, vae.guide, next(data.train_batches(config.batch_size, generator=probe)))
-    engine = ENGINE_CLASSES[config.engine](vae, config)
+        check_meanfield(vae.model, vae.guide, *first)
+    trained = Weighted(vae)  # the KL weight of every latent site, for any program
+    engine = ENGINE_CLASSES[config.engine](trained, config, structure.max_plate_nesting)
     start_epoch, elapsed = 0, 0.0
-    saved_config = {"model": model_config.to_dict(), "train": asdict(config)}
+    saved_config = {"model": model_config.to_dict() if spec is None else None, "train": asdict(config)}
     if checkpoint is not None:
         # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.
         runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
@@ -336,8 +452,10 @@ def _train(
         try:
             runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
             runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
+            if spec is not None:
+                spec = record_spec(run_dir, spec)
             # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
-            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, model_config, elapsed))
+            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, saved_config, elapsed))
         except BaseException:
             lock.release()
             runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
@@ -347,19 +465,20 @@ def _train(
         for epoch in range(start_epoch + 1, config.epochs + 1):
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
             started = time.perf_counter()
-            vae.kl_weight = kl_weight(config, epoch)
+            trained.kl_weight = kl_weight(config, epoch)
             train_elbo, steps = _train_one_epoch(engine, data, config, epoch, progress, stop, kept)
             lr = engine.learning_rate()
             engine.end_epoch()  # the learning-rate schedule steps once per epoch
             epoch_seconds = time.perf_counter() - started
             elapsed += epoch_seconds
-            val = elbo_decomposition(vae.model, vae.guide, data.val, num_samples=config.val_samples)
-            record = epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=vae.kl_weight, epoch_seconds=epoch_seconds,
+            val = elbo_decomposition(vae.model, vae.guide, data.val, *conditioning(data, "val", config),
+                                     num_samples=config.val_samples)
+            record = epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=trained.kl_weight, epoch_seconds=epoch_seconds,
                                   steps=steps, train_seconds=elapsed, device=device)
             if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
                 record.update(_validation_evidence(vae, data, config))
             runs.append_metrics(run_dir, record)
-            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, model_config, elapsed))
+            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, saved_config, elapsed))
             if progress:
                 print_epoch(record, config)
         if stop.requested:
@@ -368,14 +487,13 @@ def _train(
                 "the test evaluation was skipped: --resume runs it"
             )
 
-    vae.kl_weight = 1.0
     result = evaluation_summary(
-        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10, progress=progress,
-        levels=levels_of(vae, config.binarize),
+        vae.model, vae.guide, data.test, *conditioning(data, "test", config), num_samples=config.test_samples,
+        elbo_samples=10, progress=progress, levels=levels_of(vae, config.binarize),
     )
     result.update({
         "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": checkpoint_id,
-        "train_seconds": elapsed, "device": str(device), "model": model_config.describe(),
+        "train_seconds": elapsed, "device": str(device), "model": description,
         "objective": describe_objective(config),
     })
     runs.write_json(run_dir / runs.TEST_FILE, result)
@@ -466,12 +584,16 @@ def check_single_process_checkpoint(checkpoint: dict[str, Any], expected: str, r
     check_optimizer_format(checkpoint, expected, run_dir)
 
 
-def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfig, VAEConfig]:
-    """The configurations of the run to resume, from its config.json (only ``epochs`` may be raised by ``config``)."""
+def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfig, VAEConfig | None]:
+    """The configurations of the run to resume, from its config.json (only ``epochs`` may be raised by ``config``).
+
+    The model configuration is None for a program other than the built-in VAE (its spec is in program.json).
+    """
     path = run_dir / runs.CONFIG_FILE
     saved = runs.read_json(path)
     try:
-        return TrainConfig(**{**saved["train"], **_resume_overrides(config)}), VAEConfig(**saved["model"])
+        model = VAEConfig(**saved["model"]) if saved["model"] is not None else None
+        return TrainConfig(**{**saved["train"], **_resume_overrides(config)}), model
     except (KeyError, TypeError) as error:
         raise RunDirectoryError(
             f"{path} does not hold a configuration this version of ppl_vae can read ({type(error).__name__}: "
@@ -480,16 +602,16 @@ def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConf
 
 
 def _checkpoint_state(
-    epoch: int, vae: VAE, engine: "SviEngine | CompiledEngine", config: TrainConfig, model_config: VAEConfig,
-    train_seconds: float,
+    epoch: int, vae: torch.nn.Module, engine: "SviEngine | CompiledEngine", config: TrainConfig,
+    saved_config: dict[str, Any], train_seconds: float,
 ) -> dict[str, Any]:
     """Everything that resuming after ``epoch`` needs to continue exactly as an uninterrupted run."""
     return {
         "epoch": epoch,
         "model": vae.state_dict(),
         **engine.state_dict(),
-        "rng": _rng_state(next(vae.parameters()).device),
-        "config": {"model": model_config.to_dict(), "train": asdict(config)},
+        "rng": _rng_state(_device_of(vae)),
+        "config": saved_config,
         "train_seconds": train_seconds,
     }
 
@@ -502,22 +624,64 @@ def describe_objective(config: TrainConfig) -> str:
     return text
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VAE, dict]:
-    """The trained VAE of a run directory (in eval mode) and its configuration, plus ``"epoch"`` and ``"checkpoint_id"``."""
+def build_run_program(
+    run_dir: str | Path, config: dict[str, Any], program: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, str]:
+    """The program of a run directory, untrained, and its description: the VAE of its config.json, or its program.json.
+
+    A run trained from a Python object needs that object's class again: pass a fresh instance as ``program``.
+    """
+    run_dir = Path(run_dir)
+    spec = load_spec(run_dir)
+    if spec is None:
+        try:
+            model_config = VAEConfig(**config["model"])
+        except (KeyError, TypeError) as error:
+            raise RunDirectoryError(f"{run_dir / runs.CONFIG_FILE} holds no model configuration this version can read "
+                                    f"({error})") from None
+        return build_vae(model_config), model_config.describe()
+    if program is not None:
+        return check_program(program), spec.describe()
+    if spec.object:
+        raise PplVaeError(f"{run_dir} was trained from a Python object ({spec.name}): load it in Python with "
+                          "ppl_vae.train.load_run(run_dir, program=a_fresh_instance)")
+    if note := changed_source_note(run_dir, spec):
+        warnings.warn(note, PplVaeWarning, stacklevel=3)
+    shape = dataset_image_shape(config["train"].get("dataset", "mnist"))
+    return build_program(spec, run_dir, {"data_dim": math.prod(shape), "image_shape": shape}), spec.describe()
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", program: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """The trained program of a run directory (in eval mode) and its configuration, plus ``"epoch"``,
+    ``"checkpoint_id"`` and ``"description"``."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG_FILE)
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
-    vae = build_vae(VAEConfig(**config["model"])).to(device)
+    vae, description = build_run_program(run_dir, config, program)
+    vae = vae.to(device)
     vae.load_state_dict(checkpoint["model"])
     vae.eval()
-    return vae, {**config, "epoch": checkpoint["epoch"], "checkpoint_id": checkpoint.get("id")}
+    return vae, {**config, "epoch": checkpoint["epoch"], "checkpoint_id": checkpoint.get("id"), "description": description}
 
 
-def _validation_evidence(vae: VAE, data: MNISTData, config: TrainConfig) -> dict[str, float]:
+def _device_of(module: torch.nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _as_tuple(batch: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+    """A minibatch as the programs' positional data: (x,) or (x, y)."""
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def _validation_evidence(vae: torch.nn.Module, data: MNISTData, config: TrainConfig) -> dict[str, float]:
     """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve."""
-    images = data.val[: config.evidence_examples]
-    return learning_curve_point(evidence_estimate(vae.model, vae.guide, images, num_samples=config.evidence_samples).log_evidence,
-                                config)
+    n = config.evidence_examples
+    cond = tuple(c[:n] for c in conditioning(data, "val", config))
+    estimate = evidence_estimate(vae.model, vae.guide, data.val[:n], *cond, num_samples=config.evidence_samples)
+    return learning_curve_point(estimate.log_evidence, config)
 
 
 def learning_curve_point(log_evidence: torch.Tensor, config: TrainConfig) -> dict[str, float]:
@@ -538,7 +702,7 @@ def _train_one_epoch(
 ) -> tuple[float, int]:
     """One pass over the training set with the engine's checked step; see :func:`run_epoch`."""
     return run_epoch(
-        data.train_batches(config.batch_size), engine.step,
+        data.train_batches(config.batch_size, labels=config.labels), engine.step,
         lambda: stop.requested, math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs,
         progress, kept,
     )
@@ -579,7 +743,7 @@ def run_epoch(
             except NumericalFaultError as fault:
                 raise NumericalFaultError(_fault_message(f"{fault} at {where}", kept)) from None
             total_loss += loss
-            seen += batch.shape[0]
+            seen += _as_tuple(batch)[0].shape[0]
             if step_number % 10 == 0 or step_number == num_steps:
                 bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
     finally:
@@ -587,7 +751,7 @@ def run_epoch(
     return -total_loss / seen, num_steps
 
 
-def checked_svi_step(svi: SVI, batch: torch.Tensor, clip_norm: float | None = None) -> float:
+def checked_svi_step(svi: SVI, batch: torch.Tensor | tuple, clip_norm: float | None = None) -> float:
     """``svi.step(batch)`` that never applies a non-finite update; returns the loss.
 
     Pyro's ``SVI.step`` (loss and gradients, then the optimizer on every parameter
@@ -601,7 +765,7 @@ def checked_svi_step(svi: SVI, batch: torch.Tensor, clip_norm: float | None = No
     tensor separately, not the global norm, and return no norm to check.
     """
     with poutine.trace(param_only=True) as capture, _faults_as_errors():
-        loss = float(svi.loss_and_grads(svi.model, svi.guide, batch))
+        loss = float(svi.loss_and_grads(svi.model, svi.guide, *_as_tuple(batch)))
     # Trace order, not a set: the global norm then sums the same way in every process.
     params = list(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
     grad_norm = _global_grad_norm(params, clip_norm)
@@ -637,7 +801,7 @@ def checked_module_step(
     params = [p for p in loss_module.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     with _faults_as_errors():
-        local_loss = loss_module(batch)
+        local_loss = loss_module(*_as_tuple(batch))
     (local_loss * loss_scale).backward()
     detached = local_loss.detach()
     loss = total_loss(detached) if total_loss is not None else float(detached)
@@ -685,14 +849,15 @@ def _global_grad_norm(params: list[torch.Tensor], clip_norm: float | None) -> fl
 def _non_finite_gradients(params: list[torch.Tensor], limit: int = 3) -> list[str]:
     """The Pyro names of (at most ``limit``) parameters whose gradient holds a NaN or infinity."""
     store = pyro.get_param_store()
-    names = [store.param_name(p) or "?" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+    names = [(store.param_name(p) or "?").removeprefix("program$$$")
+             for p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
     return _first_names(names, limit)
 
 
 def _non_finite_module_gradients(module: torch.nn.Module, limit: int = 3) -> list[str]:
     """The names (in the VAE) of at most ``limit`` parameters of ``module`` whose gradient holds a NaN or infinity."""
     names = [
-        name.removeprefix("module.").removeprefix("vae.")
+        name.removeprefix("module.").removeprefix("vae.").removeprefix("program.")
         for name, p in module.named_parameters()
         if p.grad is not None and not torch.isfinite(p.grad).all()
     ]
@@ -712,10 +877,11 @@ class SviEngine:
 
     optimizer_format = OPTIMIZER_FORMAT_PYRO
 
-    def __init__(self, vae: VAE, config: TrainConfig):
+    def __init__(self, vae: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
         self.config = config
         self.optimizer = make_optimizer(config)
-        self.svi = SVI(vae.model, vae.guide, self.optimizer, loss=make_objective(config.objective, config.particles))
+        objective = make_objective(config.objective, config.particles, max_plate_nesting)
+        self.svi = SVI(vae.model, vae.guide, self.optimizer, loss=objective)
 
     def step(self, batch: torch.Tensor) -> float:
         return checked_svi_step(self.svi, batch, self.config.clip_norm)
@@ -730,6 +896,14 @@ class SviEngine:
         return {"optimizer": self.optimizer.get_state(), "optimizer_format": self.optimizer_format}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        # Pyro's optimizer applies saved state by parameter name, lazily, and ignores names it never meets:
+        # a checkpoint of another naming would silently restart Adam's moments, so it is refused.
+        names = list(checkpoint["optimizer"])
+        if names and not all(name.startswith("program$$$") for name in names):
+            raise RunDirectoryError(
+                "the checkpoint's optimizer state names its parameters as earlier versions of ppl_vae did "
+                f"(e.g. {names[0]!r}): resume it with the version that wrote it, or start a new run"
+            )
         self.optimizer.set_state(checkpoint["optimizer"])
 
 
@@ -745,9 +919,10 @@ class CompiledEngine:
 
     optimizer_format = OPTIMIZER_FORMAT_TORCH
 
-    def __init__(self, vae: VAE, config: TrainConfig):
+    def __init__(self, vae: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
         self.config = config
-        self.loss = make_loss_module(vae, config.objective, config.particles, compiled=True)
+        self.loss = make_loss_module(vae, config.objective, config.particles, compiled=True,
+                                     max_plate_nesting=max_plate_nesting)
         self.optimizer, self.scheduler = make_torch_optimizer(vae.parameters(), config)
 
     def step(self, batch: torch.Tensor) -> float:

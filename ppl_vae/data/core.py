@@ -134,8 +134,10 @@ class ImageData:
             raise InvalidDataError(f"unknown split {name!r}: choose 'train', 'val' or 'test'")
         return getattr(self, f"{name}_labels")
 
-    def train_batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """One epoch of minibatches in a fresh random order.
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator | None = None, labels: bool = False
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of minibatches in a fresh random order; with ``labels``, pairs (images, labels).
 
         The order and the per-minibatch draws (dynamic binarization, dequantization)
         come from torch's global RNG, or from ``generator`` (on the device of the
@@ -143,14 +145,17 @@ class ImageData:
         the same seed, so all of them see the same global minibatches.
         The last, smaller minibatch is kept so every image is seen once per epoch.
         """
+        if labels and self.train_labels is None:
+            raise InvalidDataError("these data have no labels to condition on")
         order = torch.randperm(self.train.shape[0], device=self.train.device, generator=generator)
         for start in range(0, order.numel(), batch_size):
-            batch = self.train[order[start : start + batch_size]]
+            rows = order[start : start + batch_size]
+            batch = self.train[rows]
             if self.binarize == "dynamic":
                 batch = torch.bernoulli(batch, generator=generator)
             elif self.dequantized:
                 batch = dequantize(batch, generator)
-            yield batch
+            yield (batch, self.train_labels[rows.to(self.train_labels.device)]) if labels else batch
 
 
 # The name the MNIST-only package used; every dataset now gives an ImageData.
@@ -240,6 +245,11 @@ def make_splits(
     device = torch.device(device)
     return ImageData(
         train=train_x.to(device), val=val_x.to(device), test=test_x.to(device),
-        train_labels=labels_train, val_labels=labels_val, test_labels=labels_test,
-        binarize=binarize, dequantized=dequantized, name=name, record=record,
+        train_labels=_labels_on(labels_train, device), val_labels=_labels_on(labels_val, device),
+        test_labels=_labels_on(labels_test, device), binarize=binarize, dequantized=dequantized, name=name, record=record,
     )
+
+
+def _labels_on(labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Class labels as int64 beside the images (the programs index and one-hot them there)."""
+    return None if labels is None else labels.to(device=device, dtype=torch.int64)
