@@ -45,8 +45,7 @@ from torch import nn
 
 from .errors import ModelStructureError, PplVaeError
 
-SPEC_FILE = "program.json"
-SOURCE_DIR = "program"  # the copy of a user's program file inside the run directory
+from .runs import PROGRAM_FILE as SPEC_FILE, PROGRAM_FOLDER as SOURCE_DIR  # noqa: E402 -- the run directory's names
 
 
 # --- The interface -------------------------------------------------------------------------------

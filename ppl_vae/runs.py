@@ -67,13 +67,15 @@ CHECKPOINT_FORMAT = 1
 
 # Every file ppl_vae writes into a run directory: --overwrite deletes these and nothing else.
 DATA_FILE = "data.json"  # ppl_vae.data.DATA_RECORD_FILE: the dataset and splits of the run
+PROGRAM_FILE = "program.json"  # the program's spec (ppl_vae.programs), for programs other than the built-in VAE
+PROGRAM_FOLDER = "program"  # the copy of a user's program file
 RUN_FILES = (
-    CONFIG_FILE, DATA_FILE, METRICS_FILE, DAMAGED_METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, DAMAGED_CHECKPOINT_FILE,
+    CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, DAMAGED_METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, DAMAGED_CHECKPOINT_FILE,
     TEST_FILE, EVALUATION_FILE, PER_DATAPOINT_FILE,
 )
 LOCK_FILES = (LOCK_FILE, LOCK_FILE + ".json", EVALUATE_LOCK_FILE, EVALUATE_LOCK_FILE + ".json")
 # The files training writes (their temporaries, left by a kill, are removed when training starts again).
-TRAINING_FILES = (CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, TEST_FILE, LOCK_FILE + ".json")
+TRAINING_FILES = (CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, CHECKPOINT_FILE, TEST_FILE, LOCK_FILE + ".json")
 EVALUATION_FILES = (EVALUATION_FILE, PER_DATAPOINT_FILE, EVALUATE_LOCK_FILE + ".json")
 
 
@@ -117,6 +119,8 @@ def _run_dir_contents(path: Path) -> tuple[list[str], list[str]]:
         if name in RUN_FILES and entry.is_file():
             ours.append(name)
         elif name == PLOTS_FOLDER and entry.is_dir() and all(p.is_file() and p.suffix == ".png" for p in entry.iterdir()):
+            ours.append(name)
+        elif name == PROGRAM_FOLDER and entry.is_dir() and all(p.is_file() and p.suffix == ".py" for p in entry.iterdir()):
             ours.append(name)
         elif entry.is_file() and _is_our_temporary(name, RUN_FILES + LOCK_FILES):
             ours.append(name)
@@ -212,9 +216,11 @@ def start_run_dir(run_dir: str | os.PathLike, lock: "RunLock", overwrite: bool =
 def discard_unstarted_run(run_dir: str | os.PathLike, created: bool) -> None:
     """Undo :func:`start_run_dir` for a run that failed before its first checkpoint, so it blocks no later run."""
     path = Path(run_dir)
-    for name in (CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
+    for name in (CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
         with contextlib.suppress(OSError):
             (path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path / PROGRAM_FOLDER)
     remove_temporaries(path, TRAINING_FILES)
     if created:
         for name in LOCK_FILES:

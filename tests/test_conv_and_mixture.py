@@ -96,11 +96,18 @@ def test_conv_networks_map_flat_images_with_leading_dimensions(shape, channels):
     assert decoder(torch.randn(4, 5, 3)).shape == (4, 5, 2 * d)  # back to exactly H x W (28 -> 14 -> 7 -> 3 -> 28)
 
 
-@pytest.mark.parametrize("shape", [GREY, COLOUR], ids=["28x28-grey", "32x32-colour"])
-@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+# Every likelihood on both image shapes, except the Bernoulli on colour images: those are never binarized
+# (the Bernoulli likelihood is for binarized grey images), so that pair is not a case at all.
+SHAPE_LIKELIHOOD_CASES = [
+    pytest.param(shape, likelihood, id=f"{name}-{likelihood}")
+    for shape, name in ((GREY, "28x28-grey"), (COLOUR, "32x32-colour"))
+    for likelihood in sorted(LIKELIHOODS)
+    if not (likelihood == "bernoulli" and shape == COLOUR)
+]
+
+
+@pytest.mark.parametrize("shape, likelihood", SHAPE_LIKELIHOOD_CASES)
 def test_conv_vae_trains_a_step_with_every_likelihood(shape, likelihood):
-    if likelihood == "bernoulli" and shape == COLOUR:
-        pytest.skip("colour images are not binarized: the Bernoulli likelihood is for binarized grey images")
     vae = VAE(VAEConfig(image_shape=shape, likelihood=likelihood, likelihood_components=3, **TINY_CONV))
     x = images_for(likelihood, shape)
     vae.likelihood.check_data(vae.flatten(x))
@@ -108,11 +115,13 @@ def test_conv_vae_trains_a_step_with_every_likelihood(shape, likelihood):
     assert vae.decode_mean(torch.randn(2, 3)).shape == (2, math.prod(shape))
 
 
-@pytest.mark.parametrize("prior", sorted(PRIORS))
-@pytest.mark.parametrize("guide", sorted(GUIDES))
+# Every prior with every guide, but the VampPrior with the IAF guide, which VAEConfig refuses for MLPs too.
+PRIOR_GUIDE_CASES = [(prior, guide) for prior in sorted(PRIORS) for guide in sorted(GUIDES)
+                     if not (prior == "vamp" and guide == "iaf")]
+
+
+@pytest.mark.parametrize("prior, guide", PRIOR_GUIDE_CASES)
 def test_conv_vae_trains_a_step_with_every_prior_and_guide(prior, guide):
-    if prior == "vamp" and guide == "iaf":
-        pytest.skip("not supported for MLPs either (VAEConfig refuses it)")
     vae = VAE(VAEConfig(image_shape=COLOUR, prior=prior, guide=guide, likelihood="logistic256", prior_components=3,
                         **TINY_CONV))
     one_step(vae, images_for("logistic256", COLOUR))

@@ -61,3 +61,25 @@ def test_dataset_and_network_commands_run_as_written(tmp_path, data_root):
     colour = json.loads((tmp_path / "runs" / "colour" / "evaluation.json").read_text())
     assert colour["bits_per_dim"]["log_evidence"]["mean"] > 0 and colour["data"]["dataset"] == "npz"
     assert json.loads((tmp_path / "runs" / "conv-quick" / "config.json").read_text())["model"]["network"] == "conv"
+
+
+def test_write_your_own_model_runs_as_written(tmp_path, data_root):
+    """The README's program file, saved under its name, and its commands, run in that folder as written."""
+    name = re.search(r"<!-- program-file: (\S+) -->", README).group(1)
+    (tmp_path / name).write_text(code_block_after(f"<!-- program-file: {name} -->", "python"))
+    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
+    ppl_vae = Path(sys.executable).parent / "ppl-vae"
+    outputs = []
+    for line in code_block_after("<!-- program-commands -->", "bash").strip().splitlines():
+        words = shlex.split(line)
+        assert words[0] == "ppl-vae"
+        command = [str(ppl_vae)] if ppl_vae.exists() else [sys.executable, "-m", "ppl_vae"]
+        quiet = ["--no-progress"] if words[1] in ("train", "evaluate") else []
+        result = subprocess.run([*command, *words[1:], *quiet], capture_output=True, text=True, cwd=tmp_path,
+                                env=env, timeout=600)
+        assert result.returncode == 0, (line, result.stderr)
+        outputs.append(result.stdout)
+    run_dir = tmp_path / "runs" / "ladder"
+    assert (run_dir / "program" / name).read_text() == (tmp_path / name).read_text()
+    assert "KL at site 'bottom' is Monte Carlo" in outputs[0]
+    assert "site 'top':" in outputs[2] and (run_dir / "evaluation.json").is_file()

@@ -102,6 +102,11 @@ def test_the_builtin_two_layer_and_conditional_programs_train(tmp_path, data_roo
                         data_root=data_root)
     assert two_layer.returncode == 0, two_layer.stderr
     assert "KL at site 'z1' is Monte Carlo" in two_layer.stdout
+    # A program's run is a ppl_vae run like any other: --overwrite replaces it, its program record included.
+    replaced = run_cli("train", "--run-dir", tmp_path / "two", "--overwrite", *SMALL, "--latent-dim", "2",
+                       "--hidden-sizes", "16", data_root=data_root)
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (tmp_path / "two" / "program.json").exists()
     conditional = run_cli("train", "--program", "conditional", "--labels", "--program-kwargs",
                           '{"latent_dim": 4, "hidden_sizes": [32]}', "--run-dir", tmp_path / "cvae", *SMALL,
                           "--engine", "jit", data_root=data_root)
