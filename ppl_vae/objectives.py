@@ -29,7 +29,9 @@ way the loss is computed from the VAE's Pyro programs; nothing is rewritten by h
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from pyro.infer import (
@@ -208,3 +210,60 @@ def make_loss_module(
     if compiled:
         return CompiledVAELoss(vae, objective, particles, max_plate_nesting)
     return VAELoss(vae, make_objective(objective, particles, max_plate_nesting))
+
+
+@contextlib.contextmanager
+def fixed_standard_normal() -> Iterator[None]:
+    """Hold the standard-normal noise of Normal and MultivariateNormal draws fixed (a function of its shape only).
+
+    The compiled graph draws with ``torch.normal``, ``Trace_ELBO`` with ``Tensor.normal_``, so the
+    same seed gives other draws; with the noise fixed the two losses can be compared exactly.
+    Compiling under this context bakes the fixed noise into the graph: compile only throw-away losses here.
+    """
+    def standard_normal(shape, dtype, device):
+        count = torch.Size(shape).numel()
+        values = torch.linspace(-1.7, 1.7, 97).repeat(count // 97 + 1)[:count]
+        return values.reshape(shape).to(dtype=dtype, device=device)
+
+    modules = (torch.distributions.normal, torch.distributions.multivariate_normal)
+    saved = [module._standard_normal for module in modules]
+    for module in modules:
+        module._standard_normal = standard_normal
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved):
+            module._standard_normal = original
+
+
+def compiled_loss_problem(
+    program: torch.nn.Module, batch: tuple[torch.Tensor, ...], particles: int = 1,
+    max_plate_nesting: int = MAX_PLATE_NESTING, rtol: float = 1e-4,
+) -> str | None:
+    """Why the compiled loss cannot stand in for ``Trace_ELBO`` on ``program`` (None when it can).
+
+    On ``batch``, with the draws held fixed (:func:`fixed_standard_normal`), a throw-away
+    :class:`CompiledVAELoss` must give ``Trace_ELBO``'s loss and gradients to relative
+    tolerance ``rtol``; a program whose draws the fixing does not reach (other reparameterized
+    distributions) differs, and is refused too. The random streams and the parameters'
+    gradients are left as they were.
+    """
+    params = [p for p in program.parameters() if p.requires_grad]
+    reference_elbo = Trace_ELBO(**_elbo_options(particles, max_plate_nesting))
+    devices = [batch[0].device] if batch[0].device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), fixed_standard_normal(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
+            expected = reference_elbo.differentiable_loss(program.model, program.guide, *batch)
+            expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+            compiled = CompiledVAELoss(program, "elbo", particles, max_plate_nesting)(*batch)
+            grads = torch.autograd.grad(compiled, params, allow_unused=True)
+    except Exception as error:  # noqa: BLE001 -- any failure to compile or run means: do not use the compiled loss
+        return f"the compiled loss failed on this program ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    if not torch.allclose(compiled.detach(), expected.detach(), rtol=rtol, atol=1e-6):
+        return (f"the compiled loss {float(compiled.detach()):.6g} differs from Trace_ELBO's {float(expected.detach()):.6g} "
+                "with the same draws")
+    for param, got, want in zip(params, grads, expected_grads):
+        if (got is None) != (want is None) or (got is not None and not torch.allclose(got, want, rtol=rtol, atol=1e-5)):
+            return f"the compiled loss's gradients differ from Trace_ELBO's (a parameter of shape {list(param.shape)})"
+    return None

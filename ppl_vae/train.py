@@ -78,7 +78,7 @@ from .evaluate import (
     mean_and_stderr,
 )
 from .model import VAEConfig, build_vae
-from .objectives import check_meanfield, check_objective, make_loss_module, make_objective
+from .objectives import check_meanfield, check_objective, compiled_loss_problem, make_loss_module, make_objective
 from .programs import (
     ProgramSpec,
     Weighted,
@@ -432,6 +432,11 @@ def _train(
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(vae.model, vae.guide, *first)
     trained = Weighted(vae)  # the KL weight of every latent site, for any program
+    if config.engine == "jit" and (problem := compiled_loss_problem(trained, first, config.particles,
+                                                                     structure.max_plate_nesting)):
+        # Checked, not assumed: the run records the engine that ran, and says why.
+        warnings.warn(f"--engine jit: {problem}; training with --engine svi instead", PplVaeWarning, stacklevel=3)
+        config = dataclasses.replace(config, engine="svi")
     engine = ENGINE_CLASSES[config.engine](trained, config, structure.max_plate_nesting)
     start_epoch, elapsed = 0, 0.0
     saved_config = {"model": model_config.to_dict() if spec is None else None, "train": asdict(config)}

@@ -178,3 +178,45 @@ class Broken(LadderVAE):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+class LaplaceCode(torch.nn.Module):
+    """A program whose guide draws from a Laplace: noise the fixed-draw check does not reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(784, 4), torch.nn.Linear(2, 784)
+
+    def model(self, x):
+        import pyro
+        import pyro.distributions as dist
+
+        x = x.reshape(x.shape[0], -1)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Laplace(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.dec(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        import pyro
+        import pyro.distributions as dist
+
+        x = x.reshape(x.shape[0], -1)
+        loc, raw = self.enc(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Laplace(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a_note(tmp_path, data_root):
+    from ppl_vae.models import TwoLayerVAE
+    from ppl_vae.objectives import compiled_loss_problem
+    from ppl_vae.programs import Weighted
+
+    x = torch.bernoulli(torch.full((8, 784), 0.3))
+    assert compiled_loss_problem(Weighted(TwoLayerVAE(latent=(4, 2), hidden=((16,), (8,)))), (x,)) is None
+    problem = compiled_loss_problem(Weighted(LaplaceCode()), (x,))
+    assert problem is not None and "differs from Trace_ELBO" in problem
+    config = TrainConfig(epochs=1, train_examples=100, eval_examples=20, test_samples=2, batch_size=50,
+                         data_dir=str(data_root), device="cpu", engine="jit")
+    with pytest.warns(UserWarning, match="--engine jit: the compiled loss .* training with --engine svi instead"):
+        train(tmp_path / "laplace", config, program=LaplaceCode(), progress=False)
+    assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
