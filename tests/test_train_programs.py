@@ -220,3 +220,10 @@ def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a
     with pytest.warns(UserWarning, match="--engine jit: the compiled loss .* training with --engine svi instead"):
         train(tmp_path / "laplace", config, program=LaplaceCode(), progress=False)
     assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
+
+
+def test_programs_and_labels_on_several_processes_are_refused_up_front(tmp_path, data_root):
+    for extra in (["--program", "two-layer"], ["--labels"]):
+        result = run_cli("train", "--run-dir", tmp_path / "run", *SMALL, "--devices", "2", *extra, data_root=data_root)
+        assert result.returncode == 2 and "train on one process for now" in result.stderr
+        assert not (tmp_path / "run").exists()
