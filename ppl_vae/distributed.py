@@ -53,11 +53,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -69,20 +68,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import runs
 from . import train as training
-from .data import DATA_RECORD_FILE
 from .errors import (
     PplVaeError,
     PplVaeWarning,
-    TrainingInterrupted,
 )
 from .evaluate import (
     EvidenceEstimate,
     check_data,
     elbo_decomposition,
-    evaluation_summary,
     evidence_estimate,
 )
-from .model import VAE, VAEConfig, build_vae
+from .model import VAEConfig
 from .objectives import make_loss_module, make_objective
 
 # Datapoints per evaluation block: the unit of seeding and of work sharing (see evaluate_per_datapoint).
@@ -111,8 +107,49 @@ class Context:
         """Rank 0: the process that writes files and prints."""
         return self.rank == 0
 
-    def describe(self) -> str:
+    def describe(self, device: torch.device | None = None) -> str:
         return f"{self.device.type}, {self.world_size} process{'es' if self.world_size != 1 else ''} ({self.backend})"
+
+    # What the training loop (ppl_vae.train._train) needs of the process group; ppl_vae.train.OneProcess is the
+    # other implementation.
+
+    def select_device(self, config) -> torch.device:
+        return self.device
+
+    def on_main(self, compute: Callable[[], T]) -> T:
+        return on_main(compute)
+
+    def agree_to_stop(self, requested: bool) -> bool:
+        return _agree_to_stop(requested, self.device)
+
+    def check_config(self, config) -> None:
+        check_trainable_on_processes(config)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], config, run_dir: Path) -> None:
+        training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, run_dir)
+        if checkpoint.get("world_size", 1) != self.world_size:
+            warnings.warn(
+                f"resuming a run saved by {checkpoint.get('world_size', 1)} process(es) on {self.world_size}: the data "
+                "are the same, but the Monte Carlo draws differ from those of an uninterrupted run",
+                PplVaeWarning,
+                stacklevel=2,
+            )
+
+    def make_engine(self, program: torch.nn.Module, config, max_plate_nesting: int) -> "DdpEngine":
+        return DdpEngine(program, config, max_plate_nesting, self)
+
+    def epoch_batches(self, data, config, epoch: int):
+        """The epoch's global minibatches, the same on every process: the data stream is seeded from (seed, epoch),
+        this process's Monte Carlo draws from (seed, epoch, rank), so an epoch runs again exactly after a resume."""
+        generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
+        pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, self.rank))
+        return data.train_batches(config.batch_size, generator=generator, labels=config.labels)
+
+    def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
+        return {"world_size": self.world_size}  # no RNG state: every epoch seeds its own streams
+
+    def restore(self, checkpoint: dict[str, Any], device: torch.device) -> None:
+        """Nothing to restore: the streams are seeded per epoch."""
 
 
 _CONTEXT: Context | None = None
@@ -330,7 +367,7 @@ def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 def checked_ddp_step(
     loss_module: DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
-    shard: torch.Tensor,
+    shard: torch.Tensor | tuple,
     world_size: int,
     clip_norm: float | None = None,
     stop_requested: bool = False,
@@ -381,196 +418,66 @@ def train_distributed(
 ) -> dict[str, Any]:
     """:func:`ppl_vae.train.train` on every process of the process group (:func:`initialize` first).
 
-    Same run directory, options and guarantees (resume, Ctrl-C, numerical faults, damaged
-    checkpoints), with DistributedDataParallel instead of ``SVI``; see the module docstring
-    for the loss scaling and the random streams. The device is the process group's (see
-    :func:`initialize`), not ``config.device``. Returns the final test evaluation on every
-    process; rank 0 writes every file.
+    The same loop, run directory, options and guarantees (resume, Ctrl-C, numerical faults,
+    damaged checkpoints), with DistributedDataParallel (:class:`DdpEngine`) instead of ``SVI``;
+    see the module docstring for the loss scaling and the random streams. The device is the
+    process group's (see :func:`initialize`), not ``config.device``. Returns the final test
+    evaluation on every process; rank 0 writes every file.
     """
     context = current()
     if context is None:
         raise PplVaeError("train_distributed needs a process group: call ppl_vae.distributed.initialize() under torchrun")
-
-    lock = runs.RunLock(run_dir)  # rank 0 holds it while training: one writer per run
-    try:
-        return _train_distributed(context, run_dir, lock, config, model_config, resume, overwrite, progress)
-    finally:
-        lock.release()
+    return training.train(run_dir, config, model_config, resume=resume, overwrite=overwrite, progress=progress,
+                          processes=context)
 
 
-def _train_distributed(
-    context: Context, run_dir: str | Path, lock: runs.RunLock, config, model_config: VAEConfig | None, resume: bool,
-    overwrite: bool, progress: bool,
-) -> dict[str, Any]:
-    def prepare() -> tuple[Path, Any, VAEConfig, dict | None]:
-        """On rank 0: the configurations, the run directory and (resuming) the checkpoint, checked before use."""
-        if not resume:
-            train_config, vae_config = config or training.TrainConfig(), model_config or VAEConfig()
-            train_config, vae_config = training.fit_to_dataset(train_config, vae_config)
-            check_trainable_on_processes(train_config)  # before the run directory is touched
-            path = runs.check_run_dir(run_dir, overwrite=overwrite)
-            return path, train_config, vae_config, None
-        path = runs.check_run_dir(run_dir, resume=True, overwrite=overwrite)
-        lock.acquire()  # before the checkpoint is read: a fallback repairs it
-        runs.remove_temporaries(path, runs.TRAINING_FILES)
-        train_config, vae_config = training.fit_to_dataset(*training._saved_configs(path, config))
-        check_trainable_on_processes(train_config)
-        checkpoint = runs.load_checkpoint_for_resume(path, map_location="cpu")
-        training.check_optimizer_format(checkpoint, training.OPTIMIZER_FORMAT_TORCH, path)
-        training.check_resume_epochs(checkpoint, train_config, path)
-        if checkpoint.get("world_size", 1) != context.world_size:
-            warnings.warn(
-                f"resuming a run saved by {checkpoint.get('world_size', 1)} process(es) on {context.world_size}: the data "
-                "are the same, but the Monte Carlo draws differ from those of an uninterrupted run",
-                PplVaeWarning,
-                stacklevel=2,
-            )
-        runs.write_json(path / runs.CONFIG_FILE, {"model": vae_config.to_dict(), "train": asdict(train_config)})
-        return path, train_config, vae_config, checkpoint
+class DdpEngine(training.Engine):
+    """Training steps on several processes: the loss module in DistributedDataParallel, one torch Adam.
 
-    run_dir, config, model_config, checkpoint = on_main(prepare)
-    device, main = context.device, context.is_main
-    pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)
-    pyro.enable_validation(config.pyro_validation)
-    vae = build_vae(model_config).to(device)
-    loss = make_loss_module(vae, config.objective, config.particles, compiled=config.engine == "jit")
-    data = training.load_data(config, vae, device)
-    if main and checkpoint is not None:
-        runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
-    optimizer, scheduler = training.make_torch_optimizer(vae.parameters(), config)
-    start_epoch, elapsed = 0, 0.0
-    if checkpoint is not None:
-        vae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
-        checkpoint_id = checkpoint.get("id")
-        if main:
-            runs.truncate_metrics(run_dir, start_epoch)
-    else:
-        def start() -> str:
-            """On rank 0, every check passed (options, devices, data): make the run directory, replacing an old run."""
-            created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
-            try:
-                runs.write_json(run_dir / runs.CONFIG_FILE, {"model": model_config.to_dict(), "train": asdict(config)})
-                runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
-                return runs.save_checkpoint(
-                    run_dir, _checkpoint_state(0, vae, optimizer, scheduler, config, model_config, elapsed, context)
-                )
-            except BaseException:
-                lock.release()
-                runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
-                raise
-
-        checkpoint_id = on_main(start)
-    ddp = DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None)
-
-    with training._StopRequest() as stop:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"
-            started = time.perf_counter()
-            vae.kl_weight = training.kl_weight(config, epoch)
-            train_elbo, steps = _train_one_epoch(ddp, optimizer, data, config, epoch, context, progress, stop, kept)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            epoch_seconds = time.perf_counter() - started
-            elapsed += epoch_seconds
-            val = evaluate_per_datapoint(
-                vae.model, vae.guide, data.val, elbo_samples=config.val_samples,
-                seed=derive_seed(config.seed, "validation", epoch),
-            ).decomposition
-            record = training.epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=vae.kl_weight,
-                                         epoch_seconds=epoch_seconds, steps=steps, train_seconds=elapsed,
-                                         device=context.describe())
-            record["world_size"] = context.world_size
-            if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
-                record.update(_validation_evidence(vae, data, config, epoch))
-            if main:
-                runs.append_metrics(run_dir, record)
-                checkpoint_id = runs.save_checkpoint(
-                    run_dir, _checkpoint_state(epoch, vae, optimizer, scheduler, config, model_config, elapsed, context)
-                )
-                if progress:
-                    training.print_epoch(record, config)
-        if _agree_to_stop(stop.requested, device):
-            raise TrainingInterrupted(
-                f"interrupted by Ctrl-C after the last epoch ({config.epochs}), which is saved in {run_dir}; "
-                "the test evaluation was skipped: --resume runs it"
-            )
-
-    vae.kl_weight = 1.0
-    per_datapoint = evaluate_per_datapoint(
-        vae.model, vae.guide, data.test, num_samples=config.test_samples, elbo_samples=10,
-        seed=derive_seed(config.seed, "test"), progress=progress and main,
-    )
-    result = evaluation_summary(
-        vae.model, vae.guide, data.test, num_samples=config.test_samples, levels=training.levels_of(vae, config.binarize),
-        evidence=per_datapoint.evidence, decomposition=per_datapoint.decomposition,
-    )
-    result.update({
-        "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": checkpoint_id,
-        "train_seconds": elapsed, "device": context.describe(),
-        "world_size": context.world_size, "model": model_config.describe(), "objective": training.describe_objective(config),
-    })
-    if main:
-        runs.write_json(run_dir / runs.TEST_FILE, result)
-    return result
-
-
-def _train_one_epoch(
-    ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, data, config, epoch: int, context: Context,
-    progress: bool, stop, kept: str,
-) -> tuple[float, int]:
-    """One pass over the training set in global minibatches (:func:`ppl_vae.train.run_epoch`).
-
-    The data stream is seeded from (seed, epoch) on every process, this process's draws
-    from (seed, epoch, rank), so the epoch can be run again exactly after a resume. The
-    decision to stop is the one all processes agreed on in the previous step's all-reduce.
+    Every process draws the same global minibatch and back-propagates its contiguous share
+    (:func:`shard_rows`, :func:`checked_ddp_step`); the all-reduce of each step also carries the
+    processes' Ctrl-C requests, so all of them stop before the same step.
     """
-    generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
-    pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, context.rank))
-    stopping = _agree_to_stop(stop.requested, context.device)
 
-    def step(batch: torch.Tensor) -> float:
-        nonlocal stopping
-        shard, weight = shard_rows(batch, context.rank, context.world_size), 1.0
-        if shard.shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
-            shard, weight = batch[:1], 0.0
-        loss, stopping = checked_ddp_step(ddp, optimizer, shard, context.world_size, config.clip_norm,
-                                          stop.requested, weight)
+    def __init__(self, program: torch.nn.Module, config, max_plate_nesting: int, context: "Context"):
+        self.config, self.context = config, context
+        loss = make_loss_module(program, config.objective, config.particles, compiled=config.engine == "jit",
+                                max_plate_nesting=max_plate_nesting)
+        self.optimizer, self.scheduler = training.make_torch_optimizer(program.parameters(), config)
+        device = context.device
+        self.ddp = DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None)
+        self.stopping = False
+
+    def begin_epoch(self, stop) -> None:
+        super().begin_epoch(stop)
+        self.stopping = _agree_to_stop(stop.requested, self.context.device)
+
+    def stop_requested(self) -> bool:
+        return self.stopping  # what the processes agreed on in the previous step's all-reduce
+
+    def step(self, batch) -> float:
+        data = batch if isinstance(batch, tuple) else (batch,)
+        rank, world_size = self.context.rank, self.context.world_size
+        shard, weight = tuple(shard_rows(t, rank, world_size) for t in data), 1.0
+        if shard[0].shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
+            shard, weight = tuple(t[:1] for t in data), 0.0
+        loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
+                                               self.stop.requested, weight)
         return loss
 
-    return training.run_epoch(
-        data.train_batches(config.batch_size, generator=generator), step, lambda: stopping,
-        math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs, progress and context.is_main, kept,
-    )
+    def learning_rate(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
+    def end_epoch(self) -> None:
+        self.scheduler.step()
 
-def _validation_evidence(vae: VAE, data, config, epoch: int) -> dict[str, float]:
-    """The learning curve's log p̂(x) (see :func:`ppl_vae.train._validation_evidence`), shared over the processes."""
-    images = data.val[: config.evidence_examples]
-    estimate = evaluate_per_datapoint(
-        vae.model, vae.guide, images, num_samples=config.evidence_samples, seed=derive_seed(config.seed, "evidence", epoch)
-    ).evidence
-    return training.learning_curve_point(estimate.log_evidence, config)
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer_format": self.optimizer_format}
 
-
-def _checkpoint_state(
-    epoch: int, vae: VAE, optimizer: torch.optim.Optimizer, scheduler, config, model_config: VAEConfig,
-    train_seconds: float, context: Context,
-) -> dict[str, Any]:
-    """What resuming after ``epoch`` needs; no RNG state, since every epoch seeds its own streams."""
-    return {
-        "epoch": epoch,
-        "model": vae.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "optimizer_format": training.OPTIMIZER_FORMAT_TORCH,
-        "world_size": context.world_size,
-        "config": {"model": model_config.to_dict(), "train": asdict(config)},
-        "train_seconds": train_seconds,
-    }
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
 
 
 # --- Evaluation ---------------------------------------------------------------------------------

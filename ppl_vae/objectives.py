@@ -30,9 +30,11 @@ way the loss is computed from the VAE's Pyro programs; nothing is rewritten by h
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 
+import pyro
 import torch
 from pyro.infer import (
     ELBO,
@@ -248,11 +250,15 @@ def compiled_loss_problem(
     distributions) differs, and is refused too. The random streams and the parameters'
     gradients are left as they were.
     """
+    # A copy in a param store of its own: the check touches neither the program's gradients (nor hooks on
+    # them) nor the names Pyro's store holds for the training run.
+    program = copy.deepcopy(program)
     params = [p for p in program.parameters() if p.requires_grad]
     reference_elbo = Trace_ELBO(**_elbo_options(particles, max_plate_nesting))
     devices = [batch[0].device] if batch[0].device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), fixed_standard_normal(), warnings.catch_warnings():
+        with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices), fixed_standard_normal(), \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
             expected = reference_elbo.differentiable_loss(program.model, program.guide, *batch)
             expected_grads = torch.autograd.grad(expected, params, allow_unused=True)

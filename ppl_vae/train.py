@@ -71,9 +71,7 @@ from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shap
 from .errors import NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
 from .evaluate import (
     ProgramStructure,
-    elbo_decomposition,
     evaluation_summary,
-    evidence_estimate,
     inspect_program,
     mean_and_stderr,
 )
@@ -346,6 +344,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     program: "ProgramSpec | torch.nn.Module | None" = None,
+    processes: Any = None,
 ) -> dict[str, Any]:
     """Train a program into ``run_dir``; returns the final test evaluation.
 
@@ -359,12 +358,13 @@ def train(
     With ``resume=True`` the configuration is read from the run directory and the
     run continues after its last checkpoint (see the module docstring for what
     interruptions, numerical faults and damaged checkpoints do). This is training in
-    one process; :func:`ppl_vae.distributed.train_distributed` trains the built-in VAE on several.
+    process by default; ``processes`` (a :class:`ppl_vae.distributed.Context`, through
+    :func:`ppl_vae.distributed.train_distributed`) runs the same loop on several.
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    lock = runs.RunLock(run_dir)  # held while training: one writer per run
+    lock = runs.RunLock(run_dir)  # held while training (by rank 0): one writer per run
     try:
-        return _train(run_dir, lock, config, model_config, resume, overwrite, progress, program)
+        return _train(run_dir, lock, config, model_config, resume, overwrite, progress, program, processes)
     finally:
         lock.release()
 
@@ -395,28 +395,87 @@ def resolve_program(
     return program, None
 
 
+class OneProcess:
+    """What training in one process needs of the process group: nothing to share or agree on; it writes.
+
+    The other implementation, :class:`ppl_vae.distributed.Context`, trains on several processes
+    with DistributedDataParallel; :func:`_train` is the one loop both run. One process keeps one
+    random stream for the whole run and saves its state in every checkpoint, so a resumed run
+    continues it exactly.
+    """
+
+    rank, world_size, is_main = 0, 1, True
+
+    def select_device(self, config: TrainConfig) -> torch.device:
+        return resolve_device(config.device)
+
+    def describe(self, device: torch.device) -> str:
+        return str(device)
+
+    def on_main(self, compute: Callable[[], Any]) -> Any:
+        return compute()
+
+    def agree_to_stop(self, requested: bool) -> bool:
+        return requested
+
+    def check_config(self, config: TrainConfig) -> None:
+        """Nothing beyond TrainConfig's own checks."""
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+        check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
+
+    def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int) -> "Engine":
+        return ENGINE_CLASSES[config.engine](trained, config, max_plate_nesting)
+
+    def epoch_batches(self, data: MNISTData, config: TrainConfig, epoch: int) -> Iterable:
+        return data.train_batches(config.batch_size, labels=config.labels)  # the run's one random stream
+
+    def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
+        return {"rng": _rng_state(device)}
+
+    def restore(self, checkpoint: dict[str, Any], device: torch.device) -> None:
+        _set_rng_state(checkpoint["rng"], device)
+
+
 def _train(
     run_dir: Path, lock: runs.RunLock, config: TrainConfig | None, model_config: VAEConfig | None, resume: bool,
     overwrite: bool, progress: bool, program_arg: "ProgramSpec | torch.nn.Module | None" = None,
+    processes: Any = None,
 ) -> dict[str, Any]:
-    """:func:`train` after the first check of ``run_dir``: every other check comes before anything is written."""
-    if resume:
-        lock.acquire()  # before the checkpoint is read: a fallback repairs it
-        runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
-        config, model_config = _saved_configs(run_dir, config)
-    spec, given = resolve_program(run_dir, resume, program_arg, model_config)
-    config = config or TrainConfig()
-    # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
-    config, model_config = fit_to_dataset(config, model_config or VAEConfig())
-    description = model_config.describe() if spec is None else spec.describe()
-    device = resolve_device(config.device)
-    # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
-    # one, so mapping to the run's GPU broke resuming there); load_state_dict moves weights and optimizer state.
-    checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
-    if checkpoint is not None:
-        check_single_process_checkpoint(checkpoint, ENGINE_CLASSES[config.engine].optimizer_format, run_dir)
-        check_resume_epochs(checkpoint, config, run_dir)
+    """The training loop, for any program and either engine, on one process or many (``processes``).
 
+    :func:`train` calls it after the first check of ``run_dir``; every other check comes before
+    anything is written. What differs between one process and several (the device, sharding,
+    agreeing on faults and Ctrl-C, which random streams, rank 0 writing) is ``processes``:
+    :class:`OneProcess`, or :class:`ppl_vae.distributed.Context`.
+    """
+    from .distributed import derive_seed, evaluate_per_datapoint
+
+    processes = processes or OneProcess()
+    given = program_arg if isinstance(program_arg, torch.nn.Module) else None
+
+    def prepare() -> tuple[TrainConfig, VAEConfig, ProgramSpec | None, dict | None]:
+        """On rank 0: the configurations, the program, and (resuming) the checkpoint, checked before use."""
+        train_config, vae_config = config, model_config
+        if resume:
+            lock.acquire()  # before the checkpoint is read: a fallback repairs it
+            runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
+            train_config, vae_config = _saved_configs(run_dir, train_config)
+        spec, _ = resolve_program(run_dir, resume, program_arg, vae_config)
+        # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
+        train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
+        processes.check_config(train_config)
+        # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
+        # one); load_state_dict moves weights and optimizer state.
+        checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
+        if checkpoint is not None:
+            processes.check_checkpoint(checkpoint, train_config, run_dir)
+            check_resume_epochs(checkpoint, train_config, run_dir)
+        return train_config, vae_config, spec, checkpoint
+
+    config, model_config, spec, checkpoint = processes.on_main(prepare)
+    description = model_config.describe() if spec is None else spec.describe()
+    device, main = processes.select_device(config), processes.is_main
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     pyro.enable_validation(config.pyro_validation)
@@ -437,71 +496,97 @@ def _train(
         # Checked, not assumed: the run records the engine that ran, and says why.
         warnings.warn(f"--engine jit: {problem}; training with --engine svi instead", PplVaeWarning, stacklevel=3)
         config = dataclasses.replace(config, engine="svi")
-    engine = ENGINE_CLASSES[config.engine](trained, config, structure.max_plate_nesting)
+    engine = processes.make_engine(trained, config, structure.max_plate_nesting)
     start_epoch, elapsed = 0, 0.0
     saved_config = {"model": model_config.to_dict() if spec is None else None, "train": asdict(config)}
+
+    def save(epoch: int) -> str:
+        state = {"epoch": epoch, "model": vae.state_dict(), **engine.state_dict(), **processes.checkpoint_extra(device),
+                 "config": saved_config, "train_seconds": elapsed}
+        return runs.save_checkpoint(run_dir, state)
+
     if checkpoint is not None:
-        # Resuming rewrites it too: with a raised --epochs, the run's record then says how far it was trained.
-        runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
-        runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
         vae.load_state_dict(checkpoint["model"])
         engine.load_state_dict(checkpoint)
-        _set_rng_state(checkpoint["rng"], device)
+        processes.restore(checkpoint, device)
         start_epoch, elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
         checkpoint_id = checkpoint.get("id")
-        runs.truncate_metrics(run_dir, start_epoch)
-    else:
-        # Every check has passed (options, device, data): only now is the run directory made, and an old run
-        # replaced with overwrite.
-        created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
-        try:
+        if main:
+            # Rewritten on resume: with a raised --epochs, the run's record then says how far it was trained.
             runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
             runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
-            if spec is not None:
-                spec = record_spec(run_dir, spec)
-            # Epoch 0: the initial state, so a run stopped during its first epoch resumes too.
-            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(0, vae, engine, config, saved_config, elapsed))
-        except BaseException:
-            lock.release()
-            runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
-            raise
+            runs.truncate_metrics(run_dir, start_epoch)
+    else:
+        def start() -> str:
+            """On rank 0, every check passed (options, device, data, program): make the run directory, replacing
+            an old run with overwrite; write the records and the checkpoint of epoch 0 (so a run stopped during its
+            first epoch resumes too)."""
+            created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
+            try:
+                runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
+                runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
+                if spec is not None:
+                    record_spec(run_dir, spec)
+                return save(0)
+            except BaseException:
+                lock.release()
+                runs.discard_unstarted_run(run_dir, created)  # a run that never started blocks no later one
+                raise
+
+        checkpoint_id = processes.on_main(start)
 
     with _StopRequest() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
             started = time.perf_counter()
             trained.kl_weight = kl_weight(config, epoch)
-            train_elbo, steps = _train_one_epoch(engine, data, config, epoch, progress, stop, kept)
+            batches = processes.epoch_batches(data, config, epoch)
+            engine.begin_epoch(stop)
+            train_elbo, steps = run_epoch(
+                batches, engine.step, engine.stop_requested, math.ceil(data.train.shape[0] / config.batch_size),
+                epoch, config.epochs, progress and main, kept,
+            )
             lr = engine.learning_rate()
             engine.end_epoch()  # the learning-rate schedule steps once per epoch
             epoch_seconds = time.perf_counter() - started
             elapsed += epoch_seconds
-            val = elbo_decomposition(vae.model, vae.guide, data.val, *conditioning(data, "val", config),
-                                     num_samples=config.val_samples)
-            record = epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=trained.kl_weight, epoch_seconds=epoch_seconds,
-                                  steps=steps, train_seconds=elapsed, device=device)
+            val = evaluate_per_datapoint(
+                vae.model, vae.guide, data.val, *conditioning(data, "val", config), elbo_samples=config.val_samples,
+                seed=derive_seed(config.seed, "validation", epoch),
+            ).decomposition
+            record = epoch_record(epoch, train_elbo, val, kept, lr=lr, kl_weight=trained.kl_weight,
+                                  epoch_seconds=epoch_seconds, steps=steps, train_seconds=elapsed,
+                                  device=processes.describe(device))
+            record["world_size"] = processes.world_size
             if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
-                record.update(_validation_evidence(vae, data, config))
-            runs.append_metrics(run_dir, record)
-            checkpoint_id = runs.save_checkpoint(run_dir, _checkpoint_state(epoch, vae, engine, config, saved_config, elapsed))
-            if progress:
-                print_epoch(record, config)
-        if stop.requested:
+                record.update(_validation_evidence(vae, data, config, epoch))
+            if main:
+                runs.append_metrics(run_dir, record)
+                checkpoint_id = save(epoch)
+                if progress:
+                    print_epoch(record, config)
+        if processes.agree_to_stop(stop.requested):
             raise TrainingInterrupted(
                 f"interrupted by Ctrl-C after the last epoch ({config.epochs}), which is saved in {run_dir}; "
                 "the test evaluation was skipped: --resume runs it"
             )
 
+    cond = conditioning(data, "test", config)
+    per_datapoint = evaluate_per_datapoint(
+        vae.model, vae.guide, data.test, *cond, num_samples=config.test_samples, elbo_samples=10,
+        seed=derive_seed(config.seed, "test"), progress=progress and main,
+    )
     result = evaluation_summary(
-        vae.model, vae.guide, data.test, *conditioning(data, "test", config), num_samples=config.test_samples,
-        elbo_samples=10, progress=progress, levels=levels_of(vae, config.binarize),
+        vae.model, vae.guide, data.test, *cond, num_samples=config.test_samples, levels=levels_of(vae, config.binarize),
+        evidence=per_datapoint.evidence, decomposition=per_datapoint.decomposition,
     )
     result.update({
         "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": checkpoint_id,
-        "train_seconds": elapsed, "device": str(device), "model": description,
-        "objective": describe_objective(config),
+        "train_seconds": elapsed, "device": processes.describe(device), "world_size": processes.world_size,
+        "model": description, "objective": describe_objective(config),
     })
-    runs.write_json(run_dir / runs.TEST_FILE, result)
+    if main:
+        runs.write_json(run_dir / runs.TEST_FILE, result)
     return result
 
 
@@ -681,11 +766,17 @@ def _as_tuple(batch: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
     return batch if isinstance(batch, tuple) else (batch,)
 
 
-def _validation_evidence(vae: torch.nn.Module, data: MNISTData, config: TrainConfig) -> dict[str, float]:
-    """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve."""
+def _validation_evidence(vae: torch.nn.Module, data: MNISTData, config: TrainConfig, epoch: int) -> dict[str, float]:
+    """log p̂(x) with K = evidence_samples on the first evidence_examples validation images: the learning curve.
+
+    Seeded from (seed, "evidence", epoch) and shared between the processes (:func:`ppl_vae.distributed.evaluate_per_datapoint`).
+    """
+    from .distributed import derive_seed, evaluate_per_datapoint
+
     n = config.evidence_examples
     cond = tuple(c[:n] for c in conditioning(data, "val", config))
-    estimate = evidence_estimate(vae.model, vae.guide, data.val[:n], *cond, num_samples=config.evidence_samples)
+    estimate = evaluate_per_datapoint(vae.model, vae.guide, data.val[:n], *cond, num_samples=config.evidence_samples,
+                                      seed=derive_seed(config.seed, "evidence", epoch)).evidence
     return learning_curve_point(estimate.log_evidence, config)
 
 
@@ -699,18 +790,6 @@ def learning_curve_point(log_evidence: torch.Tensor, config: TrainConfig) -> dic
 def _resume_overrides(config: TrainConfig | None) -> dict:
     """On resume, only the number of epochs may be raised from the command line; the rest is the run's own."""
     return {"epochs": config.epochs} if config is not None else {}
-
-
-def _train_one_epoch(
-    engine: "SviEngine | CompiledEngine", data: MNISTData, config: TrainConfig, epoch: int, progress: bool,
-    stop: _StopRequest, kept: str,
-) -> tuple[float, int]:
-    """One pass over the training set with the engine's checked step; see :func:`run_epoch`."""
-    return run_epoch(
-        data.train_batches(config.batch_size, labels=config.labels), engine.step,
-        lambda: stop.requested, math.ceil(data.train.shape[0] / config.batch_size), epoch, config.epochs,
-        progress, kept,
-    )
 
 
 def run_epoch(
@@ -873,7 +952,24 @@ def _first_names(names: list[str], limit: int) -> list[str]:
     return names[:limit] + ([f"{len(names) - limit} more"] if len(names) > limit else [])
 
 
-class SviEngine:
+class Engine:
+    """How a training step is computed and applied; every engine reads the same Pyro programs.
+
+    ``step(batch)`` returns the loss (nats summed over the minibatch) after a checked update;
+    ``stop_requested()`` says, before a step, whether to stop (Ctrl-C) -- on several processes,
+    what all of them agreed on.
+    """
+
+    optimizer_format = OPTIMIZER_FORMAT_TORCH
+
+    def begin_epoch(self, stop: "_StopRequest") -> None:
+        self.stop = stop
+
+    def stop_requested(self) -> bool:
+        return self.stop.requested
+
+
+class SviEngine(Engine):
     """Training steps with ``SVI(model, guide, Pyro's Adam, objective)``: the reference path (``--engine svi``).
 
     Pyro's optimizer keeps one torch Adam per parameter, with the learning-rate schedule
@@ -912,7 +1008,7 @@ class SviEngine:
         self.optimizer.set_state(checkpoint["optimizer"])
 
 
-class CompiledEngine:
+class CompiledEngine(Engine):
     """Training steps on the compiled loss (``--engine jit``): the fast path.
 
     The loss is :class:`ppl_vae.objectives.CompiledVAELoss`, the VAE programs' ELBO
