@@ -335,10 +335,6 @@ def _run_train(args: argparse.Namespace) -> int:
         network=args.network,
         conv_channels=tuple(args.conv_channels),
     )
-    if ((spec is not None and spec.name != "vae") or args.labels) and (
-            distributed.should_launch(args.devices, args.num_nodes) or distributed.launched_by_torchrun()):
-        raise PplVaeError("--program and --labels train on one process for now: several processes (--devices, "
-                          "torchrun) train the built-in VAE only. Leave out --devices")
     if distributed.should_launch(args.devices, args.num_nodes):
         # Checked before any process starts, so that a usage error reads as one line, not as torchrun's failure
         # report (the run directory only where this machine holds it: one machine).
@@ -358,12 +354,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if main:
         print(f"run directory: {run_dir}", flush=True)
     try:
-        if context is not None:
-            result = distributed.train_distributed(run_dir, config, model_config, resume=args.resume,
-                                                   overwrite=args.overwrite, progress=not args.no_progress)
-        else:
-            result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
-                           progress=not args.no_progress, program=spec)
+        result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, program=spec, processes=context)
     finally:
         distributed.shutdown()
     if main:

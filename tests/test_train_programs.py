@@ -222,8 +222,16 @@ def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a
     assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
 
 
-def test_programs_and_labels_on_several_processes_are_refused_up_front(tmp_path, data_root):
-    for extra in (["--program", "two-layer"], ["--labels"]):
-        result = run_cli("train", "--run-dir", tmp_path / "run", *SMALL, "--devices", "2", *extra, data_root=data_root)
-        assert result.returncode == 2 and "train on one process for now" in result.stderr
-        assert not (tmp_path / "run").exists()
+def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, data_root):
+    """The one training loop: a conditional program, its labels sharded with the images, under DDP (gloo, 2 processes)."""
+    args = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 3, "hidden_sizes": [16]}',
+            "--run-dir", tmp_path / "run", *SMALL, "--devices", "2"]
+    trained = run_cli("train", *args, data_root=data_root)
+    assert trained.returncode == 0, trained.stderr
+    assert "cpu, 2 processes (gloo)" in trained.stdout
+    resumed = run_cli("train", "--resume", "--run-dir", tmp_path / "run", "--epochs", "2", "--devices", "2",
+                      "--no-progress", data_root=data_root)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = runs.read_metrics(tmp_path / "run")
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
+    assert runs.load_checkpoint(tmp_path / "run")["world_size"] == 2
