@@ -1,9 +1,19 @@
-"""Training: stochastic variational inference on the VAE's Pyro programs.
+"""Training: stochastic variational inference on any program's Pyro model and guide.
+
+A program is an ``nn.Module`` with ``model(x, *cond)`` and ``guide(x, *cond)``
+(:mod:`ppl_vae.programs`): the built-in VAE, the other built-in programs, or a user's own.
+:func:`train` runs one loop (:func:`_train`) for all of them, with either engine, on one
+process or on several: what differs between one process and a process group (the device,
+sharding the minibatch, agreeing on faults and Ctrl-C, the random streams, rank 0 writing)
+is :class:`OneProcess` or :class:`ppl_vae.distributed.Context`. The KL weight (``beta``
+and its warm-up) scales every latent site of the program (:class:`ppl_vae.programs.Weighted`).
 
 Each step maximizes the ELBO of a minibatch through ``SVI(model, guide, optim,
 Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or, with
 ``engine="jit"``, through the same ELBO compiled by Pyro's ``JitTrace_ELBO`` and one
-torch Adam (:class:`CompiledEngine`, faster per step; both read the same programs); the loss
+torch Adam (:class:`CompiledEngine`, faster per step; checked against ``Trace_ELBO`` on the
+first batch, with a fallback to SVI and a note where it differs); on several processes, the
+loss module in DistributedDataParallel (:class:`ppl_vae.distributed.DdpEngine`). The loss
 Pyro reports is the negative objective summed over the minibatch, so the running
 value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
 the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``
