@@ -79,7 +79,7 @@ from .evaluate import (
     evidence_estimate,
 )
 from .model import VAEConfig
-from .objectives import make_loss_module, make_objective
+from .objectives import make_objective
 
 # Datapoints per evaluation block: the unit of seeding and of work sharing (see evaluate_per_datapoint).
 EVALUATION_BLOCK_SIZE = 100
@@ -431,8 +431,9 @@ def train_distributed(
                           processes=context)
 
 
-class DdpEngine(training.Engine):
-    """Training steps on several processes: the loss module in DistributedDataParallel, one torch Adam.
+class DdpEngine(training.ModuleEngine):
+    """Training steps on several processes: the loss module (compiled with ``--engine jit``) in
+    DistributedDataParallel, one torch Adam.
 
     Every process draws the same global minibatch and back-propagates its contiguous share
     (:func:`shard_rows`, :func:`checked_ddp_step`); the all-reduce of each step also carries the
@@ -440,12 +441,10 @@ class DdpEngine(training.Engine):
     """
 
     def __init__(self, program: torch.nn.Module, config, max_plate_nesting: int, context: "Context"):
-        self.config, self.context = config, context
-        loss = make_loss_module(program, config.objective, config.particles, compiled=config.engine == "jit",
-                                max_plate_nesting=max_plate_nesting)
-        self.optimizer, self.scheduler = training.make_torch_optimizer(program.parameters(), config)
+        super().__init__(program, config, max_plate_nesting, compiled=config.engine == "jit")
+        self.context = context
         device = context.device
-        self.ddp = DistributedDataParallel(loss, device_ids=[device.index] if device.type == "cuda" else None)
+        self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
         self.stopping = False
 
     def begin_epoch(self, stop) -> None:
@@ -464,20 +463,6 @@ class DdpEngine(training.Engine):
         loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
                                                self.stop.requested, weight)
         return loss
-
-    def learning_rate(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def end_epoch(self) -> None:
-        self.scheduler.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "optimizer_format": self.optimizer_format}
-
-    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
 
 
 # --- Evaluation ---------------------------------------------------------------------------------

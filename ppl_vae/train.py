@@ -1018,21 +1018,15 @@ class SviEngine(Engine):
         self.optimizer.set_state(checkpoint["optimizer"])
 
 
-class CompiledEngine(Engine):
-    """Training steps on the compiled loss (``--engine jit``): the fast path.
+class ModuleEngine(Engine):
+    """Training steps on the loss as a torch module (:func:`ppl_vae.objectives.make_loss_module`) with one
+    ``torch.optim.Adam`` over all parameters and the schedule of :func:`make_torch_optimizer` (Adam works
+    elementwise: the same updates as Pyro's per-parameter Adam). Checkpoints hold the torch optimizer and
+    scheduler (format "torch")."""
 
-    The loss is :class:`ppl_vae.objectives.CompiledVAELoss`, the VAE programs' ELBO
-    compiled by Pyro's ``JitTrace_ELBO``; one ``torch.optim.Adam`` over all parameters with
-    the schedule of :func:`make_torch_optimizer` (Adam works elementwise: the same updates
-    as Pyro's per-parameter Adam). Checkpoints hold the torch optimizer and scheduler
-    (format "torch"). ``ppl-vae bench`` measures the gain (variant ``module-jit``).
-    """
-
-    optimizer_format = OPTIMIZER_FORMAT_TORCH
-
-    def __init__(self, vae: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
+    def __init__(self, vae: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1, compiled: bool = True):
         self.config = config
-        self.loss = make_loss_module(vae, config.objective, config.particles, compiled=True,
+        self.loss = make_loss_module(vae, config.objective, config.particles, compiled=compiled,
                                      max_plate_nesting=max_plate_nesting)
         self.optimizer, self.scheduler = make_torch_optimizer(vae.parameters(), config)
 
@@ -1052,6 +1046,20 @@ class CompiledEngine(Engine):
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+
+
+class CompiledEngine(ModuleEngine):
+    """Training steps on the compiled loss (``--engine jit``): the fast path.
+
+    The loss is :class:`ppl_vae.objectives.CompiledVAELoss`, the VAE programs' ELBO
+    compiled by Pyro's ``JitTrace_ELBO``; one ``torch.optim.Adam`` over all parameters with
+    the schedule of :func:`make_torch_optimizer` (Adam works elementwise: the same updates
+    as Pyro's per-parameter Adam). Checkpoints hold the torch optimizer and scheduler
+    (format "torch"). ``ppl-vae bench`` measures the gain (variant ``module-jit``).
+    """
+
+    def __init__(self, vae: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
+        super().__init__(vae, config, max_plate_nesting, compiled=True)
 
 
 ENGINE_CLASSES = {"svi": SviEngine, "jit": CompiledEngine}
