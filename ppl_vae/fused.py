@@ -102,19 +102,40 @@ def fused_log_prob(fn, value: torch.Tensor) -> torch.Tensor | None:
     return bernoulli_log_prob(base.logits, value, event_dims)
 
 
+# Elements per block of the fused computation: its scratch tensor (1 MiB in float32) stays in the CPU's
+# cache across the passes, instead of each pass streaming a chunk's whole [k, n, D] tensor through memory.
+BLOCK_ELEMENTS = 2**18
+
+
 def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor, event_dims: int = 0) -> torch.Tensor:
     """log Bernoulli(value; sigmoid(logits)) for values in {0, 1}, summed over the rightmost ``event_dims`` dims.
 
     The values where this is called have passed the support check; elsewhere (masked-out
-    entries, dropped afterwards) the result is not a log-density.
+    entries, dropped afterwards) the result is not a log-density. Computed in blocks along the
+    leading dim of the broadcast shape, with one scratch tensor reused across blocks.
     """
     shape = torch.broadcast_shapes(logits.shape, value.shape)
-    out = torch.empty(shape, dtype=logits.dtype, device=logits.device)
-    torch.abs(logits.expand(shape), out=out)
+    batch_dims = len(shape) - event_dims
+    logits = logits.expand(shape)
+    sign = 2 * value.reshape((1,) * (len(shape) - value.dim()) + tuple(value.shape)) - 1
+    dims = tuple(range(batch_dims, len(shape)))
+    if not shape or batch_dims == 0:  # no leading batch dim to block along
+        return _bernoulli_block(logits, sign, dims, torch.empty(shape, dtype=logits.dtype, device=logits.device))
+    rows = max(1, BLOCK_ELEMENTS // max(1, shape[1:].numel()))
+    scratch = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=logits.dtype, device=logits.device)
+    result = torch.empty(shape[:batch_dims], dtype=logits.dtype, device=logits.device)
+    for start in range(0, shape[0], rows):
+        block = slice(start, min(start + rows, shape[0]))
+        block_sign = sign if sign.shape[0] == 1 else sign[block]
+        result[block] = _bernoulli_block(logits[block], block_sign, dims, scratch[: block.stop - block.start])
+    return result
+
+
+def _bernoulli_block(logits: torch.Tensor, sign: torch.Tensor, dims: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+    """sum over ``dims`` of min(sign * l, 0) + log sigmoid(|l|), with ``out`` (of the block's shape) as scratch."""
+    torch.abs(logits, out=out)
     out.sigmoid_().log_()  # log sigmoid(|l|) = -log(1 + exp(-|l|)), in [-log 2, 0]
-    dims = tuple(range(len(shape) - event_dims, len(shape)))
     log_sigmoid_abs = out.sum(dims) if dims else out.clone()
-    torch.mul(logits, 2 * value - 1, out=out)
+    torch.mul(logits, sign, out=out)
     out.clamp_(max=0)  # min((2x - 1) l, 0)
-    result = out.sum(dims) if dims else out
-    return result.add_(log_sigmoid_abs)
+    return log_sigmoid_abs.add_(out.sum(dims) if dims else out)

@@ -19,8 +19,10 @@ def _logits(*shape, dtype=torch.float64, seed=0):
     return logits
 
 
+@pytest.mark.parametrize("block", [fused.BLOCK_ELEMENTS, 100])  # one block, or 2 leading rows per block
 @pytest.mark.parametrize("event_dims", [0, 1, 2])
-def test_fused_bernoulli_equals_torch_in_float64(event_dims):
+def test_fused_bernoulli_equals_torch_in_float64(event_dims, block, monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", block)
     logits = _logits(7, 5, 3, 16)
     x = torch.bernoulli(torch.full((5, 3, 16), 0.4, dtype=torch.float64))  # broadcast over the particle dim
     fn = dist.Bernoulli(logits=logits)
