@@ -33,6 +33,10 @@ chunks of particles and of data, so memory stays bounded whatever K is. A chunk
 that runs out of (GPU) memory is retried with half the particles, then half the
 datapoints, with a warning (:func:`iter_chunk_terms`).
 
+Observed Bernoulli sites are scored by :mod:`ppl_vae.fused` where its conditions hold (checked
+on every chunk; the same log-density to float tolerance, about twice as fast on the CPU), and
+by their own ``log_prob`` elsewhere; ``ProgramStructure.log_density`` says which, and why.
+
 Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
 ignored here on purpose: these functions report the unscaled model, which is
 what log p(x) means. Masks (``poutine.mask``) are respected.
