@@ -13,7 +13,9 @@
   :class:`~ppl_vae.objectives.CompiledVAELoss` with one torch Adam: ``ppl-vae train --engine jit``);
 * an epoch over the 50,000 MNIST training images (when the data are available);
 * evidence estimation (log-weights per second and peak memory) against a plain-PyTorch
-  reference doing the same computation;
+  reference doing the same computation, against the same estimate with the fused log-densities
+  off (:mod:`ppl_vae.fused`), and against the decoder's matrix-product floor (bare matrix
+  products with the decoder's shapes and FLOPs over the same chunks, timed in the same run);
 * achieved FLOP/s from an analytic count of the MLPs' multiply-adds, against the
   device's peak where it is known.
 
@@ -261,40 +263,107 @@ def time_reference_evidence(vae: VAE, x: torch.Tensor, num_samples: int, particl
     return total - math.log(num_samples)
 
 
+def decoder_matmul_floor(vae: VAE, x: torch.Tensor, num_samples: int, chunk: int, particles: int) -> Callable[[], None]:
+    """Bare matrix products with the decoder's shapes and FLOPs over the same chunks as the evaluation (the floor).
+
+    For every (data chunk, particle chunk) of an evidence estimate, one ``torch.mm`` per Linear layer of
+    the decoder, [k n, in] x [in, out], into preallocated outputs: no bias, activation, allocation or
+    density, so no evaluation of these networks at these shapes can take less time on this device.
+    """
+    layers = [m for m in vae.decoder.modules() if isinstance(m, nn.Linear)]
+    num_examples = x.shape[0]
+    plan = [(min(chunk, num_examples - s), min(particles, num_samples - d))
+            for s in range(0, num_examples, chunk) for d in range(0, num_samples, particles)]
+    shapes = sorted({n * k for n, k in plan})
+    weights = [layer.weight.detach().t() for layer in layers]
+    g = torch.Generator(device=x.device).manual_seed(0)
+    buffers = {rows: [(torch.randn(rows, layer.in_features, generator=g, device=x.device),
+                       torch.empty(rows, layer.out_features, device=x.device)) for layer in layers] for rows in shapes}
+
+    def run() -> None:
+        for n, k in plan:
+            for w, (a, out) in zip(weights, buffers[n * k]):
+                torch.mm(a, w, out=out)
+
+    return run
+
+
+EVIDENCE_VARIANTS = ("pytorch", "ppl_vae", "ppl_vae-unfused", "matmul-floor")
+
+
 def time_evidence(device: torch.device, num_examples: int, num_samples: int, repeats: int = 3) -> dict[str, Any]:
-    """Log-weights per second (and peak CUDA memory) of evidence_estimate against the plain reference."""
+    """Log-weights per second (and peak CUDA memory) of evidence_estimate against the plain reference.
+
+    Variants, interleaved within each repeat, medians reported: ``pytorch`` (the plain reference),
+    ``ppl_vae`` (:func:`~ppl_vae.evaluate.evidence_estimate` on the VAE's Pyro programs, as every
+    evaluation runs), ``ppl_vae-unfused`` (the same with :func:`ppl_vae.fused.fusion` off: each site's
+    own ``log_prob``) and ``matmul-floor`` (:func:`decoder_matmul_floor`). All use the same chunks.
+    Nothing is compiled, so no compile time is excluded.
+    """
+    from . import fused
+    from .evaluate import plan_evaluation
+
     vae = _fresh_vae(device)
     x = torch.bernoulli(torch.full((num_examples, 784), 0.3, device=device))
     chunk = min(num_examples, 500)
-    # The package's chunk budget for both (on a GPU it grows with the free memory).
+    # The package's chunk budget for all (on a GPU it grows with the free memory).
     particles = max(1, min(num_samples, chunk_element_budget(device) // (chunk * 784)))
-    runs: dict[str, list[float]] = {"pytorch": [], "ppl_vae": []}
+    floor = decoder_matmul_floor(vae, x, num_samples, chunk, particles)
+
+    def estimate(fusion: bool) -> Callable[[], None]:
+        def run() -> None:
+            with fused.fusion(fusion):
+                evidence_estimate(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk,
+                                  particles_per_chunk=particles)
+        return run
+
+    def reference() -> None:
+        for s in range(0, num_examples, chunk):
+            time_reference_evidence(vae, x[s : s + chunk], num_samples, particles)
+
+    variants = {"pytorch": reference, "ppl_vae": estimate(True), "ppl_vae-unfused": estimate(False), "matmul-floor": floor}
+    runs: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, int | None] = {}
     with pyro.validation_enabled(False):
+        log_density = plan_evaluation(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk,
+                                      particles_per_chunk=particles).structure.log_density
+        # Warm-up on two images (the first estimate in a process pays about a second of one-time set-up).
+        for fusion in (True, False):
+            with fused.fusion(fusion):
+                evidence_estimate(vae.model, vae.guide, x[:2], num_samples=2)
+        time_reference_evidence(vae, x[:2], 2, 2)
         for _ in range(repeats):
-            for name in runs:
+            for name, run in variants.items():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 _sync(device)
                 started = time.perf_counter()
-                if name == "pytorch":
-                    for s in range(0, num_examples, chunk):
-                        time_reference_evidence(vae, x[s : s + chunk], num_samples, particles)
-                else:
-                    evidence_estimate(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk, particles_per_chunk=particles)
+                run()
                 _sync(device)
                 runs[name].append(time.perf_counter() - started)
                 peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     weights = num_examples * num_samples
     medians = {name: statistics.median(values) for name, values in runs.items()}
+    decoder_macs = mlp_multiply_adds(vae)[1]
     return {
         "num_examples": num_examples,
         "num_samples": num_samples,
         "chunk_size": chunk,
         "particles_per_chunk": particles,
+        "repeats": repeats,
+        "log_density": log_density,
         "seconds": medians,
+        "all_seconds": runs,
+        "spread": {name: (max(v) - min(v)) / statistics.median(v) for name, v in runs.items()},
         "log_weights_per_second": {name: weights / seconds for name, seconds in medians.items()},
+        # Throughput of ppl_vae over the reference's (>1: faster than plain PyTorch), per repeat's median.
         "throughput_ratio": medians["pytorch"] / medians["ppl_vae"],
+        "throughput_ratio_unfused": medians["pytorch"] / medians["ppl_vae-unfused"],
+        # Time over the decoder's bare matrix products (>=1; 1 would be nothing but the decoder's matmuls).
+        "ratio_to_matmul_floor": medians["ppl_vae"] / medians["matmul-floor"],
+        "pytorch_ratio_to_matmul_floor": medians["pytorch"] / medians["matmul-floor"],
+        "matmul_floor_flops": 2 * decoder_macs * weights / medians["matmul-floor"],
+        "compile_seconds": 0.0,
         "peak_cuda_memory_bytes": peaks,
     }
 
@@ -333,9 +402,12 @@ def run_benchmark(
     evidence_samples: int = 1000,
     epoch: bool = True,
     data_dir: str | None = None,
+    evidence_only: bool = False,
 ) -> dict[str, Any]:
-    """All measurements as one JSON-ready dict (seconds, steps/s, ratios to the plain-PyTorch reference)."""
-    timings = time_steps(batch_sizes, device, repeats, steps)
+    """All measurements as one JSON-ready dict (seconds, steps/s, ratios to the plain-PyTorch reference).
+
+    ``evidence_only`` skips the SVI steps and the epoch: only evidence estimation is timed."""
+    timings = [] if evidence_only else time_steps(batch_sizes, device, repeats, steps)
     encoder_macs, decoder_macs = mlp_multiply_adds(_fresh_vae(device))
     # Forward + backward of encoder and decoder: about 3 passes of 2 FLOPs per multiply-add.
     flops_per_example = 3 * 2 * (encoder_macs + decoder_macs)
@@ -357,8 +429,10 @@ def run_benchmark(
         "repeats": repeats,
         "steps_per_repeat": steps,
         "svi_step": steps_table,
-        "evidence": time_evidence(device, evidence_examples, evidence_samples, repeats=max(1, min(3, repeats))),
-        "epoch": time_epoch(device, data_dir) if epoch else None,
+        # Evidence repeats are whole estimates (seconds each): at most 3 unless only they are measured.
+        "evidence": time_evidence(device, evidence_examples, evidence_samples,
+                                  repeats=repeats if evidence_only else max(1, min(3, repeats))),
+        "epoch": time_epoch(device, data_dir) if epoch and not evidence_only else None,
         "peak_fp32_flops": peak,
     }
     return result
@@ -367,7 +441,8 @@ def run_benchmark(
 def format_benchmark(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}, pyro {result['pyro']}; "
              f"medians of {result['repeats']} interleaved repeats of {result['steps_per_repeat']} steps"]
-    lines.append(f"{'variant':<19}{'batch':>7}{'steps/s':>10}{'ms/step':>10}{'x pytorch':>11}{'spread':>8}{'GFLOP/s':>9}")
+    if result["svi_step"]:
+        lines.append(f"{'variant':<19}{'batch':>7}{'steps/s':>10}{'ms/step':>10}{'x pytorch':>11}{'spread':>8}{'GFLOP/s':>9}")
     for row in result["svi_step"]:
         lines.append(
             f"{row['variant']:<19}{row['batch_size']:>7}{row['steps_per_second']:>10.1f}{row['ms_per_step']:>10.2f}"
@@ -377,7 +452,11 @@ def format_benchmark(result: dict[str, Any]) -> str:
     lines.append(
         f"evidence, K={ev['num_samples']} over {ev['num_examples']} images: ppl_vae "
         f"{ev['log_weights_per_second']['ppl_vae']:.3g} log-weights/s, plain PyTorch "
-        f"{ev['log_weights_per_second']['pytorch']:.3g} (ppl_vae at {ev['throughput_ratio']:.2f} of the reference)"
+        f"{ev['log_weights_per_second']['pytorch']:.3g} (ppl_vae at {ev['throughput_ratio']:.2f}x the reference's "
+        f"throughput, {ev['throughput_ratio_unfused']:.2f}x unfused); time over the decoder's matmul floor: "
+        f"ppl_vae x{ev['ratio_to_matmul_floor']:.2f}, plain PyTorch x{ev['pytorch_ratio_to_matmul_floor']:.2f} "
+        f"(floor {ev['seconds']['matmul-floor']:.2f} s, {ev['matmul_floor_flops'] / 1e9:.0f} GFLOP/s); "
+        f"log-density: {', '.join(f'{k}: {v}' for k, v in ev['log_density'].items())}"
     )
     if result["epoch"]:
         ep = result["epoch"]

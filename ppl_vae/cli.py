@@ -247,6 +247,9 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--evidence-examples", type=_positive_int, default=500, help="test-sized images for the evidence benchmark")
     p.add_argument("--evidence-samples", type=_positive_int, default=1000, help="K for the evidence benchmark")
     p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
+    p.add_argument("--evidence-only", action="store_true",
+                   help="time only evidence estimation (against the plain reference and the decoder's matmul floor), "
+                   "with --repeats interleaved repeats")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw, for the epoch timing")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
     p.set_defaults(handler=_run_bench)
@@ -626,7 +629,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     result = run_benchmark(
         resolve_device(args.device), args.batch_sizes, args.repeats, args.steps, args.evidence_examples,
-        args.evidence_samples, epoch=not args.no_epoch, data_dir=args.data_dir,
+        args.evidence_samples, epoch=not args.no_epoch, data_dir=args.data_dir, evidence_only=args.evidence_only,
     )
     runs.write_json(args.out, result)
     print(format_benchmark(result))

@@ -10,8 +10,9 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from ppl_vae.bench import STEP_VARIANTS, time_reference_evidence
+from ppl_vae.bench import EVIDENCE_VARIANTS, STEP_VARIANTS, decoder_matmul_floor, time_reference_evidence
 from ppl_vae.evaluate import elbo_decomposition, evidence_estimate
+from ppl_vae.fused import FUSED_BERNOULLI
 from ppl_vae.model import VAE, VAEConfig
 
 
@@ -108,8 +109,33 @@ def test_bench_command_at_tiny_sizes(tmp_path):
     data = json.loads(out.read_text())
     assert {row["variant"] for row in data["svi_step"]} == set(STEP_VARIANTS)
     assert all(row["steps_per_second"] > 0 for row in data["svi_step"])
-    assert data["evidence"]["log_weights_per_second"]["ppl_vae"] > 0
-    assert "x pytorch" in result.stdout
+    evidence = data["evidence"]
+    assert set(evidence["log_weights_per_second"]) == set(EVIDENCE_VARIANTS)
+    assert all(value > 0 for value in evidence["log_weights_per_second"].values())
+    assert evidence["ratio_to_matmul_floor"] > 0 and evidence["throughput_ratio_unfused"] > 0
+    assert evidence["log_density"] == {"x": FUSED_BERNOULLI}
+    assert "x pytorch" in result.stdout and "matmul floor" in result.stdout
+
+
+def test_decoder_matmul_floor_has_the_decoders_shapes_and_flops():
+    vae = VAE(VAEConfig(data_dim=784, latent_dim=5, hidden_sizes=(16,)))
+    x = torch.zeros(7, 784)
+    calls = []
+    original = torch.mm
+
+    def mm(a, b, out=None):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return original(a, b, out=out)
+
+    floor = decoder_matmul_floor(vae, x, num_samples=10, chunk=4, particles=3)
+    torch.mm = mm
+    try:
+        floor()
+    finally:
+        torch.mm = original
+    # Data chunks of 4 and 3 images, particle chunks 3, 3, 3, 1: two layers (5-16, 16-784) each time.
+    rows = [n * k for n in (4, 3) for k in (3, 3, 3, 1)]
+    assert calls == [shape for r in rows for shape in (((r, 5), (5, 16)), ((r, 16), (16, 784)))]
 
 
 def test_peak_flops_tells_the_pcie_h100_from_the_sxm_one():
