@@ -298,8 +298,13 @@ def test_reproduction_config_trains_one_step(config_path, tmp_path, data_root, m
     for key in ("objective", "particles", "batch_size", "lr_milestones", "lr_gamma", "binarize"):
         assert recorded["train"][key] == config[key], key
     assert recorded["train"]["learning_rate"] == config["lr"]
-    for key in ("hidden_sizes", "activation", "latent_dim"):
-        assert recorded["model"][key] == config[key], key
+    if "program" in config:  # the two-layer rows: the program and its options, recorded to rebuild it
+        program = json.loads((run_dir / "program.json").read_text())
+        assert program["name"] == config["program"] == "two-layer" and program["kwargs"] == config["program_kwargs"]
+        assert recorded["model"] is None
+    else:
+        for key in ("hidden_sizes", "activation", "latent_dim"):
+            assert recorded["model"][key] == config[key], key
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1] and math.isfinite(metrics[0]["train_elbo"])
     assert metrics[0]["train_elbo"] < 0  # nats per image of a Bernoulli model: a log-probability of 784 pixels
