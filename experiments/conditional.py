@@ -48,10 +48,23 @@ programs = {
 }
 settings = {"epochs": config["epochs"], "batch_size": config["batch_size"], "seed": config["seed"],
             "train_examples": config["train_examples"]}
+
+
+def same_run(run_dir: Path, name: str) -> bool:
+    """A finished run in ``run_dir`` trained with this config's settings and networks."""
+    if not all((run_dir / f).is_file() for f in ("test.json", runs.CONFIG_FILE)):
+        return False
+    saved = runs.read_json(run_dir / runs.CONFIG_FILE)
+    if any(saved["train"].get(k) != v for k, v in settings.items()):
+        return False
+    if name == "conditional":
+        return (run_dir / "program.json").is_file() and runs.read_json(run_dir / "program.json")["kwargs"] == kwargs
+    return {k: saved["model"].get(k) for k in kwargs} == kwargs
+
+
 for name, options in programs.items():
     run_dir = runs_dir / name
-    saved = runs.read_json(run_dir / runs.CONFIG_FILE)["train"] if (run_dir / runs.CONFIG_FILE).is_file() else {}
-    if (run_dir / "test.json").is_file() and not args.retrain and all(saved.get(k) == v for k, v in settings.items()):
+    if same_run(run_dir, name) and not args.retrain:
         print(f"loading the finished run {run_dir}", flush=True)
         common.LOADED.append(str(run_dir))
     else:
