@@ -1,5 +1,8 @@
 """Reproduce a row of Burda, Grosse & Salakhutdinov (2015), Table 1, within an epoch budget.
 
+The one-layer rows (burda2015-vae-k1, ...) train the built-in VAE; the two-layer rows
+(burda2015-two-layer-vae-k1, ...) the built-in program "two-layer" (`"program"` in the config).
+
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
                                     [--train-examples N] [--eval-examples N] [--out DIR] [--resume]
                                     [--engine svi|jit] [--report-only]
@@ -86,18 +89,33 @@ def surgery_rows(surgery: dict | None) -> list[str]:
     ]
 
 
+def site_units(name: str, site: dict) -> str:
+    """What one latent site's diagnostics say about its units: active units where defined, else units with KL above the threshold."""
+    units = site.get("active_units")
+    if isinstance(units, int):
+        return f"{name}: {units} active"
+    collapse = site.get("collapse", {})
+    if "kl_per_dimension" in collapse:  # active units undefined (q(z2 | x) is a mixture over z1): the units carrying KL
+        carrying = sum(kl > collapse["kl_threshold"] for kl in collapse["kl_per_dimension"])
+        return f"{name}: {carrying} of {collapse['latent_dim']} with KL > {collapse['kl_threshold']:g}"
+    return f"{name}: n/a"
+
+
 result = runs.read_json(run_dir / "evaluation.json")
 sites = site_diagnostics(result["diagnostics"])
-surgery = next((site["elbo_surgery"] for site in sites.values() if "average_kl" in site.get("elbo_surgery", {})), {})
-active_units = "; ".join(f"{name}: {site.get('active_units')}" for name, site in sites.items()) if len(sites) > 1 else \
+# The KL split into mutual information and marginal KL exists for one site with a standard prior (not for two layers).
+surgery = next((site["elbo_surgery"] for site in sites.values() if "average_kl" in site.get("elbo_surgery", {})), {}) \
+    if len(sites) == 1 else {}
+active_units = "; ".join(site_units(name, site) for name, site in sites.items()) if len(sites) > 1 else \
     next(iter(sites.values())).get("active_units")
+kl_sites = result["kl"].get("sites", {}) if len(sites) > 1 else {}
 metrics = runs.read_metrics(run_dir)
 curve = [(m["epoch"], m["val_log_px"], m["val_log_px_stderr"]) for m in metrics if "val_log_px" in m]
 published = config["_published_test_log_px"]
 lines = [
     f"## {args.name}",
     "",
-    f"Config `{config_path.name}` ({config['_source']}), trained {metrics[-1]['epoch']} of {config['epochs']} epochs "
+    f"Config `{config_path.name}` ({config['_source']}; program {config.get('program', 'vae')}), trained {metrics[-1]['epoch']} of {config['epochs']} epochs "
     f"in {metrics[-1]['train_seconds']:.0f} s on {metrics[-1]['device']}.",
     "",
     "| | measured | published |",
@@ -107,6 +125,8 @@ lines = [
     f"| test ELBO | {result['elbo']['mean']:.2f} ± {result['elbo']['stderr']:.2f} | |",
     f"| reconstruction E_q[log p(x\\|z)] | {result['reconstruction']['mean']:.2f} ± {result['reconstruction']['stderr']:.2f} | |",
     f"| KL(q(z\\|x) ‖ p(z)) | {result['kl']['total']['mean']:.2f} ± {result['kl']['total']['stderr']:.2f} | |",
+    *[f"| … KL at site {name} ({site.get('method', '')}) | {site['mean']:.2f} ± {site['stderr']:.2f} | |"
+      for name, site in kl_sites.items()],
     *surgery_rows(surgery),
     f"| gap log p̂(x) − ELBO | {result['gap']['mean']:.2f} | |",
     f"| active units | {active_units} | |",
@@ -131,6 +151,8 @@ trained = runs.read_json(run_dir / runs.CONFIG_FILE)["train"]
 summary = {
     "name": args.name,
     "config": f"experiments/configs/{config_path.name}",
+    "program": config.get("program", "vae"),
+    "latent_sites": list(sites),
     "published_test_log_px": published,
     "objective": trained["objective"],
     "particles": trained["particles"],
@@ -150,6 +172,7 @@ summary = {
         "elbo_stderr": result["elbo"]["stderr"],
         "reconstruction": result["reconstruction"]["mean"],
         "kl": result["kl"]["total"]["mean"],
+        "kl_sites": {name: site["mean"] for name, site in kl_sites.items()},
         "mutual_information": surgery.get("mutual_information", {}).get("mean"),
         "marginal_kl": surgery.get("marginal_kl", {}).get("mean"),
         "gap": result["gap"]["mean"],

@@ -13,6 +13,10 @@ import common
 REPRODUCTION_SECTION = "burda2015-table"
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def reproduction_table(summaries: list[dict]) -> str:
     """One row per reproduced configuration: the measured test log p̂(x) beside the published one, and where the bound is lost."""
     header = ["row", "published log p(x)", "measured log p̂(x)", "test images", "measured − published", "ELBO", "gap log p̂ − ELBO",
@@ -21,16 +25,19 @@ def reproduction_table(summaries: list[dict]) -> str:
     for s in summaries:
         t = s["test"]
         particles = f"k={s['particles']}"
-        name = f"{'IWAE' if s['objective'] == 'iwae' else 'VAE'}, {particles} ([{s['name']}](experiments/results/reproduce/{s['name']}.md))"
+        layers = ", 2 stochastic layers" if s.get("program") == "two-layer" else ""
+        name = f"{'IWAE' if s['objective'] == 'iwae' else 'VAE'}, {particles}{layers} ([{s['name']}](experiments/results/reproduce/{s['name']}.md))"
         kl = f"{t['kl']:.2f}"
         if t.get("mutual_information") is not None:
             kl += f" = {t['mutual_information']:.2f} + {t['marginal_kl']:.2f}"
+        elif t.get("kl_sites"):  # two stochastic layers: the KL of each site instead
+            kl += " = " + " + ".join(f"{value:.2f} ({name})" for name, value in t["kl_sites"].items())
         rows.append([
             name, f"{s['published_test_log_px']:.2f}", f"{t['log_px']:.2f} ± {t['log_px_stderr']:.2f}", f"{t['images']:,}",
             f"{t['log_px'] - s['published_test_log_px']:+.2f}", f"{t['elbo']:.2f} ± {t['elbo_stderr']:.2f}", f"{t['gap']:.2f}",
             kl, str(t["active_units"]),
             "n/a" if t["khat_above_0.7_share"] is None else f"{t['khat_above_0.7_share']:.0%}",  # PSIS needs enough draws
-            f"{s['epochs']:,} of {s['published_epochs']:,} epochs, batch {s['batch_size']}, {s['train_seconds'] / 3600:.1f} h, engine {s['engine']}",
+            f"{s['epochs']:,} of {s['published_epochs']:,} epochs, batch {s['batch_size']}, {duration(s['train_seconds'])}, engine {s['engine']}",
         ])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     samples = sorted({s["test"]["num_samples"] for s in summaries})
@@ -54,11 +61,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     readme = Path(args.readme)
 
-    for path in sorted(Path(args.results).glob("q*.md")):
+    for path in sorted([*Path(args.results).glob("q*.md"), *Path(args.results).glob("conditional.md")]):
         if common.replace_section(readme, path.stem, path.read_text()):
             print(f"updated the section {path.stem}")
     order = {"elbo": 0, "iwae": 1}
     summaries = sorted((json.loads(p.read_text()) for p in sorted(Path(args.results, "reproduce").glob("*.json"))),
-                       key=lambda s: (order.get(s["objective"], 2), s["particles"]))
+                       key=lambda s: (s.get("program") == "two-layer", order.get(s["objective"], 2), s["particles"]))
     if summaries and common.replace_section(Path(args.main_readme), REPRODUCTION_SECTION, reproduction_table(summaries)):
         print(f"updated the section {REPRODUCTION_SECTION} ({len(summaries)} rows)")

@@ -719,6 +719,16 @@ def _config_value(action: argparse.Action, value):
         if not isinstance(value, bool):
             raise argparse.ArgumentTypeError(f"must be true or false, got {json.dumps(value)}")
         return value
+    if action.dest == "program_kwargs":  # a JSON string on the command line; in a file, the object itself
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise argparse.ArgumentTypeError(f"is not valid JSON ({error})") from None
+        if value is not None and not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, e.g. {{\"latent\": [64, 32]}}, "
+                                             f"got {json.dumps(value)}")
+        return None if value is None else json.dumps(value)
     many = action.nargs in ("+", "*")
     if many and not isinstance(value, list):
         raise argparse.ArgumentTypeError(f"must be a list, e.g. [{json.dumps(value)}], got {json.dumps(value)}")

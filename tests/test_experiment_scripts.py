@@ -138,6 +138,30 @@ def test_q4_collapse(tmp_path, data_root):
     assert_figures(figures, "q4_collapse.png", "q4_samples.png")
 
 
+def test_conditional(tmp_path, data_root):
+    stdout, results, section, figures = run_question(
+        "conditional", tmp_path, data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
+        eval_examples=12, examples=12, k=3)
+    assert set(results["models"]) == {"unconditional", "conditional"}
+    for model in results["models"].values():
+        assert model["images"] == 12 and model["k"] == 3 and model["epochs"] == 1
+    runs = tmp_path / "runs" / "quick" / "conditional"
+    # The paired difference is compare's, from the two runs' per-image log p̂ on the same images.
+    import numpy
+    per_image = {name: numpy.load(runs / name / "evaluation_per_datapoint.npz")["log_evidence"] for name in results["models"]}
+    differences = per_image["conditional"] - per_image["unconditional"]
+    assert results["log_px_given_y_minus_log_px"]["mean"] == pytest.approx(float(differences.mean()), abs=1e-6)
+    assert results["log_px_given_y_minus_log_px"]["stderr"] == pytest.approx(float(differences.std(ddof=1) / math.sqrt(12)), abs=1e-6)
+    assert json.loads((runs / "conditional" / "config.json").read_text())["train"]["labels"] is True
+    assert json.loads((runs / "unconditional" / "config.json").read_text())["train"]["labels"] is False
+    assert "The label is worth" in section and "on the same first 12 test images" in section
+    assert_figures(figures, "conditional_samples_by_class.png")
+    # A second run loads both finished runs instead of training them again.
+    stdout, *_ = run_question("conditional", tmp_path, data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
+                              eval_examples=12, examples=12, k=3)
+    assert stdout.count("loading the finished run") == 2
+
+
 def test_priors(tmp_path, data_root):
     out = tmp_path / "comparison"
     run_script("priors.py", tmp_path / "runs", "--epochs", "1", "--train-examples", "100", "--eval-examples", "10",
@@ -298,8 +322,13 @@ def test_reproduction_config_trains_one_step(config_path, tmp_path, data_root, m
     for key in ("objective", "particles", "batch_size", "lr_milestones", "lr_gamma", "binarize"):
         assert recorded["train"][key] == config[key], key
     assert recorded["train"]["learning_rate"] == config["lr"]
-    for key in ("hidden_sizes", "activation", "latent_dim"):
-        assert recorded["model"][key] == config[key], key
+    if "program" in config:  # the two-layer rows: the program and its options, recorded to rebuild it
+        program = json.loads((run_dir / "program.json").read_text())
+        assert program["name"] == config["program"] == "two-layer" and program["kwargs"] == config["program_kwargs"]
+        assert recorded["model"] is None
+    else:
+        for key in ("hidden_sizes", "activation", "latent_dim"):
+            assert recorded["model"][key] == config[key], key
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1] and math.isfinite(metrics[0]["train_elbo"])
     assert metrics[0]["train_elbo"] < 0  # nats per image of a Bernoulli model: a log-probability of 784 pixels
