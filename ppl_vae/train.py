@@ -380,9 +380,9 @@ def train(
 
 
 def resolve_program(
-    run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None", model_config: VAEConfig | None,
-) -> tuple[ProgramSpec | None, torch.nn.Module | None]:
-    """The program's spec (None: the built-in VAE of ``model_config``) and the module passed in, if one was.
+    run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None",
+) -> ProgramSpec | None:
+    """The program's spec; None for the built-in VAE of the model configuration.
 
     On resume the run's recorded spec decides; a Python object must be passed again, and a
     changed or moved program file is noted (the recorded copy is used).
@@ -391,7 +391,7 @@ def resolve_program(
         check_program(program)
         if resume and (load_spec(run_dir) is None or not load_spec(run_dir).object):
             raise PplVaeError(f"{run_dir} was not trained from a program object: resume it without program=")
-        return ProgramSpec.for_object(program), program
+        return ProgramSpec.for_object(program)
     if resume:
         spec = load_spec(run_dir)
         if spec is not None and spec.object:
@@ -399,10 +399,10 @@ def resolve_program(
                               "train(..., program=module, resume=True)")
         if spec is not None and (note := changed_source_note(run_dir, spec)):
             warnings.warn(note, PplVaeWarning, stacklevel=3)
-        return spec, None
+        return spec
     if isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae":
-        return None, None  # the built-in VAE: its options are model_config's
-    return program, None
+        return None  # the built-in VAE: its options are the model configuration's
+    return program
 
 
 class OneProcess:
@@ -471,7 +471,7 @@ def _train(
             lock.acquire()  # before the checkpoint is read: a fallback repairs it
             runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
             train_config, vae_config = _saved_configs(run_dir, train_config)
-        spec, _ = resolve_program(run_dir, resume, program_arg, vae_config)
+        spec = resolve_program(run_dir, resume, program_arg)
         # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
         train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
         processes.check_config(train_config)
@@ -701,21 +701,6 @@ def _saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConf
         ) from None
 
 
-def _checkpoint_state(
-    epoch: int, vae: torch.nn.Module, engine: "SviEngine | CompiledEngine", config: TrainConfig,
-    saved_config: dict[str, Any], train_seconds: float,
-) -> dict[str, Any]:
-    """Everything that resuming after ``epoch`` needs to continue exactly as an uninterrupted run."""
-    return {
-        "epoch": epoch,
-        "model": vae.state_dict(),
-        **engine.state_dict(),
-        "rng": _rng_state(_device_of(vae)),
-        "config": saved_config,
-        "train_seconds": train_seconds,
-    }
-
-
 def describe_objective(config: TrainConfig) -> str:
     text = {"elbo": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO", "iwae": "IWAE"}[config.objective]
     text += f", {config.particles} particle{'s' if config.particles > 1 else ''}"
@@ -764,11 +749,6 @@ def load_run(
     vae.load_state_dict(checkpoint["model"])
     vae.eval()
     return vae, {**config, "epoch": checkpoint["epoch"], "checkpoint_id": checkpoint.get("id"), "description": description}
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    first = next(iter(module.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _as_tuple(batch: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
