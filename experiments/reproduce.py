@@ -5,7 +5,7 @@ The one-layer rows (burda2015-vae-k1, ...) train the built-in VAE; the two-layer
 
     python experiments/reproduce.py burda2015-vae-k1 [--epochs N] [--runs-dir runs] [--k 5000] [--examples N]
                                     [--train-examples N] [--eval-examples N] [--out DIR] [--resume]
-                                    [--engine svi|jit] [--report-only]
+                                    [--engine auto|svi|jit] [--report-only]
 
 Trains with experiments/configs/<name>.json (the paper's networks, batch and learning-rate
 schedule), truncated to --epochs (the paper: 3,280), recording a learning curve of validation
@@ -49,8 +49,9 @@ parser.add_argument("--train-examples", type=int, default=None, help="train on t
 parser.add_argument("--eval-examples", type=int, default=None,
                     help="validation and test images during training (default: all; the evaluation uses --examples)")
 parser.add_argument("--out", default=str(HERE / "results" / "reproduce"), help="folder for <name>.md")
-parser.add_argument("--engine", choices=("svi", "jit"), default="svi",
-                    help="training engine of a new run (jit: the compiled ELBO, faster; the VAE rows only, not IWAE)")
+parser.add_argument("--engine", choices=("auto", "svi", "jit"), default="auto",
+                    help="training engine of a new run (jit: the compiled ELBO, faster, the VAE rows only, not IWAE; "
+                    "auto, ppl-vae train's default: jit where it is checked equal to Trace_ELBO, svi otherwise)")
 parser.add_argument("--resume", action="store_true",
                     help="continue the run in RUNS_DIR/NAME up to --epochs (its own settings otherwise) instead of starting over")
 parser.add_argument("--report-only", action="store_true",

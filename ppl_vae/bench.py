@@ -11,7 +11,10 @@
   (the same, with the programs' ``pyro.module`` registration turned off, since the torch
   optimizer does not need it) and ``module-jit`` (the compiled loss
   :class:`~ppl_vae.objectives.CompiledVAELoss` with one torch Adam: ``ppl-vae train --engine jit``);
-* an epoch over the 50,000 MNIST training images (when the data are available);
+* an epoch over the 50,000 MNIST training images (when the data are available) of bare steps,
+  and two epochs of ``ppl-vae train`` with its defaults through the real training loop
+  (:func:`time_default_training`: the engine ``--engine auto`` chose, why, and its time per
+  epoch over plain PyTorch's); the step variant ``train-default`` is that engine's step;
 * evidence estimation (log-weights per second and peak memory) against a plain-PyTorch
   reference doing the same computation, against the same estimate with the fused log-densities
   off (:mod:`ppl_vae.fused`), and against the decoder's matrix-product floor (bare matrix
@@ -28,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import platform
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -166,6 +171,33 @@ class CompiledModuleStep(ElboModuleStep):
         self.optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
 
 
+class DefaultEngineStep:
+    """A step of the engine ``ppl-vae train`` uses by default (``--engine auto``), as the trainer runs it.
+
+    The engine is chosen on the first batch by :func:`ppl_vae.train.choose_engine` (the compiled
+    loss where it is checked equal to ``Trace_ELBO``'s, SVI otherwise) for the VAE with the
+    trainer's KL-weight wrapper, and steps with the trainer's checks (finite loss and gradient norm).
+    ``choice`` says which engine and why.
+    """
+
+    def __init__(self, vae: VAE, lr: float = 1e-3):
+        from .programs import Weighted
+
+        self.program, self.lr = Weighted(vae), lr
+        self.engine = self.choice = self.param_state = None
+
+    own_params = _own_param_store
+
+    def __call__(self, x: torch.Tensor) -> float:
+        if self.engine is None:
+            from .train import ENGINE_CLASSES, TrainConfig, choose_engine
+
+            config = TrainConfig(learning_rate=self.lr, device=x.device.type)
+            self.choice = choose_engine(config, self.program, (x,), 1, x.device)
+            self.engine = ENGINE_CLASSES[self.choice.engine](self.program, replace(config, engine=self.choice.engine))
+        return self.engine.step(x)
+
+
 class SviStep:
     def __init__(self, vae: VAE, elbo, validation: bool, lr: float = 1e-3):
         self.svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
@@ -191,6 +223,8 @@ STEP_VARIANTS: dict[str, Callable[[VAE], Callable[[torch.Tensor], float]]] = {
     "elbo-module": ElboModuleStep,
     "elbo-module-noreg": lambda vae: ElboModuleStep(vae, register_params=False),
     "module-jit": CompiledModuleStep,
+    # What `ppl-vae train` runs by default: the engine --engine auto chooses, with the trainer's checked step.
+    "train-default": DefaultEngineStep,
 }
 
 
@@ -368,7 +402,9 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
     }
 
 
-def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100) -> dict[str, Any] | None:
+def time_epoch(
+    device: torch.device, data_dir: str | None, batch_size: int = 100, train_examples: int | None = None
+) -> dict[str, Any] | None:
     """One epoch over the 50,000 training images: Pyro SVI (validation off) and the compiled loss (``--engine jit``)
     against the reference; None without data. ``ratio`` is SVI's time over the reference's, ``ratio_jit`` the
     compiled loss's (its first steps include compiling)."""
@@ -376,7 +412,7 @@ def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100
     from .errors import DataNotFoundError
 
     try:
-        data = load_mnist(data_dir, "dynamic", device, download=False)
+        data = load_mnist(data_dir, "dynamic", device, train_examples=train_examples, download=False)
     except DataNotFoundError:
         return None
     seconds = {}
@@ -393,6 +429,56 @@ def time_epoch(device: torch.device, data_dir: str | None, batch_size: int = 100
             "ratio": seconds["svi-novalid"] / seconds["pytorch"], "ratio_jit": seconds["module-jit"] / seconds["pytorch"]}
 
 
+def time_default_training(
+    device: torch.device, data_dir: str | None, batch_size: int = 100, train_examples: int | None = None,
+    epochs: int = 2,
+) -> dict[str, Any] | None:
+    """``ppl-vae train`` with its defaults (``--engine auto``), through the real training loop, against plain PyTorch.
+
+    Trains the default VAE for ``epochs`` epochs on the first ``train_examples`` MNIST training
+    images (all 50,000 when None) in a temporary run directory, with 100 validation and test
+    images; its ``epoch_seconds`` (training steps only, as ``metrics.jsonl`` records them) are
+    compared with epochs of :class:`ReferenceStep` over the same number of images and batch size,
+    timed before and after the run (their mean is the reference). ``ratio`` is the last epoch's
+    time over the reference's: the first epoch also compiles the loss (``ratio_first_epoch``).
+    ``engine`` is what the run recorded: which engine ran, and why. None without data.
+    """
+    from . import runs
+    from .data import load_mnist
+    from .errors import DataNotFoundError
+    from .train import TrainConfig, train
+
+    try:
+        data = load_mnist(data_dir, "dynamic", device, train_examples=train_examples, eval_examples=100, download=False)
+    except DataNotFoundError:
+        return None
+
+    def reference_epoch() -> float:
+        step = ReferenceStep(_fresh_vae(device))
+        _sync(device)
+        started = time.perf_counter()
+        for batch in data.train_batches(batch_size):
+            step(batch)
+        _sync(device)
+        return time.perf_counter() - started
+
+    reference = [reference_epoch()]
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, device=str(device), data_dir=data_dir,
+                         train_examples=train_examples, eval_examples=100, test_samples=1)
+    with tempfile.TemporaryDirectory() as folder:
+        train(Path(folder) / "run", config, progress=False)
+        metrics = [json.loads(line) for line in (Path(folder) / "run" / "metrics.jsonl").read_text().splitlines()]
+        engine = runs.read_json(Path(folder) / "run" / runs.CONFIG_FILE)["engine"]
+    reference.append(reference_epoch())
+    seconds = [m["epoch_seconds"] for m in metrics]
+    reference_seconds = statistics.mean(reference)
+    return {
+        "batch_size": batch_size, "images": data.train.shape[0], "engine": engine,
+        "epoch_seconds": seconds, "reference_epoch_seconds": reference,
+        "ratio": seconds[-1] / reference_seconds, "ratio_first_epoch": seconds[0] / reference_seconds,
+    }
+
+
 def run_benchmark(
     device: torch.device,
     batch_sizes: list[int],
@@ -403,10 +489,13 @@ def run_benchmark(
     epoch: bool = True,
     data_dir: str | None = None,
     evidence_only: bool = False,
+    epoch_examples: int | None = None,
 ) -> dict[str, Any]:
     """All measurements as one JSON-ready dict (seconds, steps/s, ratios to the plain-PyTorch reference).
 
-    ``evidence_only`` skips the SVI steps and the epoch: only evidence estimation is timed."""
+    ``evidence_only`` skips the SVI steps and the epochs: only evidence estimation is timed.
+    ``epoch_examples`` limits the epochs (of bare steps, and of default training) to the first
+    training images (all 50,000 when None)."""
     timings = [] if evidence_only else time_steps(batch_sizes, device, repeats, steps)
     encoder_macs, decoder_macs = mlp_multiply_adds(_fresh_vae(device))
     # Forward + backward of encoder and decoder: about 3 passes of 2 FLOPs per multiply-add.
@@ -432,7 +521,9 @@ def run_benchmark(
         # Evidence repeats are whole estimates (seconds each): at most 3 unless only they are measured.
         "evidence": time_evidence(device, evidence_examples, evidence_samples,
                                   repeats=repeats if evidence_only else max(1, min(3, repeats))),
-        "epoch": time_epoch(device, data_dir) if epoch and not evidence_only else None,
+        "epoch": time_epoch(device, data_dir, train_examples=epoch_examples) if epoch and not evidence_only else None,
+        "default_training": (time_default_training(device, data_dir, train_examples=epoch_examples)
+                             if epoch and not evidence_only else None),
         "peak_fp32_flops": peak,
     }
     return result
@@ -464,5 +555,15 @@ def format_benchmark(result: dict[str, Any]) -> str:
             f"epoch of {ep['images']} images at batch {ep['batch_size']}: Pyro SVI {ep['seconds']['svi-novalid']:.1f} s "
             f"(x{ep['ratio']:.2f}), compiled loss (--engine jit) {ep['seconds']['module-jit']:.1f} s (x{ep['ratio_jit']:.2f}), "
             f"plain PyTorch {ep['seconds']['pytorch']:.1f} s"
+        )
+    if result.get("default_training"):
+        dt = result["default_training"]
+        engine = dt["engine"]
+        lines.append(
+            f"ppl-vae train with its defaults (--engine {engine['requested']}: ran {engine['engine']}, {engine['reason']}; "
+            f"check {engine['check_seconds']:.2f} s): epochs of {dt['images']} images at batch {dt['batch_size']} "
+            f"{', '.join(f'{s:.1f}' for s in dt['epoch_seconds'])} s against plain PyTorch "
+            f"{statistics.mean(dt['reference_epoch_seconds']):.1f} s: x{dt['ratio']:.2f} per epoch "
+            f"(x{dt['ratio_first_epoch']:.2f} for the first, which compiles)"
         )
     return "\n".join(lines)

@@ -148,8 +148,11 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--device", default=t.device, help="auto (CUDA when present, else CPU), cpu or cuda")
     opt.add_argument("--engine", choices=ENGINES, default=t.engine,
                      help="how each step computes the loss of the same Pyro programs: svi (SVI with Trace_ELBO and "
-                     "Pyro's optimizer) or jit (the ELBO compiled by Pyro's JitTrace_ELBO, one graph per batch size "
-                     "and KL weight, with one torch Adam: faster, see `ppl-vae bench`; --objective elbo only)")
+                     "Pyro's optimizer), jit (the ELBO compiled by Pyro's JitTrace_ELBO, one graph per batch size "
+                     "and KL weight, with one torch Adam: faster, see `ppl-vae bench`; --objective elbo only), or auto: "
+                     "jit where its loss and gradients are checked equal to Trace_ELBO's on the first batch (CPU, "
+                     "--objective elbo, Pyro's validation off), svi otherwise. The run prints and records in "
+                     "config.json which engine ran and why")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
     ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")
@@ -236,7 +239,8 @@ def _add_bench_parser(subparsers) -> None:
         description="Benchmark, in one process with interleaved runs and medians: one SVI step of the default VAE "
         "(Trace_ELBO, validation on/off, TraceMeanField_ELBO, JitTrace_ELBO, Trace_ELBO as a torch module, the compiled loss of train --engine jit) against the same "
         "networks and loss in plain PyTorch, at several batch sizes; an epoch over the 50,000 MNIST training "
-        "images; evidence estimation (log-weights/s, peak CUDA memory) against a plain-PyTorch reference; "
+        "images, of bare steps and of `ppl-vae train` with its defaults (which engine --engine auto chose, why, and "
+        "its time per epoch over plain PyTorch's); evidence estimation (log-weights/s, peak CUDA memory) against a plain-PyTorch reference; "
         "achieved FLOP/s. Prints a table and writes JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -246,7 +250,10 @@ def _add_bench_parser(subparsers) -> None:
     p.add_argument("--steps", type=_positive_int, default=20, help="steps per repeat")
     p.add_argument("--evidence-examples", type=_positive_int, default=500, help="test-sized images for the evidence benchmark")
     p.add_argument("--evidence-samples", type=_positive_int, default=1000, help="K for the evidence benchmark")
-    p.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
+    p.add_argument("--no-epoch", action="store_true",
+                   help="skip the epoch timings (bare steps, and `ppl-vae train` with its defaults, over the training images)")
+    p.add_argument("--epoch-examples", type=_positive_int, default=None,
+                   help="training images of those epochs (default: all 50,000)")
     p.add_argument("--evidence-only", action="store_true",
                    help="time only evidence estimation (against the plain reference and the decoder's matmul floor), "
                    "with --repeats interleaved repeats")
@@ -630,6 +637,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(
         resolve_device(args.device), args.batch_sizes, args.repeats, args.steps, args.evidence_examples,
         args.evidence_samples, epoch=not args.no_epoch, data_dir=args.data_dir, evidence_only=args.evidence_only,
+        epoch_examples=args.epoch_examples,
     )
     runs.write_json(args.out, result)
     print(format_benchmark(result))

@@ -351,7 +351,7 @@ def launch(argv: list[str], devices: int, num_nodes: int = 1, rdzv_endpoint: str
 def check_trainable_on_processes(config) -> None:
     """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
     objective = make_objective(config.objective, config.particles)
-    if config.engine == "svi" and not callable(getattr(objective, "differentiable_loss", None)):
+    if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
             f"--objective {config.objective} cannot be trained on several processes: Pyro's {type(objective).__name__} "
             "has no differentiable_loss, which a torch module (and so DistributedDataParallel) needs; train it with "

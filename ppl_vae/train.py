@@ -86,7 +86,14 @@ from .evaluate import (
     mean_and_stderr,
 )
 from .model import VAEConfig, build_vae
-from .objectives import check_meanfield, check_objective, compiled_loss_problem, make_loss_module, make_objective
+from .objectives import (
+    COMPILED_OBJECTIVES,
+    check_meanfield,
+    check_objective,
+    compiled_loss_problem,
+    make_loss_module,
+    make_objective,
+)
 from .programs import (
     ProgramSpec,
     Weighted,
@@ -99,8 +106,9 @@ from .programs import (
 )
 
 LR_SCHEDULES = ("constant", "step", "cosine")
-# How a step is computed (see the Engine classes below); both read the same Pyro programs.
-ENGINES = ("svi", "jit")
+# How a step is computed (see the Engine classes below); both read the same Pyro programs. "auto" chooses
+# one of them for the run (choose_engine), and the run records which and why.
+ENGINES = ("auto", "svi", "jit")
 
 
 @dataclass
@@ -134,7 +142,8 @@ class TrainConfig:
     evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
     pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
-    engine: str = "svi"  # svi: SVI with Pyro's optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam
+    engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
+    # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
 
     def __post_init__(self) -> None:
@@ -169,6 +178,19 @@ class TrainConfig:
             raise PplVaeError(f"the learning rate must be a positive finite number, got {self.learning_rate}")
         if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise PplVaeError(f"clip_norm must be a positive finite number or None, got {self.clip_norm}")
+
+
+def _resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict | None, run_dir: Path) -> EngineChoice:
+    """A resumed run keeps its engine (its optimizer state is in that engine's format) and its record of why."""
+    if choice.engine != config.engine:
+        raise RunDirectoryError(
+            f"{run_dir} was trained with --engine {config.engine}, which cannot continue it now ({choice.reason}); "
+            "resume it with the version of ppl_vae (and torch, Pyro) that started it, or start a new run"
+        )
+    if saved and saved.get("engine") == choice.engine:
+        return EngineChoice(saved.get("requested", config.engine), choice.engine,
+                            saved.get("reason", choice.reason), choice.check_seconds)
+    return choice
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:
@@ -464,13 +486,15 @@ def _train(
     processes = processes or OneProcess()
     given = program_arg if isinstance(program_arg, torch.nn.Module) else None
 
-    def prepare() -> tuple[TrainConfig, VAEConfig, ProgramSpec | None, dict | None]:
-        """On rank 0: the configurations, the program, and (resuming) the checkpoint, checked before use."""
-        train_config, vae_config = config, model_config
+    def prepare() -> tuple[TrainConfig, VAEConfig, ProgramSpec | None, dict | None, dict | None]:
+        """On rank 0: the configurations, the program, and (resuming) the checkpoint and the engine record, checked
+        before use."""
+        train_config, vae_config, engine_record = config, model_config, None
         if resume:
             lock.acquire()  # before the checkpoint is read: a fallback repairs it
             runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
             train_config, vae_config = _saved_configs(run_dir, train_config)
+            engine_record = runs.read_json(run_dir / runs.CONFIG_FILE).get("engine")
         spec = resolve_program(run_dir, resume, program_arg)
         # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
         train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
@@ -479,11 +503,14 @@ def _train(
         # one); load_state_dict moves weights and optimizer state.
         checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
         if checkpoint is not None:
+            if train_config.engine == "auto":  # not written by this version (it records the engine that ran)
+                fmt = checkpoint.get("optimizer_format", OPTIMIZER_FORMAT_PYRO)
+                train_config = dataclasses.replace(train_config, engine=ENGINE_OF_FORMAT[fmt])
             processes.check_checkpoint(checkpoint, train_config, run_dir)
             check_resume_epochs(checkpoint, train_config, run_dir)
-        return train_config, vae_config, spec, checkpoint
+        return train_config, vae_config, spec, checkpoint, engine_record
 
-    config, model_config, spec, checkpoint = processes.on_main(prepare)
+    config, model_config, spec, checkpoint, saved_engine = processes.on_main(prepare)
     description = model_config.describe() if spec is None else spec.describe()
     device, main = processes.select_device(config), processes.is_main
     pyro.clear_param_store()
@@ -501,14 +528,18 @@ def _train(
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(vae.model, vae.guide, *first)
     trained = Weighted(vae)  # the KL weight of every latent site, for any program
-    if config.engine == "jit" and (problem := compiled_loss_problem(trained, first, config.particles,
-                                                                     structure.max_plate_nesting)):
-        # Checked, not assumed: the run records the engine that ran, and says why.
-        warnings.warn(f"--engine jit: {problem}; training with --engine svi instead", PplVaeWarning, stacklevel=3)
-        config = dataclasses.replace(config, engine="svi")
+    # Checked, not assumed: rank 0 decides for all processes; the run records the engine that ran, and why.
+    choice = processes.on_main(lambda: choose_engine(config, trained, first, structure.max_plate_nesting, device))
+    choice = _resumed_engine_choice(choice, config, saved_engine, run_dir) if checkpoint is not None else choice
+    if choice.requested == "jit" and choice.engine != "jit":
+        warnings.warn(f"--engine jit: {choice.reason}; training with --engine svi instead", PplVaeWarning, stacklevel=3)
+    elif progress and main:
+        print(f"training engine: {choice.describe()}", flush=True)
+    config = dataclasses.replace(config, engine=choice.engine)
     engine = processes.make_engine(trained, config, structure.max_plate_nesting)
     start_epoch, elapsed = 0, 0.0
-    saved_config = {"model": model_config.to_dict() if spec is None else None, "train": asdict(config)}
+    saved_config = {"model": model_config.to_dict() if spec is None else None, "train": asdict(config),
+                    "engine": asdict(choice)}
 
     def save(epoch: int) -> str:
         state = {"epoch": epoch, "model": vae.state_dict(), **engine.state_dict(), **processes.checkpoint_extra(device),
@@ -917,7 +948,7 @@ def _global_grad_norm(params: list[torch.Tensor], clip_norm: float | None) -> fl
         return 0.0
     if clip_norm is not None:
         return float(torch.nn.utils.clip_grad_norm_(params, clip_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(torch.nn.utils.get_total_norm(grads))  # the foreach kernels clip_grad_norm_ uses
 
 
 def _non_finite_gradients(params: list[torch.Tensor], limit: int = 3) -> list[str]:
@@ -1043,6 +1074,58 @@ class CompiledEngine(ModuleEngine):
 
 
 ENGINE_CLASSES = {"svi": SviEngine, "jit": CompiledEngine}
+
+# The engine of a resumed run is the one it was trained with (its checkpoint's optimizer state is in that format).
+ENGINE_OF_FORMAT = {OPTIMIZER_FORMAT_PYRO: "svi", OPTIMIZER_FORMAT_TORCH: "jit"}
+COMPILED_LOSS_RTOL = 1e-4  # of the first-batch check: the compiled loss and gradients against Trace_ELBO's
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine a run trains with (``engine``: svi or jit), what was asked for, and why; in config.json."""
+
+    requested: str
+    engine: str
+    reason: str
+    check_seconds: float = 0.0  # of the first-batch comparison (it compiles a throw-away loss), 0 when not run
+
+    def describe(self) -> str:
+        return f"{self.engine} ({'--engine ' + self.requested + ': ' if self.requested != self.engine else ''}{self.reason})"
+
+
+def choose_engine(
+    config: TrainConfig, program: torch.nn.Module, first_batch: tuple[torch.Tensor, ...], max_plate_nesting: int,
+    device: torch.device,
+) -> EngineChoice:
+    """The engine for ``config.engine`` on ``program``: the compiled loss where it is checked, SVI otherwise.
+
+    ``auto`` takes the compiled loss (``jit``) when the objective has a working compiled version
+    (``--objective elbo``), Pyro's validation is off (its checks run on the SVI path), the device is
+    the CPU (where it is measured faster; on CUDA it is not yet measured, so SVI stays the default
+    there) and, on ``first_batch`` with the draws held fixed, its loss and gradients equal
+    ``Trace_ELBO``'s to relative tolerance :data:`COMPILED_LOSS_RTOL`
+    (:func:`ppl_vae.objectives.compiled_loss_problem`). ``jit`` is checked the same way and falls
+    back to SVI where the check fails; ``svi`` is taken as asked.
+    """
+    requested = config.engine
+    if requested == "svi":
+        return EngineChoice(requested, "svi", "as asked")
+    if requested == "auto":
+        if config.objective not in COMPILED_OBJECTIVES:
+            return EngineChoice(requested, "svi", f"--objective {config.objective} has no working compiled loss in "
+                                                  f"Pyro {pyro.__version__}")
+        if config.pyro_validation:
+            return EngineChoice(requested, "svi", "Pyro's validation is on, and its checks run on the SVI path only")
+        if device.type != "cpu":
+            return EngineChoice(requested, "svi", f"the compiled loss is not yet measured on {device.type}; "
+                                                  "--engine jit uses it there")
+    started = time.perf_counter()
+    problem = compiled_loss_problem(program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
+    seconds = time.perf_counter() - started
+    if problem:
+        return EngineChoice(requested, "svi", problem, seconds)
+    return EngineChoice(requested, "jit", f"the compiled loss and its gradients equal Trace_ELBO's on the first batch "
+                                          f"with the same draws, to rtol {COMPILED_LOSS_RTOL:g}", seconds)
 
 
 def _fault_message(what: str, kept: str) -> str:

@@ -98,11 +98,12 @@ def test_reference_evidence_equals_the_package_estimate_with_the_same_draws():
     torch.testing.assert_close(ours, reference.cpu(), atol=1e-4, rtol=0)
 
 
-def test_bench_command_at_tiny_sizes(tmp_path):
+def test_bench_command_at_tiny_sizes(tmp_path, data_root):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "ppl_vae", "bench", "--device", "cpu", "--batch-sizes", "8", "--repeats", "1",
-         "--steps", "2", "--evidence-examples", "10", "--evidence-samples", "10", "--no-epoch", "--out", str(out)],
+         "--steps", "2", "--evidence-examples", "10", "--evidence-samples", "10", "--epoch-examples", "200",
+         "--data-dir", str(data_root), "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -115,6 +116,12 @@ def test_bench_command_at_tiny_sizes(tmp_path):
     assert evidence["ratio_to_matmul_floor"] > 0 and evidence["throughput_ratio_unfused"] > 0
     assert evidence["log_density"] == {"x": FUSED_BERNOULLI}
     assert "x pytorch" in result.stdout and "matmul floor" in result.stdout
+    # ppl-vae train with its defaults, through the training loop: the engine --engine auto chose, and why.
+    default = data["default_training"]
+    assert default["images"] == 200 and len(default["epoch_seconds"]) == 2 and default["ratio"] > 0
+    assert default["engine"]["requested"] == "auto" and default["engine"]["engine"] == "jit"
+    assert "ppl-vae train with its defaults (--engine auto: ran jit" in result.stdout
+    assert data["epoch"]["images"] == 200
 
 
 def test_decoder_matmul_floor_has_the_decoders_shapes_and_flops():

@@ -114,7 +114,9 @@ def straight_run(tmp_path_factory, data_root):
 # --- 1. Interrupted runs (subprocesses) ----------------------------------------------------------
 
 # Long enough epochs (400 steps, about a second) that a signal sent right after epoch 1 lands in epoch 2.
-SUBPROCESS_ARGS = ["--train-examples", "4000", "--batch-size", "10", "--eval-examples", "200", "--latent-dim", "4",
+# 800 steps an epoch: the compiled loss of the default engine runs an epoch in about a second, and the signals
+# below must land in the middle of training, not after it.
+SUBPROCESS_ARGS = ["--train-examples", "8000", "--batch-size", "10", "--eval-examples", "200", "--latent-dim", "4",
                    "--hidden-sizes", "32", "--test-samples", "10", "--epochs", "3", "--device", "cpu", "--no-progress"]
 
 
@@ -196,7 +198,7 @@ def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(tmp_
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
     assert "Traceback" not in err
-    assert re.search(r"interrupted by Ctrl-C (at epoch \d, step \d+ of 400|after the last epoch)", err), err
+    assert re.search(r"interrupted by Ctrl-C (at epoch \d, step \d+ of 800|after the last epoch)", err), err
     # The run directory is consistent: its checkpoint and its metrics end at the same epoch.
     saved_epoch = runs.load_checkpoint(run_dir)["epoch"]
     assert [record["epoch"] for record in runs.read_metrics(run_dir)] == list(range(1, saved_epoch + 1))

@@ -1,0 +1,98 @@
+"""``--engine auto`` (the default): the compiled loss where it is checked equal to Trace_ELBO's, SVI otherwise, recorded."""
+
+import json
+
+import pytest
+import torch
+from test_train_programs import LaplaceCode
+
+from ppl_vae import objectives, runs
+from ppl_vae.model import VAE, VAEConfig
+from ppl_vae.programs import Weighted
+from ppl_vae.train import COMPILED_LOSS_RTOL, TrainConfig, choose_engine, train
+
+SMALL_VAE = dict(latent_dim=4, hidden_sizes=(32,))
+CPU = torch.device("cpu")
+
+
+def tiny(data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=50, data_dir=str(data_root), train_examples=100, eval_examples=20,
+                    test_samples=2, device="cpu")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def batch() -> tuple[torch.Tensor]:
+    return (torch.bernoulli(torch.full((8, 784), 0.3)),)
+
+
+def test_auto_is_the_default_and_picks_the_compiled_loss_for_the_builtin_vae():
+    assert TrainConfig().engine == "auto"
+    choice = choose_engine(TrainConfig(), Weighted(VAE(VAEConfig(**SMALL_VAE))), batch(), 1, CPU)
+    assert (choice.requested, choice.engine) == ("auto", "jit")
+    assert f"equal Trace_ELBO's on the first batch with the same draws, to rtol {COMPILED_LOSS_RTOL:g}" in choice.reason
+    assert choice.check_seconds > 0
+
+
+@pytest.mark.parametrize("settings, engine, reason", [
+    (dict(objective="iwae", particles=2), "svi", "--objective iwae has no working compiled loss"),
+    (dict(objective="meanfield"), "svi", "--objective meanfield has no working compiled loss"),
+    (dict(pyro_validation=True), "svi", "Pyro's validation is on"),
+    (dict(engine="svi"), "svi", "as asked"),
+])
+def test_auto_keeps_svi_where_the_compiled_loss_does_not_apply(settings, engine, reason):
+    choice = choose_engine(TrainConfig(**settings), Weighted(VAE(VAEConfig(**SMALL_VAE))), batch(), 1, CPU)
+    assert choice.engine == engine and reason in choice.reason and choice.check_seconds == 0
+
+
+def test_auto_keeps_svi_on_cuda_until_the_compiled_loss_is_measured_there():
+    # Only the device's type is read: no GPU is needed to ask.
+    choice = choose_engine(TrainConfig(), Weighted(VAE(VAEConfig(**SMALL_VAE))), batch(), 1, torch.device("cuda"))
+    assert choice.engine == "svi" and "not yet measured on cuda" in choice.reason
+
+
+def test_a_default_run_trains_with_the_compiled_loss_and_records_why(tmp_path, data_root, capsys):
+    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=True)
+    assert "training engine: jit (--engine auto: the compiled loss and its gradients equal Trace_ELBO's" in capsys.readouterr().out
+    saved = runs.read_json(tmp_path / "run" / "config.json")
+    assert saved["train"]["engine"] == "jit"
+    assert saved["engine"]["requested"] == "auto" and saved["engine"]["engine"] == "jit"
+    assert runs.load_checkpoint(tmp_path / "run")["optimizer_format"] == "torch"
+    # Resumed, it keeps its engine and its record of why (the check is run again).
+    train(tmp_path / "run", TrainConfig(epochs=2), resume=True, progress=False)
+    resumed = runs.read_json(tmp_path / "run" / "config.json")
+    assert resumed["engine"]["requested"] == "auto" and resumed["engine"]["reason"] == saved["engine"]["reason"]
+    assert [m["epoch"] for m in runs.read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_auto_falls_back_to_svi_with_its_note_for_a_program_whose_compiled_loss_differs(tmp_path, data_root, capsys,
+                                                                                        recwarn):
+    # Laplace draws are not reached by the check's fixed standard-normal noise: the losses differ.
+    train(tmp_path / "laplace", tiny(data_root), program=LaplaceCode(), progress=True)
+    out = capsys.readouterr().out
+    assert "training engine: svi (--engine auto: the compiled loss" in out and "differs from Trace_ELBO's" in out
+    assert not [w for w in recwarn if "--engine" in str(w.message)]  # a note, not a warning: auto chose
+    saved = json.loads((tmp_path / "laplace" / "config.json").read_text())
+    assert saved["train"]["engine"] == "svi" and saved["engine"]["engine"] == "svi"
+    assert "differs from Trace_ELBO's" in saved["engine"]["reason"]
+    assert runs.load_checkpoint(tmp_path / "laplace")["optimizer_format"] == "pyro"
+
+
+def test_auto_falls_back_to_svi_where_the_compiled_loss_fails(tmp_path, data_root, monkeypatch):
+    def fail(self, *data):
+        raise RuntimeError("tracer cannot follow this program")
+
+    monkeypatch.setattr(objectives.CompiledVAELoss, "forward", fail)
+    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
+    record = runs.read_json(tmp_path / "run" / "config.json")["engine"]
+    assert record["engine"] == "svi"
+    assert record["reason"] == "the compiled loss failed on this program (RuntimeError: tracer cannot follow this program)"
+
+
+def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_path, data_root, monkeypatch):
+    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
+    monkeypatch.setattr("ppl_vae.train.compiled_loss_problem", lambda *args, **kwargs: "a changed torch")
+    from ppl_vae.errors import RunDirectoryError
+
+    with pytest.raises(RunDirectoryError, match="was trained with --engine jit, which cannot continue it now"):
+        train(tmp_path / "run", TrainConfig(epochs=2), resume=True, progress=False)
+    assert [m["epoch"] for m in runs.read_metrics(tmp_path / "run")] == [1]
