@@ -891,6 +891,7 @@ def checked_module_step(
     *,
     loss_scale: float = 1.0,
     total_loss: Callable[[torch.Tensor], float] | None = None,
+    params: list[torch.Tensor] | None = None,
 ) -> float:
     """:func:`checked_svi_step` for a loss that is a torch module, with a torch optimizer; returns the loss.
 
@@ -901,9 +902,11 @@ def checked_module_step(
     raised with the parameters and the optimizer state untouched. ``total_loss`` maps the
     detached loss to the number that is checked and returned (default: its value);
     distributed training passes an all-reduce over the processes there
-    (:func:`ppl_vae.distributed.checked_ddp_step`).
+    (:func:`ppl_vae.distributed.checked_ddp_step`). ``params``: the module's trainable parameters, when the
+    caller keeps the list (found on every call otherwise).
     """
-    params = [p for p in loss_module.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in loss_module.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     with _faults_as_errors():
         local_loss = loss_module(*_as_tuple(batch))
@@ -1040,9 +1043,10 @@ class ModuleEngine(Engine):
         self.loss = make_loss_module(vae, config.objective, config.particles, compiled=compiled,
                                      max_plate_nesting=max_plate_nesting)
         self.optimizer, self.scheduler = make_torch_optimizer(vae.parameters(), config)
+        self.params = [p for p in self.loss.parameters() if p.requires_grad]
 
     def step(self, batch: torch.Tensor) -> float:
-        return checked_module_step(self.loss, self.optimizer, batch, self.config.clip_norm)
+        return checked_module_step(self.loss, self.optimizer, batch, self.config.clip_norm, params=self.params)
 
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
