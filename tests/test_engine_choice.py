@@ -96,3 +96,31 @@ def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_
     with pytest.raises(RunDirectoryError, match="was trained with --engine jit, which cannot continue it now"):
         train(tmp_path / "run", TrainConfig(epochs=2), resume=True, progress=False)
     assert [m["epoch"] for m in runs.read_metrics(tmp_path / "run")] == [1]
+
+
+def test_the_compiled_engine_makes_the_updates_of_svi_with_pyros_adam(data_root):
+    """Two steps of the engine --engine auto picks (compiled loss, one fused torch Adam on the CPU) leave the
+    parameters two SVI steps with Pyro's per-parameter Adam leave, with the draws held fixed."""
+    from ppl_vae.objectives import fixed_standard_normal
+    from ppl_vae.train import CompiledEngine, SviEngine
+
+    torch.manual_seed(0)
+    base = VAE(VAEConfig(**SMALL_VAE))
+    x = torch.bernoulli(torch.full((16, 784), 0.3))
+    states = {}
+    for name, make in (("jit", CompiledEngine), ("svi", SviEngine)):
+        import copy
+
+        import pyro
+
+        pyro.clear_param_store()
+        program = Weighted(copy.deepcopy(base))
+        engine = make(program, TrainConfig(engine=name, learning_rate=1e-2))
+        with fixed_standard_normal(), pyro.validation_enabled(False):
+            losses = [engine.step(x) for _ in range(2)]
+        states[name] = losses, program.state_dict()
+    assert states["jit"][1] and states["jit"][0] == pytest.approx(states["svi"][0], rel=1e-6)
+    assert all(group.get("fused") for group in CompiledEngine(Weighted(VAE(VAEConfig(**SMALL_VAE))),
+                                                              TrainConfig(engine="jit")).optimizer.param_groups)
+    for name, value in states["svi"][1].items():
+        torch.testing.assert_close(states["jit"][1][name], value, rtol=0, atol=1e-6, msg=name)
