@@ -158,11 +158,11 @@ def test_chunking_does_not_change_the_estimate(lg):
 
 
 def test_evaluation_chunks_grow_with_free_gpu_memory_within_bounds():
-    from ppl_vae.evaluate import DEFAULT_CHUNK_ELEMENTS, MAX_GPU_CHUNK_ELEMENTS, chunk_element_budget
+    from ppl_vae.evaluate import CPU_CHUNK_ELEMENTS, DEFAULT_CHUNK_ELEMENTS, MAX_GPU_CHUNK_ELEMENTS, chunk_element_budget
 
-    assert chunk_element_budget(torch.device("cpu")) == DEFAULT_CHUNK_ELEMENTS
+    assert chunk_element_budget(torch.device("cpu")) == CPU_CHUNK_ELEMENTS
     cuda = torch.device("cuda")  # the budget is arithmetic on the free bytes: no GPU needed to check it
-    assert chunk_element_budget(cuda, free_bytes=2**30) == DEFAULT_CHUNK_ELEMENTS  # never below the CPU default
+    assert chunk_element_budget(cuda, free_bytes=2**30) == DEFAULT_CHUNK_ELEMENTS  # never below this floor
     assert chunk_element_budget(cuda, free_bytes=16 * 2**30) == 16 * 2**30 // 64
     assert chunk_element_budget(cuda, free_bytes=80 * 2**30) == MAX_GPU_CHUNK_ELEMENTS
 
