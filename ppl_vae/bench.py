@@ -37,6 +37,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -535,6 +536,15 @@ def run_benchmark(
     ``evidence_only`` skips the SVI steps and the epochs: only evidence estimation is timed.
     ``epoch_examples`` limits the epochs (of bare steps, and of default training) to the first
     training images (all 50,000 when None)."""
+    with warnings.catch_warnings():
+        # torch 2.15 marks torch.jit.trace deprecated; Pyro 1.9's JIT ELBOs (svi-jit) are built on it.
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
+        return _run_benchmark(device, batch_sizes, repeats, steps, evidence_examples, evidence_samples, epoch,
+                              data_dir, evidence_only, epoch_examples)
+
+
+def _run_benchmark(device, batch_sizes, repeats, steps, evidence_examples, evidence_samples, epoch, data_dir,
+                   evidence_only, epoch_examples) -> dict[str, Any]:
     timings = [] if evidence_only else time_steps(batch_sizes, device, repeats, steps)
     encoder_macs, decoder_macs = mlp_multiply_adds(_fresh_vae(device))
     # Forward + backward of encoder and decoder: about 3 passes of 2 FLOPs per multiply-add.

@@ -9,11 +9,12 @@ is :class:`OneProcess` or :class:`ppl_vae.distributed.Context`. The KL weight (`
 and its warm-up) scales every latent site of the program (:class:`ppl_vae.programs.Weighted`).
 
 Each step maximizes the ELBO of a minibatch through ``SVI(model, guide, optim,
-Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or, with
-``engine="jit"``, through the same ELBO compiled by Pyro's ``JitTrace_ELBO`` and one
-torch Adam (:class:`CompiledEngine`, faster per step; checked against ``Trace_ELBO`` on the
-first batch, with a fallback to SVI and a note where it differs); on several processes, the
-loss module in DistributedDataParallel (:class:`ppl_vae.distributed.DdpEngine`). The loss
+Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or through the same
+ELBO compiled by Pyro's ``JitTrace_ELBO`` and one torch Adam (:class:`CompiledEngine`,
+faster per step); on several processes, the loss module in DistributedDataParallel
+(:class:`ppl_vae.distributed.DdpEngine`). ``engine="auto"``, the default, takes the compiled
+loss wherever it is checked equal to ``Trace_ELBO``'s on the first batch and SVI otherwise
+(:func:`choose_engine`); the run prints and records (config.json, ``"engine"``) which and why. The loss
 Pyro reports is the negative objective summed over the minibatch, so the running
 value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
 the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``

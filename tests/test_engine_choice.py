@@ -33,6 +33,17 @@ def test_auto_is_the_default_and_picks_the_compiled_loss_for_the_builtin_vae():
     assert choice.check_seconds > 0
 
 
+def test_auto_picks_the_compiled_loss_for_the_other_built_in_programs_too():
+    from ppl_vae.models import ConditionalVAE, TwoLayerVAE
+
+    x = batch()[0]
+    two_layer = choose_engine(TrainConfig(), Weighted(TwoLayerVAE(latent=(4, 2), hidden=((16,), (8,)))), (x,), 1, CPU)
+    y = torch.arange(8) % 10
+    conditional = choose_engine(TrainConfig(labels=True), Weighted(ConditionalVAE(latent_dim=3, hidden_sizes=(16,))),
+                                (x, y), 1, CPU)
+    assert two_layer.engine == conditional.engine == "jit"
+
+
 @pytest.mark.parametrize("settings, engine, reason", [
     (dict(objective="iwae", particles=2), "svi", "--objective iwae has no working compiled loss"),
     (dict(objective="meanfield"), "svi", "--objective meanfield has no working compiled loss"),
