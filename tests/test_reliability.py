@@ -120,10 +120,17 @@ SUBPROCESS_ARGS = ["--train-examples", "8000", "--batch-size", "10", "--eval-exa
                    "--hidden-sizes", "32", "--test-samples", "10", "--epochs", "3", "--device", "cpu", "--no-progress"]
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: Ctrl-C (SIGINT) with its default action, as a command started from a shell has
+    it; an ignored SIGINT would be inherited from whatever started the test process (signal dispositions are)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def start_cli(data_root, *args) -> subprocess.Popen:
     env = {**os.environ, "PPL_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "ppl_vae", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_from_a_terminal)
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> str:
@@ -194,9 +201,10 @@ def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(tmp_
     run_dir = tmp_path / "run"
     process = start_cli(data_root, "train", "--run-dir", run_dir, *SUBPROCESS_ARGS)
     wait_for_epoch(run_dir, 1, process)
+    at_signal = len(runs.read_metrics(run_dir))
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, (at_signal, len(runs.read_metrics(run_dir)), err, out[-3000:])
     assert "Traceback" not in err
     assert re.search(r"interrupted by Ctrl-C (at epoch \d, step \d+ of 800|after the last epoch)", err), err
     # The run directory is consistent: its checkpoint and its metrics end at the same epoch.
