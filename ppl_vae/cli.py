@@ -564,15 +564,23 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
+    from . import runs
+    from .train import load_run
+
+    run_dir = Path(args.run_dir)
+    vae, config = load_run(run_dir, device="cpu")
+    with runs.RunLock(run_dir, "figures"):  # no evaluation, other plot or train --overwrite writes there meanwhile
+        return _plot(args, run_dir, vae, config)
+
+
+def _plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     import pyro
 
     from . import plots, runs
     from .data import load_run_data
     from .model import VAE
-    from .train import levels_of, load_run
+    from .train import levels_of
 
-    run_dir = Path(args.run_dir)
-    vae, config = load_run(run_dir, device="cpu")
     pyro.set_rng_seed(args.seed)
     out = run_dir / "plots"
     written = [plots.plot_training_curves(runs.read_metrics(run_dir), out / "training_curves.png")]
@@ -646,15 +654,22 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    import numpy
-
-    from . import plots, runs
-    from .diagnostics import site_diagnostics
+    from . import runs
     from .errors import RunDirectoryError
 
     run_dir = Path(args.run_dir)
     if not (run_dir / PER_DATAPOINT_FILE).is_file():
         raise RunDirectoryError(f"{run_dir} has no {PER_DATAPOINT_FILE}: run `ppl-vae evaluate {run_dir}` first")
+    with runs.RunLock(run_dir, "figures"):  # reads the evaluation's files while no evaluation rewrites them
+        return _diagnose(run_dir)
+
+
+def _diagnose(run_dir: Path) -> int:
+    import numpy
+
+    from . import plots, runs
+    from .diagnostics import site_diagnostics
+
     diagnostics = runs.read_json(run_dir / "evaluation.json")["diagnostics"]
     per_datapoint = numpy.load(run_dir / PER_DATAPOINT_FILE)
     out = run_dir / "plots"

@@ -250,11 +250,12 @@ def _command_line() -> str:
 
 
 class RunLock:
-    """The OS lock (``filelock``: ``flock`` on Linux) of one run directory, for ``"train"`` or ``"evaluate"``.
+    """The OS lock (``filelock``: ``flock`` on Linux) of one run directory, for ``"train"``, ``"evaluate"`` or ``"figures"``.
 
-    One process trains into a run at a time, and one evaluates into it at a time
-    (an evaluation may read a run while it trains: its result records the
-    checkpoint's epoch). The holder's pid, host and command are written beside the
+    One process trains into a run at a time, and one evaluates into it or writes its
+    figures (``ppl-vae plot``, ``diagnose``) at a time: those two share the second lock
+    (an evaluation or a plot may read a run while it trains: its result records the
+    checkpoint's epoch); ``train --overwrite`` takes both. The holder's pid, host and command are written beside the
     lock file, so a refused process can name it. The operating system releases the
     lock when its holder dies, even by SIGKILL: a stale lock never blocks a run.
     """
@@ -317,10 +318,16 @@ class RunLock:
                 f"{self.run_dir} is in use: {who} is training into it. Two processes writing one run would mix their "
                 f"epochs: wait for it to finish, or {stop}; then --resume), or choose another --run-dir"
             )
-        return (
-            f"{self.run_dir} is in use: {who} is evaluating it and writes its results there: wait for it to "
-            f"finish, or {stop})"
-        )
+        try:
+            activity = _ACTIVITIES.get(json.loads(self.holder_path.read_text()).get("purpose"), _ACTIVITIES["evaluate"])
+        except (OSError, ValueError, AttributeError):
+            activity = _ACTIVITIES["evaluate"]
+        return f"{self.run_dir} is in use: {who} {activity}: wait for it to finish, or {stop})"
+
+
+# What the holder of a run's second lock (evaluations, and the figures of plot and diagnose) is doing there.
+_ACTIVITIES = {"evaluate": "is evaluating it and writes its results there",
+               "figures": "is writing figures into it (ppl-vae plot or diagnose)"}
 
 
 def _write_temporary(path: Path, write: Callable) -> str:
@@ -468,13 +475,29 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict) -> str:
     try:
         with writing(latest):
             if latest.is_file():
-                os.replace(latest, previous)
+                _keep_as_previous(latest, previous)
             os.replace(tmp_name, latest)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
     return state["id"]
+
+
+def _keep_as_previous(latest: Path, previous: Path) -> None:
+    """Make ``previous`` the file ``latest`` is, while ``latest`` stays in place.
+
+    A hard link, renamed over ``previous``: an evaluation reading a run while it trains
+    always finds a complete ``latest`` (moving it away first left a moment without one).
+    Where the file system has no hard links, the move.
+    """
+    link = latest.with_name(f".{latest.name}.link-{os.getpid()}.tmp")  # a temporary remove_temporaries knows
+    try:
+        os.link(latest, link)
+    except OSError:
+        os.replace(latest, previous)
+        return
+    os.replace(link, previous)
 
 
 def _safe_globals() -> list:

@@ -376,3 +376,39 @@ def test_nan_weights_in_a_checkpoint_are_named(data_root, run_copy):
     assert f"holds NaN or infinite weights, in {name} (epoch 3)" in err, err
     assert "shape, dtype and device" not in err
     assert "checkpoint.prev.pt" in err  # the one before it is named
+
+
+def test_plot_and_diagnose_hold_the_runs_second_lock(data_root, run_copy, capsys):
+    """Figures are written while no evaluation (or another plot) writes into the run, and train --overwrite refuses
+    to delete a run whose figures are being written."""
+    assert main("evaluate", run_copy, *EVALUATE) == 0
+    with runs.RunLock(run_copy, "evaluate"):
+        assert main("plot", run_copy) == 2
+        assert main("diagnose", run_copy) == 2
+    assert capsys.readouterr().err.count("is evaluating it") == 2
+    assert not (run_copy / "plots").exists()
+    with runs.RunLock(run_copy, "figures"):
+        assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY) == 2
+    assert "is writing figures into it (ppl-vae plot or diagnose)" in capsys.readouterr().err
+    assert runs.load_checkpoint(run_copy)["epoch"] == 3
+    assert main("plot", run_copy) == 0 and (run_copy / "plots" / "training_curves.png").is_file()
+
+
+def test_saving_a_checkpoint_never_leaves_a_moment_without_one(tmp_path, monkeypatch):
+    """The latest checkpoint stays in place while the one before it is kept: an evaluation reading a run while it
+    trains never finds it missing (it was moved away first, then replaced)."""
+    runs.save_checkpoint(tmp_path, {"epoch": 1})
+    seen = []
+    replace = os.replace
+
+    def watching_replace(source, destination):
+        seen.append((tmp_path / "checkpoint.pt").is_file())
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", watching_replace)
+    runs.save_checkpoint(tmp_path, {"epoch": 2})
+    monkeypatch.undo()
+    assert seen and all(seen)
+    assert runs.load_checkpoint(tmp_path)["epoch"] == 2
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=False)["epoch"] == 1
+    assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt"}  # no link left behind
