@@ -307,10 +307,12 @@ class RunLock:
         self.release()
 
     def _refusal(self) -> str:
+        activity = _ACTIVITIES["evaluate"]
         try:
             holder = json.loads(self.holder_path.read_text())
             who = (f"process {holder['pid']} on {holder['host']} (`{holder['command']}`, since {holder['since']})")
             stop = f"stop it (kill {holder['pid']}"
+            activity = _ACTIVITIES.get(holder.get("purpose"), activity)
         except (OSError, ValueError, KeyError, TypeError):
             who, stop = "another process (it has not written its details yet)", "stop it ("
         if self.purpose == "train":
@@ -318,10 +320,6 @@ class RunLock:
                 f"{self.run_dir} is in use: {who} is training into it. Two processes writing one run would mix their "
                 f"epochs: wait for it to finish, or {stop}; then --resume), or choose another --run-dir"
             )
-        try:
-            activity = _ACTIVITIES.get(json.loads(self.holder_path.read_text()).get("purpose"), _ACTIVITIES["evaluate"])
-        except (OSError, ValueError, AttributeError):
-            activity = _ACTIVITIES["evaluate"]
         return f"{self.run_dir} is in use: {who} {activity}: wait for it to finish, or {stop})"
 
 

@@ -510,9 +510,6 @@ def _train(
         # one); load_state_dict moves weights and optimizer state.
         checkpoint = runs.load_checkpoint_for_resume(run_dir, map_location="cpu") if resume else None
         if checkpoint is not None:
-            if train_config.engine == "auto":  # not written by this version (it records the engine that ran)
-                fmt = checkpoint.get("optimizer_format", OPTIMIZER_FORMAT_PYRO)
-                train_config = dataclasses.replace(train_config, engine=ENGINE_OF_FORMAT[fmt])
             processes.check_checkpoint(checkpoint, train_config, run_dir)
             check_resume_epochs(checkpoint, train_config, run_dir)
         return train_config, vae_config, spec, checkpoint, engine_record
@@ -1086,8 +1083,6 @@ class CompiledEngine(ModuleEngine):
 
 ENGINE_CLASSES = {"svi": SviEngine, "jit": CompiledEngine}
 
-# The engine of a resumed run is the one it was trained with (its checkpoint's optimizer state is in that format).
-ENGINE_OF_FORMAT = {OPTIMIZER_FORMAT_PYRO: "svi", OPTIMIZER_FORMAT_TORCH: "jit"}
 COMPILED_LOSS_RTOL = 1e-4  # of the first-batch check: the compiled loss and gradients against Trace_ELBO's
 
 

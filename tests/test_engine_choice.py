@@ -1,7 +1,9 @@
 """``--engine auto`` (the default): the compiled loss where it is checked equal to Trace_ELBO's, SVI otherwise, recorded."""
 
+import copy
 import json
 
+import pyro
 import pytest
 import torch
 from test_train_programs import LaplaceCode
@@ -120,10 +122,6 @@ def test_the_compiled_engine_makes_the_updates_of_svi_with_pyros_adam(data_root)
     x = torch.bernoulli(torch.full((16, 784), 0.3))
     states = {}
     for name, make in (("jit", CompiledEngine), ("svi", SviEngine)):
-        import copy
-
-        import pyro
-
         pyro.clear_param_store()
         program = Weighted(copy.deepcopy(base))
         engine = make(program, TrainConfig(engine=name, learning_rate=1e-2))
