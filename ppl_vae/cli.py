@@ -85,6 +85,7 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--run-dir", default=None, help="where the run is written (default: runs/vae-DATE-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    _add_trust_option(p, "--resume imports")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the ppl_vae run in --run-dir (only a folder holding a run and nothing else; deleted "
                    "once every other check has passed)")
@@ -187,6 +188,7 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the Monte Carlo draws (each block of 100 images is seeded from it and the block's index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_trust_option(p, "evaluate imports")
     _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=_run_evaluate)
 
@@ -216,6 +218,7 @@ def _add_plot_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--seed", type=int, default=0)
+    _add_trust_option(p, "plot imports")
     p.set_defaults(handler=_run_plot)
 
 
@@ -230,6 +233,44 @@ def _add_diagnose_parser(subparsers) -> None:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory on which `ppl-vae evaluate` has been run")
     p.set_defaults(handler=_run_diagnose)
+
+
+def _add_trust_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--trust-program", action="store_true",
+                   help=f"a run trained from a program file keeps a copy of it, which {what} and runs as Python code: "
+                   "only runs you made on this machine (signed with your key) are trusted; this option runs another's "
+                   "copy for this command only, after you have read it (`ppl-vae trust RUN_DIR` trusts a run for good)")
+
+
+def _add_trust_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trust",
+        help="trust a run's program file (a run from someone else), after reading it",
+        description="A run trained from a program file (--program FILE.py:NAME) keeps a copy of it in "
+        "RUN_DIR/program/, which evaluate, plot and train --resume import, running its code. Runs you make on this "
+        "machine are signed with your key (kept in $PPL_VAE_CONFIG_DIR, else $XDG_CONFIG_HOME/ppl_vae or "
+        "~/.config/ppl_vae) and trusted; a run from elsewhere is refused until you trust it. Read the file this "
+        "command names first: it checks the copy against its recorded sha256, prints it, and signs the run's "
+        "program.json with your key.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory whose program to trust")
+    p.set_defaults(handler=_run_trust)
+
+
+def _run_trust(args: argparse.Namespace) -> int:
+    from .trust import key_path, trust_run
+
+    spec, path, before = trust_run(args.run_dir)
+    if path is None:
+        what = "no program record" if spec is None else (
+            f"the program {spec.name}, passed as a Python object" if spec.object else f"the built-in program {spec.name}")
+        print(f"{args.run_dir} has {what}: no file of its own to trust")
+        return 0
+    print(f"program file: {path}")
+    print(f"sha256:       {spec.sha256}")
+    print(f"called as:    {spec.describe()}")
+    print("already trusted (signed with your key)" if before else f"trusted: program.json signed with your key {key_path()}")
+    return 0
 
 
 def _add_bench_parser(subparsers) -> None:
@@ -270,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(subparsers)
     _add_plot_parser(subparsers)
     _add_diagnose_parser(subparsers)
+    _add_trust_parser(subparsers)
     _add_bench_parser(subparsers)
     return parser
 
@@ -295,6 +337,9 @@ def _run_train(args: argparse.Namespace) -> int:
     run_dir = args.run_dir or f"runs/vae-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume:
         _check_resume_options(args, Path(run_dir))
+    elif args.trust_program:
+        raise PplVaeError("--trust-program applies to --resume, which imports the run's copy of its program: a new run "
+                          "imports the file you name with --program")
     # With --resume, every setting but the number of epochs is the run's own, and that one only when given.
     epochs = getattr(args, "epochs", None)
     config = TrainConfig(
@@ -365,7 +410,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"run directory: {run_dir}", flush=True)
     try:
         result = train(run_dir, config, model_config, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, program=spec, processes=context)
+                       progress=not args.no_progress, program=spec, processes=context, trust_program=args.trust_program)
     finally:
         distributed.shutdown()
     if main:
@@ -376,7 +421,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # With --resume, these options apply; every other one is the run's own and may only repeat it.
 APPLY_ON_RESUME = ("epochs", "no_progress", "devices", "num_nodes", "rdzv_endpoint", "rdzv_id")
-_NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help")
+_NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help", "trust_program")
 _CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs"}  # option -> TrainConfig field, where they differ
 
 
@@ -489,7 +534,7 @@ def _evaluate(args: argparse.Namespace, context) -> int:
 
     run_dir = Path(args.run_dir)
     device = context.device if context is not None else resolve_device(args.device)
-    vae, config = load_run_everywhere(run_dir, device)
+    vae, config = load_run_everywhere(run_dir, device, trust_program=args.trust_program)
     train_config = config["train"]
     levels = levels_of(vae, train_config["binarize"])
     data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
@@ -568,7 +613,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     from .train import load_run
 
     run_dir = Path(args.run_dir)
-    vae, config = load_run(run_dir, device="cpu")
+    vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program)
     with runs.RunLock(run_dir, "figures"):  # no evaluation, other plot or train --overwrite writes there meanwhile
         return _plot(args, run_dir, vae, config)
 
@@ -719,6 +764,8 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
         train_parser.error(f"cannot read --config {path}: {error}")
     if not isinstance(values, dict):
         train_parser.error(f"--config {path} must hold a JSON object of option values, got {type(values).__name__}")
+    if "trust_program" in values:  # a decision about running code, made by whoever types the command
+        train_parser.error(f"--config {path} sets 'trust_program': --trust-program is accepted on the command line only")
     actions = {action.dest: action for action in train_parser._actions if action.dest not in ("help", "config")}
     unknown = sorted(key for key in values if not key.startswith("_") and key not in actions)
     if unknown:

@@ -597,7 +597,9 @@ def _join_psis(parts: list[dict]) -> dict:
     return joined
 
 
-def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_run_everywhere(
+    run_dir: str | Path, device: torch.device, trust_program: bool = False
+) -> tuple[torch.nn.Module, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
     def read() -> tuple[dict, dict, int, str | None]:
         config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
@@ -607,7 +609,7 @@ def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[torc
     config, state, epoch, checkpoint_id = on_main(read)
     # The program's record (program.json and the copy of its file) is read on every process: with a program
     # other than the built-in VAE, every process needs the run directory (one machine).
-    vae, description = training.build_run_program(run_dir, config)
+    vae, description = training.build_run_program(run_dir, config, trust_program=trust_program)
     vae = vae.to(device)
     vae.load_state_dict(state)
     vae.eval()

@@ -26,6 +26,10 @@ class RunDirectoryError(PplVaeError):
     """A run directory that is missing, already used, or holds a broken checkpoint."""
 
 
+class UntrustedProgramError(RunDirectoryError):
+    """A run's program file would run as code, and this user has not trusted it (see :mod:`ppl_vae.trust`)."""
+
+
 class RunWriteError(PplVaeError, OSError):
     """A file of a run could not be written (disk full, permission denied, ...); the message names the file and the cause."""
 

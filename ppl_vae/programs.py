@@ -24,6 +24,8 @@ Evaluation never applies it: it reports the unscaled model.
 the name of a class or function in it that returns the module, called with keyword
 arguments. The run directory keeps a copy of that file with its sha256, so the program
 can be rebuilt after the user's file moved or changed (:func:`load_spec`, :func:`build_program`).
+That copy is the only code a run directory ever makes run, once checked and trusted
+(:mod:`ppl_vae.trust`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from .errors import ModelStructureError, PplVaeError
+from .errors import ModelStructureError, PplVaeError, RunDirectoryError
 
 from .runs import PROGRAM_FILE as SPEC_FILE, PROGRAM_FOLDER as SOURCE_DIR  # noqa: E402 -- the run directory's names
 
@@ -154,7 +156,9 @@ class ProgramSpec:
     * ``path`` -- the user's Python file (None for built-ins);
     * ``kwargs`` -- keyword arguments the class or function is called with;
     * ``source`` and ``sha256`` -- the copy of the file inside the run directory and its hash
-      (set by :func:`record_spec`).
+      (set by :func:`record_spec`);
+    * ``signature`` -- HMAC-SHA256 of name, kwargs, source and sha256 with the key of the user who
+      made (or trusted) the run: :mod:`ppl_vae.trust`.
     """
 
     name: str
@@ -163,6 +167,7 @@ class ProgramSpec:
     source: str | None = None
     sha256: str | None = None
     object: bool = False  # a module passed to train() from Python: it cannot be rebuilt from the run alone
+    signature: str | None = None
 
     @classmethod
     def for_object(cls, program: nn.Module) -> "ProgramSpec":
@@ -215,24 +220,65 @@ def record_spec(run_dir: Path, spec: ProgramSpec) -> ProgramSpec:
         shutil.copyfile(source, copy)
         spec = ProgramSpec(spec.name, str(source.resolve()), spec.kwargs, f"{SOURCE_DIR}/{source.name}",
                            file_sha256(copy))
+        from .trust import sign
+
+        spec.signature = sign(spec)  # this user made the run: trusted here, and nowhere else without asking
     from .runs import write_json
 
     write_json(run_dir / SPEC_FILE, asdict(spec))
     return spec
 
 
+_SPEC_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "path": (str, type(None)), "kwargs": (dict,), "source": (str, type(None)),
+    "sha256": (str, type(None)), "object": (bool,), "signature": (str, type(None)),
+}
+
+
 def load_spec(run_dir: Path) -> ProgramSpec | None:
-    """The run's recorded program, or None for runs that predate programs (the built-in VAE)."""
+    """The run's recorded program, or None for runs that predate programs (the built-in VAE).
+
+    Checked as data from elsewhere: a file that is not an object of the known fields with their
+    types is one line (:class:`~ppl_vae.errors.RunDirectoryError`) naming it.
+    """
     path = Path(run_dir) / SPEC_FILE
     if not path.is_file():
         return None
     from .runs import read_json
 
-    return ProgramSpec(**read_json(path))
+    record = read_json(path)
+    problem = _spec_problem(record)
+    if problem:
+        raise RunDirectoryError(f"{path} is not a program record this version can read: {problem}")
+    return ProgramSpec(**record)
+
+
+def _spec_problem(record: Any) -> str | None:
+    """What is wrong with a ``program.json`` record, or None."""
+    if not isinstance(record, dict):
+        return f"it holds a JSON {type(record).__name__}, not an object"
+    unknown = sorted(set(record) - set(_SPEC_TYPES))
+    if unknown:
+        return f"unknown field(s) {unknown} (the fields are {', '.join(_SPEC_TYPES)})"
+    if "name" not in record:
+        return "it has no \"name\""
+    wrong = [f"{key!r} is {json.dumps(value)}" for key, value in record.items() if not isinstance(value, _SPEC_TYPES[key])]
+    if wrong:
+        return "wrong type: " + "; ".join(wrong)
+    for key in ("sha256", "signature"):
+        value = record.get(key)
+        if value is not None and (len(value) != 64 or value.strip("0123456789abcdef")):
+            return f"{key!r} is not 64 lowercase hex digits"
+    if record.get("path") is None and not record.get("object") and record["name"] not in BUILTIN_PROGRAMS:
+        return f"no \"path\" and {record['name']!r} is not a built-in program ({', '.join(BUILTIN_PROGRAMS)})"
+    return None
 
 
 def changed_source_note(run_dir: Path, spec: ProgramSpec) -> str | None:
-    """A one-line note when the user's file now differs from (or no longer is where) the recorded copy."""
+    """A one-line note when the user's file now differs from (or no longer is where) the recorded copy.
+
+    Called once the copy is checked and trusted: only then is the recorded ``path`` read (to be hashed, never run).
+    """
     if spec.path is None:
         return None
     original = Path(spec.path)
@@ -244,11 +290,16 @@ def changed_source_note(run_dir: Path, spec: ProgramSpec) -> str | None:
     return None
 
 
-def build_program(spec: ProgramSpec, run_dir: Path | None = None, data_info: dict[str, Any] | None = None) -> nn.Module:
+def build_program(
+    spec: ProgramSpec, run_dir: Path | None = None, data_info: dict[str, Any] | None = None, trust: bool = False
+) -> nn.Module:
     """The program ``spec`` describes: a built-in one, or NAME(**kwargs) from its file.
 
-    With ``run_dir`` and a recorded copy, the copy is loaded (never the user's current
-    file), so that a run is rebuilt as it was trained. ``data_info`` (e.g. ``data_dim``,
+    With ``run_dir`` (``spec`` is that run's record), only the run's own copy is imported
+    (never the user's current file, nor anything else the record names), so that a run is
+    rebuilt as it was trained; and only once it matches its sha256 and is trusted: signed by
+    this user's key, or ``trust`` (:func:`ppl_vae.trust.verified_source`). Without ``run_dir``,
+    ``spec.path`` is the file the user named now. ``data_info`` (e.g. ``data_dim``,
     ``num_classes``) fills the built-in programs' data-dependent sizes.
     """
     if spec.object:
@@ -256,8 +307,13 @@ def build_program(spec: ProgramSpec, run_dir: Path | None = None, data_info: dic
                           "from the run directory: pass a fresh instance as program=")
     if spec.is_builtin:
         return BUILTIN_PROGRAMS[spec.name](dict(spec.kwargs), data_info or {})
-    path = Path(run_dir) / spec.source if run_dir is not None and spec.source else Path(spec.path)
-    factory = _load_factory(path, spec.name)
+    if run_dir is not None:
+        from .trust import verified_source
+
+        path, source = verified_source(Path(run_dir), spec, trust)
+    else:
+        path, source = Path(spec.path), None
+    factory = _load_factory(path, spec.name, source)
     try:
         program = factory(**spec.kwargs)
     except TypeError as error:
@@ -266,17 +322,19 @@ def build_program(spec: ProgramSpec, run_dir: Path | None = None, data_info: dic
     return check_program(program, f"{path.name}:{spec.name}(...)")
 
 
-def _load_factory(path: Path, name: str) -> Callable[..., Any]:
-    if not path.is_file():
-        raise PplVaeError(f"--program: the file {path} does not exist")
+def _load_factory(path: Path, name: str, source: bytes | None = None) -> Callable[..., Any]:
+    """``name`` from the Python file ``path``, run as a module; ``source``: its bytes, already read and checked
+    (they are what runs, not the file read again)."""
+    if source is None:
+        if not path.is_file():
+            raise PplVaeError(f"--program: the file {path} does not exist")
+        source = path.read_bytes()
     module_name = f"_ppl_vae_program_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise PplVaeError(f"--program: {path} cannot be imported as a Python file")
-    module = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader=None, origin=str(path)))
+    module.__file__ = str(path)
     sys.modules[module_name] = module  # dataclasses and pickling look classes up by module name
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 -- the user's program, checked
     except Exception as error:  # noqa: BLE001 -- any error in the user's file, reported in one line
         raise PplVaeError(f"--program: importing {path} failed with {type(error).__name__}: {error}") from error
     factory = getattr(module, name, None)

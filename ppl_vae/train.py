@@ -105,6 +105,7 @@ from .programs import (
     load_spec,
     record_spec,
 )
+from .trust import verified_source
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 # How a step is computed (see the Engine classes below); both read the same Pyro programs. "auto" chooses
@@ -384,6 +385,7 @@ def train(
     progress: bool = True,
     program: "ProgramSpec | torch.nn.Module | None" = None,
     processes: Any = None,
+    trust_program: bool = False,
 ) -> dict[str, Any]:
     """Train a program into ``run_dir``; returns the final test evaluation.
 
@@ -399,22 +401,26 @@ def train(
     interruptions, numerical faults and damaged checkpoints do). This is training in
     process by default; ``processes`` (a :class:`ppl_vae.distributed.Context`, through
     :func:`ppl_vae.distributed.train_distributed`) runs the same loop on several.
+    Resuming imports the run's copy of its program file only if this user's key signed it
+    (:mod:`ppl_vae.trust`), or with ``trust_program=True`` (for this call; nothing is signed).
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     lock = runs.RunLock(run_dir)  # held while training (by rank 0): one writer per run
     try:
-        return _train(run_dir, lock, config, model_config, resume, overwrite, progress, program, processes)
+        return _train(run_dir, lock, config, model_config, resume, overwrite, progress, program, processes,
+                      trust_program)
     finally:
         lock.release()
 
 
 def resolve_program(
-    run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None",
+    run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None", trust_program: bool = False,
 ) -> ProgramSpec | None:
     """The program's spec; None for the built-in VAE of the model configuration.
 
-    On resume the run's recorded spec decides; a Python object must be passed again, and a
-    changed or moved program file is noted (the recorded copy is used).
+    On resume the run's recorded spec decides; a Python object must be passed again; the
+    recorded copy must be intact and trusted (:func:`ppl_vae.trust.verified_source`), and a
+    changed or moved program file is then noted (the recorded copy is used).
     """
     if isinstance(program, torch.nn.Module):
         check_program(program)
@@ -426,8 +432,10 @@ def resolve_program(
         if spec is not None and spec.object:
             raise PplVaeError(f"{run_dir} was trained from a Python object ({spec.name}): rebuild it and pass it as "
                               "train(..., program=module, resume=True)")
-        if spec is not None and (note := changed_source_note(run_dir, spec)):
-            warnings.warn(note, PplVaeWarning, stacklevel=3)
+        if spec is not None and not spec.is_builtin:
+            verified_source(run_dir, spec, trust_program)  # refused before anything is written
+            if note := changed_source_note(run_dir, spec):
+                warnings.warn(note, PplVaeWarning, stacklevel=3)
         return spec
     if isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae":
         return None  # the built-in VAE: its options are the model configuration's
@@ -479,7 +487,7 @@ class OneProcess:
 def _train(
     run_dir: Path, lock: runs.RunLock, config: TrainConfig | None, model_config: VAEConfig | None, resume: bool,
     overwrite: bool, progress: bool, program_arg: "ProgramSpec | torch.nn.Module | None" = None,
-    processes: Any = None,
+    processes: Any = None, trust_program: bool = False,
 ) -> dict[str, Any]:
     """The training loop, for any program and either engine, on one process or many (``processes``).
 
@@ -502,7 +510,7 @@ def _train(
             runs.remove_temporaries(run_dir, runs.TRAINING_FILES)
             train_config, vae_config = _saved_configs(run_dir, train_config)
             engine_record = runs.read_json(run_dir / runs.CONFIG_FILE).get("engine")
-        spec = resolve_program(run_dir, resume, program_arg)
+        spec = resolve_program(run_dir, resume, program_arg, trust_program)
         # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
         train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
         processes.check_config(train_config)
@@ -524,7 +532,8 @@ def _train(
         vae = build_vae(model_config).to(device)
     else:
         data_info = {"data_dim": model_config.data_dim, "image_shape": model_config.image_shape}
-        vae = (given if given is not None else build_program(spec, run_dir if resume else None, data_info)).to(device)
+        vae = given if given is not None else build_program(spec, run_dir if resume else None, data_info, trust_program)
+        vae = vae.to(device)
     data = load_data(config, vae, device)
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
@@ -745,11 +754,13 @@ def describe_objective(config: TrainConfig) -> str:
 
 
 def build_run_program(
-    run_dir: str | Path, config: dict[str, Any], program: torch.nn.Module | None = None
+    run_dir: str | Path, config: dict[str, Any], program: torch.nn.Module | None = None, trust_program: bool = False,
 ) -> tuple[torch.nn.Module, str]:
     """The program of a run directory, untrained, and its description: the VAE of its config.json, or its program.json.
 
     A run trained from a Python object needs that object's class again: pass a fresh instance as ``program``.
+    A run's program file is imported from the run's checked copy, only if this user's key signed it or with
+    ``trust_program`` (:mod:`ppl_vae.trust`).
     """
     run_dir = Path(run_dir)
     spec = load_spec(run_dir)
@@ -765,21 +776,26 @@ def build_run_program(
     if spec.object:
         raise PplVaeError(f"{run_dir} was trained from a Python object ({spec.name}): load it in Python with "
                           "ppl_vae.train.load_run(run_dir, program=a_fresh_instance)")
-    if note := changed_source_note(run_dir, spec):
-        warnings.warn(note, PplVaeWarning, stacklevel=3)
     shape = dataset_image_shape(config["train"].get("dataset", "mnist"))
-    return build_program(spec, run_dir, {"data_dim": math.prod(shape), "image_shape": shape}), spec.describe()
+    built = build_program(spec, run_dir, {"data_dim": math.prod(shape), "image_shape": shape}, trust_program)
+    if note := changed_source_note(run_dir, spec):  # once the copy is checked and trusted
+        warnings.warn(note, PplVaeWarning, stacklevel=3)
+    return built, spec.describe()
 
 
 def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu", program: torch.nn.Module | None = None
+    run_dir: str | Path, device: str | torch.device = "cpu", program: torch.nn.Module | None = None,
+    trust_program: bool = False,
 ) -> tuple[torch.nn.Module, dict]:
     """The trained program of a run directory (in eval mode) and its configuration, plus ``"epoch"``,
-    ``"checkpoint_id"`` and ``"description"``."""
+    ``"checkpoint_id"`` and ``"description"``.
+
+    A run with a program file of its own is refused unless this user's key signed it (runs made by this user
+    are) or ``trust_program`` is given: importing the file runs its code (:mod:`ppl_vae.trust`)."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG_FILE)
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
-    vae, description = build_run_program(run_dir, config, program)
+    vae, description = build_run_program(run_dir, config, program, trust_program)
     vae = vae.to(device)
     vae.load_state_dict(checkpoint["model"])
     vae.eval()

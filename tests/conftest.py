@@ -22,6 +22,20 @@ def mnist_root() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "data").resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _signing_key_dir(tmp_path_factory):
+    """The tests' own config folder, so that no test reads or makes a key in the user's (ppl_vae.trust): one per
+    session (per xdist worker), so runs made by a fixture of any scope are signed with the key their tests read.
+    Set in os.environ, so subprocesses inherit it."""
+    previous = os.environ.get("PPL_VAE_CONFIG_DIR")
+    os.environ["PPL_VAE_CONFIG_DIR"] = str(tmp_path_factory.mktemp("ppl_vae_config"))
+    yield
+    if previous is None:
+        os.environ.pop("PPL_VAE_CONFIG_DIR", None)
+    else:
+        os.environ["PPL_VAE_CONFIG_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _fresh_pyro():
     """Every test starts with an empty param store, validation on and a fixed seed."""
