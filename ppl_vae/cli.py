@@ -103,7 +103,8 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
         "program (two-layer: Burda et al.'s two-stochastic-layer VAE; conditional: a VAE given the labels, with "
         "--labels), or FILE.py:NAME for your own: a class or function in that file that returns an nn.Module with "
         "model(x, *cond) and guide(x, *cond) methods. The run directory keeps a copy of the file (with its sha256), "
-        "so evaluate, --resume, diagnose, plot and compare rebuild it without naming it again.",
+        "so evaluate, --resume, diagnose, plot and compare rebuild it without naming it again. That copy runs only "
+        "when it matches its sha256 and the run is yours (signed with your key when made): see `ppl-vae trust`.",
     )
     program.add_argument("--program", default=None, metavar="NAME|FILE.py:NAME",
                          help="the program to train (default: the built-in VAE)")

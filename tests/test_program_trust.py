@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ppl_vae import cli
-from ppl_vae.errors import RunDirectoryError, UntrustedProgramError
+from ppl_vae.errors import PplVaeWarning, RunDirectoryError, UntrustedProgramError
 from ppl_vae.train import load_run
 
 TINY = ["--epochs", "1", "--train-examples", "100", "--batch-size", "50", "--eval-examples", "20",
@@ -150,7 +150,8 @@ def test_a_copy_modified_with_its_sha256_updated_needs_trust(run, marker, data_r
     assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, "--trust-program") == 0
     assert marker.read_text() == "imported\n"
     assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 2
-    load_run(run, trust_program=True)
+    with pytest.warns(PplVaeWarning, match="has changed since the run started; using the copy"):
+        load_run(run, trust_program=True)
     assert marker.read_text() == "imported\n" * 2
     assert main("train", "--resume", "--run-dir", run, "--epochs", "2", "--no-progress", "--trust-program") == 0
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
