@@ -157,8 +157,8 @@ class ProgramSpec:
     * ``kwargs`` -- keyword arguments the class or function is called with;
     * ``source`` and ``sha256`` -- the copy of the file inside the run directory and its hash
       (set by :func:`record_spec`);
-    * ``signature`` -- HMAC-SHA256 of name, kwargs, source and sha256 with the key of the user who
-      made (or trusted) the run: :mod:`ppl_vae.trust`.
+    * ``signature`` -- HMAC-SHA256 of the other fields with the key of the user who made (or
+      trusted) the run: :mod:`ppl_vae.trust`.
     """
 
     name: str

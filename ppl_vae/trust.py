@@ -13,10 +13,10 @@ The rule, in the style of Jupyter's notebook trust:
   names outside the run (its ``"path"``, the user's original file) is ever imported.
 * **Runs this user made on this machine are trusted automatically**: when a run is created,
   :func:`sign` records in ``program.json`` a ``"signature"``: HMAC-SHA256, keyed with a per-user
-  secret (:func:`key_path`, 32 random bytes from :mod:`secrets`, a file of mode 0600), of the
-  program's name, keyword arguments, copy and the copy's sha256. Nobody without the key can
-  make a signature that verifies, so a run from elsewhere, or one whose program.json or copy was
-  changed, is not trusted.
+  secret (:func:`key_path`, 32 random bytes from :mod:`secrets`, a file of mode 0600), of every
+  other field of ``program.json`` (the program's name, keyword arguments, copy, the copy's sha256,
+  the original file's path). Nobody without the key can make a signature that verifies, so a run
+  from elsewhere, or one whose program.json or copy was changed, is not trusted.
 * **Any other run is refused** (:class:`~ppl_vae.errors.UntrustedProgramError`, one line naming
   the file and its sha256) unless the user trusts it: for one command with ``--trust-program``
   (``trust_program=True`` in Python), which signs nothing; or for good with
@@ -34,6 +34,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 import warnings
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 CONFIG_DIR_ENV = "PPL_VAE_CONFIG_DIR"
 KEY_FILE = "program_signing_key"
 _KEY_BYTES = 32
-_SIGNED_FIELDS = ("name", "kwargs", "source", "sha256")  # what a signature vouches for
 _VERSION = "ppl_vae program signature 1"
 
 
@@ -70,9 +70,10 @@ def key_path() -> Path:
 def _read_key(path: Path) -> bytes | None:
     """The key in ``path``; None where there is no such file; a one-line error where it is unreadable."""
     try:
+        mode = path.stat().st_mode
         text = path.read_text().strip()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # never made (creating it says why it cannot be)
     except (OSError, UnicodeDecodeError) as error:
         raise PplVaeError(f"cannot read the program-signing key {path} ({error}): fix its permissions, or delete it to "
                           "make a new one (runs signed with it then need `ppl-vae trust`)") from None
@@ -83,6 +84,9 @@ def _read_key(path: Path) -> bytes | None:
     if len(key) != _KEY_BYTES:
         raise PplVaeError(f"the program-signing key {path} is not {_KEY_BYTES} bytes in hex: delete it to make a new "
                           "one (runs signed with it then need `ppl-vae trust`)")
+    if os.name == "posix" and mode & 0o077:  # another user who can read it can sign runs you would then trust
+        raise PplVaeError(f"the program-signing key {path} can be read or written by other users (mode "
+                          f"{stat.S_IMODE(mode):o}): `chmod 600 {path}`, or delete it to make a new one")
     return key
 
 
@@ -123,12 +127,12 @@ def user_key(create: bool) -> bytes | None:
 
 
 def _message(spec: "ProgramSpec") -> bytes:
-    fields = {name: getattr(spec, name) for name in _SIGNED_FIELDS}
+    fields = {name: value for name, value in asdict(spec).items() if name != "signature"}
     return (_VERSION + "\n" + json.dumps(fields, sort_keys=True, separators=(",", ":"))).encode()
 
 
 def signature(spec: "ProgramSpec", key: bytes) -> str:
-    """HMAC-SHA256 (hex) of the program's name, keyword arguments, copy and sha256, keyed with ``key``."""
+    """HMAC-SHA256 (hex), keyed with ``key``, of every field of ``spec`` but the signature (as canonical JSON)."""
     return hmac.new(key, _message(spec), hashlib.sha256).hexdigest()
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from ppl_vae import cli
-from ppl_vae.errors import PplVaeWarning, RunDirectoryError, UntrustedProgramError
+from ppl_vae.errors import PplVaeError, PplVaeWarning, RunDirectoryError, UntrustedProgramError
+from ppl_vae.programs import ProgramSpec, build_program, load_spec, record_spec
 from ppl_vae.train import load_run
 
 TINY = ["--epochs", "1", "--train-examples", "100", "--batch-size", "50", "--eval-examples", "20",
@@ -277,3 +278,59 @@ def test_a_builtin_program_needs_no_trust(tmp_path, data_root, monkeypatch, caps
     assert main("evaluate", run_dir, "--data-dir", data_root, *EVALUATE) == 0
     capsys.readouterr()
     assert main("trust", run_dir) == 0 and "no file of its own to trust" in capsys.readouterr().out
+
+
+def recorded_run(tmp_path: Path) -> Path:
+    """A run directory holding only the record of the program above (no training), made by record_spec."""
+    source = tmp_path / "user" / "my_models.py"
+    source.parent.mkdir(exist_ok=True)
+    source.write_text(PROGRAM)
+    run_dir = tmp_path / "recorded"
+    run_dir.mkdir()
+    record_spec(run_dir, ProgramSpec.parse(f"{source}:Tiny", {"latent": 3}))
+    return run_dir
+
+
+def test_the_key_is_made_private_once_and_checked(tmp_path, monkeypatch, marker):
+    monkeypatch.setenv("PPL_VAE_TEST_MARKER", str(marker))
+    monkeypatch.setenv("PPL_VAE_CONFIG_DIR", str(tmp_path / "config"))
+    run_dir = recorded_run(tmp_path)
+    key = tmp_path / "config" / "program_signing_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(bytes.fromhex(key.read_text())) == 32
+    assert build_program(load_spec(run_dir), run_dir).latent == 3 and marker.exists()
+    marker.unlink()
+    key.chmod(0o644)  # others could read it, and sign runs this user would trust
+    with pytest.raises(PplVaeError, match="can be read or written by other users.*chmod 600"):
+        build_program(load_spec(run_dir), run_dir)
+    key.write_text("not a key")
+    key.chmod(0o600)
+    with pytest.raises(PplVaeError, match="is not 32 bytes in hex"):
+        build_program(load_spec(run_dir), run_dir)
+    assert not marker.exists()
+
+
+def test_every_field_of_the_record_is_signed(tmp_path, monkeypatch, marker):
+    monkeypatch.setenv("PPL_VAE_TEST_MARKER", str(marker))
+    run_dir = recorded_run(tmp_path)
+    assert build_program(load_spec(run_dir), run_dir).latent == 3
+    for field, value in (("kwargs", {"latent": 4}), ("path", "/elsewhere/my_models.py"), ("name", "Other")):
+        changed = {**record(run_dir), field: value}
+        (tmp_path / "changed").mkdir(exist_ok=True)
+        shutil.rmtree(tmp_path / "changed")
+        shutil.copytree(run_dir, tmp_path / "changed")
+        (tmp_path / "changed" / "program.json").write_text(json.dumps(changed))
+        with pytest.raises(UntrustedProgramError, match="not one made with your key"):
+            build_program(load_spec(tmp_path / "changed"), tmp_path / "changed")
+
+
+def test_a_run_recorded_where_no_key_can_be_made_is_unsigned(tmp_path, monkeypatch, marker):
+    monkeypatch.setenv("PPL_VAE_TEST_MARKER", str(marker))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PPL_VAE_CONFIG_DIR", str(tmp_path / "a-file" / "config"))
+    with pytest.warns(PplVaeWarning, match="cannot create the program-signing key.*recorded unsigned"):
+        run_dir = recorded_run(tmp_path)
+    assert record(run_dir)["signature"] is None
+    with pytest.raises(UntrustedProgramError, match="program.json is not signed"):
+        build_program(load_spec(run_dir), run_dir)
+    assert not marker.exists()
+    assert build_program(load_spec(run_dir), run_dir, trust=True).latent == 3 and marker.exists()
