@@ -251,8 +251,9 @@ def _add_trust_parser(subparsers) -> None:
         "RUN_DIR/program/, which evaluate, plot and train --resume import, running its code. Runs you make on this "
         "machine are signed with your key (kept in $PPL_VAE_CONFIG_DIR, else $XDG_CONFIG_HOME/ppl_vae or "
         "~/.config/ppl_vae) and trusted; a run from elsewhere is refused until you trust it. Read the file this "
-        "command names first: it checks the copy against its recorded sha256, prints it, and signs the run's "
-        "program.json with your key.",
+        "command names first: it checks the copy against its recorded sha256, prints its path, sha256 and how it is "
+        "called, and signs the run's program.json with your key (--trust-program on evaluate, plot or train --resume "
+        "instead runs it for that one command, signing nothing).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory whose program to trust")
     p.set_defaults(handler=_run_trust)
