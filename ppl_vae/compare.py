@@ -195,7 +195,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (
-            Path(r["run"]).name, r["model"], r["objective"], _epochs(r), r.get("quantity") or UNKNOWN_QUANTITY,
+            Path(r["run"]).name, r["model"], r["objective"], _epochs(r), _markdown(r.get("quantity") or UNKNOWN_QUANTITY),
             f"{r['elbo']:.2f} ± {r['elbo_se']:.2f}", _format(r["reconstruction"]), _format(r["kl"]),
             f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _paired(r), _format(r["gap"]),
             _format(r["bits_per_dim"], 3), _format_active_units(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
@@ -221,6 +221,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append("Stale results, marked ⚠ under epochs (run `ppl-vae evaluate` again for the latest checkpoint): "
                      + "; ".join(f"{Path(r['run']).name}: {r['result_file']} {r['stale']}" for r in stale) + ".")
     return "\n".join(lines)
+
+
+def _markdown(text: str) -> str:
+    """``text`` for a Markdown table cell: its bars escaped (``log p(x | y)``)."""
+    return text.replace("|", "\\|")
 
 
 def _epochs(row: dict[str, Any]) -> str:

@@ -179,7 +179,7 @@ def test_compare_pairs_only_runs_whose_evidence_is_of_the_same_quantity(runs_dir
     assert [row["quantity"] for row in rows] == ["log p(x)", "log p(x, y)", "log p(x | y)", "log p(x)"]
     assert rows[1]["log_px_minus_first"] == rows[2]["log_px_minus_first"] == ""
     assert float(rows[3]["log_px_minus_first"]) == 0  # the same quantity on the same images is paired
-    assert "| log p(x, y) |" in table and "| log p(x | y) |" in table
+    assert "| log p(x, y) |" in table and "| log p(x \\| y) |" in table  # a bar escaped in a Markdown cell
     assert ("Not paired with the first run: label: its evidence is log p(x, y), the first run's log p(x): a "
             "difference of different quantities; conditional: its evidence is log p(x | y)") in table
 
