@@ -851,7 +851,8 @@ def evidence_estimate(
     """Importance-sampled log p(x) per datapoint, with its standard error and effective sample size.
 
     Positional tensors after x are per-datapoint conditioning data, as in
-    :func:`elbo_decomposition`; with them the estimate is of log p(x | cond).
+    :func:`elbo_decomposition`; with them the estimate is of log p(x | y) where they are only
+    inputs, and of log p(x, y) where a site observes them (:func:`evidence_quantity`).
     Streams over chunks: it keeps log sum_k w_k and log sum_k w_k^2 in float64.
     """
     plan = plan_evaluation(
