@@ -6,7 +6,6 @@ Errors the user can fix are printed as one message (no traceback) with exit stat
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -521,16 +520,15 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     any number of processes; rank 0 then computes the tables and the diagnostics (which need all images
     at once: the aggregate posterior) and writes the files.
     """
-    import numpy
     import pyro
     import torch
 
-    from . import runs
     from .data import load_run_data
     from .errors import RunWriteError
     from .diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
     from .distributed import EVALUATION_BLOCK_SIZE, derive_seed, evaluate_per_datapoint, load_run_everywhere, seeded
     from .evaluate import evaluation_summary
+    from .evaluation_files import write_evaluation
     from .report import format_diagnostics, format_evaluation
     from .train import TrainConfig, describe_objective, levels_of, resolve_device
 
@@ -590,11 +588,8 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     arrays = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
     if psis is not None:
         arrays.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
-    per_image = io.BytesIO()
-    numpy.savez(per_image, **{key: value.numpy() for key, value in arrays.items()})
-    try:
-        runs.write_bytes(run_dir / PER_DATAPOINT_FILE, per_image.getvalue())  # before the summary that refers to it
-        runs.write_json(run_dir / runs.EVALUATION_FILE, result)
+    try:  # the npz, then the summary that records its id and sha256: committed as one (ppl_vae.evaluation_files)
+        write_evaluation(run_dir, result, {key: value.numpy() for key, value in arrays.items()})
     except RunWriteError as error:
         raise RunWriteError(f"{error}; the tables above are the evaluation's result, printed before writing") from None
     print(f"written to {run_dir / 'evaluation.json'} and {run_dir / PER_DATAPOINT_FILE}")
@@ -712,13 +707,13 @@ def _run_diagnose(args: argparse.Namespace) -> int:
 
 
 def _diagnose(run_dir: Path) -> int:
-    import numpy
-
     from . import plots, runs
     from .diagnostics import site_diagnostics
+    from .evaluation_files import read_per_datapoint
 
-    diagnostics = runs.read_json(run_dir / "evaluation.json")["diagnostics"]
-    per_datapoint = numpy.load(run_dir / PER_DATAPOINT_FILE)
+    evaluation = runs.read_json(run_dir / "evaluation.json")
+    diagnostics = evaluation["diagnostics"]
+    per_datapoint = read_per_datapoint(run_dir, evaluation)  # refuses the npz of another evaluation
     out = run_dir / "plots"
     written = []
     if "khat" in per_datapoint:

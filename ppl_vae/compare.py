@@ -12,6 +12,14 @@ differences d_n, with standard error sd(d_n) / sqrt(N). The images' own spread c
 in d_n, so this s.e. is several times smaller than that of either run's mean: the honest
 scale for "is variant B better than A on these images".
 
+Paired differences are only taken between runs whose evidence is of the same quantity: a run
+whose model observes the labels estimates log p(x, y), a conditional one given them log p(x | y),
+and neither is comparable image by image with another run's log p(x). The table has a column
+for each run's quantity and a note naming the runs left unpaired, and why
+(:func:`ppl_vae.evaluation_files.result_quantity` says how files older than the quantity are read).
+The per-image values are read with :func:`ppl_vae.evaluation_files.read_per_datapoint`, which
+refuses an npz from another evaluation than the evaluation.json beside it.
+
 Each result file records the epoch (and the id of the checkpoint) it was computed
 from; the newer of ``evaluation.json`` and ``test.json`` is used, and the table marks a
 result computed before the run's latest checkpoint (``4 (run at 6)``).
@@ -30,15 +38,17 @@ import numpy
 from . import runs
 from .diagnostics import site_diagnostics
 from .errors import RunDirectoryError
+from .evaluation_files import read_per_datapoint, result_quantity
 from .model import VAEConfig
 from .train import TrainConfig, describe_objective
 
 COLUMNS = (
-    "run", "model", "objective", "epochs", "split", "images", "elbo", "elbo_se", "reconstruction", "kl",
+    "run", "model", "objective", "epochs", "split", "images", "quantity", "elbo", "elbo_se", "reconstruction", "kl",
     "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
-    "log_px_minus_first", "log_px_minus_first_se", "result_file", "run_epoch", "stale",
+    "log_px_minus_first", "log_px_minus_first_se", "not_paired", "result_file", "run_epoch", "stale",
 )
-PER_IMAGE_FILE = "evaluation_per_datapoint.npz"  # written by `ppl-vae evaluate` beside evaluation.json
+PER_IMAGE_FILE = runs.PER_DATAPOINT_FILE  # written by `ppl-vae evaluate` beside evaluation.json
+UNKNOWN_QUANTITY = "?"  # shown for a result whose quantity cannot be told (evaluation_files.result_quantity)
 
 
 def _result_epoch(result: dict) -> int | None:
@@ -96,6 +106,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "epochs": epoch,
         "split": result.get("split", "test"),
         "images": result["num_datapoints"],
+        "quantity": result_quantity(result, config, run_dir),
         "elbo": result["elbo"]["mean"],
         "elbo_se": result["elbo"]["stderr"],
         "reconstruction": result["reconstruction"]["mean"],
@@ -110,6 +121,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "device": metrics[-1]["device"] if metrics else result.get("device"),
         "log_px_minus_first": None,
         "log_px_minus_first_se": None,
+        "not_paired": None,
         "result_file": name,
         "run_epoch": run_epoch,
         "stale": stale,
@@ -120,16 +132,23 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.ndarray | None:
-    """The per-image log p̂(x) of ``ppl-vae evaluate``, when saved and consistent with its summary."""
+    """The per-image log p̂ of ``ppl-vae evaluate``, when saved; an npz of another evaluation is refused (one line)."""
     path = run_dir / PER_IMAGE_FILE
     if result_file != runs.EVALUATION_FILE or not path.is_file():
         return None
-    values = numpy.load(path)["log_evidence"].astype(numpy.float64)
+    values = read_per_datapoint(run_dir, result).get("log_evidence")
+    if values is None:
+        return None
+    values = numpy.asarray(values, dtype=numpy.float64)
     return values if values.shape == (result["num_datapoints"],) else None
 
 
 def add_paired_differences(rows: list[dict[str, Any]]) -> None:
-    """Fill ``log_px_minus_first`` (mean of per-image differences to the first run) and its s.e., where comparable."""
+    """Fill ``log_px_minus_first`` (mean of per-image differences to the first run) and its s.e., where comparable.
+
+    Runs whose evidence is of another quantity than the first run's (or of an unknown one) are not
+    paired; ``not_paired`` says why.
+    """
     first = rows[0]
     for row in rows[1:]:
         comparable = (
@@ -138,9 +157,28 @@ def add_paired_differences(rows: list[dict[str, Any]]) -> None:
         )
         if not comparable:
             continue
-        differences = row["_per_image_log_px"] - first["_per_image_log_px"]
-        row["log_px_minus_first"] = float(differences.mean())
-        row["log_px_minus_first_se"] = float(differences.std(ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else math.nan
+        quantity, first_quantity = row.get("quantity"), first.get("quantity")
+        if quantity is None or first_quantity is None or quantity != first_quantity:
+            row["not_paired"] = _why_not_paired(quantity, first_quantity)
+            continue
+        row["log_px_minus_first"], row["log_px_minus_first_se"] = paired_difference(
+            first["_per_image_log_px"], row["_per_image_log_px"])
+
+
+def paired_difference(first: numpy.ndarray, other: numpy.ndarray) -> tuple[float, float]:
+    """The mean over images of ``other - first`` and its standard error sd(d) / sqrt(N) (NaN for one image)."""
+    differences = numpy.asarray(other, dtype=numpy.float64) - numpy.asarray(first, dtype=numpy.float64)
+    stderr = float(differences.std(ddof=1) / math.sqrt(len(differences))) if len(differences) > 1 else math.nan
+    return float(differences.mean()), stderr
+
+
+def _why_not_paired(quantity: str | None, first_quantity: str | None) -> str:
+    unknown = "an unknown quantity (a result file older than the quantity's record, of a program given labels it may " \
+              "observe: run `ppl-vae evaluate` again)"
+    if quantity is None or first_quantity is None:
+        return f"its evidence is of {unknown if quantity is None else quantity}, the first run's of " \
+               f"{unknown if first_quantity is None else first_quantity}"
+    return f"its evidence is {quantity}, the first run's {first_quantity}: a difference of different quantities"
 
 
 def _format(value: Any, digits: int = 2) -> str:
@@ -152,12 +190,12 @@ def _format(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ("run", "model", "objective", "epochs", "ELBO", "reconstruction", "KL", "log p̂(x)", "K",
+    header = ("run", "model", "objective", "epochs", "evidence of", "ELBO", "reconstruction", "KL", "log p̂", "K",
               "minus first run (paired)", "gap", "bits/dim", "active units", "train time", "device")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (
-            Path(r["run"]).name, r["model"], r["objective"], _epochs(r),
+            Path(r["run"]).name, r["model"], r["objective"], _epochs(r), _markdown(r.get("quantity") or UNKNOWN_QUANTITY),
             f"{r['elbo']:.2f} ± {r['elbo_se']:.2f}", _format(r["reconstruction"]), _format(r["kl"]),
             f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _paired(r), _format(r["gap"]),
             _format(r["bits_per_dim"], 3), _format_active_units(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
@@ -168,15 +206,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         f"Nats per image on the {', '.join(sorted({r['split'] for r in rows}))} split "
         f"({', '.join(str(i) for i in sorted(images))} images), ± standard error over images. "
-        "Paired: the mean over the same images of log p̂(x) minus the first run's, ± its standard error "
-        "(– where the runs were not evaluated on the same images by `ppl-vae evaluate`)."
+        "Paired: the mean over the same images of log p̂ minus the first run's, ± its standard error "
+        "(– where the runs were not evaluated on the same images by `ppl-vae evaluate`, or their evidence is "
+        "of different quantities)."
     )
+    unpaired = [r for r in rows if r.get("not_paired")]
+    if unpaired:
+        lines.append("")
+        lines.append("Not paired with the first run: " + "; ".join(
+            f"{Path(r['run']).name}: {r['not_paired']}" for r in unpaired) + ".")
     stale = [r for r in rows if r.get("stale")]
     if stale:
         lines.append("")
         lines.append("Stale results, marked ⚠ under epochs (run `ppl-vae evaluate` again for the latest checkpoint): "
                      + "; ".join(f"{Path(r['run']).name}: {r['result_file']} {r['stale']}" for r in stale) + ".")
     return "\n".join(lines)
+
+
+def _markdown(text: str) -> str:
+    """``text`` for a Markdown table cell: its bars escaped (``log p(x | y)``)."""
+    return text.replace("|", "\\|")
 
 
 def _epochs(row: dict[str, Any]) -> str:

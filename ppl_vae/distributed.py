@@ -574,6 +574,10 @@ def _join_decompositions(parts: list[dict]) -> dict:
     return {
         "elbo": torch.cat([p["elbo"] for p in parts]),
         "reconstruction": torch.cat([p["reconstruction"] for p in parts]),
+        "reconstruction_by_site": {name: torch.cat([p["reconstruction_by_site"][name] for p in parts])
+                                   for name in first["reconstruction_by_site"]},
+        "observed_data": dict(first["observed_data"]),
+        "quantity": first["quantity"],
         "kl": {name: torch.cat([p["kl"][name] for p in parts]) for name in first["kl"]},
         "kl_method": dict(first["kl_method"]),
         "kl_reason": dict(first.get("kl_reason", {})),

@@ -14,7 +14,7 @@ and latent sites i (parents pa_i),
     \mathrm{ELBO}(x) = \underbrace{E_q[\log p(x | z)]}_{\text{reconstruction}}
                        - \sum_i \underbrace{E_q[\log q(z_i | \cdot) - \log p(z_i | pa_i)]}_{\mathrm{KL}_i}
 
-where the reconstruction term sums every observed site. Each KL_i is computed
+where the reconstruction term sums every observed site (and is also given per observed site). Each KL_i is computed
 analytically with ``torch.distributions.kl_divergence`` when a rule is
 registered for the pair of distributions (the expectation over the parents stays
 Monte Carlo), and by Monte Carlo otherwise; the result says which. The ELBO is
@@ -36,6 +36,15 @@ datapoints, with a warning (:func:`iter_chunk_terms`).
 Observed Bernoulli sites are scored by :mod:`ppl_vae.fused` where its conditions hold (checked
 on every chunk; the same log-density to float tolerance, about twice as fast on the CPU), and
 by their own ``log_prob`` elsewhere; ``ProgramStructure.log_density`` says which, and why.
+
+**What the evidence is of** (:func:`evidence_quantity`). The programs take the data arguments
+(x, *cond); each observed site observes one of them. Those observed are the quantity's
+variables and the others its conditioning inputs: ``log p(x)`` for a program given x alone,
+``log p(x | y)`` for one given labels y only as an input (a conditional VAE), ``log p(x, y)``
+for one that also observes them (``pyro.sample("digit", ..., obs=y)``: then the
+"reconstruction" includes log p(y | z) and the estimate is of the joint). An observed site
+observes a conditioning argument when its value is that tensor (in any shape or dtype) or its
+one-hot encoding; every other observed site counts as observing x (the data, perhaps transformed).
 
 Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
 ignored here on purpose: these functions report the unscaled model, which is
@@ -128,6 +137,10 @@ class ProgramStructure:
     # How each observed site's log-density is computed (ppl_vae.fused): the fused path, or the site's own
     # log_prob and why. Found on the inspection trace; every chunk checks the fused path's conditions again.
     log_density: dict[str, str] = field(default_factory=dict)
+    # Which data argument each observed site observes ("x", or "y"/"y1", "y2"... for the conditioning
+    # tensors), and the quantity the evidence is then of, e.g. "log p(x | y)" (evidence_quantity).
+    observed_data: dict[str, str] = field(default_factory=dict)
+    quantity: str = "log p(x)"
 
 
 def check_count(value: Any, name: str) -> int:
@@ -292,10 +305,12 @@ def inspect_program(
     _check_guide_data_plate(guide_sites, latent, data_frame)
     guide_order = list(guide_sites)
     model_parents, guide_parents, dependencies = latent_parents(model, guide, data, latent, guide_order)
+    observed_data = {name: observed_argument(model_sites[name]["value"], data) for name in observed}
     structure = ProgramStructure(
         max_plate_nesting, data_frame.name, data_frame.dim, observed, latent,
         model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
         log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
+        observed_data=observed_data, quantity=evidence_quantity(observed_data.values(), len(data)),
     )
     for name in latent:
         conflicts = sorted(model_parents[name] & guide_descendants(guide_parents, name))
@@ -316,6 +331,57 @@ def inspect_program(
         if reason:
             structure.kl_reasons[name] = reason
     return structure
+
+
+def data_argument_names(count: int) -> list[str]:
+    """The names of the data arguments (x, *cond) in quantities: x, then y (one) or y1, y2, ... (several)."""
+    return ["x"] + (["y"] if count == 2 else [f"y{i}" for i in range(1, count)])
+
+
+def observed_argument(value: Any, data: Data) -> str:
+    """The data argument an observed site's ``value`` observes: a conditioning tensor it equals, else ``"x"``.
+
+    A value equals a conditioning tensor when it holds the same numbers in the same order (any
+    shape or dtype: ``obs=y`` or ``obs=y.float()``), or is its one-hot encoding
+    (``OneHotCategorical``, ``obs=one_hot(y)``). Any other observed value counts as observing x,
+    the data, perhaps transformed: a program given x alone can observe nothing else.
+    """
+    names = data_argument_names(len(data))
+    if isinstance(value, torch.Tensor) and value.numel():
+        for name, argument in zip(names[1:], data[1:]):
+            if _same_values(value, argument) or _one_hot_of(value, argument):
+                return name
+    return "x"
+
+
+def _same_values(value: torch.Tensor, argument: torch.Tensor) -> bool:
+    if value.numel() != argument.numel() or value.is_complex() or argument.is_complex():
+        return False
+    return bool(torch.equal(value.reshape(-1).double(), argument.reshape(-1).to(value.device).double()))
+
+
+def _one_hot_of(value: torch.Tensor, argument: torch.Tensor) -> bool:
+    if argument.is_floating_point() or argument.is_complex() or value.dim() == 0 or value.shape[-1] < 2:
+        return False
+    if value.numel() // value.shape[-1] != argument.numel():
+        return False
+    flat = value.reshape(-1, value.shape[-1]).double()
+    one_hot = bool(((flat == 0) | (flat == 1)).all()) and bool((flat.sum(-1) == 1).all())
+    return one_hot and bool(torch.equal(flat.argmax(-1), argument.reshape(-1).to(value.device).long()))
+
+
+def evidence_quantity(observed: Any, num_arguments: int) -> str:
+    """The quantity the evidence estimates, from the data arguments the observed sites observe.
+
+    ``observed`` holds argument names (:func:`data_argument_names`); those observed are the
+    joint variables and the rest conditioning inputs, in argument order: ``"log p(x)"``,
+    ``"log p(x | y)"`` (y only an input), ``"log p(x, y)"`` (y observed too).
+    """
+    names = data_argument_names(num_arguments)
+    seen = set(observed)
+    variables = [name for name in names if name in seen]
+    inputs = [name for name in names if name not in seen]
+    return f"log p({', '.join(variables)}{' | ' + ', '.join(inputs) if inputs else ''})"
 
 
 def _describe(fn) -> str:
@@ -489,8 +555,9 @@ class ChunkTerms:
     """Per-particle, per-datapoint terms of one chunk, each [k, n] in nats."""
 
     log_weight: torch.Tensor
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor  # the sum of reconstruction_by_site
     kl: dict[str, torch.Tensor]
+    reconstruction_by_site: dict[str, torch.Tensor] = field(default_factory=dict)  # log p(obs | ...) per observed site
 
 
 def chunk_terms(
@@ -506,9 +573,8 @@ def chunk_terms(
     def reduce(value, site):
         return _per_datapoint(value, site["mask"], structure, k, n)
 
-    reconstruction = sum(
-        reduce(_observed_log_prob(model_sites[name]), model_sites[name]) for name in structure.observed_sites
-    )
+    by_site = {name: reduce(_observed_log_prob(model_sites[name]), model_sites[name]) for name in structure.observed_sites}
+    reconstruction = sum(by_site.values())
     log_weight = reconstruction
     kl = {}
     for name in structure.latent_sites:
@@ -519,7 +585,7 @@ def chunk_terms(
             kl[name] = reduce(kl_divergence(q_site["fn"], p_site["fn"]), q_site)
         else:
             kl[name] = log_q - log_p
-    return ChunkTerms(log_weight, reconstruction, kl)
+    return ChunkTerms(log_weight, reconstruction, kl, by_site)
 
 
 def chunk_element_budget(device: torch.device, free_bytes: int | None = None) -> int:
@@ -712,6 +778,9 @@ def elbo_decomposition(
 
     * ``"elbo"`` -- reconstruction minus the sum of the KL terms;
     * ``"reconstruction"`` -- E_q[log p(x | z)], summed over every observed site;
+    * ``"reconstruction_by_site"`` -- a dict from each observed site's name to its term (they sum to the above);
+    * ``"observed_data"`` -- a dict from each observed site's name to the data argument it observes;
+    * ``"quantity"`` -- what the evidence of these programs is of, e.g. ``"log p(x | y)"`` (:func:`evidence_quantity`);
     * ``"kl"`` -- a dict from each latent site's name to its KL(q || p) term;
     * ``"kl_method"`` -- a dict from each latent site's name to ``"analytic"`` or ``"monte carlo"``;
     * ``"kl_reason"`` -- for each Monte Carlo site, why (no rule registered, parents drawn
@@ -726,21 +795,29 @@ def elbo_decomposition(
         particles_per_chunk=particles_per_chunk, data_plate=data_plate, kl=kl,
     )
     num_samples = plan.num_samples
+    structure = plan.structure
     reconstruction = torch.zeros(x.shape[0], dtype=torch.float64)
-    kl_terms = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in plan.structure.latent_sites}
+    by_site = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in structure.observed_sites}
+    kl_terms = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in structure.latent_sites}
     for rows, terms in iter_chunk_terms(model, guide, (x, *cond), plan, progress):
         reconstruction[rows] += terms.reconstruction.double().sum(0).cpu()
+        for name, value in terms.reconstruction_by_site.items():
+            by_site[name][rows] += value.double().sum(0).cpu()
         for name, value in terms.kl.items():
             kl_terms[name][rows] += value.double().sum(0).cpu()
     reconstruction /= num_samples
+    by_site = {name: total / num_samples for name, total in by_site.items()}
     kl_terms = {name: total / num_samples for name, total in kl_terms.items()}
     elbo = reconstruction - sum(kl_terms.values())
     return {
         "elbo": elbo,
         "reconstruction": reconstruction,
+        "reconstruction_by_site": by_site,
+        "observed_data": dict(structure.observed_data),
+        "quantity": structure.quantity,
         "kl": kl_terms,
-        "kl_method": dict(plan.structure.kl_methods),
-        "kl_reason": dict(plan.structure.kl_reasons),
+        "kl_method": dict(structure.kl_methods),
+        "kl_reason": dict(structure.kl_reasons),
         "num_samples": num_samples,
     }
 
@@ -774,7 +851,8 @@ def evidence_estimate(
     """Importance-sampled log p(x) per datapoint, with its standard error and effective sample size.
 
     Positional tensors after x are per-datapoint conditioning data, as in
-    :func:`elbo_decomposition`; with them the estimate is of log p(x | cond).
+    :func:`elbo_decomposition`; with them the estimate is of log p(x | y) where they are only
+    inputs, and of log p(x, y) where a site observes them (:func:`evidence_quantity`).
     Streams over chunks: it keeps log sum_k w_k and log sum_k w_k^2 in float64.
     """
     plan = plan_evaluation(
@@ -880,7 +958,9 @@ def evaluation_summary(
     """Dataset means, with standard errors over datapoints, of every per-datapoint quantity (nats/datapoint).
 
     Positional tensors after x are per-datapoint conditioning data, as in
-    :func:`elbo_decomposition`. Returns a JSON-ready dict: ``elbo``, ``reconstruction``,
+    :func:`elbo_decomposition`. Returns a JSON-ready dict: ``quantity`` (what the evidence is
+    of, e.g. ``"log p(x | y)"``), ``observed_sites`` (the data argument each observed site
+    observes), ``elbo``, ``reconstruction`` (and ``reconstruction_by_site``),
     ``kl`` (``total`` and per ``sites``, each with its method, and for Monte Carlo sites the
     reason), ``log_evidence`` (with K and the mean
     per-datapoint Monte Carlo standard error) and ``gap`` = log p̂(x) - ELBO, each
@@ -913,10 +993,14 @@ def evaluation_summary(
     kl_total = sum(decomposition["kl"].values())
     result = {
         "units": "nats per datapoint",
+        # What log_evidence estimates (and the ELBO bounds): "log p(x)", "log p(x | y)", "log p(x, y)".
+        "quantity": decomposition["quantity"],
+        "observed_sites": dict(decomposition["observed_data"]),
         "num_datapoints": int(x.shape[0]),
         "elbo_samples": elbo_samples,
         "elbo": _summary(decomposition["elbo"]),
         "reconstruction": _summary(decomposition["reconstruction"]),
+        "reconstruction_by_site": {name: _summary(value) for name, value in decomposition["reconstruction_by_site"].items()},
         "kl": {
             "total": _summary(kl_total),
             "sites": {

@@ -131,13 +131,17 @@ def plot_learning_curve(metrics: Sequence[dict[str, Any]], path: str | Path, pub
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """ELBO and log p̂(x) of several runs side by side, with standard-error bars."""
+    """ELBO and log p̂ of several runs side by side, with standard-error bars (each run's quantity under its name
+    when they differ: log p(x), log p(x | y) and log p(x, y) are not the same number)."""
     names = [Path(r["run"]).name for r in rows]
+    quantities = [r.get("quantity") or "?" for r in rows]
+    if len(set(quantities)) > 1:
+        names = [f"{name}\n{quantity}" for name, quantity in zip(names, quantities)]
     positions = torch.arange(len(rows)).float()
     figure, axis = plt.subplots(figsize=(max(5, 1.3 * len(rows)), 3.5), layout="constrained")
     axis.bar(positions - 0.2, [r["elbo"] for r in rows], width=0.4, yerr=[r["elbo_se"] for r in rows], label="ELBO", capsize=3)
     axis.bar(positions + 0.2, [r["log_px"] for r in rows], width=0.4, yerr=[r["log_px_se"] for r in rows],
-             label="log p̂(x)", capsize=3)
+             label="log p̂(x)" if set(quantities) == {"log p(x)"} else "log p̂", capsize=3)
     values = [v for r in rows for v in (r["elbo"], r["log_px"])]
     span = max(values) - min(values) or 1.0
     axis.set_ylim(min(values) - 0.5 * span, max(values) + 0.5 * span)

@@ -11,17 +11,34 @@ def _row(label: str, stat: dict[str, float], width: int) -> str:
     return f"{label:<{width}} {stat['mean']:>11.3f} {stat['stderr']:>9.3f}"
 
 
+def estimate_label(quantity: str) -> str:
+    """``log p(x | y)`` as an estimate: ``log p̂(x | y)``."""
+    return quantity.replace("log p(", "log p̂(", 1)
+
+
+def reconstruction_label(quantity: str) -> str:
+    """The reconstruction term of the evidence ``quantity``: ``E_q[log p(x|z)]``, ``E_q[log p(x, y|z)]``, ``E_q[log p(x|z, y)]``."""
+    variables, _, inputs = quantity[len("log p("):-1].partition(" | ")
+    return f"E_q[log p({variables}|{', '.join(['z', *filter(None, [inputs])])})]"
+
+
 def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     """A fixed-width table of an :func:`ppl_vae.evaluate.evaluation_summary` result, in nats per datapoint."""
     k = result["log_evidence"]["num_samples"]
+    quantity = result.get("quantity", "log p(x)")
+    estimate = estimate_label(quantity)
     rows: list[tuple[str, dict]] = [
         (f"ELBO ({result['elbo_samples']} draws/datapoint)", result["elbo"]),
-        ("  reconstruction E_q[log p(x|z)]", result["reconstruction"]),
-        ("  KL(q || p), total", result["kl"]["total"]),
+        (f"  reconstruction {reconstruction_label(quantity)}", result["reconstruction"]),
     ]
+    by_site = result.get("reconstruction_by_site", {})
+    if len(by_site) > 1:  # one line per observed site: which part of the evidence each holds
+        observes = result.get("observed_sites", {})
+        rows += [(f"    at site '{name}' (observes {observes.get(name, '?')})", stat) for name, stat in by_site.items()]
+    rows.append(("  KL(q || p), total", result["kl"]["total"]))
     for name, stat in result["kl"]["sites"].items():
         rows.append((f"    KL at site '{name}' ({stat['method']})", stat))
-    rows += [(f"log p̂(x), importance sampled (K={k})", result["log_evidence"]), ("gap log p̂(x) - ELBO", result["gap"])]
+    rows += [(f"{estimate}, importance sampled (K={k})", result["log_evidence"]), (f"gap {estimate} - ELBO", result["gap"])]
     width = max(len(label) for label, _ in rows)
     lines = []
     if title:
@@ -32,7 +49,7 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     if "bits_per_dim" in result:
         bpd = result["bits_per_dim"]
         lines.append(_row("ELBO in bits/dim", bpd["elbo"], width))
-        lines.append(_row(f"log p̂(x) in bits/dim (K={k})", bpd["log_evidence"], width))
+        lines.append(_row(f"{estimate} in bits/dim (K={k})", bpd["log_evidence"], width))
     lines.append("-" * (width + 22))
     if "bits_per_dim" in result:
         lines.append(f"bits/dim: {result['bits_per_dim']['method']} (lower is better).")
@@ -41,13 +58,22 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
                else "undefined with K=1 (one weight per datapoint has no spread)")
     lines.append(
         f"N = {result['num_datapoints']} datapoints; s.e. = standard error of the mean over datapoints. "
-        f"Per-datapoint Monte Carlo s.e. of log p̂(x): {mc_text}; "
+        f"Per-datapoint Monte Carlo s.e. of {estimate}: {mc_text}; "
         f"mean effective sample size {result['log_evidence']['mean_ess']:.0f} of {k}."
     )
+    lines.append(quantity_note(quantity, result.get("observed_sites", {})))
     reasons = [(name, stat["reason"]) for name, stat in result["kl"]["sites"].items() if stat.get("reason")]
     for name, reason in reasons:
         lines.append(f"KL at site '{name}' is Monte Carlo: {reason}.")
     return "\n".join(lines)
+
+
+def quantity_note(quantity: str, observed_sites: dict[str, str]) -> str:
+    """One line saying what the evidence is of and why: which site observes which data argument."""
+    sites = ", ".join(f"site '{name}' observes {argument}" for name, argument in observed_sites.items())
+    inputs = quantity.partition(" | ")[2].rstrip(")")
+    given = f"; {inputs} {'are only inputs' if ',' in inputs else 'is only an input'}" if inputs else ""
+    return f"The evidence is {quantity}: {sites or 'the observed sites are not recorded'}{given}."
 
 
 def _stat(value: Any) -> str:

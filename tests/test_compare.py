@@ -13,7 +13,7 @@ def row(name: str, per_image, images: int | None = None, binarize: str = "dynami
     n = images if images is not None else len(per_image)
     mean = float(per_image.mean()) if per_image is not None else -90.0
     return {
-        "run": name, "model": "m", "objective": "o", "epochs": 1, "split": "test", "images": n,
+        "run": name, "model": "m", "objective": "o", "epochs": 1, "split": "test", "images": n, "quantity": "log p(x)",
         "elbo": mean - 5, "elbo_se": 1.0, "reconstruction": -80.0, "kl": 15.0, "log_px": mean, "log_px_se": 1.0,
         "k": 10, "gap": 5.0, "bits_per_dim": None, "active_units": {"unavailable": "flow guide"},
         "train_seconds": 1.0, "device": "cpu", "log_px_minus_first": None, "log_px_minus_first_se": None,

@@ -10,7 +10,8 @@ Guide ``guide(x, y)``::
     z ~ N(mu_phi([x, onehot(y)]), diag sigma_phi([x, onehot(y)])^2)
 
 so the evidence it bounds is log p(x | y). Against an unconditional VAE on the same images,
-log p(x | y) - log p(x) says how many nats the label is worth (``ppl-vae compare`` pairs them).
+log p(x | y) - log p(x) says how many nats the label is worth (``experiments/conditional.py`` pairs them per
+image; ``ppl-vae compare`` pairs only runs whose evidence is of the same quantity, and says so).
 """
 
 from __future__ import annotations
