@@ -108,6 +108,7 @@ from .evaluate import (
     plan_evaluation,
     trace_pair,
 )
+from .modes import evaluates
 
 KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, PSIS estimates are unreliable
 # PSIS fits its Pareto tail to the largest min(K/5, 3 sqrt(K)) weights, and needs at least
@@ -465,6 +466,7 @@ def _activity(site: _Site) -> torch.Tensor:
     return means.var(0, correction=1 if site.num_datapoints > 1 else 0)
 
 
+@evaluates
 def kl_per_dimension(
     model: Callable,
     guide: Callable,
@@ -490,6 +492,7 @@ def _active_units(site: _Site, threshold: float) -> dict[str, Any]:
     return {"num_active": int(active.sum()), "active": active, "activity": activity, "threshold": threshold}
 
 
+@evaluates
 def active_units(
     model: Callable,
     guide: Callable,
@@ -542,6 +545,7 @@ def _collapse_report(site: _Site, kl_threshold: float, activity_threshold: float
     }
 
 
+@evaluates
 def collapse_report(
     model: Callable,
     guide: Callable,
@@ -652,6 +656,7 @@ def _summary(per_datapoint: torch.Tensor) -> dict[str, float]:
     return {"mean": mean, "stderr": stderr}
 
 
+@evaluates
 def elbo_surgery(
     model: Callable,
     guide: Callable,
@@ -697,6 +702,7 @@ def _elbo_surgery(data: _Site, num_samples: int) -> dict[str, Any]:
     }
 
 
+@evaluates
 def total_correlation(
     model: Callable,
     guide: Callable,
@@ -756,6 +762,7 @@ def _or_reason(compute: Callable[[], Any]) -> Any:
                                f"({str(error).splitlines()[0]})"}
 
 
+@evaluates
 def diagnostics_summary(
     model: Callable,
     guide: Callable,

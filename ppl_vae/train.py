@@ -525,6 +525,7 @@ def _train(
     else:
         data_info = {"data_dim": model_config.data_dim, "image_shape": model_config.image_shape}
         vae = (given if given is not None else build_program(spec, run_dir if resume else None, data_info)).to(device)
+    vae.train()  # a program object may come in eval mode: the checks below see the mode training steps run in
     data = load_data(config, vae, device)
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
@@ -587,6 +588,7 @@ def _train(
             trained.kl_weight = kl_weight(config, epoch)
             batches = processes.epoch_batches(data, config, epoch)
             engine.begin_epoch(stop)
+            vae.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
             train_elbo, steps = run_epoch(
                 batches, engine.step, engine.stop_requested, math.ceil(data.train.shape[0] / config.batch_size),
                 epoch, config.epochs, progress and main, kept,
