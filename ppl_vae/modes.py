@@ -73,3 +73,19 @@ def evaluates(function: F) -> F:
             return function(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def running_statistics_problem(module: nn.Module) -> str | None:
+    """Why a loss compiled by ``torch.jit.trace`` would keep ``module``'s running statistics wrong (None if not).
+
+    The compiled loss replays the in-place updates of BatchNorm's running mean and variance, but not the
+    count ``num_batches_tracked`` (a Python-side increment the trace records as a constant). With the default
+    momentum the count is unused; with ``momentum=None`` the running statistics are a cumulative average with
+    factor 1 / num_batches_tracked, which the trace freezes at the value of its first batch: the running
+    statistics that every evaluation (eval mode) normalizes with would be silently wrong.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats and sub.momentum is None:
+            return (f"{name.removeprefix('program.') or 'the program'} ({type(sub).__name__}) has momentum=None: its "
+                    "running statistics average over num_batches_tracked, which the compiled loss does not count")
+    return None

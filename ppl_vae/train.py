@@ -87,6 +87,7 @@ from .evaluate import (
     mean_and_stderr,
 )
 from .model import VAEConfig, build_vae
+from .modes import running_statistics_problem
 from .objectives import (
     COMPILED_OBJECTIVES,
     check_meanfield,
@@ -1128,7 +1129,8 @@ def choose_engine(
             return EngineChoice(requested, "svi", f"the compiled loss is not yet measured on {device.type}; "
                                                   "--engine jit uses it there")
     started = time.perf_counter()
-    problem = compiled_loss_problem(program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
+    problem = running_statistics_problem(program) or compiled_loss_problem(
+        program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
     seconds = time.perf_counter() - started
     if problem:
         return EngineChoice(requested, "svi", problem, seconds)

@@ -9,8 +9,10 @@ import json
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+from torch import nn
 
 from ppl_vae import cli, runs
 from ppl_vae.diagnostics import diagnostics_summary
@@ -18,8 +20,9 @@ from ppl_vae.distributed import evaluate_per_datapoint
 from ppl_vae.evaluate import elbo_decomposition, evaluation_summary, evidence_estimate
 from ppl_vae.latent2d import program_log_joint
 from ppl_vae.modes import evaluation_mode
-from ppl_vae.programs import check_parameters_belong
-from ppl_vae.train import TrainConfig, check_first_batch, load_run, train
+from ppl_vae.objectives import CompiledVAELoss
+from ppl_vae.programs import Weighted, check_parameters_belong
+from ppl_vae.train import TrainConfig, check_first_batch, choose_engine, load_run, train
 
 PROGRAMS = '''
 """A VAE with Dropout in its decoder, and one with BatchNorm in both networks, as a user would write them."""
@@ -208,3 +211,42 @@ def test_the_test_evaluation_of_train_equals_evaluate_up_to_monte_carlo_noise(pr
     stderr = math.sqrt(variance * (1 / test_elbo_samples + 1 / evaluate_elbo_samples) / images)
     difference = trained["elbo"]["mean"] - evaluated["elbo"]["mean"]
     assert abs(difference) < 4 * stderr, (difference, stderr)
+
+
+class CumulativeBatchNormVAE(nn.Module):
+    """BatchNorm with momentum=None: running statistics that average over every batch seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(784, 8, bias=False), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 4))
+        self.decoder = nn.Linear(2, 784)
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    def guide(self, x):
+        loc, raw = self.encoder(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def test_the_compiled_loss_is_not_chosen_where_it_would_keep_running_statistics_wrong():
+    """The compiled loss does not count num_batches_tracked, so BatchNorm's cumulative average (momentum=None)
+    comes out wrong from it; evaluations normalize with those statistics, so such a program trains with SVI."""
+    batches = [_images(50, seed=seed) * (0.3 + 0.2 * seed) for seed in range(4)]
+    compiled_program = CumulativeBatchNormVAE()
+    weighted = Weighted(compiled_program)
+    weighted.register_params = False
+    loss = CompiledVAELoss(weighted, "elbo", 1, 1)
+    for x in batches:
+        loss(x)
+    with torch.no_grad():
+        expected = torch.stack([compiled_program.encoder[0](x).mean(0) for x in batches]).mean(0)
+    assert not torch.allclose(compiled_program.encoder[1].running_mean, expected, atol=1e-3)  # why it is refused
+    program = CumulativeBatchNormVAE()
+    for engine in ("auto", "jit"):
+        choice = choose_engine(TrainConfig(engine=engine, device="cpu"), Weighted(program), (batches[0],), 1,
+                               torch.device("cpu"))
+        assert choice.engine == "svi" and "momentum=None" in choice.reason and "num_batches_tracked" in choice.reason
