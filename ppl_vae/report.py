@@ -102,18 +102,19 @@ def _site_lines(site: dict[str, Any], prefix: str) -> list[str]:
         if collapse["warning"]:
             lines.append(f"WARNING: {collapse['warning']}")
     surgery = site.get("elbo_surgery", {})
+    name = surgery.get("site", "z")
     if "unavailable" in surgery:
         lines.append(f"{prefix}ELBO surgery: not available ({surgery['unavailable']})")
     elif surgery:
         lines.append(
             f"{prefix}ELBO surgery: average KL {_stat(surgery['average_kl'])} = mutual information "
             f"{_stat(surgery['mutual_information'])} (<= log N = {surgery['mutual_information_bound']:.2f}) "
-            f"+ marginal KL(q(z)||p(z)) {_stat(surgery['marginal_kl'])}"
+            f"+ marginal KL(q({name})||p({name})) {_stat(surgery['marginal_kl'])}"
         )
     if "class_probabilities" in surgery:
         probabilities = surgery["class_probabilities"]
-        lines.append(f"{prefix}class probabilities, aggregate posterior q(y) = mean_n q(y|x_n): "
-                     f"{_probabilities(probabilities['aggregate_posterior'])}; prior p(y): "
+        lines.append(f"{prefix}class probabilities, aggregate posterior q({name}) = mean_n q({name}|x_n): "
+                     f"{_probabilities(probabilities['aggregate_posterior'])}; prior p({name}): "
                      f"{_probabilities(probabilities['prior'])}")
     tc = site.get("total_correlation", {})
     if tc and "unavailable" not in tc:
