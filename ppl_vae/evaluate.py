@@ -37,6 +37,10 @@ Observed Bernoulli sites are scored by :mod:`ppl_vae.fused` where its conditions
 on every chunk; the same log-density to float tolerance, about twice as fast on the CPU), and
 by their own ``log_prob`` elsewhere; ``ProgramStructure.log_density`` says which, and why.
 
+Every estimate runs the programs in eval mode without gradients (:mod:`ppl_vae.modes`: Dropout
+off, BatchNorm on its running statistics, which the evaluation leaves untouched), whatever mode
+the module was in, and restores that mode afterwards.
+
 Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
 ignored here on purpose: these functions report the unscaled model, which is
 what log p(x) means. Masks (``poutine.mask``) are respected.

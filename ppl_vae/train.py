@@ -21,7 +21,9 @@ the beta-weighted objective, not the ELBO). After every epoch: the validation EL
 and an atomic checkpoint (model, optimizer and scheduler state, RNG state,
 configuration, epoch), so ``resume=True`` continues an interrupted run exactly.
 At the end: a test evaluation (ELBO decomposition and importance-sampled log
-p(x)) written to ``test.json``.
+p(x)) written to ``test.json``. Training steps run the program in train mode; every evaluation
+(validation, learning curve, test) in eval mode without gradients, and leaves the modes as they were
+(:mod:`ppl_vae.modes`): Dropout and BatchNorm programs get the numbers ``ppl-vae evaluate`` gives.
 
 Reliability (what :func:`train` guarantees):
 
