@@ -607,11 +607,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_plot(args: argparse.Namespace) -> int:
     from . import runs
+    from .modes import evaluation_mode
     from .train import load_run
 
     run_dir = Path(args.run_dir)
     vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program)
-    with runs.RunLock(run_dir, "figures"):  # no evaluation, other plot or train --overwrite writes there meanwhile
+    # No evaluation, other plot or train --overwrite writes there meanwhile; the program's own figure methods
+    # (sample_prior, decode_mean, ...) run in eval mode without gradients, as every evaluation does.
+    with runs.RunLock(run_dir, "figures"), evaluation_mode(vae):
         return _plot(args, run_dir, vae, config)
 
 

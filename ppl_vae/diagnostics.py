@@ -80,6 +80,18 @@ dependencies (:func:`ppl_vae.evaluate.inspect_program`):
   that E_q[z | x] is the mean of one distribution;
 * ELBO surgery and total correlation: also a prior without latent parents, so that
   KL(q(z) || p(z)) compares the aggregate posterior with a density we can evaluate.
+
+**Discrete sites** (a guide whose support is discrete: Categorical, OneHotCategorical, Bernoulli,
+``Bernoulli(probs).to_event(1)``, ...; :func:`_discrete_site_diagnostics`). ``"kl"`` holds the site's
+KL(q(y | x_n) || p(y)) averaged over the datapoints: analytic where torch has a rule, summed over the
+classes otherwise, else Monte Carlo. For one categorical variable per datapoint the ELBO surgery is
+exact: the aggregate posterior q(y) = (1/N) sum_n q(y | x_n) is a vector of C probabilities, the
+mutual information is I(n; y) = H(q(y)) - (1/N) sum_n H(q(y | x_n)) and the marginal KL is
+KL(q(y) || p(y)), with no draws; ``"class_probabilities"`` gives q(y) and p(y). Active units and
+the per-dimension collapse report count continuous dimensions and say so; a collapse warning is
+given when I(x; y) < 0.1 nats (q(y | x) barely depends on x). A vector of discrete variables gets
+the Monte Carlo ELBO surgery of continuous sites (a mass function in place of a density) and the
+active units of its means E_q[y_d | x].
 """
 
 from __future__ import annotations
@@ -91,7 +103,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Distribution,
+    Independent,
+    Normal,
+    OneHotCategorical,
+    kl_divergence,
+)
 
 from .errors import InvalidDataError, ModelStructureError
 from .evaluate import (
@@ -100,6 +120,7 @@ from .evaluate import (
     KL_ANALYTIC,
     KL_MONTE_CARLO,
     EvidenceEstimate,
+    _describe,
     ProgramStructure,
     check_count,
     evidence_from_weight_sums,
@@ -108,6 +129,7 @@ from .evaluate import (
     plan_evaluation,
     trace_pair,
 )
+from .modes import evaluates
 
 KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, PSIS estimates are unreliable
 # PSIS fits its Pareto tail to the largest min(K/5, 3 sqrt(K)) weights, and needs at least
@@ -119,6 +141,9 @@ CONSTANT_LOG_WEIGHT_SPREAD = 1e-3
 ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2015)
 COLLAPSED_KL_THRESHOLD = 0.01  # nats per datapoint per dimension
 NEGLIGIBLE_TOTAL_KL = 0.1  # nats per datapoint
+DISCRETE_KL_SAMPLES = 100  # draws per datapoint for the KL of a discrete site torch has no rule for
+KL_EXACT = "exact"  # summed over the classes of a categorical variable
+DISCRETE_SURGERY_SAMPLES = 10  # draws per datapoint of the ELBO surgery of a vector of discrete variables
 
 
 # --- Importance weights and PSIS ---------------------------------------------------
@@ -363,18 +388,20 @@ class _Site:
                 "KL(q || p) per dimension at fixed parents is not its KL term"
             )
 
-    def require_guide_of_x_alone(self) -> None:
-        """q(z | x) is one distribution per datapoint: the site's guide has no latent parents."""
-        self.require_shape()
+    def require_guide_of_x_alone(self, shape: bool = True) -> None:
+        """q(z | x) is one distribution per datapoint: the site's guide has no latent parents (and, with ``shape``,
+        :meth:`require_shape`)."""
+        if shape:
+            self.require_shape()
         if self.guide_parents:
             raise ModelStructureError(
                 f"site {self.name!r}: its guide depends on latent site(s) {self.guide_parents}, so q({self.name} | x) "
                 "is a mixture over their draws, not one distribution per datapoint"
             )
 
-    def require_marginal_prior(self) -> None:
+    def require_marginal_prior(self, shape: bool = True) -> None:
         """The aggregate posterior is compared with p(z): the site's prior has no latent parents."""
-        self.require_guide_of_x_alone()
+        self.require_guide_of_x_alone(shape)
         if self.model_parents:
             raise ModelStructureError(
                 f"site {self.name!r}: its prior depends on latent site(s) {self.model_parents}, so its marginal "
@@ -465,6 +492,7 @@ def _activity(site: _Site) -> torch.Tensor:
     return means.var(0, correction=1 if site.num_datapoints > 1 else 0)
 
 
+@evaluates
 def kl_per_dimension(
     model: Callable,
     guide: Callable,
@@ -490,6 +518,7 @@ def _active_units(site: _Site, threshold: float) -> dict[str, Any]:
     return {"num_active": int(active.sum()), "active": active, "activity": activity, "threshold": threshold}
 
 
+@evaluates
 def active_units(
     model: Callable,
     guide: Callable,
@@ -542,6 +571,7 @@ def _collapse_report(site: _Site, kl_threshold: float, activity_threshold: float
     }
 
 
+@evaluates
 def collapse_report(
     model: Callable,
     guide: Callable,
@@ -652,6 +682,7 @@ def _summary(per_datapoint: torch.Tensor) -> dict[str, float]:
     return {"mean": mean, "stderr": stderr}
 
 
+@evaluates
 def elbo_surgery(
     model: Callable,
     guide: Callable,
@@ -697,6 +728,7 @@ def _elbo_surgery(data: _Site, num_samples: int) -> dict[str, Any]:
     }
 
 
+@evaluates
 def total_correlation(
     model: Callable,
     guide: Callable,
@@ -740,6 +772,174 @@ def _total_correlation(data: _Site, num_samples: int) -> dict[str, Any]:
     }
 
 
+# --- Discrete latent sites -------------------------------------------------------------------
+
+
+def is_discrete(fn: Distribution) -> bool:
+    """Whether a distribution's support is discrete (Categorical, OneHotCategorical, Bernoulli, Poisson, ...)."""
+    try:
+        return bool(fn.support.is_discrete)
+    except (NotImplementedError, AttributeError):
+        return False
+
+
+def _class_probabilities(fn: Distribution, n: int) -> torch.Tensor | None:
+    """q(y = c) [n, C] of one categorical variable per datapoint, float64 on the CPU; None for other distributions.
+
+    A Categorical or OneHotCategorical over C classes, or a Bernoulli (C = 2: 0 and 1), of batch shape [n].
+    """
+    if tuple(fn.batch_shape) != (n,):
+        return None
+    if isinstance(fn, (Categorical, OneHotCategorical)):
+        return fn.probs.double().cpu()
+    if isinstance(fn, Bernoulli) and tuple(fn.event_shape) == ():
+        probs = fn.probs.double().cpu()
+        return torch.stack([1 - probs, probs], -1)
+    return None
+
+
+def _site_class_probabilities(site: _Site, role: str) -> torch.Tensor | None:
+    """The class probabilities [N, C] of ``site``'s guide (``"q"``) or prior (``"p"``) over all datapoints."""
+    parts = [_class_probabilities(getattr(c, role), c.rows.stop - c.rows.start) for c in site.chunks]
+    return None if any(part is None for part in parts) else torch.cat(parts)
+
+
+def _describe_site(site: _Site) -> str:
+    q = site.chunks[0].q
+    probs = _class_probabilities(q, site.chunks[0].rows.stop - site.chunks[0].rows.start)
+    classes = f", {probs.shape[-1]} classes" if probs is not None else ""
+    return f"{_describe(q)}{classes}"
+
+
+def _discrete_kl(site: _Site, num_samples: int = DISCRETE_KL_SAMPLES) -> dict[str, Any]:
+    """KL(q(y | x_n) || p(y)) averaged over the datapoints: analytic where torch has a rule, exact by summing over
+    the classes of a categorical variable otherwise, else Monte Carlo over ``num_samples`` draws per datapoint."""
+    if site.conflicts:
+        raise ModelStructureError(f"site {site.name!r}: its model parent(s) {site.conflicts} are drawn after it in the "
+                                  "guide, so KL(q || p) at fixed parents is not its KL term")
+    n = site.chunks[0].rows.stop - site.chunks[0].rows.start
+    for role, fn in (("guide", site.chunks[0].q), ("model", site.chunks[0].p)):
+        if tuple(fn.batch_shape) != (n,):
+            raise ModelStructureError(f"site {site.name!r}: the {role}'s distribution has batch shape "
+                                      f"{list(fn.batch_shape)}; its KL per datapoint needs batch shape [N] (the data "
+                                      "plate only)")
+    parts, methods = [], set()
+    with torch.no_grad():
+        for chunk in site.chunks:
+            n = chunk.rows.stop - chunk.rows.start
+            value, q_probs, p_probs = _analytic_kl(chunk.q, chunk.p), None, None
+            if value is None:
+                q_probs, p_probs = _class_probabilities(chunk.q, n), _class_probabilities(chunk.p, n)
+            if value is not None:
+                methods.add(KL_ANALYTIC)
+            elif q_probs is not None and p_probs is not None:
+                value = _categorical_kl(q_probs, p_probs)
+                methods.add(KL_EXACT)
+            else:
+                draws = chunk.q.sample((num_samples,))
+                value = (chunk.q.log_prob(draws) - chunk.p.log_prob(draws)).double().mean(0).cpu()
+                methods.add(KL_MONTE_CARLO)
+            parts.append(value.reshape(n))
+    kl = torch.cat(parts)
+    method = methods.pop() if len(methods) == 1 else "mixed"
+    return {"site": site.name, "units": "nats per datapoint", "num_datapoints": site.num_datapoints,
+            "distribution": _describe_site(site), **_summary(kl), "method": method,
+            **({"num_samples": num_samples} if method == KL_MONTE_CARLO else {})}
+
+
+def _categorical_kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """sum_c q_c (log q_c - log p_c) per row of class probabilities [n, C] (0 log 0 = 0)."""
+    return (torch.xlogy(q, q) - torch.xlogy(q, p)).sum(-1)
+
+
+def _discrete_elbo_surgery(site: _Site) -> dict[str, Any]:
+    r"""ELBO surgery of one categorical variable, exact: no draws, every sum over the C classes.
+
+    With q(y) = (1/N) sum_n q(y | x_n), per datapoint
+    KL_n = sum_y q(y | x_n) log(q(y | x_n) / p_n(y)) = I_n + M_n, where
+    I_n = sum_y q(y | x_n) log(q(y | x_n) / q(y)) and M_n = sum_y q(y | x_n) log(q(y) / p_n(y));
+    the mean of I_n is the mutual information I(n; y) = H(q(y)) - (1/N) sum_n H(q(y | x_n)) and the mean of
+    M_n is KL(q(y) || p(y)) (for a prior p the same for every n).
+    """
+    site.require_marginal_prior(shape=False)
+    q, p = _site_class_probabilities(site, "q"), _site_class_probabilities(site, "p")
+    if q is None or p is None:
+        raise ModelStructureError(f"site {site.name!r} is discrete ({_describe_site(site)}) but not one categorical "
+                                  "variable per datapoint, whose aggregate posterior is summed exactly; ELBO surgery "
+                                  "is computed for Categorical, OneHotCategorical and Bernoulli sites")
+    aggregate = q.mean(0, keepdim=True)
+    mutual = (torch.xlogy(q, q) - torch.xlogy(q, aggregate)).sum(-1)
+    marginal = (torch.xlogy(q, aggregate) - torch.xlogy(q, p)).sum(-1)
+    return {
+        "site": site.name,
+        "units": "nats per datapoint",
+        "num_datapoints": site.num_datapoints,
+        "num_samples": 0,
+        "method": "exact: q(y) = (1/N) sum_n q(y | x_n) summed over the classes",
+        "kl_method": KL_EXACT,
+        "average_kl": _summary(mutual + marginal),
+        "marginal_kl": _summary(marginal),
+        "mutual_information": _summary(mutual),
+        "mutual_information_bound": math.log(site.num_datapoints),
+        "class_probabilities": {"aggregate_posterior": aggregate[0].tolist(), "prior": p.mean(0).tolist()},
+    }
+
+
+def _discrete_site_diagnostics(site: _Site) -> dict[str, Any]:
+    """KL, class probabilities and ELBO surgery of a discrete site, and a reason that fits for the others.
+
+    One categorical variable per datapoint (Categorical, OneHotCategorical, Bernoulli): ELBO surgery exact
+    (:func:`_discrete_elbo_surgery`); active units and KL per dimension do not apply (no continuous dimensions).
+    A vector of discrete variables (e.g. ``dist.Bernoulli(probs).to_event(1)``): ELBO surgery by the Monte Carlo
+    estimator of continuous sites (a mass function in place of a density), and the active units of its means.
+    """
+    what = f"site {site.name!r} is discrete ({_describe_site(site)})"
+    single = _site_class_probabilities(site, "q") is not None
+    q = site.chunks[0].q
+    vector = not single and tuple(q.batch_shape) == (site.chunks[0].rows.stop - site.chunks[0].rows.start,) \
+        and len(q.event_shape) == 1
+    kl = _or_reason(lambda: _discrete_kl(site))
+    if single:
+        surgery = _or_reason(lambda: _discrete_elbo_surgery(site))
+    elif vector:
+        surgery = _or_reason(lambda: _elbo_surgery(site, DISCRETE_SURGERY_SAMPLES))
+    else:
+        surgery = {"unavailable": f"{what}: ELBO surgery needs one categorical variable or a vector of discrete "
+                                  "variables per datapoint (batch shape [N], at most one event dimension)"}
+    if "mutual_information" in surgery and surgery["mutual_information"]["mean"] < NEGLIGIBLE_TOTAL_KL:
+        kl["warning"] = (f"posterior collapse at site {site.name!r}: I(x; {site.name}) is "
+                         f"{surgery['mutual_information']['mean']:.3g} nats, so q({site.name} | x) barely depends on x")
+    elif "mean" in kl and kl["mean"] < NEGLIGIBLE_TOTAL_KL:
+        kl["warning"] = (f"posterior collapse at site {site.name!r}: its KL is {kl['mean']:.3g} nats, so "
+                         f"q({site.name} | x) barely differs from the prior")
+    if single:
+        active = {"unavailable": f"{what}: one categorical variable has no dimensions to count as active; its class "
+                                 f"probabilities and the mutual information I(x; {site.name}) of the ELBO surgery "
+                                 "say how much it is used"}
+    elif vector:
+        active = _or_reason(lambda: _discrete_active_units(site))
+    else:
+        active = {"unavailable": f"{what}: active units need one event dimension of variables with a mean"}
+    return {
+        "kind": "discrete",
+        "kl": kl,
+        "active_units": active,
+        "collapse": {"unavailable": f"{what}: the report on collapsed dimensions is made for diagonal-Normal sites; "
+                                    "the site's KL and collapse warning are under 'kl'"},
+        "elbo_surgery": surgery,
+        "total_correlation": {"unavailable": f"{what}: total correlation is computed between the dimensions of a "
+                                             "diagonal-Normal site"},
+    }
+
+
+def _discrete_active_units(site: _Site) -> int:
+    """Active units of a vector of discrete variables: A_d = Var_x(E_q[y_d | x]) > the threshold (the guide's mean)."""
+    site.require_guide_of_x_alone(shape=False)
+    with torch.no_grad():
+        means = torch.cat([c.q.mean.double().cpu() for c in site.chunks])
+    return int((means.var(0, correction=1 if site.num_datapoints > 1 else 0) > ACTIVITY_THRESHOLD).sum())
+
+
 # --- Everything at once, for `ppl-vae evaluate` -----------------------------------------
 
 
@@ -756,6 +956,7 @@ def _or_reason(compute: Callable[[], Any]) -> Any:
                                f"({str(error).splitlines()[0]})"}
 
 
+@evaluates
 def diagnostics_summary(
     model: Callable,
     guide: Callable,
@@ -772,7 +973,8 @@ def diagnostics_summary(
     when K was too small for PSIS). ``"sites"`` maps every latent site to its
     diagnostics; one that the site's structure does not allow (per-dimension ones need
     diagonal Normals; see the module docstring for the conditions on dependencies)
-    comes back as ``{"unavailable": reason}``.
+    comes back as ``{"unavailable": reason}``. A discrete site gets its own (``"kind": "discrete"``,
+    its KL under ``"kl"``, an exact ELBO surgery for one categorical variable; see the module docstring).
     """
     sites = _collect_sites(model, guide, (x, *cond), None, chunk_size, data_plate)
     return {
@@ -785,6 +987,8 @@ def diagnostics_summary(
 
 
 def _site_diagnostics(site: _Site) -> dict[str, Any]:
+    if is_discrete(site.chunks[0].q):
+        return _discrete_site_diagnostics(site)
     collapse = _or_reason(lambda: _collapse_report(site, COLLAPSED_KL_THRESHOLD, ACTIVITY_THRESHOLD))
     return {
         # Active units need only a diagonal-Normal guide of x alone, so they are counted even where the

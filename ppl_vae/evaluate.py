@@ -46,6 +46,10 @@ for one that also observes them (``pyro.sample("digit", ..., obs=y)``: then the
 observes a conditioning argument when its value is that tensor (in any shape or dtype) or its
 one-hot encoding; every other observed site counts as observing x (the data, perhaps transformed).
 
+Every estimate runs the programs in eval mode without gradients (:mod:`ppl_vae.modes`: Dropout
+off, BatchNorm on its running statistics, which the evaluation leaves untouched), whatever mode
+the module was in, and restores that mode afterwards.
+
 Scale factors from ``poutine.scale`` (a KL weight beta, subsampling scales) are
 ignored here on purpose: these functions report the unscaled model, which is
 what log p(x) means. Masks (``poutine.mask``) are respected.
@@ -75,6 +79,7 @@ from torch.distributions import constraints, kl_divergence
 
 from . import fused
 from .errors import EvaluationMemoryWarning, InvalidDataError, ModelStructureError, PplVaeError
+from .modes import evaluates, evaluation_mode
 
 PARTICLE_PLATE = "_ppl_vae_particles"
 # Default size of the largest per-chunk tensor, in elements of one data item times
@@ -242,6 +247,7 @@ def _analytic_kl_available(q_fn, p_fn) -> bool:
     return True
 
 
+@evaluates
 def inspect_program(
     model: Callable, guide: Callable, data: torch.Tensor | Data, data_plate: str | None = None, kl: str = "auto"
 ) -> ProgramStructure:
@@ -257,6 +263,9 @@ def inspect_program(
     guide from a value that depends on z_i (the condition ``TraceMeanField_ELBO`` states).
     A bottom-up guide q(z1 | x) q(z2 | z1) of the model p(z2) p(z1 | z2) p(x | z1) breaks
     it at z1. Such a site gets Monte Carlo KL, and ``kl_reasons`` says why.
+
+    The programs run in eval mode, without gradients (:func:`ppl_vae.modes.evaluation_mode`): inspecting
+    a program moves none of its running statistics (BatchNorm).
     """
     if kl not in ("auto", "mc"):
         raise InvalidDataError(f"kl must be 'auto' or 'mc', got {kl!r}")
@@ -668,6 +677,9 @@ def iter_chunk_terms(
     those of an evaluation that fit in memory: the same estimator and distribution
     of results, not the same digits. When one datapoint with one particle does not
     fit, a :class:`~ppl_vae.errors.PplVaeError` says so.
+
+    Every chunk runs the programs in eval mode (:func:`ppl_vae.modes.evaluation_mode`: Dropout off,
+    BatchNorm on its running statistics, which stay as they were), the modules' modes restored after it.
     """
     data = _as_data(data)
     num_rows, num_samples = data[0].shape[0], plan.num_samples
@@ -680,7 +692,8 @@ def iter_chunk_terms(
             done = 0
             while done < num_samples:
                 k = min(sizes.particles, num_samples - done)
-                terms = _chunk_terms_or_shrink(model, guide, data, rows, k, done, plan.structure, sizes)
+                with evaluation_mode(model, guide):  # restored before each yield: the caller may train between chunks
+                    terms = _chunk_terms_or_shrink(model, guide, data, rows, k, done, plan.structure, sizes)
                 if terms is None:  # out of memory: sizes shrank, try again
                     rows = slice(start, min(start + sizes.rows, num_rows))
                     continue

@@ -81,6 +81,7 @@ from torch import nn
 
 from .errors import InvalidDataError, ModelStructureError
 from .evaluate import DEFAULT_CHUNK_ELEMENTS, ProgramStructure, _find_data_plate, _per_datapoint, _sample_sites
+from .modes import evaluates, evaluation_mode
 
 LATENT_DIM = 2
 DEFAULT_BOUNDS = (-8.0, 8.0)
@@ -360,6 +361,10 @@ def vae_log_joint(vae, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> LogJoint
     bernoulli = type(vae.likelihood) is BernoulliLikelihood
 
     def log_joint(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with evaluation_mode(vae):  # the networks as delivered: eval mode, no running statistic moved
+            return _vae_log_joint(x, z)
+
+    def _vae_log_joint(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         x = vae.flatten(x)
         device = next(vae.parameters()).device
         x, z = x.to(device), z.to(device)
@@ -394,7 +399,7 @@ def vae_log_joint(vae, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> LogJoint
 
 def _inspect_model(model: Callable, x: torch.Tensor, site: str | None, data_plate: str | None):
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with evaluation_mode(model), torch.random.fork_rng(devices=devices):
         trace = poutine.trace(model).get_trace(x)
     sites = _sample_sites(trace)
     observed = [name for name, s in sites.items() if s["is_observed"]]
@@ -438,6 +443,10 @@ def program_log_joint(model: Callable, site: str | None = None, data_plate: str 
     """
 
     def log_joint(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        with evaluation_mode(model):
+            return _program_log_joint(x, z)
+
+    def _program_log_joint(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         name, structure = _inspect_model(model, x, site, data_plate)
         n = x.shape[0]
         item = max(1, math.prod(x.shape[1:]))
@@ -481,7 +490,7 @@ def site_log_density(program: Callable, x: torch.Tensor, z: torch.Tensor, site: 
     For the guide: log q(z | x_n); for the model: the prior log p(z) (the same for every n).
     Returns float64 [N, G]. The site's distribution must have batch shape [N] (the data plate).
     """
-    with torch.no_grad():
+    with evaluation_mode(program):
         trace = poutine.trace(program).get_trace(x)
         if site not in trace.nodes:
             raise ModelStructureError(f"the program has no site {site!r}")
@@ -506,7 +515,7 @@ def aggregate_log_density(guide: Callable, x: torch.Tensor, z: torch.Tensor, sit
 # --- Looking at the space: codes, decoded grids, occupancy, a digit classifier ----------------
 
 
-@torch.no_grad()
+@evaluates
 def guide_means(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tensor:
     """The guide's mean E_q[z | x] of every image, [N, latent_dim], on the CPU."""
     from .plots import guide_mean
@@ -515,7 +524,7 @@ def guide_means(vae, x: torch.Tensor, chunk_size: int = 1000) -> torch.Tensor:
                       for i in range(0, x.shape[0], chunk_size)])
 
 
-@torch.no_grad()
+@evaluates
 def decode_grid(vae, low, high, steps: int) -> torch.Tensor:
     """E[x | z] on a steps x steps grid over the box: [steps * steps, data_dim], in reading order.
 

@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .modes import evaluates  # noqa: E402
+
 IMAGE_SIDE = 28
 DPI = 100  # pixels per inch of every PNG unless a function is given another ``dpi``
 DIGIT_COLORS = "tab10"
@@ -162,7 +164,7 @@ def guide_mean(q) -> torch.Tensor:
         return z
 
 
-@torch.no_grad()
+@evaluates
 def plot_reconstructions(vae, x: torch.Tensor, path: str | Path, use_mean: bool = False) -> Path:
     """Test images (top row) and E[x | z] for z ~ q(z | x) (bottom row)."""
     guide = vae.guide_net(vae.flatten(x))
@@ -173,14 +175,14 @@ def plot_reconstructions(vae, x: torch.Tensor, path: str | Path, use_mean: bool 
                            image_shape=vae.config.image_shape)
 
 
-@torch.no_grad()
+@evaluates
 def plot_samples(vae, path: str | Path, num_samples: int = 64) -> Path:
     """E[x | z] for z ~ p(z): what the generative model has learned."""
     return plot_image_grid(vae.sample_prior(num_samples), path, nrow=8, title="E[x|z] for z ~ p(z)",
                            image_shape=vae.config.image_shape)
 
 
-@torch.no_grad()
+@evaluates
 def plot_interpolations(vae, x: torch.Tensor, path: str | Path, steps: int = 10) -> Path:
     """Linear paths between the guide means of consecutive pairs of images, decoded."""
     means = guide_mean(vae.guide_net(vae.flatten(x)))
@@ -288,7 +290,7 @@ def plot_latent_spaces(entries: Sequence[dict[str, Any]], path: str | Path, step
     return _save(figure, path, dpi)
 
 
-@torch.no_grad()
+@evaluates
 def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor, path: str | Path, low=None, high=None,
                       steps: int = 20, title: str = "", dpi: int = DPI) -> Path:
     """The latent space of a 2-D model: codes of ``x`` coloured by ``labels``, and the decoder over a box.

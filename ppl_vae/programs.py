@@ -118,13 +118,15 @@ class Weighted(nn.Module):
 def check_parameters_belong(program: nn.Module, *data: torch.Tensor) -> None:
     """Refuse parameters created outside the module with ``pyro.param``: they would not be saved with the run.
 
-    Runs both programs once (random streams forked) and compares every param site's
-    tensor with the module's parameters and buffers.
+    Runs both programs once (random streams forked; in eval mode, so no running statistic moves)
+    and compares every param site's tensor with the module's parameters and buffers.
     """
     from pyro import poutine
 
+    from .modes import evaluation_mode
+
     owned = {id(p) for p in program.parameters()} | {id(b) for b in program.buffers()}
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), poutine.trace(param_only=True) as capture:
+    with torch.random.fork_rng(devices=[]), evaluation_mode(program), poutine.trace(param_only=True) as capture:
         guide_trace = poutine.trace(program.guide).get_trace(*data)
         poutine.replay(program.model, trace=guide_trace)(*data)
     foreign = sorted({

@@ -107,7 +107,9 @@ def _site_lines(site: dict[str, Any], prefix: str) -> list[str]:
     """The diagnostics of one latent site: collapse and active units, ELBO surgery, total correlation."""
     lines = []
     collapse, active = site.get("collapse", {}), site.get("active_units")
-    if "unavailable" in collapse:
+    if site.get("kind") == "discrete":
+        lines += _discrete_kl_lines(site, prefix)
+    elif "unavailable" in collapse:
         if isinstance(active, int):
             lines.append(f"{prefix}active units (Var_x E_q[z_d|x] > 0.01): {active}")
         elif isinstance(active, dict):
@@ -126,14 +128,20 @@ def _site_lines(site: dict[str, Any], prefix: str) -> list[str]:
         if collapse["warning"]:
             lines.append(f"WARNING: {collapse['warning']}")
     surgery = site.get("elbo_surgery", {})
+    name = surgery.get("site", "z")
     if "unavailable" in surgery:
         lines.append(f"{prefix}ELBO surgery: not available ({surgery['unavailable']})")
     elif surgery:
         lines.append(
             f"{prefix}ELBO surgery: average KL {_stat(surgery['average_kl'])} = mutual information "
             f"{_stat(surgery['mutual_information'])} (<= log N = {surgery['mutual_information_bound']:.2f}) "
-            f"+ marginal KL(q(z)||p(z)) {_stat(surgery['marginal_kl'])}"
+            f"+ marginal KL(q({name})||p({name})) {_stat(surgery['marginal_kl'])}"
         )
+    if "class_probabilities" in surgery:
+        probabilities = surgery["class_probabilities"]
+        lines.append(f"{prefix}class probabilities, aggregate posterior q({name}) = mean_n q({name}|x_n): "
+                     f"{_probabilities(probabilities['aggregate_posterior'])}; prior p({name}): "
+                     f"{_probabilities(probabilities['prior'])}")
     tc = site.get("total_correlation", {})
     if tc and "unavailable" not in tc:
         lines.append(
@@ -141,3 +149,19 @@ def _site_lines(site: dict[str, Any], prefix: str) -> list[str]:
             f"{_stat(tc['dimensionwise_kl'])}"
         )
     return lines
+
+
+def _discrete_kl_lines(site: dict[str, Any], prefix: str) -> list[str]:
+    """A discrete site's KL (the whole site's: it has no continuous dimensions to split it into) and its warning."""
+    kl = site.get("kl", {})
+    if "unavailable" in kl:
+        return [f"{prefix}KL: not available ({kl['unavailable']})"]
+    lines = [f"{prefix}KL(q || p) of the discrete site ({kl['distribution']}): {_stat(kl)} ({kl['method']})"]
+    if kl.get("warning"):
+        lines.append(f"WARNING: {kl['warning']}")
+    return lines
+
+
+def _probabilities(values: list[float], shown: int = 10) -> str:
+    text = ", ".join(f"{value:.3f}" for value in values[:shown])
+    return f"[{text}{', ...' if len(values) > shown else ''}]"

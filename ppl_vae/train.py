@@ -21,7 +21,9 @@ the beta-weighted objective, not the ELBO). After every epoch: the validation EL
 and an atomic checkpoint (model, optimizer and scheduler state, RNG state,
 configuration, epoch), so ``resume=True`` continues an interrupted run exactly.
 At the end: a test evaluation (ELBO decomposition and importance-sampled log
-p(x)) written to ``test.json``.
+p(x)) written to ``test.json``. Training steps run the program in train mode; every evaluation
+(validation, learning curve, test) in eval mode without gradients, and leaves the modes as they were
+(:mod:`ppl_vae.modes`): Dropout and BatchNorm programs get the numbers ``ppl-vae evaluate`` gives.
 
 Reliability (what :func:`train` guarantees):
 
@@ -87,6 +89,7 @@ from .evaluate import (
     mean_and_stderr,
 )
 from .model import VAEConfig, build_vae
+from .modes import running_statistics_problem
 from .objectives import (
     COMPILED_OBJECTIVES,
     check_meanfield,
@@ -534,6 +537,7 @@ def _train(
         data_info = {"data_dim": model_config.data_dim, "image_shape": model_config.image_shape}
         vae = given if given is not None else build_program(spec, run_dir if resume else None, data_info, trust_program)
         vae = vae.to(device)
+    vae.train()  # a program object may come in eval mode: the checks below see the mode training steps run in
     data = load_data(config, vae, device)
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
@@ -596,6 +600,7 @@ def _train(
             trained.kl_weight = kl_weight(config, epoch)
             batches = processes.epoch_batches(data, config, epoch)
             engine.begin_epoch(stop)
+            vae.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
             train_elbo, steps = run_epoch(
                 batches, engine.step, engine.stop_requested, math.ceil(data.train.shape[0] / config.batch_size),
                 epoch, config.epochs, progress and main, kept,
@@ -1142,7 +1147,8 @@ def choose_engine(
             return EngineChoice(requested, "svi", f"the compiled loss is not yet measured on {device.type}; "
                                                   "--engine jit uses it there")
     started = time.perf_counter()
-    problem = compiled_loss_problem(program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
+    problem = running_statistics_problem(program) or compiled_loss_problem(
+        program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
     seconds = time.perf_counter() - started
     if problem:
         return EngineChoice(requested, "svi", problem, seconds)
