@@ -133,6 +133,9 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     objective.add_argument("--beta", type=_positive_float, default=t.beta, help="KL weight (poutine.scale on the latent site)")
     objective.add_argument("--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
     objective.add_argument("--warmup-start", type=_positive_float, default=t.warmup_start)
+    objective.add_argument("--validate", action="store_true",
+                           help="Pyro's validation on while training: every distribution's arguments and values are "
+                           "checked at every step (slower; --engine auto then chooses svi). Recorded in config.json")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
                      help=f"epochs to train (default: {t.epochs}; with --resume, the run's own number unless given)")
@@ -325,6 +328,7 @@ def _run_train(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         engine=args.engine,
         labels=args.labels,
+        pyro_validation=args.validate,
     )
     spec = None
     if args.program is not None or args.program_kwargs is not None:
@@ -377,7 +381,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # With --resume, these options apply; every other one is the run's own and may only repeat it.
 APPLY_ON_RESUME = ("epochs", "no_progress", "devices", "num_nodes", "rdzv_endpoint", "rdzv_id")
 _NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help")
-_CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs"}  # option -> TrainConfig field, where they differ
+_CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs", "validate": "pyro_validation"}  # option -> TrainConfig field, where they differ
 
 
 def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:

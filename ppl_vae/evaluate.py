@@ -128,6 +128,11 @@ class ProgramStructure:
     # How each observed site's log-density is computed (ppl_vae.fused): the fused path, or the site's own
     # log_prob and why. Found on the inspection trace; every chunk checks the fused path's conditions again.
     log_density: dict[str, str] = field(default_factory=dict)
+    # Guide sites whose draws have no reparameterized sampler (fn.has_rsample False: Categorical, Bernoulli, ...),
+    # site -> the distribution: their gradients need a score-function term (Trace_ELBO has one).
+    non_reparameterized: dict[str, str] = field(default_factory=dict)
+    # Guide sites marked for enumeration (infer={"enumerate": ...}, config_enumerate), site -> the mark.
+    enumerated: dict[str, str] = field(default_factory=dict)
 
 
 def check_count(value: Any, name: str) -> int:
@@ -296,6 +301,10 @@ def inspect_program(
         max_plate_nesting, data_frame.name, data_frame.dim, observed, latent,
         model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
         log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
+        non_reparameterized={name: _describe(site["fn"]) for name, site in guide_sites.items()
+                             if not getattr(site["fn"], "has_rsample", False)},
+        enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
+                    if site["infer"].get("enumerate")},
     )
     for name in latent:
         conflicts = sorted(model_parents[name] & guide_descendants(guide_parents, name))
