@@ -2,8 +2,8 @@
 
 * :class:`M2` -- Kingma et al. (2014)'s M2 without labels: a class y ~ Categorical(1/C) and a style
   z ~ N(0, I) per datapoint, x ~ Bernoulli(decoder(z, y)); the guide q(y | x) q(z | x, y) has a
-  non-reparameterized site y (optionally marked for enumeration, or with unnormalized probs that only
-  Pyro's validation refuses).
+  non-reparameterized site y (optionally marked for enumeration).
+* :class:`SmallVAE` -- a plain VAE (optionally with an invalid Bernoulli argument only validation refuses).
 * :class:`BranchingVAE` -- a VAE whose decoder takes a data-dependent Python branch.
 * :class:`CountingVAE` -- a VAE whose model counts its calls in a Python attribute and turns NaN after
   ``nan_after`` calls (Python state a compiled trace freezes).
@@ -30,10 +30,10 @@ def mlp(inputs: int, hidden: int, outputs: int) -> nn.Module:
 
 class M2(nn.Module):
     def __init__(self, data_dim: int = 784, classes: int = 3, latent: int = 2, hidden: int = 16,
-                 enumerate: bool = False, probs_scale: float = 1.0):
+                 enumerate: bool = False):
         super().__init__()
         self.classes, self.latent, self.data_dim = classes, latent, data_dim
-        self.enumerate, self.probs_scale = enumerate, probs_scale
+        self.enumerate = enumerate
         self.classifier = mlp(data_dim, hidden, classes)  # q(y | x)
         self.encoder = mlp(data_dim + classes, hidden, 2 * latent)  # q(z | x, y)
         self.decoder = mlp(latent + classes, hidden, data_dim)  # p(x | z, y)
@@ -49,19 +49,22 @@ class M2(nn.Module):
     def guide(self, x: torch.Tensor) -> None:
         x = x.reshape(x.shape[0], -1)
         with pyro.plate("data", x.shape[0]):
-            probs = torch.softmax(self.classifier(x), -1) * self.probs_scale
             infer = {"enumerate": "parallel"} if self.enumerate else {}
-            y = pyro.sample("y", dist.Categorical(probs=probs), infer=infer)
+            y = pyro.sample("y", dist.Categorical(logits=self.classifier(x)), infer=infer)
             loc, raw = self.encoder(joined(x, F.one_hot(y, self.classes).to(x.dtype))).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-3).to_event(1))
 
 
 class SmallVAE(nn.Module):
-    """A Gaussian-latent, Bernoulli-pixel VAE; subclasses change its decoder's logits."""
+    """A Gaussian-latent, Bernoulli-pixel VAE; subclasses change its decoder's logits.
 
-    def __init__(self, data_dim: int = 784, latent: int = 2, hidden: int = 16):
+    ``probs_scale``: the pixels' probabilities are sigmoid(logits) * probs_scale, an invalid argument above 1
+    that torch's Bernoulli clamps silently; only Pyro's validation (``--validate``) refuses it.
+    """
+
+    def __init__(self, data_dim: int = 784, latent: int = 2, hidden: int = 16, probs_scale: float | None = None):
         super().__init__()
-        self.latent = latent
+        self.latent, self.probs_scale = latent, probs_scale
         self.encoder = mlp(data_dim, hidden, 2 * latent)
         self.decoder = mlp(latent, hidden, data_dim)
 
@@ -72,7 +75,10 @@ class SmallVAE(nn.Module):
         x = x.reshape(x.shape[0], -1)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=self.logits(z, x)).to_event(1), obs=x)
+            logits = self.logits(z, x)
+            pixels = dist.Bernoulli(logits=logits) if self.probs_scale is None else \
+                dist.Bernoulli(probs=torch.sigmoid(logits) * self.probs_scale)
+            pyro.sample("x", pixels.to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
         x = x.reshape(x.shape[0], -1)
