@@ -154,8 +154,10 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
                      "Pyro's optimizer), jit (the ELBO compiled by Pyro's JitTrace_ELBO, one graph per batch size "
                      "and KL weight, with one torch Adam: faster, see `ppl-vae bench`; --objective elbo only), or auto: "
                      "jit where its loss and gradients are checked equal to Trace_ELBO's on the first batch (CPU, "
-                     "--objective elbo, Pyro's validation off), svi otherwise. The run prints and records in "
-                     "config.json which engine ran and why")
+                     "--objective elbo, Pyro's validation off) and its trace is faithful (reparameterized guide "
+                     "sites, no TracerWarning from the program, no Python state it changes, equal on a second "
+                     "batch), svi otherwise; jit is refused where the trace is not faithful. The run prints and "
+                     "records in config.json which engine ran and why")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
     ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")

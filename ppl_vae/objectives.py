@@ -14,6 +14,13 @@ r"""Training objectives: what SVI maximizes, all of them Pyro's own ELBO classes
   (``tests/test_variants.py`` checks it against the per-datapoint bound computed by
   :mod:`ppl_vae.evaluate` from the same draws).
 
+Which objective applies to which guide sites (:func:`check_objective_sites`, run by the trainer before
+anything is written): ``elbo`` to every reparameterized and non-reparameterized site (score-function
+gradients for the latter); ``meanfield`` and ``iwae`` to reparameterized sites only (for a Categorical
+or Bernoulli guide site, meanfield has no score-function term and iwae multiplies it by 0); no
+objective to a site marked for enumeration (the trainer has no ``TraceEnum_ELBO`` yet).
+``experiments/objective_gradients.py`` measures the classifier's gradient of an M2 program under each.
+
 The KL weight beta (with its warm-up schedule) is not an objective: it is a scale on every
 latent site of the model and guide, applied by the trainer to any program
 (:class:`ppl_vae.programs.Weighted`; the built-in VAE also has its own ``VAE.kl_weight``).

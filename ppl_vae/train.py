@@ -13,8 +13,12 @@ Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or through 
 ELBO compiled by Pyro's ``JitTrace_ELBO`` and one torch Adam (:class:`CompiledEngine`,
 faster per step); on several processes, the loss module in DistributedDataParallel
 (:class:`ppl_vae.distributed.DdpEngine`). ``engine="auto"``, the default, takes the compiled
-loss wherever it is checked equal to ``Trace_ELBO``'s on the first batch and SVI otherwise
-(:func:`choose_engine`); the run prints and records (config.json, ``"engine"``) which and why. The loss
+loss wherever its trace is faithful (reparameterized guide sites, no TracerWarning from the program, no
+Python state it changes) and it is checked equal to ``Trace_ELBO``'s on the first batch and on a second,
+and SVI otherwise; ``engine="jit"`` is refused where the trace is not faithful (:func:`choose_engine`);
+the run prints and records (config.json, ``"engine"``) which and why. Before anything is written, the
+objective is checked against the program's guide sites
+(:func:`ppl_vae.objectives.check_objective_sites`). The loss
 Pyro reports is the negative objective summed over the minibatch, so the running
 value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
 the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``

@@ -18,7 +18,6 @@ from discrete_models import M2, BranchingVAE, CountingVAE, SmallVAE
 
 from ppl_vae import cli, objectives, runs
 from ppl_vae.errors import ModelStructureError, NumericalFaultError
-from ppl_vae.objectives import UnfaithfulTrace, compiled_loss_problem
 from ppl_vae.programs import Weighted
 from ppl_vae.train import CompiledEngine, SviEngine, TrainConfig, choose_engine, train
 
@@ -129,9 +128,9 @@ def test_a_trace_that_does_not_hold_on_a_second_batch_of_other_content_is_unfait
     dense = torch.bernoulli(torch.full((64, 10), 0.5), generator=generator)
     sparse = torch.bernoulli(torch.full((64, 10), 0.05), generator=generator)
     program = Weighted(BranchingVAE(data_dim=10, threshold=0.3))
-    assert compiled_loss_problem(program, (dense,)) is None  # the first batch alone cannot tell
-    problem = compiled_loss_problem(program, (dense,), second_batch=(sparse,))
-    assert isinstance(problem, UnfaithfulTrace) and problem.startswith("on a second batch of other content, the compiled")
+    assert objectives.compiled_loss_problem(program, (dense,)) is None  # the first batch alone cannot tell
+    problem = objectives.compiled_loss_problem(program, (dense,), second_batch=(sparse,))
+    assert isinstance(problem, objectives.UnfaithfulTrace) and problem.startswith("on a second batch of other content, the compiled")
     with pytest.raises(ModelStructureError, match="on a second batch of other content"):
         choose_engine(TrainConfig(engine="jit"), program, (dense,), 1, CPU, second_batch=(sparse,))
 
