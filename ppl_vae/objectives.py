@@ -42,6 +42,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pyro
@@ -314,12 +315,29 @@ def site_kind_problem(structure) -> UnfaithfulTrace | None:
     return None
 
 
-def _python_state(program: torch.nn.Module) -> dict[str, str]:
-    """The plain Python values (numbers, strings, None) held as public attributes by the program's modules."""
-    return {f"{prefix}.{name}".lstrip(".").removeprefix("program."): repr(value)  # "program": Weighted's
-            for prefix, module in program.named_modules()
-            for name, value in vars(module).items()
-            if not name.startswith("_") and isinstance(value, (bool, numbers.Number, str, type(None)))}
+def _program_state(program: torch.nn.Module) -> dict[str, Any]:
+    """What running the program may change besides its parameters: the plain Python values (numbers, strings,
+    None) its modules hold as public attributes, and its buffers (e.g. BatchNorm's running statistics)."""
+    state: dict[str, Any] = {f"{prefix}.{name}".lstrip("."): repr(value)
+                             for prefix, module in program.named_modules() for name, value in vars(module).items()
+                             if not name.startswith("_") and isinstance(value, (bool, numbers.Number, str, type(None)))}
+    state.update({name: buffer.detach().clone() for name, buffer in program.named_buffers()})
+    # "program.": Weighted's wrapping, not a name the user wrote.
+    return {name.removeprefix("program."): value for name, value in state.items()}
+
+
+def _state_problem(before: dict[str, Any], after: dict[str, Any]) -> UnfaithfulTrace | None:
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return a == b
+
+    changed = [name for name, value in after.items() if name not in before or not same(before[name], value)]
+    if not changed:
+        return None
+    kind = "buffer" if isinstance(after[changed[0]], torch.Tensor) else "attribute"
+    return UnfaithfulTrace(f"running the program changes its {'buffers' if kind == 'buffer' else 'Python state'} "
+                           f"({kind} {changed[0]!r}), which a compiled trace would freeze")
 
 
 def _user_tracer_warning(caught: list[warnings.WarningMessage]) -> str | None:
@@ -357,7 +375,8 @@ def compiled_loss_problem(
     tolerance ``rtol``; a program whose draws the fixing does not reach (other reparameterized
     distributions) differs, and is refused too. The trace must also be faithful (an
     :class:`UnfaithfulTrace` reason otherwise): running the programs changes no plain Python
-    attribute of their modules (a counter the trace would freeze), tracing raises no
+    attribute or buffer of their modules (a counter, BatchNorm's running statistics: the trace
+    would freeze them), tracing raises no
     ``TracerWarning`` outside torch, Pyro and ppl_vae (their warnings are shape checks, fixed per
     compile key), and the graph traced on ``batch``, replayed on ``second_batch`` (same shape,
     other content), gives Trace_ELBO's loss and gradients there too. The random streams and the
@@ -374,12 +393,10 @@ def compiled_loss_problem(
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
-            before = _python_state(program)
+            before = _program_state(program)
             reference_elbo.differentiable_loss(program.model, program.guide, *batch)
-            changed = [name for name, value in _python_state(program).items() if before.get(name) != value]
-            if changed:
-                return UnfaithfulTrace(f"running the program changes its Python state (attribute {changed[0]!r}), "
-                                       "which a compiled trace would freeze")
+            if (changed := _state_problem(before, _program_state(program))) is not None:
+                return changed
             compiled_loss = CompiledVAELoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True)
             problem = _compare(program, batch, params, reference_elbo, compiled_loss, rtol)
             if (warned := _user_tracer_warning(caught)) is not None:

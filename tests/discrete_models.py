@@ -5,6 +5,7 @@
   non-reparameterized site y (optionally marked for enumeration).
 * :class:`SmallVAE` -- a plain VAE (optionally with an invalid Bernoulli argument only validation refuses).
 * :class:`BranchingVAE` -- a VAE whose decoder takes a data-dependent Python branch.
+* :class:`BatchNormVAE` -- a VAE whose encoder has BatchNorm (running statistics a compiled trace freezes).
 * :class:`CountingVAE` -- a VAE whose model counts its calls in a Python attribute and turns NaN after
   ``nan_after`` calls (Python state a compiled trace freezes).
 """
@@ -85,6 +86,15 @@ class SmallVAE(nn.Module):
         with pyro.plate("data", x.shape[0]):
             loc, raw = self.encoder(x).chunk(2, -1)
             pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-3).to_event(1))
+
+
+class BatchNormVAE(SmallVAE):
+    """Its encoder normalizes with BatchNorm1d: training steps update the running statistics (buffers)."""
+
+    def __init__(self, data_dim: int = 784, latent: int = 2, hidden: int = 16, **kwargs):
+        super().__init__(data_dim, latent, hidden, **kwargs)
+        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.BatchNorm1d(hidden), nn.Tanh(),
+                                     nn.Linear(hidden, 2 * latent))
 
 
 class BranchingVAE(SmallVAE):

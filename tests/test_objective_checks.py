@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from discrete_models import M2, BranchingVAE, CountingVAE, SmallVAE
+from discrete_models import M2, BatchNormVAE, BranchingVAE, CountingVAE, SmallVAE
 
 from ppl_vae import cli, objectives, runs
 from ppl_vae.errors import ModelStructureError, NumericalFaultError
@@ -119,6 +119,15 @@ def test_python_state_keeps_auto_on_svi_which_stops_at_the_nan_and_jit_is_refuse
     with pytest.raises(ModelStructureError, match=r"--engine jit cannot train this program faithfully: .*'calls'"):
         train(tmp_path / "jit", tiny(data_root, engine="jit"), program=CountingVAE(), progress=False)
     assert not (tmp_path / "jit").exists()
+
+
+def test_batchnorm_running_statistics_keep_auto_on_svi_and_jit_is_refused():
+    # A compiled graph replays the batch statistics but never updates the running ones that eval mode uses.
+    x = torch.bernoulli(torch.full((64, 10), 0.3))
+    choice = choose_engine(TrainConfig(), Weighted(BatchNormVAE(data_dim=10)), (x,), 1, CPU)
+    assert choice.engine == "svi" and "changes its buffers (buffer 'encoder.1.running_mean')" in choice.reason
+    with pytest.raises(ModelStructureError, match="--engine jit cannot train this program faithfully: .*running_mean"):
+        choose_engine(TrainConfig(engine="jit"), Weighted(BatchNormVAE(data_dim=10)), (x,), 1, CPU)
 
 
 def test_a_trace_that_does_not_hold_on_a_second_batch_of_other_content_is_unfaithful(monkeypatch):
