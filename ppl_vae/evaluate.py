@@ -271,6 +271,13 @@ def inspect_program(
             "the model has no observed sample site: condition on the data with pyro.sample(name, dist, obs=x)"
         )
     missing = [name for name in latent if name not in guide_sites]
+    summed_out = [name for name in missing if model_sites[name]["infer"].get("enumerate")]
+    if summed_out:
+        raise ModelStructureError(
+            f"the model's site {summed_out[0]!r} is marked for enumeration (summed out, no guide site), and ppl_vae "
+            "does not yet train or evaluate enumerated programs (TraceEnum_ELBO): give it a guide site, e.g. "
+            f"pyro.sample({summed_out[0]!r}, dist.Categorical(logits=...)), without the mark"
+        )
     if missing:
         raise ModelStructureError(
             f"the guide has no sample site for the model's latent site(s) {missing}: "

@@ -56,6 +56,24 @@ class M2(nn.Module):
             pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-3).to_event(1))
 
 
+class SummedM2(M2):
+    """M2 with y summed out of the model by enumeration (config_enumerate) and no guide site for it."""
+
+    def model(self, x: torch.Tensor) -> None:
+        x = x.reshape(x.shape[0], -1)
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.classes)), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent), 1.0).to_event(1))
+            logits = self.decoder(joined(z, F.one_hot(y, self.classes).to(x.dtype)))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        x = x.reshape(x.shape[0], -1)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = self.encoder(joined(x, x.new_zeros(self.classes))).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-3).to_event(1))
+
+
 class SmallVAE(nn.Module):
     """A Gaussian-latent, Bernoulli-pixel VAE; subclasses change its decoder's logits.
 

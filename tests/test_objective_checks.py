@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
-from discrete_models import M2, BatchNormVAE, BranchingVAE, CountingVAE, SmallVAE
+from discrete_models import M2, BatchNormVAE, BranchingVAE, CountingVAE, SmallVAE, SummedM2
 
 from ppl_vae import cli, objectives, runs
 from ppl_vae.errors import ModelStructureError, NumericalFaultError
@@ -72,6 +72,12 @@ def test_a_guide_site_marked_for_enumeration_is_refused_not_silently_drawn(tmp_p
     message = str(refused.value)
     assert "guide site 'y' is marked for enumeration" in message and "does not yet train enumerated programs" in message
     assert "--objective elbo" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_site_summed_out_by_enumeration_is_refused_saying_so(tmp_path, data_root):
+    with pytest.raises(ModelStructureError, match="the model's site 'y' is marked for enumeration .*does not yet train"):
+        train(tmp_path / "run", tiny(data_root), program=SummedM2(), progress=False)
     assert not (tmp_path / "run").exists()
 
 
