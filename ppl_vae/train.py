@@ -149,7 +149,7 @@ class TrainConfig:
     evidence_examples: int = 500  # validation images for that learning curve
     evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
-    pyro_validation: bool = False  # --validate: Pyro's argument checks in the hot loop (slow; svi engine only)
+    pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
     engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
     # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
@@ -178,9 +178,6 @@ class TrainConfig:
             raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         check_dataset(self.dataset)
         check_objective(self.objective, self.particles, compiled=self.engine == "jit")
-        if self.pyro_validation and self.engine == "jit":  # the compiled graph runs with Pyro's validation off
-            raise PplVaeError("--validate turns on Pyro's checks, which run on the SVI path only, and --engine jit "
-                              "would skip them: use --engine svi (or auto, which then chooses svi)")
         if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
         if self.objective == "iwae" and (self.beta != 1.0 or self.warmup_epochs):

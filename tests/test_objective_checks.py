@@ -102,13 +102,6 @@ def test_validate_is_recorded_kept_on_resume_and_turns_pyros_checks_on(tmp_path,
     assert calls == [True] and runs.read_json(tmp_path / "valid" / "config.json")["train"]["pyro_validation"] is True
 
 
-def test_validate_with_the_compiled_engine_is_refused_not_silently_skipped(tmp_path, data_root, capsys):
-    assert cli.main(["train", *small_cli(data_root), "--run-dir", str(tmp_path / "run"), "--validate",
-                     "--engine", "jit"]) == 2
-    assert "--validate turns on Pyro's checks, which run on the SVI path only" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 def test_a_data_dependent_branch_keeps_auto_on_svi_with_the_tracer_warning_and_jit_is_refused(tmp_path, data_root,
                                                                                               capsys):
     train(tmp_path / "auto", tiny(data_root), program=BranchingVAE(), progress=True)
