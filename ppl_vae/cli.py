@@ -135,7 +135,9 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     objective.add_argument("--warmup-start", type=_positive_float, default=t.warmup_start)
     objective.add_argument("--validate", action="store_true",
                            help="Pyro's validation on while training: every distribution's arguments and values are "
-                           "checked at every step (slower; --engine auto then chooses svi). Recorded in config.json")
+                           "checked at every step (slower; --engine auto then chooses svi, and an explicit --engine jit validates "
+                           "only the first-batch checks and evaluations, its compiled graph runs without). Recorded "
+                           "in config.json and kept on --resume")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
                      help=f"epochs to train (default: {t.epochs}; with --resume, the run's own number unless given)")

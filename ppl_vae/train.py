@@ -149,7 +149,7 @@ class TrainConfig:
     evidence_examples: int = 500  # validation images for that learning curve
     evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
-    pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
+    pyro_validation: bool = False  # --validate: Pyro's argument checks in the hot loop (slow; tests turn it on)
     engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
     # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
