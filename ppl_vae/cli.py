@@ -134,6 +134,11 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     objective.add_argument("--beta", type=_positive_float, default=t.beta, help="KL weight (poutine.scale on the latent site)")
     objective.add_argument("--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
     objective.add_argument("--warmup-start", type=_positive_float, default=t.warmup_start)
+    objective.add_argument("--validate", action="store_true",
+                           help="Pyro's validation on while training: every distribution's arguments and values are "
+                           "checked at every step (slower; --engine auto then chooses svi, and an explicit --engine jit validates "
+                           "only the first-batch checks and evaluations, its compiled graph runs without). Recorded "
+                           "in config.json and kept on --resume")
     opt = p.add_argument_group("optimization")
     opt.add_argument("--epochs", type=_positive_int, default=argparse.SUPPRESS,
                      help=f"epochs to train (default: {t.epochs}; with --resume, the run's own number unless given)")
@@ -152,8 +157,10 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
                      "Pyro's optimizer), jit (the ELBO compiled by Pyro's JitTrace_ELBO, one graph per batch size "
                      "and KL weight, with one torch Adam: faster, see `ppl-vae bench`; --objective elbo only), or auto: "
                      "jit where its loss and gradients are checked equal to Trace_ELBO's on the first batch (CPU, "
-                     "--objective elbo, Pyro's validation off), svi otherwise. The run prints and records in "
-                     "config.json which engine ran and why")
+                     "--objective elbo, Pyro's validation off) and its trace is faithful (reparameterized guide "
+                     "sites, no TracerWarning from the program, no Python state it changes, equal on a second "
+                     "batch), svi otherwise; jit is refused where the trace is not faithful. The run prints and "
+                     "records in config.json which engine ran and why")
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--val-samples", type=_positive_int, default=t.val_samples, help="draws from q per image for the per-epoch validation ELBO")
     ev.add_argument("--test-samples", type=_positive_int, default=t.test_samples, help="K for the final test log p(x) (use `evaluate` for K=5000)")
@@ -371,6 +378,7 @@ def _run_train(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         engine=args.engine,
         labels=args.labels,
+        pyro_validation=args.validate,
     )
     spec = None
     if args.program is not None or args.program_kwargs is not None:
@@ -423,7 +431,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # With --resume, these options apply; every other one is the run's own and may only repeat it.
 APPLY_ON_RESUME = ("epochs", "no_progress", "devices", "num_nodes", "rdzv_endpoint", "rdzv_id")
 _NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help", "trust_program")
-_CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs"}  # option -> TrainConfig field, where they differ
+_CONFIG_FIELDS = {"lr": "learning_rate", "warmup": "warmup_epochs", "validate": "pyro_validation"}  # option -> TrainConfig field, where they differ
 
 
 def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:

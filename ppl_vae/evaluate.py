@@ -146,6 +146,11 @@ class ProgramStructure:
     # tensors), and the quantity the evidence is then of, e.g. "log p(x | y)" (evidence_quantity).
     observed_data: dict[str, str] = field(default_factory=dict)
     quantity: str = "log p(x)"
+    # Guide sites whose draws have no reparameterized sampler (fn.has_rsample False: Categorical, Bernoulli, ...),
+    # site -> the distribution: their gradients need a score-function term (Trace_ELBO has one).
+    non_reparameterized: dict[str, str] = field(default_factory=dict)
+    # Guide sites marked for enumeration (infer={"enumerate": ...}, config_enumerate), site -> the mark.
+    enumerated: dict[str, str] = field(default_factory=dict)
 
 
 def check_count(value: Any, name: str) -> int:
@@ -288,6 +293,13 @@ def inspect_program(
             "the model has no observed sample site: condition on the data with pyro.sample(name, dist, obs=x)"
         )
     missing = [name for name in latent if name not in guide_sites]
+    summed_out = [name for name in missing if model_sites[name]["infer"].get("enumerate")]
+    if summed_out:
+        raise ModelStructureError(
+            f"the model's site {summed_out[0]!r} is marked for enumeration (summed out, no guide site), and ppl_vae "
+            "does not yet train or evaluate enumerated programs (TraceEnum_ELBO): give it a guide site, e.g. "
+            f"pyro.sample({summed_out[0]!r}, dist.Categorical(logits=...)), without the mark"
+        )
     if missing:
         raise ModelStructureError(
             f"the guide has no sample site for the model's latent site(s) {missing}: "
@@ -320,6 +332,10 @@ def inspect_program(
         model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
         log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
         observed_data=observed_data, quantity=evidence_quantity(observed_data.values(), len(data)),
+        non_reparameterized={name: _describe(site["fn"]) for name, site in guide_sites.items()
+                             if not getattr(site["fn"], "has_rsample", False)},
+        enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
+                    if site["infer"].get("enumerate")},
     )
     for name in latent:
         conflicts = sorted(model_parents[name] & guide_descendants(guide_parents, name))

@@ -14,6 +14,13 @@ r"""Training objectives: what SVI maximizes, all of them Pyro's own ELBO classes
   (``tests/test_variants.py`` checks it against the per-datapoint bound computed by
   :mod:`ppl_vae.evaluate` from the same draws).
 
+Which objective applies to which guide sites (:func:`check_objective_sites`, run by the trainer before
+anything is written): ``elbo`` to every reparameterized and non-reparameterized site (score-function
+gradients for the latter); ``meanfield`` and ``iwae`` to reparameterized sites only (for a Categorical
+or Bernoulli guide site, meanfield has no score-function term and iwae multiplies it by 0); no
+objective to a site marked for enumeration (the trainer has no ``TraceEnum_ELBO`` yet).
+``experiments/objective_gradients.py`` measures the classifier's gradient of an M2 program under each.
+
 The KL weight beta (with its warm-up schedule) is not an objective: it is a scale on every
 latent site of the model and guide, applied by the trainer to any program
 (:class:`ppl_vae.programs.Weighted`; the built-in VAE also has its own ``VAE.kl_weight``).
@@ -31,8 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
+import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
+from pathlib import Path
 
 import pyro
 import torch
@@ -94,6 +105,43 @@ def check_meanfield(model, guide, x: torch.Tensor, *cond: torch.Tensor) -> None:
             f"{structure.dependencies}): its analytic KL terms would not add up to the ELBO. Train it with "
             "--objective elbo (the same bound, Monte Carlo KL) or reorder the guide"
         )
+
+
+def check_objective_sites(name: str, structure) -> None:
+    """Refuse an objective whose gradient estimator this program's guide sites break (before anything is written).
+
+    ``structure`` is the program's :class:`ppl_vae.evaluate.ProgramStructure` (its guide sites: reparameterized or
+    not, marked for enumeration or not). Pyro's estimators, per non-reparameterized guide site y ~ q(y | x):
+
+    * ``elbo`` (``Trace_ELBO``): the score-function term log q(y | x) * (downstream cost), detached; unbiased.
+    * ``iwae`` (``RenyiELBO(alpha=0)``): that term is multiplied by alpha / (1 - alpha) = 0, so q(y | x) gets
+      exactly zero gradient: refused.
+    * ``meanfield`` (``TraceMeanField_ELBO``): no score-function term at all, a biased gradient (Pyro refuses it
+      only with validation on): refused.
+
+    A guide site marked for enumeration is refused under every objective: these ELBOs ignore the mark (they draw
+    the site), and ppl_vae does not yet train with ``TraceEnum_ELBO``.
+    """
+    if structure.enumerated:
+        site, mark = next(iter(structure.enumerated.items()))
+        raise ModelStructureError(
+            f"guide site {site!r} is marked for enumeration (infer={{'enumerate': {mark!r}}}), and ppl_vae does not yet "
+            "train enumerated programs (TraceEnum_ELBO): remove the mark (or config_enumerate) and train with "
+            "--objective elbo, which draws the site and gives it score-function gradients"
+        )
+    if not structure.non_reparameterized or name == "elbo":
+        return
+    site, distribution = next(iter(structure.non_reparameterized.items()))
+    why = {
+        "iwae": "--objective iwae (RenyiELBO, alpha=0) multiplies its score-function term by alpha/(1-alpha) = 0, so "
+                "q gets no gradient from it",
+        "meanfield": "--objective meanfield (TraceMeanField_ELBO) has no score-function term for it, so its gradient "
+                     "is biased",
+    }[name]
+    raise ModelStructureError(
+        f"guide site {site!r} ({distribution}) is not reparameterized: {why}. Train it with --objective elbo "
+        "(Trace_ELBO: score-function gradients for such sites)"
+    )
 
 
 def _elbo_options(particles: int, max_plate_nesting: int) -> dict:
@@ -166,12 +214,13 @@ class CompiledVAELoss(torch.nn.Module):
     """
 
     def __init__(self, vae: torch.nn.Module, objective: str = "elbo", particles: int = 1,
-                 max_plate_nesting: int = MAX_PLATE_NESTING):
+                 max_plate_nesting: int = MAX_PLATE_NESTING, trace_warnings: bool = False):
         super().__init__()
         check_objective(objective, particles, compiled=True)
         self.vae = vae
         vae.register_params = True
-        self.elbo = JitTrace_ELBO(ignore_jit_warnings=True, **_elbo_options(particles, max_plate_nesting))
+        # trace_warnings: let tracing's TracerWarnings through (compiled_loss_problem reads them); training hides them.
+        self.elbo = JitTrace_ELBO(ignore_jit_warnings=not trace_warnings, **_elbo_options(particles, max_plate_nesting))
 
         # Programs that accept (and ignore) the compile key, which JitTrace_ELBO passes on to them;
         # defined once, since Pyro keys its cache on their id().
@@ -238,17 +287,100 @@ def fixed_standard_normal() -> Iterator[None]:
             module._standard_normal = original
 
 
+class UnfaithfulTrace(str):
+    """A reason the compiled loss is not a faithful stand-in for the program: ``torch.jit.trace`` recorded one path
+    through its Python (a value turned into a Python bool or number, Python state the program changes, a site the
+    check cannot hold fixed), so other batches or later steps may take another. ``--engine jit`` is refused with it."""
+
+
+# Where TracerWarnings come from shape checks only: each compile key fixes the batch's shape, so these hold for every
+# batch a graph is replayed on. A TracerWarning from any other file (the user's program) may be a data-dependent path.
+_SHAPE_CHECKING_LIBRARIES = tuple(str(Path(module.__file__).parent) + os.sep for module in (torch, pyro)) + (
+    str(Path(__file__).parent) + os.sep,)
+
+
+def site_kind_problem(structure) -> UnfaithfulTrace | None:
+    """Why the compiled loss cannot be checked on a program with these guide sites (None when it can).
+
+    The check holds Normal draws fixed; a non-reparameterized site's draws (Categorical, Bernoulli) are not held,
+    and enumeration marks are not compiled. ``structure``: :class:`ppl_vae.evaluate.ProgramStructure`.
+    """
+    if structure.enumerated:
+        site = next(iter(structure.enumerated))
+        return UnfaithfulTrace(f"guide site {site!r} is marked for enumeration, which the compiled loss does not do")
+    if structure.non_reparameterized:
+        site, distribution = next(iter(structure.non_reparameterized.items()))
+        return UnfaithfulTrace(f"non-reparameterized site {site!r} ({distribution}): the compiled loss is checked only "
+                               "for reparameterized sites")
+    return None
+
+
+def _program_state(program: torch.nn.Module) -> dict[str, Any]:
+    """What running the program may change besides its parameters: the plain Python values (numbers, strings,
+    None) its modules hold as public attributes, and its buffers (e.g. BatchNorm's running statistics)."""
+    state: dict[str, Any] = {f"{prefix}.{name}".lstrip("."): repr(value)
+                             for prefix, module in program.named_modules() for name, value in vars(module).items()
+                             if not name.startswith("_") and isinstance(value, (bool, numbers.Number, str, type(None)))}
+    state.update({name: buffer.detach().clone() for name, buffer in program.named_buffers()})
+    # "program.": Weighted's wrapping, not a name the user wrote.
+    return {name.removeprefix("program."): value for name, value in state.items()}
+
+
+def _state_problem(before: dict[str, Any], after: dict[str, Any]) -> UnfaithfulTrace | None:
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return a == b
+
+    changed = [name for name, value in after.items() if name not in before or not same(before[name], value)]
+    if not changed:
+        return None
+    kind = "buffer" if isinstance(after[changed[0]], torch.Tensor) else "attribute"
+    return UnfaithfulTrace(f"running the program changes its {'buffers' if kind == 'buffer' else 'Python state'} "
+                           f"({kind} {changed[0]!r}), which a compiled trace would freeze")
+
+
+def _user_tracer_warning(caught: list[warnings.WarningMessage]) -> str | None:
+    for warning in caught:
+        if issubclass(warning.category, torch.jit.TracerWarning) and \
+                not warning.filename.startswith(_SHAPE_CHECKING_LIBRARIES):
+            text = str(warning.message).split(". ")[0]
+            return f"TracerWarning at {Path(warning.filename).name}:{warning.lineno} ({text})"
+    return None
+
+
+def _compare(program, batch, params, reference_elbo, compiled_loss, rtol: float) -> str | None:
+    """Why the compiled loss on ``batch`` is not Trace_ELBO's, with the draws held fixed (None when it is)."""
+    expected = reference_elbo.differentiable_loss(program.model, program.guide, *batch)
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    compiled = compiled_loss(*batch)
+    grads = torch.autograd.grad(compiled, params, allow_unused=True)
+    if not torch.allclose(compiled.detach(), expected.detach(), rtol=rtol, atol=1e-6):
+        return (f"the compiled loss {float(compiled.detach()):.6g} differs from Trace_ELBO's "
+                f"{float(expected.detach()):.6g} with the same draws")
+    for param, got, want in zip(params, grads, expected_grads):
+        if (got is None) != (want is None) or (got is not None and not torch.allclose(got, want, rtol=rtol, atol=1e-5)):
+            return f"the compiled loss's gradients differ from Trace_ELBO's (a parameter of shape {list(param.shape)})"
+    return None
+
+
 def compiled_loss_problem(
     program: torch.nn.Module, batch: tuple[torch.Tensor, ...], particles: int = 1,
-    max_plate_nesting: int = MAX_PLATE_NESTING, rtol: float = 1e-4,
+    max_plate_nesting: int = MAX_PLATE_NESTING, rtol: float = 1e-4, second_batch: tuple[torch.Tensor, ...] | None = None,
 ) -> str | None:
     """Why the compiled loss cannot stand in for ``Trace_ELBO`` on ``program`` (None when it can).
 
     On ``batch``, with the draws held fixed (:func:`fixed_standard_normal`), a throw-away
     :class:`CompiledVAELoss` must give ``Trace_ELBO``'s loss and gradients to relative
     tolerance ``rtol``; a program whose draws the fixing does not reach (other reparameterized
-    distributions) differs, and is refused too. The random streams and the parameters'
-    gradients are left as they were.
+    distributions) differs, and is refused too. The trace must also be faithful (an
+    :class:`UnfaithfulTrace` reason otherwise): running the programs changes no plain Python
+    attribute or buffer of their modules (a counter, BatchNorm's running statistics: the trace
+    would freeze them), tracing raises no
+    ``TracerWarning`` outside torch, Pyro and ppl_vae (their warnings are shape checks, fixed per
+    compile key), and the graph traced on ``batch``, replayed on ``second_batch`` (same shape,
+    other content), gives Trace_ELBO's loss and gradients there too. The random streams and the
+    parameters' gradients are left as they were.
     """
     # A copy in a param store of its own: the check touches neither the program's gradients (nor hooks on
     # them) nor the names Pyro's store holds for the training run.
@@ -258,18 +390,21 @@ def compiled_loss_problem(
     devices = [batch[0].device] if batch[0].device.type == "cuda" else []
     try:
         with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices), fixed_standard_normal(), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
-            expected = reference_elbo.differentiable_loss(program.model, program.guide, *batch)
-            expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
-            compiled = CompiledVAELoss(program, "elbo", particles, max_plate_nesting)(*batch)
-            grads = torch.autograd.grad(compiled, params, allow_unused=True)
+            before = _program_state(program)
+            reference_elbo.differentiable_loss(program.model, program.guide, *batch)
+            if (changed := _state_problem(before, _program_state(program))) is not None:
+                return changed
+            compiled_loss = CompiledVAELoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True)
+            problem = _compare(program, batch, params, reference_elbo, compiled_loss, rtol)
+            if (warned := _user_tracer_warning(caught)) is not None:
+                return UnfaithfulTrace(f"the trace is not faithful to the program's Python: {warned}")
+            if problem is None and second_batch is not None:
+                if (other := _compare(program, second_batch, params, reference_elbo, compiled_loss, rtol)) is not None:
+                    return UnfaithfulTrace(f"on a second batch of other content, {other}: the trace of the first batch "
+                                           "does not hold for it")
     except Exception as error:  # noqa: BLE001 -- any failure to compile or run means: do not use the compiled loss
         return f"the compiled loss failed on this program ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    if not torch.allclose(compiled.detach(), expected.detach(), rtol=rtol, atol=1e-6):
-        return (f"the compiled loss {float(compiled.detach()):.6g} differs from Trace_ELBO's {float(expected.detach()):.6g} "
-                "with the same draws")
-    for param, got, want in zip(params, grads, expected_grads):
-        if (got is None) != (want is None) or (got is not None and not torch.allclose(got, want, rtol=rtol, atol=1e-5)):
-            return f"the compiled loss's gradients differ from Trace_ELBO's (a parameter of shape {list(param.shape)})"
-    return None
+    return problem

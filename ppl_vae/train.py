@@ -13,8 +13,12 @@ Trace_ELBO())`` (or another objective of :mod:`ppl_vae.objectives`), or through 
 ELBO compiled by Pyro's ``JitTrace_ELBO`` and one torch Adam (:class:`CompiledEngine`,
 faster per step); on several processes, the loss module in DistributedDataParallel
 (:class:`ppl_vae.distributed.DdpEngine`). ``engine="auto"``, the default, takes the compiled
-loss wherever it is checked equal to ``Trace_ELBO``'s on the first batch and SVI otherwise
-(:func:`choose_engine`); the run prints and records (config.json, ``"engine"``) which and why. The loss
+loss wherever its trace is faithful (reparameterized guide sites, no TracerWarning from the program, no
+Python state it changes) and it is checked equal to ``Trace_ELBO``'s on the first batch and on a second,
+and SVI otherwise; ``engine="jit"`` is refused where the trace is not faithful (:func:`choose_engine`);
+the run prints and records (config.json, ``"engine"``) which and why. Before anything is written, the
+objective is checked against the program's guide sites
+(:func:`ppl_vae.objectives.check_objective_sites`). The loss
 Pyro reports is the negative objective summed over the minibatch, so the running
 value shown is ``-loss / batch size`` in nats per datapoint (with beta != 1 it is
 the beta-weighted objective, not the ELBO). After every epoch: the validation ELBO, a line in ``metrics.jsonl``
@@ -81,7 +85,7 @@ from pyro.infer.util import zero_grads
 
 from . import runs
 from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
-from .errors import NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
+from .errors import ModelStructureError, NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
 from .evaluate import (
     ProgramStructure,
     evaluation_summary,
@@ -92,11 +96,14 @@ from .model import VAEConfig, build_vae
 from .modes import running_statistics_problem
 from .objectives import (
     COMPILED_OBJECTIVES,
+    UnfaithfulTrace,
     check_meanfield,
     check_objective,
+    check_objective_sites,
     compiled_loss_problem,
     make_loss_module,
     make_objective,
+    site_kind_problem,
 )
 from .programs import (
     ProgramSpec,
@@ -146,7 +153,7 @@ class TrainConfig:
     evidence_examples: int = 500  # validation images for that learning curve
     evidence_samples: int = 500  # K for that learning curve
     clip_norm: float | None = None  # clip the global gradient norm of every step to this; None: no clipping
-    pyro_validation: bool = False  # Pyro's argument checks in the hot loop (slow; tests turn it on)
+    pyro_validation: bool = False  # --validate: Pyro's argument checks in the hot loop (slow; tests turn it on)
     engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
     # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
@@ -362,6 +369,23 @@ def _check_arity(program: torch.nn.Module, given: int) -> None:
                               f"{len(positional)} data argument(s): leave out --labels, or add y to its arguments")
 
 
+def _check_batches(
+    data: MNISTData, config: TrainConfig, probe: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """Two training batches for the up-front checks, drawn with ``probe`` (the run's random stream is left alone).
+
+    The second has the first's shape and other content (the compiled graph is replayed on it): the next batch,
+    topped up with rows of the first when it is smaller; None when the training set is one batch.
+    """
+    batches = data.train_batches(config.batch_size, generator=probe, labels=config.labels)
+    first = _as_tuple(next(batches))
+    following = next(batches, None)
+    if following is None:
+        return first, None
+    second = tuple(torch.cat([b, f])[: f.shape[0]] for b, f in zip(_as_tuple(following), first))
+    return first, second
+
+
 def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> ProgramStructure:
     """Run the program once on a training batch: one-line errors for programs that fail, and their structure.
 
@@ -540,13 +564,15 @@ def _train(
     vae.train()  # a program object may come in eval mode: the checks below see the mode training steps run in
     data = load_data(config, vae, device)
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
-    first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
+    first, second = _check_batches(data, config, probe)
     structure = check_first_batch(vae, first)
+    check_objective_sites(config.objective, structure)  # refused where the program's sites break its gradient
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(vae.model, vae.guide, *first)
     trained = Weighted(vae)  # the KL weight of every latent site, for any program
     # Checked, not assumed: rank 0 decides for all processes; the run records the engine that ran, and why.
-    choice = processes.on_main(lambda: choose_engine(config, trained, first, structure.max_plate_nesting, device))
+    choice = processes.on_main(lambda: choose_engine(config, trained, first, structure.max_plate_nesting, device,
+                                                     structure=structure, second_batch=second))
     choice = _resumed_engine_choice(choice, config, saved_engine, run_dir) if checkpoint is not None else choice
     if choice.requested == "jit" and choice.engine != "jit":
         warnings.warn(f"--engine jit: {choice.reason}; training with --engine svi instead", PplVaeWarning, stacklevel=3)
@@ -1122,17 +1148,23 @@ class EngineChoice:
 
 def choose_engine(
     config: TrainConfig, program: torch.nn.Module, first_batch: tuple[torch.Tensor, ...], max_plate_nesting: int,
-    device: torch.device,
+    device: torch.device, *, structure: ProgramStructure | None = None,
+    second_batch: tuple[torch.Tensor, ...] | None = None,
 ) -> EngineChoice:
     """The engine for ``config.engine`` on ``program``: the compiled loss where it is checked, SVI otherwise.
 
     ``auto`` takes the compiled loss (``jit``) when the objective has a working compiled version
     (``--objective elbo``), Pyro's validation is off (its checks run on the SVI path), the device is
     the CPU (where it is measured faster; on CUDA it is not yet measured, so SVI stays the default
-    there) and, on ``first_batch`` with the draws held fixed, its loss and gradients equal
-    ``Trace_ELBO``'s to relative tolerance :data:`COMPILED_LOSS_RTOL`
-    (:func:`ppl_vae.objectives.compiled_loss_problem`). ``jit`` is checked the same way and falls
-    back to SVI where the check fails; ``svi`` is taken as asked.
+    there), every guide site is reparameterized and none is marked for enumeration
+    (:func:`ppl_vae.objectives.site_kind_problem`; ``structure`` is the program's, traced on
+    ``first_batch`` when not given) and, on ``first_batch`` with the draws held fixed, its loss and
+    gradients equal ``Trace_ELBO``'s to relative tolerance :data:`COMPILED_LOSS_RTOL`, with a
+    faithful trace (no ``TracerWarning`` from the program, no Python state it changes, and equal
+    again when replayed on ``second_batch``: :func:`ppl_vae.objectives.compiled_loss_problem`).
+    ``jit`` is checked the same way: an unfaithful trace is refused with its reason
+    (:class:`~ppl_vae.errors.ModelStructureError`), a first-batch difference falls back to SVI with a
+    warning; ``svi`` is taken as asked.
     """
     requested = config.engine
     if requested == "svi":
@@ -1146,14 +1178,22 @@ def choose_engine(
         if device.type != "cpu":
             return EngineChoice(requested, "svi", f"the compiled loss is not yet measured on {device.type}; "
                                                   "--engine jit uses it there")
+    if structure is None:
+        with torch.no_grad():
+            structure = inspect_program(program.model, program.guide, first_batch)
     started = time.perf_counter()
-    problem = running_statistics_problem(program) or compiled_loss_problem(
-        program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL)
+    statistics = running_statistics_problem(program)
+    problem = site_kind_problem(structure) or (UnfaithfulTrace(statistics) if statistics else None) or compiled_loss_problem(
+        program, first_batch, config.particles, max_plate_nesting, rtol=COMPILED_LOSS_RTOL, second_batch=second_batch)
     seconds = time.perf_counter() - started
+    if isinstance(problem, UnfaithfulTrace) and requested == "jit":
+        raise ModelStructureError(f"--engine jit cannot train this program faithfully: {problem}. Train it with "
+                                  "--engine svi (or auto, which chooses svi for it)")
     if problem:
         return EngineChoice(requested, "svi", problem, seconds)
+    second = ", and on a second batch through the same graph" if second_batch is not None else ""
     return EngineChoice(requested, "jit", f"the compiled loss and its gradients equal Trace_ELBO's on the first batch "
-                                          f"with the same draws, to rtol {COMPILED_LOSS_RTOL:g}", seconds)
+                                          f"with the same draws, to rtol {COMPILED_LOSS_RTOL:g}{second}", seconds)
 
 
 def _fault_message(what: str, kept: str) -> str:

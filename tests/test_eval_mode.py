@@ -16,6 +16,7 @@ from torch import nn
 
 from ppl_vae import cli, runs
 from ppl_vae.diagnostics import diagnostics_summary
+from ppl_vae.errors import ModelStructureError
 from ppl_vae.distributed import evaluate_per_datapoint
 from ppl_vae.evaluate import elbo_decomposition, evaluation_summary, evidence_estimate
 from ppl_vae.latent2d import program_log_joint
@@ -246,7 +247,8 @@ def test_the_compiled_loss_is_not_chosen_where_it_would_keep_running_statistics_
         expected = torch.stack([compiled_program.encoder[0](x).mean(0) for x in batches]).mean(0)
     assert not torch.allclose(compiled_program.encoder[1].running_mean, expected, atol=1e-3)  # why it is refused
     program = CumulativeBatchNormVAE()
-    for engine in ("auto", "jit"):
-        choice = choose_engine(TrainConfig(engine=engine, device="cpu"), Weighted(program), (batches[0],), 1,
-                               torch.device("cpu"))
-        assert choice.engine == "svi" and "momentum=None" in choice.reason and "num_batches_tracked" in choice.reason
+    choice = choose_engine(TrainConfig(engine="auto", device="cpu"), Weighted(program), (batches[0],), 1,
+                           torch.device("cpu"))
+    assert choice.engine == "svi" and "momentum=None" in choice.reason and "num_batches_tracked" in choice.reason
+    with pytest.raises(ModelStructureError, match="momentum=None"):  # asked for by name: refused, with the reason
+        choose_engine(TrainConfig(engine="jit", device="cpu"), Weighted(program), (batches[0],), 1, torch.device("cpu"))
