@@ -558,6 +558,7 @@ def _train(
         checkpoint_id = checkpoint.get("id")
         if main:
             # Rewritten on resume: with a raised --epochs, the run's record then says how far it was trained.
+            runs.record_written(run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE, *runs.CHECKPOINT_FILES)
             runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
             runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
             runs.truncate_metrics(run_dir, start_epoch)
@@ -568,6 +569,8 @@ def _train(
             first epoch resumes too)."""
             created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
             try:
+                runs.record_written(run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE,
+                                    *runs.CHECKPOINT_FILES, *program_entries(spec))  # before they are written
                 runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
                 runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
                 if spec is not None:
@@ -631,8 +634,17 @@ def _train(
         "model": description, "objective": describe_objective(config),
     })
     if main:
+        runs.record_written(run_dir, runs.TEST_FILE)
         runs.write_json(run_dir / runs.TEST_FILE, result)
     return result
+
+
+def program_entries(spec: ProgramSpec | None) -> tuple[str, ...]:
+    """The run entries :func:`ppl_vae.programs.record_spec` writes for ``spec``: program.json, and the copy of its file."""
+    if spec is None:
+        return ()
+    copy = (runs.PROGRAM_FOLDER, f"{runs.PROGRAM_FOLDER}/{Path(spec.path).name}") if spec.path is not None else ()
+    return (runs.PROGRAM_FILE, *copy)
 
 
 def epoch_record(
