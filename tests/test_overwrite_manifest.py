@@ -173,10 +173,10 @@ def test_overwrite_replaces_a_run_deleting_only_what_its_manifest_records(run_co
 @pytest.mark.parametrize("action", ["overwrite", "resume"])
 def test_a_config_file_may_not_overwrite_or_resume_a_run(run_copy, tmp_path, capsys, action):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"run_dir": str(run_copy), action: True, "epochs": 350}))
+    config.write_text(json.dumps({"run_dir": str(run_copy), action: True}))
     before = snapshot(run_copy)
     with pytest.raises(SystemExit) as info:
-        main("train", "--config", config)
+        main("train", "--config", config, "--epochs", "1", *TINY)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"holds ['{action}']: --{action} delete or continue a run, so they are taken only from the command line" in err
