@@ -122,7 +122,6 @@ def test_a_manifest_naming_anything_outside_the_run_is_refused(run_copy, capsys,
 def test_overwrite_refuses_a_linked_program_folder_before_deleting_anything(run_copy, tmp_path, capsys):
     outside = tmp_path / "outside"
     shutil.move(run_copy / "program", outside)  # the user keeps the program elsewhere and links it in
-    (outside / "my_notes.txt").write_text("not the run's")
     (run_copy / "program").symlink_to(outside, target_is_directory=True)
     run_before, outside_before = snapshot(run_copy), snapshot(outside)
     assert overwrite(run_copy) == 2
