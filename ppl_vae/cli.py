@@ -570,6 +570,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     from .train import load_run
 
     run_dir = Path(args.run_dir)
+    runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # a linked plots/ is refused before the run is loaded
     vae, config = load_run(run_dir, device="cpu")
     with runs.RunLock(run_dir, "figures"):  # no evaluation, other plot or train --overwrite writes there meanwhile
         return _plot(args, run_dir, vae, config)

@@ -48,8 +48,9 @@ Reliability (what :func:`train` guarantees):
   (:func:`ppl_vae.runs.load_checkpoint_for_resume`).
 * **Run directory.** Every check (configuration, device, data; on resume the
   checkpoint and ``epochs`` >= the epochs trained) comes before anything is
-  written; ``overwrite`` deletes only a ppl_vae run, and only then
-  (:func:`ppl_vae.runs.start_run_dir`); the run is locked while training
+  written; ``overwrite`` deletes only what the run's ``manifest.json`` records,
+  and only then (:func:`ppl_vae.runs.start_run_dir`); every file is recorded
+  there before it is written (:func:`ppl_vae.runs.record_written`); the run is locked while training
   (:class:`ppl_vae.runs.RunLock`); a new run that fails before its first
   checkpoint is removed again, so it blocks no later run.
 """
