@@ -261,3 +261,13 @@ def test_record_written_refuses_names_outside_the_run(tmp_path):
     for name in ("../x", "/etc/x", "plots/../x", "notes/x", "plots/a/b", ""):
         with pytest.raises(ValueError, match="no name of a run's file"):
             runs.record_written(tmp_path, name)
+
+
+def test_the_atomic_writer_replaces_a_link_and_never_writes_through_it(tmp_path):
+    """The last line of defence behind the checks: a temporary file renamed over the path replaces a link there."""
+    target = tmp_path / "elsewhere.json"
+    target.write_text("keep")
+    link = tmp_path / "evaluation.json"
+    link.symlink_to(target)
+    runs.write_json(link, {"new": 1})
+    assert not link.is_symlink() and runs.read_json(link) == {"new": 1} and target.read_text() == "keep"
