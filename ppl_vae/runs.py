@@ -379,7 +379,8 @@ def start_run_dir(run_dir: str | os.PathLike, lock: "RunLock", overwrite: bool =
                 with writing(target, "delete"):
                     target.rmdir() if target.is_dir() and not target.is_symlink() else target.unlink()
     remove_temporaries(path, TRAINING_FILES)
-    _write_manifest(path, {})
+    with _manifest_lock(path):
+        _write_manifest(path, {})
     return created
 
 
