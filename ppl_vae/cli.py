@@ -498,8 +498,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 @contextmanager
 def _evaluation_lock(run_dir: Path, main: bool) -> Iterator[None]:
     """Hold the run's evaluation lock (rank 0): one evaluation writes into a run at a time, and no
-    ``train --overwrite`` deletes it meanwhile. A run directory that cannot be written is evaluated all the
-    same, with a warning now (not after minutes of computing): the tables are printed, the files not written."""
+    ``train --overwrite`` deletes it meanwhile. A lock that cannot be taken (a folder that cannot be written,
+    a link or a folder in the lock file's place) stops the evaluation now, not after minutes of computing:
+    evaluating without it could mix two evaluations' files. The result files are recorded in the run's
+    manifest and checked to be no links before the evaluation starts."""
     from . import runs
     from .errors import RunWriteError
 
@@ -510,12 +512,11 @@ def _evaluation_lock(run_dir: Path, main: bool) -> Iterator[None]:
     try:
         lock.acquire()
     except RunWriteError as error:
-        warnings.warn(f"{error}: the tables will be printed, but {runs.EVALUATION_FILE} cannot be written there",
-                      PplVaeWarning, stacklevel=2)
-        yield
-        return
+        raise RunWriteError(f"{error}; evaluate writes its results into the run and takes its lock first: make the "
+                            "folder writable (or copy the run somewhere you can write) and run it again") from None
     try:
         runs.remove_temporaries(run_dir, runs.EVALUATION_FILES)
+        runs.record_written(run_dir, PER_DATAPOINT_FILE, runs.EVALUATION_FILE)
         yield
     finally:
         lock.release()
@@ -619,6 +620,7 @@ def _run_plot(args: argparse.Namespace) -> int:
     from .train import load_run
 
     run_dir = Path(args.run_dir)
+    runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # a linked plots/ is refused before the run is loaded
     vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program)
     # No evaluation, other plot or train --overwrite writes there meanwhile; the program's own figure methods
     # (sample_prior, decode_mean, ...) run in eval mode without gradients, as every evaluation does.
@@ -635,7 +637,7 @@ def _plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     from .train import levels_of
 
     pyro.set_rng_seed(args.seed)
-    out = run_dir / "plots"
+    out = runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # each figure recorded in the manifest, never through a link
     written = [plots.plot_training_curves(runs.read_metrics(run_dir), out / "training_curves.png")]
     train_config = config["train"]
     data = load_run_data(train_config, args.data_dir, eval_examples=20,
@@ -725,7 +727,7 @@ def _diagnose(run_dir: Path) -> int:
     evaluation = runs.read_json(run_dir / "evaluation.json")
     diagnostics = evaluation["diagnostics"]
     per_datapoint = read_per_datapoint(run_dir, evaluation)  # refuses the npz of another evaluation
-    out = run_dir / "plots"
+    out = runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # each figure recorded in the manifest, never through a link
     written = []
     if "khat" in per_datapoint:
         written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", diagnostics["psis"]["khat_threshold"]))
@@ -748,6 +750,10 @@ def _diagnose(run_dir: Path) -> int:
     for path in written:
         print(path)
     return 0
+
+
+# Options that delete or continue a run: accepted only when typed, never from a --config file.
+COMMAND_LINE_ONLY = ("overwrite", "resume")
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
@@ -775,6 +781,12 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) 
     if "trust_program" in values:  # a decision about running code, made by whoever types the command
         train_parser.error(f"--config {path} sets 'trust_program': --trust-program is accepted on the command line only")
     actions = {action.dest: action for action in train_parser._actions if action.dest not in ("help", "config")}
+    typed_only = sorted(key for key in values if key in COMMAND_LINE_ONLY)
+    if typed_only:
+        options = ", ".join(f"--{key.replace('_', '-')}" for key in typed_only)
+        train_parser.error(f"--config {path} holds {typed_only}: {options} delete or continue a run, so they are "
+                           "taken only from the command line, never from a file; remove them from the file and type "
+                           "them when you mean them")
     unknown = sorted(key for key in values if not key.startswith("_") and key not in actions)
     if unknown:
         train_parser.error(f"--config {path} has unknown options {unknown}; the known ones are the options of `train --help`")

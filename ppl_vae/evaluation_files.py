@@ -57,14 +57,16 @@ def write_evaluation(run_dir: str | Path, result: dict[str, Any], arrays: dict[s
     between leaves the old summary, which names another id, and readers refuse the pair.
     """
     run_dir = Path(run_dir)
+    # Recorded in the run's manifest (and checked not to be links) before either is written.
+    per_datapoint_path, evaluation_path = runs.record_written(run_dir, runs.PER_DATAPOINT_FILE, runs.EVALUATION_FILE)
     evaluation_id = uuid.uuid4().hex
     buffer = io.BytesIO()
     numpy.savez(buffer, **arrays, **{ID_KEY: numpy.array(evaluation_id)})
     payload = buffer.getvalue()
-    runs.write_bytes(run_dir / runs.PER_DATAPOINT_FILE, payload)
+    runs.write_bytes(per_datapoint_path, payload)
     result[RECORD_KEY] = {"file": runs.PER_DATAPOINT_FILE, ID_KEY: evaluation_id,
                           "sha256": hashlib.sha256(payload).hexdigest()}
-    runs.write_json(run_dir / runs.EVALUATION_FILE, result)
+    runs.write_json(evaluation_path, result)
 
 
 def _mismatch(run_dir: Path, detail: str) -> RunDirectoryError:

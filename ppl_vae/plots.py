@@ -46,11 +46,15 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
     """Write the figure at its own size (figsize * dpi pixels) as a 256-colour PNG, and close it.
 
     The palette (an adaptive one, without dithering) keeps figures of image grids and heat maps
-    small enough to commit; line plots and text do not change visibly.
+    small enough to commit; line plots and text do not change visibly. The file is written atomically
+    (a temporary file renamed over ``path``): a kill leaves no half figure, and a link at ``path`` is
+    replaced, never written through.
     """
     import io
 
     from PIL import Image
+
+    from .runs import write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +64,9 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
     buffer.seek(0)
     with Image.open(buffer) as image:
         palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        palette.save(path, format="PNG", optimize=True)
+        png = io.BytesIO()
+        palette.save(png, format="PNG", optimize=True)
+    write_bytes(path, png.getvalue())
     return path
 
 

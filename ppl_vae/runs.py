@@ -8,7 +8,10 @@ Layout of ``RUN_DIR``::
     checkpoint.prev.pt the checkpoint before it (kept in case the latest is damaged)
     checkpoint.damaged.pt  a damaged latest checkpoint set aside by ``--resume`` (only then)
     test.json          the final test evaluation of ``ppl-vae train``
-    evaluation.json    the table of ``ppl-vae evaluate``
+    evaluation.json    the table of ``ppl-vae evaluate`` (``evaluation_per_datapoint.npz`` its per-image numbers)
+    data.json, program.json, program/   the data's record; the program's spec and a copy of its file
+    plots/             the figures of ``ppl-vae plot`` and ``diagnose``
+    manifest.json      every file and folder above that the run wrote (name and kind), each recorded before it is written
     .ppl_vae.lock      the lock of the process training into the run (``.ppl_vae.lock.json`` names it);
                        ``.ppl_vae.evaluate.lock`` that of an evaluation writing into it
 
@@ -22,10 +25,14 @@ short by a crash is ignored; a damaged line elsewhere is skipped with a warning
 the good records after it.
 
 Run-directory safety: one process trains into a run at a time (:class:`RunLock`,
-an OS file lock that a killed process releases); ``overwrite`` deletes only a
-folder that holds a ppl_vae run and nothing else (:func:`check_run_dir`), and only
-once every other check has passed (:func:`start_run_dir`); checkpoints are read
-with ``torch.load(weights_only=True)``, so a crafted file cannot run code.
+an OS file lock that a killed process releases; a lock that cannot be taken stops
+the command); ``overwrite`` deletes only what the run's manifest records, checked
+whole before anything is deleted and never through a symbolic link; a folder without
+a manifest (not a run, or a run of a version before manifests) is refused
+(:func:`check_run_dir`), and deleting waits until every other check has passed
+(:func:`start_run_dir`). No command writes a run's files through a symbolic link
+(:func:`record_written`). Checkpoints are read with ``torch.load(weights_only=True)``,
+so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ import json
 import os
 import pickle
 import shlex
-import shutil
 import socket
 import sys
 import tempfile
@@ -65,15 +71,15 @@ LOCK_FILE = ".ppl_vae.lock"
 EVALUATE_LOCK_FILE = ".ppl_vae.evaluate.lock"
 CHECKPOINT_FORMAT = 1
 
-# Every file ppl_vae writes into a run directory: --overwrite deletes these and nothing else.
 DATA_FILE = "data.json"  # ppl_vae.data.DATA_RECORD_FILE: the dataset and splits of the run
 PROGRAM_FILE = "program.json"  # the program's spec (ppl_vae.programs), for programs other than the built-in VAE
 PROGRAM_FOLDER = "program"  # the copy of a user's program file
-RUN_FILES = (
-    CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, DAMAGED_METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE, DAMAGED_CHECKPOINT_FILE,
-    TEST_FILE, EVALUATION_FILE, PER_DATAPOINT_FILE,
-)
-LOCK_FILES = (LOCK_FILE, LOCK_FILE + ".json", EVALUATE_LOCK_FILE, EVALUATE_LOCK_FILE + ".json")
+# The files and folders a run wrote, recorded before each is written: --overwrite deletes these and nothing else.
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+MANIFEST_LOCK_FILE = ".ppl_vae.manifest.lock"
+CHECKPOINT_FILES = (CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE)  # what save_checkpoint writes
+LOCK_FILES = (LOCK_FILE, LOCK_FILE + ".json", EVALUATE_LOCK_FILE, EVALUATE_LOCK_FILE + ".json", MANIFEST_LOCK_FILE)
 # The files training writes (their temporaries, left by a kill, are removed when training starts again).
 TRAINING_FILES = (CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, CHECKPOINT_FILE, TEST_FILE, LOCK_FILE + ".json")
 EVALUATION_FILES = (EVALUATION_FILE, PER_DATAPOINT_FILE, EVALUATE_LOCK_FILE + ".json")
@@ -109,24 +115,148 @@ def writing(path: str | os.PathLike, what: str = "write") -> Iterator[None]:
         raise RunWriteError(f"cannot {what} {path}: {describe_os_error(error)}") from None
 
 
-def _run_dir_contents(path: Path) -> tuple[list[str], list[str]]:
-    """The entries of ``path``: (those ppl_vae writes, every other one), lock files left out."""
-    ours, others = [], []
-    for entry in sorted(path.iterdir(), key=lambda p: p.name):
-        name = entry.name
-        if name in LOCK_FILES:
-            continue
-        if name in RUN_FILES and entry.is_file():
-            ours.append(name)
-        elif name == PLOTS_FOLDER and entry.is_dir() and all(p.is_file() and p.suffix == ".png" for p in entry.iterdir()):
-            ours.append(name)
-        elif name == PROGRAM_FOLDER and entry.is_dir() and all(p.is_file() and p.suffix == ".py" for p in entry.iterdir()):
-            ours.append(name)
-        elif entry.is_file() and _is_our_temporary(name, RUN_FILES + LOCK_FILES):
-            ours.append(name)
-        else:
-            others.append(name + ("/" if entry.is_dir() else ""))
-    return ours, others
+# --- The manifest: what a run wrote, which is all --overwrite deletes ----------------------------------
+
+FILE, FOLDER = "file", "folder"
+RUN_FOLDERS = (PROGRAM_FOLDER, PLOTS_FOLDER)  # the folders a run holds (one level deep); every other entry is a file
+
+
+def _entry_parts(name: object) -> tuple[str, ...] | None:
+    """``NAME`` or ``FOLDER/NAME`` (FOLDER one of :data:`RUN_FOLDERS`) as its parts; None for any other name.
+
+    No part is empty, ``.`` or ``..``: a name of the manifest never reaches outside the run.
+    """
+    parts = tuple(name.split("/")) if isinstance(name, str) else ()
+    if not 1 <= len(parts) <= 2 or (len(parts) == 2 and parts[0] not in RUN_FOLDERS):
+        return None
+    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        return None
+    return parts
+
+
+def _kind_of(name: str) -> str:
+    return FOLDER if name in RUN_FOLDERS else FILE
+
+
+def _link_refusal(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return (f"{path} is a symbolic link (to {target}), which ppl_vae never makes: it writes a run's files only inside "
+            "the run folder, never through a link (that could change files outside the run). Put what it links to "
+            "in its place, or remove it, and run the command again")
+
+
+def _damaged_manifest(path: Path, problem: str) -> str:
+    return (f"{path} is damaged or was not written by ppl_vae: {problem}. It lists what the run wrote (all that "
+            "--overwrite may delete), so nothing was deleted or added: delete the run folder yourself if it is no "
+            "longer needed, or choose another --run-dir")
+
+
+def _load_manifest(run_dir: Path) -> dict[str, str] | None:
+    """The manifest's entries ``{name: "file" | "folder"}``; None where there is none (no run, or a run of a
+    version before manifests). A link, or a file not of ppl_vae's form, is a :class:`RunDirectoryError`."""
+    path = run_dir / MANIFEST_FILE
+    if path.is_symlink():
+        raise RunDirectoryError(_link_refusal(path))
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunDirectoryError(_damaged_manifest(path, f"it cannot be read ({error})")) from None
+    entries = manifest.get("entries") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise RunDirectoryError(_damaged_manifest(path, f"it is no manifest of format {MANIFEST_FORMAT}"))
+    for name, kind in entries.items():
+        parts = _entry_parts(name)
+        if parts is None or kind != _kind_of(name) or (len(parts) == 2 and entries.get(parts[0]) != FOLDER):
+            raise RunDirectoryError(_damaged_manifest(path, f"it names {name!r} ({kind!r}), no file or folder of a run"))
+    return entries
+
+
+def _write_manifest(run_dir: Path, entries: dict[str, str]) -> None:
+    write_json(run_dir / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "written_by": "ppl_vae",
+                                         "entries": dict(sorted(entries.items()))})
+
+
+@contextlib.contextmanager
+def _manifest_lock(run_dir: Path) -> Iterator[None]:
+    """One writer of the manifest at a time (training, and an evaluation or plot beside it, both add entries)."""
+    from filelock import FileLock
+
+    path = run_dir / MANIFEST_LOCK_FILE
+    if path.is_symlink():
+        raise RunDirectoryError(_link_refusal(path))
+    lock = FileLock(str(path), timeout=60)
+    with writing(path, "take the lock file"):
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_entry(run_dir: Path, name: str) -> None:
+    """``run_dir/name`` and the run's folder it lies in are no links, and what is there has the entry's kind."""
+    parts = name.split("/")
+    for depth in range(1, len(parts) + 1):
+        path = run_dir.joinpath(*parts[:depth])
+        if path.is_symlink():
+            raise RunDirectoryError(_link_refusal(path))
+    path, kind = run_dir / name, _kind_of(name)
+    if kind == FOLDER and path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"{path} is a file where a run keeps its folder {name}/: move it away and run the "
+                                "command again")
+    if kind == FILE and path.is_dir():
+        raise RunDirectoryError(f"{path} is a folder where a run keeps its file {name}: move it away and run the "
+                                "command again")
+
+
+def record_written(run_dir: str | os.PathLike, *names: str) -> list[Path]:
+    """Record ``names`` in the run's manifest before they are written; return their paths (folders are created).
+
+    A name is ``NAME`` (``program`` and ``plots`` are folders) or ``program/NAME``, ``plots/NAME``
+    (their folder recorded with them). Every writer of a run's files calls this first, so no file
+    of the package is ever unrecorded (a kill in between leaves a recorded name without a file,
+    which --overwrite skips). A run without a manifest (an older version's) is not given one.
+    A name that is, or lies in, a symbolic link is refused (:class:`RunDirectoryError`): a run's
+    files are never written through a link.
+    """
+    run_dir = Path(run_dir)
+    wanted: dict[str, str] = {}
+    for name in names:
+        parts = _entry_parts(name)
+        if parts is None:
+            raise ValueError(f"{name!r} is no name of a run's file or folder")
+        if len(parts) == 2:
+            wanted[parts[0]] = FOLDER
+        wanted[name] = _kind_of(name)
+    for name in wanted:
+        _check_entry(run_dir, name)
+    if (run_dir / MANIFEST_FILE).exists() or (run_dir / MANIFEST_FILE).is_symlink():
+        with _manifest_lock(run_dir):
+            entries = _load_manifest(run_dir)
+            if entries is not None and any(entries.get(name) != kind for name, kind in wanted.items()):
+                _write_manifest(run_dir, {**entries, **wanted})
+    for name, kind in wanted.items():
+        if kind == FOLDER:
+            with writing(run_dir / name, "create the folder"):
+                (run_dir / name).mkdir(exist_ok=True)
+    return [run_dir / name for name in names]
+
+
+class RunFolder:
+    """A folder of a run (``plots``) as the figure functions take it: ``folder / "NAME.png"`` records
+    ``plots/NAME.png`` in the manifest, after checking that neither is a link, and is the path to write."""
+
+    def __init__(self, run_dir: str | os.PathLike, name: str):
+        self.run_dir, self.name = Path(run_dir), name
+        _check_entry(self.run_dir, name)  # a linked folder is refused before the first figure is drawn
+
+    def __truediv__(self, filename: str) -> Path:
+        return record_written(self.run_dir, f"{self.name}/{filename}")[0]
 
 
 def _is_our_temporary(name: str, targets: tuple[str, ...]) -> bool:
@@ -134,13 +264,59 @@ def _is_our_temporary(name: str, targets: tuple[str, ...]) -> bool:
     return name.endswith(".tmp") and any(name.startswith(f".{target}.") for target in targets)
 
 
-def _holds_run(path: Path) -> bool:
-    """``path`` holds the config.json of a ppl_vae run."""
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model" in config and "train" in config
+def _entries(path: Path) -> list[Path]:
+    """The entries of the folder ``path``, its lock files (and their temporaries) left out."""
+    return [entry for entry in sorted(path.iterdir(), key=lambda p: p.name)
+            if entry.name not in LOCK_FILES and not _is_our_temporary(entry.name, LOCK_FILES)]
+
+
+def _overwrite_plan(path: Path) -> list[Path]:
+    """What ``--overwrite`` deletes in ``path``, in order: the files its manifest records (and temporary files of
+    them that a kill left), then its recorded folders. Everything is checked first: either all of that can be
+    deleted, or a :class:`RunDirectoryError` naming what is in the way and nothing is."""
+    present = _entries(path)
+    if not present:
+        return []
+    entries = _load_manifest(path)
+    if entries is None:
+        found = [entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else "") for entry in present]
+        raise RunDirectoryError(
+            f"--overwrite deletes only what a ppl_vae run lists in its {MANIFEST_FILE}, and {path} has none: it holds "
+            f"{_list(found)} (files of yours, or a run of a ppl_vae version before manifests). Nothing was deleted: "
+            "delete the folder yourself if none of it is needed, or choose another --run-dir"
+        )
+    files, folders, links, others = [], [], [], []
+
+    def sort(entry: Path, name: str, siblings: list[str]) -> None:
+        kind = entries.get(name)
+        if entry.is_symlink():
+            links.append(name)
+        elif entry.is_file() and (kind == FILE or (kind is None and _is_our_temporary(entry.name, tuple(siblings)))):
+            files.append(entry)
+        elif kind == FOLDER and entry.is_dir():
+            inside = [child.split("/")[1] for child in entries if child.startswith(name + "/")]
+            for child in sorted(entry.iterdir(), key=lambda p: p.name):
+                sort(child, f"{name}/{child.name}", inside)
+            folders.append(entry)
+        else:
+            others.append(name + ("/" if entry.is_dir() else ""))
+
+    top = [name for name, kind in entries.items() if kind == FILE and "/" not in name] + [MANIFEST_FILE]
+    for entry in present:
+        if entry.name != MANIFEST_FILE:
+            sort(entry, entry.name, top)
+    if links:
+        raise RunDirectoryError(
+            f"--overwrite never follows a symbolic link, and {path} holds {_list(links)}, which ppl_vae never makes "
+            "(a link may lead out of the run). Nothing was deleted: remove the link yourself (what it links to is "
+            "not touched), or choose another --run-dir"
+        )
+    if others:
+        raise RunDirectoryError(
+            f"--overwrite replaces only a ppl_vae run directory, and {path} holds files ppl_vae did not write: "
+            f"{_list(others)}. Nothing was deleted: move them away, or choose another --run-dir"
+        )
+    return files + folders
 
 
 def _list(names: list[str], limit: int = 8) -> str:
@@ -152,9 +328,11 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: b
     """Check ``run_dir`` can take a new run (or, with ``resume``, holds one to continue), changing nothing.
 
     An existing, non-empty folder is refused unless ``resume`` (continue it) or
-    ``overwrite`` (replace it) is given, and ``overwrite`` is refused for a folder that
-    holds anything but a ppl_vae run, so no earlier run and no other file is lost by
-    accident. Raises :class:`RunDirectoryError`.
+    ``overwrite`` (replace it) is given. ``overwrite`` deletes only what the run's
+    manifest records, so it is refused for a folder without one (files of the user's,
+    or a run of a version before manifests), for one holding anything else, and for a
+    symbolic link where the run's files are: no earlier run and no other file is lost
+    by accident. Raises :class:`RunDirectoryError`.
     """
     path = Path(run_dir)
     if resume and overwrite:
@@ -168,22 +346,13 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool = False, overwrite: b
     elif path.exists():
         if not path.is_dir():
             raise RunDirectoryError(f"--run-dir {path} is a file, not a folder: choose another --run-dir")
-        ours, others = _run_dir_contents(path)
-        if (ours or others) and not overwrite:
+        if _entries(path) and not overwrite:
             raise RunDirectoryError(
                 f"the run directory {path} already exists and is not empty: pass --resume to continue "
                 "that run, --overwrite to replace it, or choose another --run-dir"
             )
-        if others:
-            raise RunDirectoryError(
-                f"--overwrite replaces only a ppl_vae run directory, and {path} holds files ppl_vae did not write: "
-                f"{_list(others)}. Nothing was deleted: move them away, or choose another --run-dir"
-            )
-        if ours and not _holds_run(path):
-            raise RunDirectoryError(
-                f"--overwrite replaces only a ppl_vae run directory, and {path} holds no readable {CONFIG_FILE} "
-                f"(it holds {_list(ours)}). Nothing was deleted: remove the folder yourself, or choose another --run-dir"
-            )
+        if overwrite:
+            _overwrite_plan(path)
     return path
 
 
@@ -193,8 +362,10 @@ def start_run_dir(run_dir: str | os.PathLike, lock: "RunLock", overwrite: bool =
     Called once every other check has passed, so a mistake in the options never costs
     the old run. The checks of :func:`check_run_dir` are repeated under the lock; a
     run that is being evaluated is not deleted (the evaluation's lock is taken while
-    deleting). Only the files ppl_vae writes are deleted (the checks refuse a folder
-    holding others). Returns whether the folder was created.
+    deleting). Only what the run's manifest records is deleted, all of it checked
+    before the first deletion (files with ``unlink``, folders with ``rmdir``: neither
+    follows a link or takes anything unchecked with it). The new run starts an empty
+    manifest. Returns whether the folder was created.
     """
     path = Path(run_dir)
     created = not path.exists()
@@ -202,26 +373,35 @@ def start_run_dir(run_dir: str | os.PathLike, lock: "RunLock", overwrite: bool =
         path.mkdir(parents=True, exist_ok=True)
     lock.acquire()
     check_run_dir(path, overwrite=overwrite)
-    ours, _ = _run_dir_contents(path)
-    if ours:
-        with RunLock(path, "evaluate"):  # no evaluation is reading or writing the run being deleted
-            for name in ours:
-                target = path / name
+    if _entries(path):
+        with RunLock(path, "evaluate"):  # no evaluation or plot is reading or writing the run being deleted
+            for target in _overwrite_plan(path):  # checked again, under both locks
                 with writing(target, "delete"):
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                    target.rmdir() if target.is_dir() and not target.is_symlink() else target.unlink()
     remove_temporaries(path, TRAINING_FILES)
+    with _manifest_lock(path):
+        _write_manifest(path, {})
     return created
 
 
 def discard_unstarted_run(run_dir: str | os.PathLike, created: bool) -> None:
-    """Undo :func:`start_run_dir` for a run that failed before its first checkpoint, so it blocks no later run."""
+    """Undo :func:`start_run_dir` for a run that failed before its first checkpoint, so it blocks no later run.
+
+    Deletes what its manifest records (the run's first files), never through a link.
+    """
     path = Path(run_dir)
-    for name in (CONFIG_FILE, DATA_FILE, PROGRAM_FILE, METRICS_FILE, CHECKPOINT_FILE, PREVIOUS_CHECKPOINT_FILE):
-        with contextlib.suppress(OSError):
-            (path / name).unlink(missing_ok=True)
+    try:
+        entries = _load_manifest(path) or {}
+    except RunDirectoryError:
+        entries = {}
+    for name in sorted(entries, key=lambda name: entries[name] == FOLDER):  # files first, then their folders
+        target = path / name
+        if not target.is_symlink():
+            with contextlib.suppress(OSError):
+                target.rmdir() if target.is_dir() else target.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
-        shutil.rmtree(path / PROGRAM_FOLDER)
-    remove_temporaries(path, TRAINING_FILES)
+        (path / MANIFEST_FILE).unlink(missing_ok=True)
+    remove_temporaries(path, TRAINING_FILES + (MANIFEST_FILE,))
     if created:
         for name in LOCK_FILES:
             with contextlib.suppress(OSError):
@@ -272,6 +452,9 @@ class RunLock:
             return self
         from filelock import FileLock, Timeout
 
+        for path in (self.path, self.holder_path):  # a lock taken through a link would lock (and write) elsewhere
+            if path.is_symlink():
+                raise RunDirectoryError(_link_refusal(path))
         lock = FileLock(str(self.path), timeout=0)
         held_by_another = False
         with writing(self.path, "create the lock file"):
@@ -440,7 +623,7 @@ def truncate_metrics(run_dir: str | os.PathLike, last_epoch: int) -> None:
     records, damaged = _parse_metrics(path)
     records = [r for r in records if r["epoch"] <= last_epoch]
     if damaged:
-        aside = Path(run_dir) / DAMAGED_METRICS_FILE
+        aside = record_written(run_dir, DAMAGED_METRICS_FILE)[0]
         earlier = aside.read_bytes() if aside.is_file() else b""
         kept = earlier + "".join(line + "\n" for _, line in damaged).encode()
         _atomic_write(aside, lambda stream: stream.write(kept))
@@ -602,7 +785,7 @@ def load_checkpoint_for_resume(run_dir: str | os.PathLike, map_location: str | t
         raise RunDirectoryError(f"cannot resume: {problem}, and {error}; start the run again with --overwrite") from None
     set_aside = ""
     if latest.is_file():
-        os.replace(latest, run_dir / DAMAGED_CHECKPOINT_FILE)
+        os.replace(latest, record_written(run_dir, DAMAGED_CHECKPOINT_FILE)[0])
         set_aside = f"; the damaged file is kept as {run_dir / DAMAGED_CHECKPOINT_FILE}"
     good = previous.read_bytes()
     write_bytes(latest, good)  # both files good again until the next save

@@ -54,8 +54,9 @@ Reliability (what :func:`train` guarantees):
   (:func:`ppl_vae.runs.load_checkpoint_for_resume`).
 * **Run directory.** Every check (configuration, device, data; on resume the
   checkpoint and ``epochs`` >= the epochs trained) comes before anything is
-  written; ``overwrite`` deletes only a ppl_vae run, and only then
-  (:func:`ppl_vae.runs.start_run_dir`); the run is locked while training
+  written; ``overwrite`` deletes only what the run's ``manifest.json`` records,
+  and only then (:func:`ppl_vae.runs.start_run_dir`); every file is recorded
+  there before it is written (:func:`ppl_vae.runs.record_written`); the run is locked while training
   (:class:`ppl_vae.runs.RunLock`); a new run that fails before its first
   checkpoint is removed again, so it blocks no later run.
 """
@@ -597,6 +598,7 @@ def _train(
         checkpoint_id = checkpoint.get("id")
         if main:
             # Rewritten on resume: with a raised --epochs, the run's record then says how far it was trained.
+            runs.record_written(run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE, *runs.CHECKPOINT_FILES)
             runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
             runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
             runs.truncate_metrics(run_dir, start_epoch)
@@ -607,6 +609,8 @@ def _train(
             first epoch resumes too)."""
             created = runs.start_run_dir(run_dir, lock, overwrite=overwrite)
             try:
+                runs.record_written(run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE,
+                                    *runs.CHECKPOINT_FILES, *program_entries(spec))  # before they are written
                 runs.write_json(run_dir / runs.CONFIG_FILE, saved_config)
                 runs.write_json(run_dir / DATA_RECORD_FILE, data.record)
                 if spec is not None:
@@ -671,8 +675,17 @@ def _train(
         "model": description, "objective": describe_objective(config),
     })
     if main:
+        runs.record_written(run_dir, runs.TEST_FILE)
         runs.write_json(run_dir / runs.TEST_FILE, result)
     return result
+
+
+def program_entries(spec: ProgramSpec | None) -> tuple[str, ...]:
+    """The run entries :func:`ppl_vae.programs.record_spec` writes for ``spec``: program.json, and the copy of its file."""
+    if spec is None:
+        return ()
+    copy = (runs.PROGRAM_FOLDER, f"{runs.PROGRAM_FOLDER}/{Path(spec.path).name}") if spec.path is not None else ()
+    return (runs.PROGRAM_FILE, *copy)
 
 
 def epoch_record(

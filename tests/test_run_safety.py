@@ -92,7 +92,8 @@ def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_p
     (folder / "data").mkdir()
     (folder / "data" / "x.csv").write_text("1,2")
     err = refused(run_cli(data_root, "train", "--run-dir", ".", "--overwrite", "--epochs", "1", *TINY, cwd=folder))
-    assert "holds files ppl_vae did not write: data/, notes.txt" in err and "Nothing was deleted" in err
+    # No manifest.json (issue 24): no run wrote this folder, and nothing in it is deleted.
+    assert "manifest.json, and . has none: it holds data/, notes.txt" in err and "Nothing was deleted" in err
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "data" / "x.csv").read_text() == "1,2"
     # A run with a file of the user's in it: refused too, naming that file; the run is untouched.
     (run_copy / "my-notes.md").write_text("keep")
@@ -101,19 +102,19 @@ def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_p
     err = capsys.readouterr().err
     assert "my-notes.md" in err and "config.json" not in err.split("write:")[1]
     assert files(run_copy) == before
-    # A folder of ppl_vae file names without a run's config.json is no run either.
+    # A folder of ppl_vae file names without a run's manifest is no run either.
     lone = tmp_path / "lone"
     lone.mkdir()
     (lone / "evaluation.json").write_text("{}")
     assert main("train", "--run-dir", lone, "--overwrite", "--epochs", "1", *TINY) == 2
-    assert "holds no readable config.json" in capsys.readouterr().err
+    assert "has none: it holds evaluation.json" in capsys.readouterr().err
     assert (lone / "evaluation.json").read_text() == "{}"
 
 
 def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_when_all_pass(
     tmp_path, data_root, run_copy, capsys
 ):
-    (run_copy / "evaluation.json").write_text("{}")
+    runs.record_written(run_copy, "evaluation.json")[0].write_text("{}")  # recorded in the manifest, as evaluate does
     before = files(run_copy)
     empty = tmp_path / "empty-data"
     empty.mkdir()
