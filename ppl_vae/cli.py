@@ -331,6 +331,7 @@ def _run_train(args: argparse.Namespace) -> int:
         from .programs import ProgramSpec
 
         spec = ProgramSpec.parse(args.program or "vae", args.program_kwargs)
+        _check_vae_kwargs_against_options(args, spec)
     model_config = VAEConfig(
         latent_dim=args.latent_dim,
         hidden_sizes=tuple(args.hidden_sizes),
@@ -372,6 +373,17 @@ def _run_train(args: argparse.Namespace) -> int:
         print(format_evaluation(result, title=f"test evaluation of {run_dir}, {result['model']}, after {result['epochs']} "
                                               f"epochs ({result['device']})"))
     return 0
+
+
+def _check_vae_kwargs_against_options(args: argparse.Namespace, spec) -> None:
+    """--program-kwargs set the built-in VAE's settings: one also given as its own option is refused, not overridden."""
+    if not (spec.is_builtin and spec.name == "vae"):
+        return
+    both = sorted(name for name in spec.kwargs if name in getattr(args, "given", ()))
+    if both:
+        options = ", ".join("--" + name.replace("_", "-") for name in both)
+        raise PplVaeError(f"--program-kwargs sets {', '.join(both)} of the built-in VAE, and {options} sets it too: "
+                          "give each setting once")
 
 
 # With --resume, these options apply; every other one is the run's own and may only repeat it.

@@ -81,6 +81,7 @@ from . import runs
 from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
 from .errors import NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
 from .evaluate import (
+    DEVICE_ERRORS,
     ProgramStructure,
     evaluation_summary,
     inspect_program,
@@ -104,6 +105,7 @@ from .programs import (
     check_program,
     load_spec,
     record_spec,
+    vae_config_with,
 )
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -434,6 +436,10 @@ def resolve_program(
     return program
 
 
+def _is_builtin_vae(program: Any) -> bool:
+    return isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae"
+
+
 class OneProcess:
     """What training in one process needs of the process group: nothing to share or agree on; it writes.
 
@@ -503,6 +509,8 @@ def _train(
             train_config, vae_config = _saved_configs(run_dir, train_config)
             engine_record = runs.read_json(run_dir / runs.CONFIG_FILE).get("engine")
         spec = resolve_program(run_dir, resume, program_arg)
+        if not resume and _is_builtin_vae(program_arg) and program_arg.kwargs:  # recorded in config.json's model
+            vae_config = vae_config_with(vae_config or VAEConfig(), program_arg.kwargs)
         # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
         train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
         processes.check_config(train_config)
@@ -851,6 +859,10 @@ def run_epoch(
                 loss = step(batch)
             except NumericalFaultError as fault:
                 raise NumericalFaultError(_fault_message(f"{fault} at {where}", kept)) from None
+            except (PplVaeError, *DEVICE_ERRORS):
+                raise
+            except Exception as error:
+                raise _program_step_error(error, where, kept) from error
             total_loss += loss
             seen += _as_tuple(batch)[0].shape[0]
             if step_number % 10 == 0 or step_number == num_steps:
@@ -858,6 +870,17 @@ def run_epoch(
     finally:
         bar.close()
     return -total_loss / seen, num_steps
+
+
+def _program_step_error(error: Exception, where: str, kept: str) -> Exception:
+    """A training step's exception as one line when it came from the user's program (its traceback passes through
+    the user's code); anything else is the package's bug, re-raised with its traceback."""
+    from .user_code import describe_user_error
+
+    described = describe_user_error(error)
+    if described is None:
+        raise error
+    return PplVaeError(f"the program raised {described} at {where}; the last good state is kept: {kept}")
 
 
 def checked_svi_step(svi: SVI, batch: torch.Tensor | tuple, clip_norm: float | None = None) -> float:
