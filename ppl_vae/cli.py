@@ -408,6 +408,8 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
     given = sorted(set(getattr(args, "given", ())) - set(APPLY_ON_RESUME) - set(_NOT_SETTINGS))
     if not given or not (run_dir / runs.CONFIG_FILE).is_file():
         return  # nothing to check, or training says what is missing
+    refused = _program_changes(args, run_dir, given)
+    given = [dest for dest in given if dest not in ("program", "program_kwargs")]
     saved = runs.read_json(run_dir / runs.CONFIG_FILE)
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), (dict, type(None))):
         return  # training names the unreadable configuration
@@ -415,7 +417,6 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
     saved["train"].setdefault("program", None)
     saved["train"].setdefault("program_kwargs", None)
     defaults = {"train": {f.name: f.default for f in fields(TrainConfig)}, "model": {f.name: f.default for f in fields(VAEConfig)}}
-    refused = []
     for dest in given:
         field = _CONFIG_FIELDS.get(dest, dest)
         section = "model" if field in defaults["model"] else "train"
@@ -437,6 +438,40 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
             "epochs), --no-progress and the scale-out options apply. Leave the others out, or start a new run with "
             "them (another --run-dir, or --overwrite)"
         )
+
+
+def _program_changes(args: argparse.Namespace, run_dir: Path, given: list[str]) -> list[str]:
+    """``--program`` / ``--program-kwargs`` given with ``--resume`` that differ from the run's recorded program.
+
+    The same file is the recorded path or a file with the recorded sha256; the built-in VAE's
+    kwargs are compared with its settings in config.json.
+    """
+    from . import runs
+    from .programs import ProgramSpec, file_sha256, load_spec
+
+    if "program" not in given and "program_kwargs" not in given:
+        return []
+    ours = ProgramSpec.parse(args.program or "vae", args.program_kwargs)
+    recorded = load_spec(run_dir)
+    if recorded is None or recorded.object:  # the built-in VAE: its settings are config.json's
+        theirs_name = "the built-in VAE" if recorded is None else recorded.name
+        same_program = recorded is None and ours.is_builtin and ours.name == "vae"
+        model = (runs.read_json(run_dir / runs.CONFIG_FILE).get("model") or {}) if recorded is None else {}
+        theirs_kwargs = {name: model.get(name) for name in ours.kwargs}
+        ours_kwargs = {name: list(v) if isinstance(v, tuple) else v for name, v in ours.kwargs.items()}
+    else:
+        theirs_name = recorded.name if recorded.path is None else f"{recorded.path}:{recorded.name}"
+        same_file = ours.path is None and recorded.path is None or ours.path is not None and recorded.path is not None and (
+            Path(ours.path).resolve() == Path(recorded.path)
+            or (Path(ours.path).is_file() and file_sha256(Path(ours.path)) == recorded.sha256))
+        same_program = ours.name == recorded.name and same_file
+        theirs_kwargs, ours_kwargs = recorded.kwargs, ours.kwargs
+    refused = []
+    if "program" in given and not same_program:
+        refused.append(f"--program {args.program} (the run's: {theirs_name})")
+    if "program_kwargs" in given and ours_kwargs != theirs_kwargs:
+        refused.append(f"--program-kwargs {json.dumps(ours.kwargs)} (the run's: {json.dumps(theirs_kwargs)})")
+    return refused
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -508,6 +543,9 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     x = data.split(args.split)
     cond = (data.labels(args.split),) if train_config.get("labels") else ()  # the run's conditioning data
     if args.examples is not None:
+        if args.examples > x.shape[0] and (context is None or context.is_main):
+            warnings.warn(f"--examples {args.examples}: the {args.split} split holds {x.shape[0]} images; all "
+                          f"{x.shape[0]} are evaluated", PplVaeWarning, stacklevel=2)
         x, cond = x[: args.examples], tuple(c[: args.examples] for c in cond)
     check = getattr(getattr(vae, "likelihood", None), "check_data", None)
     if check is not None:  # other programs' data are checked against their likelihood by the evaluation itself
