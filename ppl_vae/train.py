@@ -79,7 +79,7 @@ from pyro.infer.util import zero_grads
 
 from . import runs
 from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
-from .errors import NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
+from .errors import InvalidDataError, NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
 from .evaluate import (
     DEVICE_ERRORS,
     ProgramStructure,
@@ -377,6 +377,54 @@ def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...])
     return structure
 
 
+def check_split_labels(program: torch.nn.Module, data: MNISTData) -> None:
+    """Before training: every split has labels, within the program's ``num_classes`` where it has one, and the
+    program runs on the datapoints with the smallest and the largest label of each split (two per split).
+
+    Labels out of range only in the validation or test split would otherwise be met after an
+    epoch, or after the whole training; the message names the split and the file they come from.
+    """
+    from .data.core import dequantize
+    from .user_code import describe_user_error, first_line
+
+    classes = getattr(program, "num_classes", None)
+    for split in ("train", "val", "test"):
+        labels, where = data.labels(split), _labels_source(data, split)
+        if labels is None or labels.numel() == 0:
+            raise InvalidDataError(f"--labels: the {split} split has no labels ({where}): every split needs them")
+        low, high = int(labels.min()), int(labels.max())
+        if isinstance(classes, int) and not 0 <= low <= high < classes:
+            raise InvalidDataError(f"--labels: the {split} labels ({where}) lie in [{low}, {high}], outside the "
+                                   f"program's classes 0 to {classes - 1} (num_classes={classes})")
+        rows = torch.stack([labels.argmin(), labels.argmax()]).to(data.train.device)
+        x = getattr(data, split)[rows]
+        if split == "train" and data.binarize == "dynamic":
+            x = x.round()  # one fixed draw is all a check needs
+        elif split == "train" and data.dequantized:
+            x = dequantize(x, torch.Generator(device=x.device).manual_seed(0))
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                guide_trace = poutine.trace(program.guide).get_trace(x, labels[rows])
+                poutine.replay(program.model, trace=guide_trace)(x, labels[rows])
+        except DEVICE_ERRORS:
+            raise
+        except Exception as error:  # the program's refusal of a label, in whatever words
+            what = str(error) if isinstance(error, PplVaeError) else (
+                describe_user_error(error) or f"{type(error).__name__}: {first_line(error)}")
+            raise InvalidDataError(f"--labels: the program fails on the {split} labels ({where}, values {low} to "
+                                   f"{high}): {what}") from error
+
+
+def _labels_source(data: MNISTData, split: str) -> str:
+    """Where a split's labels come from, for messages: ``y_test of FILE.npz``, or the dataset's name."""
+    record = data.record
+    if record.get("dataset") != "npz":
+        return f"the {data.name} dataset's {split} labels"
+    key = record.get("splits", {}).get(split, "")
+    array = f"y_{key[2:]}" if key in ("x_train", "x_val", "x_test") else "y_train"
+    return f"{array} of {record.get('path')}"
+
+
 def train(
     run_dir: str | Path,
     config: TrainConfig | None = None,
@@ -537,6 +585,8 @@ def _train(
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first = _as_tuple(next(data.train_batches(config.batch_size, generator=probe, labels=config.labels)))
     structure = check_first_batch(vae, first)
+    if config.labels:
+        check_split_labels(vae, data)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(vae.model, vae.guide, *first)
     trained = Weighted(vae)  # the KL weight of every latent site, for any program
