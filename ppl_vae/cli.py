@@ -715,13 +715,12 @@ def _run_diagnose(args: argparse.Namespace) -> int:
 
 
 def _diagnose(run_dir: Path) -> int:
-    import numpy
-
     from . import plots, runs
     from .diagnostics import site_diagnostics
+    from .run_readers import read_diagnostics, read_per_datapoint
 
-    diagnostics = runs.read_json(run_dir / "evaluation.json")["diagnostics"]
-    per_datapoint = numpy.load(run_dir / PER_DATAPOINT_FILE)
+    diagnostics = read_diagnostics(run_dir / runs.EVALUATION_FILE)  # checked: a handed-over file is one line
+    per_datapoint = read_per_datapoint(run_dir / PER_DATAPOINT_FILE)
     out = run_dir / "plots"
     written = []
     if "khat" in per_datapoint:

@@ -616,7 +616,9 @@ def _join_psis(parts: list[dict]) -> dict:
 def load_run_everywhere(run_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
     def read() -> tuple[dict, dict, int, str | None]:
-        config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
+        from .run_readers import read_run_config
+
+        config = read_run_config(Path(run_dir))  # checked: a config.json handed over may hold anything
         checkpoint = runs.load_checkpoint(run_dir, map_location="cpu")
         return config, checkpoint["model"], checkpoint["epoch"], checkpoint.get("id")
 

@@ -834,8 +834,10 @@ def load_run(
 ) -> tuple[torch.nn.Module, dict]:
     """The trained program of a run directory (in eval mode) and its configuration, plus ``"epoch"``,
     ``"checkpoint_id"`` and ``"description"``."""
+    from .run_readers import read_run_config
+
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    config = read_run_config(run_dir)  # checked: a config.json handed over may hold anything
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
     vae, description = build_run_program(run_dir, config, program)
     vae = vae.to(device)
