@@ -723,10 +723,11 @@ def _diagnose(run_dir: Path) -> int:
     per_datapoint = read_per_datapoint(run_dir / PER_DATAPOINT_FILE)
     out = run_dir / "plots"
     written = []
-    if "khat" in per_datapoint:
-        written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", diagnostics["psis"]["khat_threshold"]))
+    psis = diagnostics["psis"]
+    if "khat" in per_datapoint and isinstance(psis.get("khat_threshold"), (int, float)):
+        written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", psis["khat_threshold"]))
     else:
-        print(f"k-hat: not available ({diagnostics['psis']['unavailable']})")
+        print(f"k-hat: not available ({psis.get('unavailable', 'evaluation.json and its per-image file hold no k-hat')})")
     sites = site_diagnostics(diagnostics)
     for name, site in sites.items():
         # One latent site keeps the plain file names; several get one figure each, named by site.
