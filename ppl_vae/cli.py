@@ -447,7 +447,7 @@ def _program_changes(args: argparse.Namespace, run_dir: Path, given: list[str]) 
     kwargs are compared with its settings in config.json.
     """
     from . import runs
-    from .programs import ProgramSpec, file_sha256, load_spec
+    from .programs import ProgramSpec, load_spec
 
     if "program" not in given and "program_kwargs" not in given:
         return []
@@ -461,10 +461,7 @@ def _program_changes(args: argparse.Namespace, run_dir: Path, given: list[str]) 
         ours_kwargs = {name: list(v) if isinstance(v, tuple) else v for name, v in ours.kwargs.items()}
     else:
         theirs_name = recorded.name if recorded.path is None else f"{recorded.path}:{recorded.name}"
-        same_file = ours.path is None and recorded.path is None or ours.path is not None and recorded.path is not None and (
-            Path(ours.path).resolve() == Path(recorded.path)
-            or (Path(ours.path).is_file() and file_sha256(Path(ours.path)) == recorded.sha256))
-        same_program = ours.name == recorded.name and same_file
+        same_program = ours.name == recorded.name and _same_file(ours.path, recorded.path, recorded.sha256)
         theirs_kwargs, ours_kwargs = recorded.kwargs, ours.kwargs
     refused = []
     if "program" in given and not same_program:
@@ -472,6 +469,16 @@ def _program_changes(args: argparse.Namespace, run_dir: Path, given: list[str]) 
     if "program_kwargs" in given and ours_kwargs != theirs_kwargs:
         refused.append(f"--program-kwargs {json.dumps(ours.kwargs)} (the run's: {json.dumps(theirs_kwargs)})")
     return refused
+
+
+def _same_file(given: str | None, recorded: str | None, sha256: str | None) -> bool:
+    """Whether ``--program``'s file is the run's: both built-in (no file), the recorded path, or the recorded bytes."""
+    from .programs import file_sha256
+
+    if given is None or recorded is None:
+        return given is None and recorded is None
+    path = Path(given)
+    return path.resolve() == Path(recorded) or (path.is_file() and file_sha256(path) == sha256)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

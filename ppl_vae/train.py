@@ -403,7 +403,8 @@ def check_split_labels(program: torch.nn.Module, data: MNISTData) -> None:
         elif split == "train" and data.dequantized:
             x = dequantize(x, torch.Generator(device=x.device).manual_seed(0))
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            devices = [x.device.index or 0] if x.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leaves the run's random streams alone
                 guide_trace = poutine.trace(program.guide).get_trace(x, labels[rows])
                 poutine.replay(program.model, trace=guide_trace)(x, labels[rows])
         except DEVICE_ERRORS:
@@ -914,7 +915,10 @@ def run_epoch(
             except (PplVaeError, *DEVICE_ERRORS):
                 raise
             except Exception as error:
-                raise _program_step_error(error, where, kept) from error
+                fault = _program_step_error(error, where, kept)
+                if fault is None:  # not the program's: the package's bug keeps its traceback
+                    raise
+                raise fault from error
             total_loss += loss
             seen += _as_tuple(batch)[0].shape[0]
             if step_number % 10 == 0 or step_number == num_steps:
@@ -924,14 +928,14 @@ def run_epoch(
     return -total_loss / seen, num_steps
 
 
-def _program_step_error(error: Exception, where: str, kept: str) -> Exception:
+def _program_step_error(error: Exception, where: str, kept: str) -> PplVaeError | None:
     """A training step's exception as one line when it came from the user's program (its traceback passes through
-    the user's code); anything else is the package's bug, re-raised with its traceback."""
+    the user's code, e.g. a raise in its model); None for anything else."""
     from .user_code import describe_user_error
 
     described = describe_user_error(error)
     if described is None:
-        raise error
+        return None
     return PplVaeError(f"the program raised {described} at {where}; the last good state is kept: {kept}")
 
 
