@@ -183,6 +183,7 @@ def test_an_exception_in_the_program_during_training_names_the_epoch_and_step(tm
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "ValueError: a bug in the user's model (small_models.py, line" in lines[0]
     assert "epoch 1, step 3 of 3" in lines[0] and "Trace Shapes" not in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["engine"]["engine"] == engine  # no fallback
     # On the first batch it is the program's error too, not a question of the data's shape.
     line = one_line(main("train", "--dataset", dataset, "--run-dir", tmp_path / "first", *TINY, "--engine", engine,
                          "--program", f"{program_file}:Small", "--program-kwargs", '{"fail_unless_batch": 7}'), capsys)
