@@ -68,6 +68,7 @@ def describe_user_error(error: BaseException) -> str | None:
 
 
 def raised_by_user_code(error: BaseException) -> bool:
-    """Whether the original error was raised by a statement of the user's code itself (not inside torch or Pyro)."""
+    """Whether the original error comes from a ``raise`` statement of the user's code (its own check), not from an
+    operation of torch or Pyro that the user's code called (a shape or dtype mismatch: a question of the data)."""
     frames = traceback.extract_tb(_chain(error)[-1].__traceback__)
-    return bool(frames) and _is_user_file(frames[-1].filename)
+    return bool(frames) and _is_user_file(frames[-1].filename) and (frames[-1].line or "").startswith("raise")
