@@ -385,6 +385,7 @@ def _run_train(args: argparse.Namespace) -> int:
         from .programs import ProgramSpec
 
         spec = ProgramSpec.parse(args.program or "vae", args.program_kwargs)
+        _check_vae_kwargs_against_options(args, spec)
     model_config = VAEConfig(
         latent_dim=args.latent_dim,
         hidden_sizes=tuple(args.hidden_sizes),
@@ -428,6 +429,17 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_vae_kwargs_against_options(args: argparse.Namespace, spec) -> None:
+    """--program-kwargs set the built-in VAE's settings: one also given as its own option is refused, not overridden."""
+    if not (spec.is_builtin and spec.name == "vae"):
+        return
+    both = sorted(name for name in spec.kwargs if name in getattr(args, "given", ()))
+    if both:
+        options = ", ".join("--" + name.replace("_", "-") for name in both)
+        raise PplVaeError(f"--program-kwargs sets {', '.join(both)} of the built-in VAE, and {options} sets it too: "
+                          "give each setting once")
+
+
 # With --resume, these options apply; every other one is the run's own and may only repeat it.
 APPLY_ON_RESUME = ("epochs", "no_progress", "devices", "num_nodes", "rdzv_endpoint", "rdzv_id")
 _NOT_SETTINGS = ("run_dir", "resume", "overwrite", "config", "help", "trust_program")
@@ -450,6 +462,8 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
     given = sorted(set(getattr(args, "given", ())) - set(APPLY_ON_RESUME) - set(_NOT_SETTINGS))
     if not given or not (run_dir / runs.CONFIG_FILE).is_file():
         return  # nothing to check, or training says what is missing
+    refused = _program_changes(args, run_dir, given)
+    given = [dest for dest in given if dest not in ("program", "program_kwargs")]
     saved = runs.read_json(run_dir / runs.CONFIG_FILE)
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), (dict, type(None))):
         return  # training names the unreadable configuration
@@ -457,7 +471,6 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
     saved["train"].setdefault("program", None)
     saved["train"].setdefault("program_kwargs", None)
     defaults = {"train": {f.name: f.default for f in fields(TrainConfig)}, "model": {f.name: f.default for f in fields(VAEConfig)}}
-    refused = []
     for dest in given:
         field = _CONFIG_FIELDS.get(dest, dest)
         section = "model" if field in defaults["model"] else "train"
@@ -479,6 +492,47 @@ def _check_resume_options(args: argparse.Namespace, run_dir: Path) -> None:
             "epochs), --no-progress and the scale-out options apply. Leave the others out, or start a new run with "
             "them (another --run-dir, or --overwrite)"
         )
+
+
+def _program_changes(args: argparse.Namespace, run_dir: Path, given: list[str]) -> list[str]:
+    """``--program`` / ``--program-kwargs`` given with ``--resume`` that differ from the run's recorded program.
+
+    The same file is the recorded path or a file with the recorded sha256; the built-in VAE's
+    kwargs are compared with its settings in config.json.
+    """
+    from . import runs
+    from .programs import ProgramSpec, load_spec
+
+    if "program" not in given and "program_kwargs" not in given:
+        return []
+    ours = ProgramSpec.parse(args.program or "vae", args.program_kwargs)
+    recorded = load_spec(run_dir)
+    if recorded is None or recorded.object:  # the built-in VAE: its settings are config.json's
+        theirs_name = "the built-in VAE" if recorded is None else recorded.name
+        same_program = recorded is None and ours.is_builtin and ours.name == "vae"
+        model = (runs.read_json(run_dir / runs.CONFIG_FILE).get("model") or {}) if recorded is None else {}
+        theirs_kwargs = {name: model.get(name) for name in ours.kwargs}
+        ours_kwargs = {name: list(v) if isinstance(v, tuple) else v for name, v in ours.kwargs.items()}
+    else:
+        theirs_name = recorded.name if recorded.path is None else f"{recorded.path}:{recorded.name}"
+        same_program = ours.name == recorded.name and _same_file(ours.path, recorded.path, recorded.sha256)
+        theirs_kwargs, ours_kwargs = recorded.kwargs, ours.kwargs
+    refused = []
+    if "program" in given and not same_program:
+        refused.append(f"--program {args.program} (the run's: {theirs_name})")
+    if "program_kwargs" in given and ours_kwargs != theirs_kwargs:
+        refused.append(f"--program-kwargs {json.dumps(ours.kwargs)} (the run's: {json.dumps(theirs_kwargs)})")
+    return refused
+
+
+def _same_file(given: str | None, recorded: str | None, sha256: str | None) -> bool:
+    """Whether ``--program``'s file is the run's: both built-in (no file), the recorded path, or the recorded bytes."""
+    from .programs import file_sha256
+
+    if given is None or recorded is None:
+        return given is None and recorded is None
+    path = Path(given)
+    return path.resolve() == Path(recorded) or (path.is_file() and file_sha256(path) == sha256)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -550,6 +604,9 @@ def _evaluate(args: argparse.Namespace, context) -> int:
     x = data.split(args.split)
     cond = (data.labels(args.split),) if train_config.get("labels") else ()  # the run's conditioning data
     if args.examples is not None:
+        if args.examples > x.shape[0] and (context is None or context.is_main):
+            warnings.warn(f"--examples {args.examples}: the {args.split} split holds {x.shape[0]} images; all "
+                          f"{x.shape[0]} are evaluated", PplVaeWarning, stacklevel=2)
         x, cond = x[: args.examples], tuple(c[: args.examples] for c in cond)
     check = getattr(getattr(vae, "likelihood", None), "check_data", None)
     if check is not None:  # other programs' data are checked against their likelihood by the evaluation itself
@@ -723,16 +780,18 @@ def _diagnose(run_dir: Path) -> int:
     from . import plots, runs
     from .diagnostics import site_diagnostics
     from .evaluation_files import read_per_datapoint
+    from .run_readers import read_diagnostics
 
-    evaluation = runs.read_json(run_dir / "evaluation.json")
-    diagnostics = evaluation["diagnostics"]
-    per_datapoint = read_per_datapoint(run_dir, evaluation)  # refuses the npz of another evaluation
+    evaluation = runs.read_json(run_dir / runs.EVALUATION_FILE)
+    diagnostics = read_diagnostics(run_dir / runs.EVALUATION_FILE)  # checked: a handed-over file is one line
+    per_datapoint = read_per_datapoint(run_dir, evaluation)  # checked, and refused if from another evaluation
     out = runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # each figure recorded in the manifest, never through a link
     written = []
-    if "khat" in per_datapoint:
-        written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", diagnostics["psis"]["khat_threshold"]))
+    psis = diagnostics["psis"]
+    if "khat" in per_datapoint and isinstance(psis.get("khat_threshold"), (int, float)):
+        written.append(plots.plot_khat(per_datapoint["khat"], out / "khat.png", psis["khat_threshold"]))
     else:
-        print(f"k-hat: not available ({diagnostics['psis']['unavailable']})")
+        print(f"k-hat: not available ({psis.get('unavailable', 'evaluation.json and its per-image file hold no k-hat')})")
     sites = site_diagnostics(diagnostics)
     for name, site in sites.items():
         # One latent site keeps the plain file names; several get one figure each, named by site.

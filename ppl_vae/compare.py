@@ -39,6 +39,7 @@ from . import runs
 from .diagnostics import site_diagnostics
 from .errors import RunDirectoryError
 from .evaluation_files import read_per_datapoint, result_quantity
+from .run_readers import read_result, read_run_config
 from .model import VAEConfig
 from .train import TrainConfig, describe_objective
 
@@ -74,8 +75,8 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
     checkpoint than the run's latest (an earlier epoch, or the same epoch trained again).
     """
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG_FILE)
-    found = [(name, runs.read_json(run_dir / name)) for name in (runs.EVALUATION_FILE, runs.TEST_FILE)
+    config = read_run_config(run_dir)
+    found = [(name, read_result(run_dir / name)) for name in (runs.EVALUATION_FILE, runs.TEST_FILE)
              if (run_dir / name).is_file()]
     if not found:
         raise RunDirectoryError(
@@ -136,10 +137,7 @@ def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.nd
     path = run_dir / PER_IMAGE_FILE
     if result_file != runs.EVALUATION_FILE or not path.is_file():
         return None
-    values = read_per_datapoint(run_dir, result).get("log_evidence")
-    if values is None:
-        return None
-    values = numpy.asarray(values, dtype=numpy.float64)
+    values = read_per_datapoint(run_dir, result)["log_evidence"].astype(numpy.float64)  # checked: numbers, one per image
     return values if values.shape == (result["num_datapoints"],) else None
 
 

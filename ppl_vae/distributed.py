@@ -301,6 +301,22 @@ def check_launch(devices: int | None, num_nodes: int, rdzv_endpoint: str | None,
             f"--devices {devices} asks for more GPUs than this machine has ({torch.cuda.device_count()}); "
             "one process per GPU"
         )
+    cores = usable_cores()
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if on_cpu and num_nodes == 1 and devices is not None and devices > cores:
+        raise PplVaeError(
+            f"--devices {devices} asks for {devices} CPU processes on this machine, which has {cores} core(s) for this "
+            f"process: give --devices {cores} or fewer (more processes than cores only wait for each other), or "
+            "--num-nodes with --rdzv-endpoint where the processes run on several machines"
+        )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the system has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return max(1, os.cpu_count() or 1)
 
 
 def should_launch(devices: int | None, num_nodes: int) -> bool:
@@ -606,7 +622,9 @@ def load_run_everywhere(
 ) -> tuple[torch.nn.Module, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
     def read() -> tuple[dict, dict, int, str | None]:
-        config = runs.read_json(Path(run_dir) / runs.CONFIG_FILE)
+        from .run_readers import read_run_config
+
+        config = read_run_config(Path(run_dir))  # checked: a config.json handed over may hold anything
         checkpoint = runs.load_checkpoint(run_dir, map_location="cpu")
         return config, checkpoint["model"], checkpoint["epoch"], checkpoint.get("id")
 

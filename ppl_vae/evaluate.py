@@ -467,6 +467,10 @@ def _explain_program_errors(data: Data) -> Iterator[None]:
     except (PplVaeError, *DEVICE_ERRORS):
         raise
     except _PROGRAM_ERRORS as error:
+        from .user_code import describe_user_error, raised_by_user_code
+
+        if raised_by_user_code(error):  # a raise statement of the program itself: its message, not the data's shape
+            raise InvalidDataError(f"the program raised {describe_user_error(error)}") from error
         first_line = (str(error).strip().splitlines() or [""])[0]
         described = ", ".join(
             f"{'x' if i == 0 else f'data argument {i + 1}'} (shape {list(v.shape)}, dtype {v.dtype}, device {v.device})"

@@ -36,7 +36,6 @@ import hashlib
 import io
 import math
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,8 @@ import numpy
 
 from . import runs
 from .errors import RunDirectoryError
+from .npz_files import load_npz
+from .run_readers import check_per_datapoint
 
 ID_KEY = "evaluation_id"  # the id's name inside the npz, and in evaluation.json's "per_datapoint" record
 RECORD_KEY = "per_datapoint"  # evaluation.json's record of its npz: file, evaluation_id, sha256
@@ -88,13 +89,9 @@ def read_per_datapoint(run_dir: str | Path, result: dict[str, Any] | None = None
     path = run_dir / runs.PER_DATAPOINT_FILE
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} has no {runs.PER_DATAPOINT_FILE}: run `ppl-vae evaluate {run_dir}` first")
+    # Checked before NumPy allocates anything (object arrays, headers claiming more than the file holds).
+    arrays = load_npz(path, f"expected the per-image arrays that `ppl-vae evaluate {run_dir}` writes", RunDirectoryError)
     payload = path.read_bytes()
-    try:
-        with numpy.load(io.BytesIO(payload), allow_pickle=False) as stored:
-            arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise RunDirectoryError(f"{path} is not a readable .npz file ({type(error).__name__}): run "
-                                f"`ppl-vae evaluate {run_dir}` again") from None
     stored_id = arrays.pop(ID_KEY, None)
     if stored_id is not None:
         stored_id = str(stored_id.item()) if stored_id.size == 1 else repr(stored_id.tolist())
@@ -109,11 +106,17 @@ def read_per_datapoint(run_dir: str | Path, result: dict[str, Any] | None = None
                 f"{path} was changed after `ppl-vae evaluate` wrote it (its sha256 is not the one {runs.EVALUATION_FILE} "
                 f"records): run `ppl-vae evaluate {run_dir}` again"
             )
-        return arrays
+        return check_per_datapoint(path, arrays, _count(result))
     if stored_id is not None:
         raise _mismatch(run_dir, f"the npz is from evaluation {stored_id}, {runs.EVALUATION_FILE} records none")
+    check_per_datapoint(path, arrays, _count(result))
     _check_legacy_pair(run_dir, result, arrays)
     return arrays
+
+
+def _count(result: Any) -> int | None:
+    count = result.get("num_datapoints") if isinstance(result, dict) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 def _check_legacy_pair(run_dir: Path, result: dict[str, Any], arrays: dict[str, numpy.ndarray]) -> None:

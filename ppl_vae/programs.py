@@ -38,7 +38,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyro
 import torch
@@ -46,6 +46,9 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from .errors import ModelStructureError, PplVaeError, RunDirectoryError
+
+if TYPE_CHECKING:
+    from .model import VAEConfig
 
 from .runs import PROGRAM_FILE as SPEC_FILE, PROGRAM_FOLDER as SOURCE_DIR  # noqa: E402 -- the run directory's names
 
@@ -308,6 +311,8 @@ def build_program(
         raise PplVaeError(f"the program {spec.name} was passed to train() as a Python object and cannot be rebuilt "
                           "from the run directory: pass a fresh instance as program=")
     if spec.is_builtin:
+        if spec.name not in BUILTIN_PROGRAMS:
+            raise PplVaeError(f"the program {spec.name!r} is not a built-in program ({', '.join(BUILTIN_PROGRAMS)})")
         return BUILTIN_PROGRAMS[spec.name](dict(spec.kwargs), data_info or {})
     if run_dir is not None:
         from .trust import verified_source
@@ -316,12 +321,38 @@ def build_program(
     else:
         path, source = Path(spec.path), None
     factory = _load_factory(path, spec.name, source)
-    try:
-        program = factory(**spec.kwargs)
-    except TypeError as error:
-        raise PplVaeError(f"--program {path.name}:{spec.name} could not be called with the keyword arguments "
-                          f"{spec.kwargs} ({error})") from None
+    program = construct(factory, spec.kwargs, f"the program {path.name}:{spec.name}")
     return check_program(program, f"{path.name}:{spec.name}(...)")
+
+
+def construct(factory: Callable[..., Any], kwargs: dict[str, Any], where: str,
+              filled: dict[str, Any] | None = None) -> Any:
+    """``factory(**filled, **kwargs)``, with any failure as one line naming ``where``, the error and the user's kwargs.
+
+    Names the factory does not take are refused first, listing those it does (unless it takes
+    ``**kwargs``); ``filled`` are the sizes the data fill in (a built-in program's ``data_dim``).
+    Whatever the constructor raises -- a TypeError, a ValueError on a negative size, an error of
+    its own -- is the user's input or the user's code: one line, with the file and line it came from.
+    """
+    from .user_code import describe_user_error, first_line
+
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: calling it will tell
+        parameters = None
+    if parameters is not None and not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise PplVaeError(f"{where} takes no keyword argument(s) {', '.join(unknown)} (--program-kwargs); it takes "
+                              f"{', '.join(names) or 'none'}")
+    try:
+        return factory(**{**(filled or {}), **kwargs})
+    except PplVaeError as error:
+        raise PplVaeError(f"{where} refused the keyword arguments {kwargs}: {error}") from error
+    except Exception as error:  # noqa: BLE001 -- the constructor is the user's input (or code): one line
+        what = describe_user_error(error) or f"{type(error).__name__}: {first_line(error)}"
+        raise PplVaeError(f"{where} could not be built with the keyword arguments {kwargs}: {what}") from error
 
 
 def _load_factory(path: Path, name: str, source: bytes | None = None) -> Callable[..., Any]:
@@ -352,20 +383,67 @@ def _load_factory(path: Path, name: str, source: bytes | None = None) -> Callabl
 def _builtin_vae(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
     from .model import VAE, VAEConfig
 
-    return VAE(VAEConfig(**{**_data_dim(data_info), **kwargs}))
+    return VAE(vae_config_with(VAEConfig(**_data_dim(data_info)), kwargs))
 
 
 def _builtin_two_layer(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
     from .models.two_layer import TwoLayerVAE
 
-    return TwoLayerVAE(**{**_data_dim(data_info), **kwargs})
+    return construct(TwoLayerVAE, kwargs, "the program two-layer", _data_dim(data_info))
 
 
 def _builtin_conditional(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
     from .models.conditional import ConditionalVAE
 
     extra = {"num_classes": data_info["num_classes"]} if "num_classes" in data_info else {}
-    return ConditionalVAE(**{**_data_dim(data_info), **extra, **kwargs})
+    return construct(ConditionalVAE, kwargs, "the program conditional", {**_data_dim(data_info), **extra})
+
+
+# VAEConfig fields that the dataset sets (the images' shape), not --program-kwargs.
+VAE_FIELDS_FROM_DATA = ("data_dim", "image_shape")
+
+
+def vae_config_with(config: "VAEConfig", kwargs: dict[str, Any]) -> "VAEConfig":
+    """The built-in VAE's configuration with ``kwargs`` (``--program-kwargs``) applied as VAEConfig fields.
+
+    A name that is not a field, a value of the wrong type, or a combination VAEConfig refuses is
+    one line; the result is what config.json records, so the run keeps them.
+    """
+    from dataclasses import fields, replace
+
+    from .model import VAEConfig
+
+    settable = {f.name: f.default for f in fields(VAEConfig) if f.name not in VAE_FIELDS_FROM_DATA}
+    unknown = sorted(set(kwargs) - set(settable))
+    if unknown:
+        raise PplVaeError(f"--program-kwargs for the built-in VAE: {', '.join(unknown)} is not among its settings "
+                          f"(VAEConfig fields: {', '.join(settable)}; the data set {' and '.join(VAE_FIELDS_FROM_DATA)})")
+    for name, value in kwargs.items():
+        kind = _field_kind(settable[name])
+        if not _is_kind(value, kind):
+            raise PplVaeError(f"--program-kwargs for the built-in VAE: {name} must be {kind}, got {json.dumps(value)}")
+    try:
+        return replace(config, **kwargs)
+    except (PplVaeError, TypeError, ValueError) as error:
+        raise PplVaeError(f"--program-kwargs for the built-in VAE {kwargs}: {error}") from None
+
+
+def _field_kind(default: Any) -> str:
+    if isinstance(default, tuple):
+        return "a list of integers"
+    return {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a string")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a JSON value is of a VAEConfig field's kind (no bool for a number, an int is a float)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return {
+        "a list of integers": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        "true or false": isinstance(value, bool),
+        "an integer": integer,
+        "a number": integer or isinstance(value, float),
+        "a string": isinstance(value, str),
+    }[kind]
 
 
 def _data_dim(data_info: dict[str, Any]) -> dict[str, Any]:

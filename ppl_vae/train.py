@@ -86,8 +86,9 @@ from pyro.infer.util import zero_grads
 
 from . import runs
 from .data import DATA_RECORD_FILE, MNISTData, check_dataset, dataset_image_shape, is_npz, load_dataset, load_mnist, sha256_of
-from .errors import ModelStructureError, NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
+from .errors import InvalidDataError, ModelStructureError, NumericalFaultError, PplVaeError, PplVaeWarning, RunDirectoryError, TrainingInterrupted
 from .evaluate import (
+    DEVICE_ERRORS,
     ProgramStructure,
     evaluation_summary,
     inspect_program,
@@ -115,6 +116,7 @@ from .programs import (
     check_program,
     load_spec,
     record_spec,
+    vae_config_with,
 )
 from .trust import verified_source
 
@@ -404,6 +406,55 @@ def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...])
     return structure
 
 
+def check_split_labels(program: torch.nn.Module, data: MNISTData) -> None:
+    """Before training: every split has labels, within the program's ``num_classes`` where it has one, and the
+    program runs on the datapoints with the smallest and the largest label of each split (two per split).
+
+    Labels out of range only in the validation or test split would otherwise be met after an
+    epoch, or after the whole training; the message names the split and the file they come from.
+    """
+    from .data.core import dequantize
+    from .user_code import describe_user_error, first_line
+
+    classes = getattr(program, "num_classes", None)
+    for split in ("train", "val", "test"):
+        labels, where = data.labels(split), _labels_source(data, split)
+        if labels is None or labels.numel() == 0:
+            raise InvalidDataError(f"--labels: the {split} split has no labels ({where}): every split needs them")
+        low, high = int(labels.min()), int(labels.max())
+        if isinstance(classes, int) and not 0 <= low <= high < classes:
+            raise InvalidDataError(f"--labels: the {split} labels ({where}) lie in [{low}, {high}], outside the "
+                                   f"program's classes 0 to {classes - 1} (num_classes={classes})")
+        rows = torch.stack([labels.argmin(), labels.argmax()]).to(data.train.device)
+        x = getattr(data, split)[rows]
+        if split == "train" and data.binarize == "dynamic":
+            x = x.round()  # one fixed draw is all a check needs
+        elif split == "train" and data.dequantized:
+            x = dequantize(x, torch.Generator(device=x.device).manual_seed(0))
+        try:
+            devices = [x.device.index or 0] if x.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leaves the run's random streams alone
+                guide_trace = poutine.trace(program.guide).get_trace(x, labels[rows])
+                poutine.replay(program.model, trace=guide_trace)(x, labels[rows])
+        except DEVICE_ERRORS:
+            raise
+        except Exception as error:  # the program's refusal of a label, in whatever words
+            what = str(error) if isinstance(error, PplVaeError) else (
+                describe_user_error(error) or f"{type(error).__name__}: {first_line(error)}")
+            raise InvalidDataError(f"--labels: the program fails on the {split} labels ({where}, values {low} to "
+                                   f"{high}): {what}") from error
+
+
+def _labels_source(data: MNISTData, split: str) -> str:
+    """Where a split's labels come from, for messages: ``y_test of FILE.npz``, or the dataset's name."""
+    record = data.record
+    if record.get("dataset") != "npz":
+        return f"the {data.name} dataset's {split} labels"
+    key = record.get("splits", {}).get(split, "")
+    array = f"y_{key[2:]}" if key in ("x_train", "x_val", "x_test") else "y_train"
+    return f"{array} of {record.get('path')}"
+
+
 def train(
     run_dir: str | Path,
     config: TrainConfig | None = None,
@@ -468,6 +519,10 @@ def resolve_program(
     if isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae":
         return None  # the built-in VAE: its options are the model configuration's
     return program
+
+
+def _is_builtin_vae(program: Any) -> bool:
+    return isinstance(program, ProgramSpec) and program.is_builtin and program.name == "vae"
 
 
 class OneProcess:
@@ -539,6 +594,8 @@ def _train(
             train_config, vae_config = _saved_configs(run_dir, train_config)
             engine_record = runs.read_json(run_dir / runs.CONFIG_FILE).get("engine")
         spec = resolve_program(run_dir, resume, program_arg, trust_program)
+        if not resume and _is_builtin_vae(program_arg) and program_arg.kwargs:  # recorded in config.json's model
+            vae_config = vae_config_with(vae_config or VAEConfig(), program_arg.kwargs)
         # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
         train_config, vae_config = fit_to_dataset(train_config or TrainConfig(), vae_config or VAEConfig())
         processes.check_config(train_config)
@@ -568,6 +625,8 @@ def _train(
     first, second = _check_batches(data, config, probe)
     structure = check_first_batch(vae, first)
     check_objective_sites(config.objective, structure)  # refused where the program's sites break its gradient
+    if config.labels:
+        check_split_labels(vae, data)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(vae.model, vae.guide, *first)
     trained = Weighted(vae)  # the KL weight of every latent site, for any program
@@ -836,8 +895,10 @@ def load_run(
 
     A run with a program file of its own is refused unless this user's key signed it (runs made by this user
     are) or ``trust_program`` is given: importing the file runs its code (:mod:`ppl_vae.trust`)."""
+    from .run_readers import read_run_config
+
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG_FILE)
+    config = read_run_config(run_dir)  # checked: a config.json handed over may hold anything
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
     vae, description = build_run_program(run_dir, config, program, trust_program)
     vae = vae.to(device)
@@ -911,6 +972,13 @@ def run_epoch(
                 loss = step(batch)
             except NumericalFaultError as fault:
                 raise NumericalFaultError(_fault_message(f"{fault} at {where}", kept)) from None
+            except (PplVaeError, *DEVICE_ERRORS):
+                raise
+            except Exception as error:
+                fault = _program_step_error(error, where, kept)
+                if fault is None:  # not the program's: the package's bug keeps its traceback
+                    raise
+                raise fault from error
             total_loss += loss
             seen += _as_tuple(batch)[0].shape[0]
             if step_number % 10 == 0 or step_number == num_steps:
@@ -918,6 +986,17 @@ def run_epoch(
     finally:
         bar.close()
     return -total_loss / seen, num_steps
+
+
+def _program_step_error(error: Exception, where: str, kept: str) -> PplVaeError | None:
+    """A training step's exception as one line when it came from the user's program (its traceback passes through
+    the user's code, e.g. a raise in its model); None for anything else."""
+    from .user_code import describe_user_error
+
+    described = describe_user_error(error)
+    if described is None:
+        return None
+    return PplVaeError(f"the program raised {described} at {where}; the last good state is kept: {kept}")
 
 
 def checked_svi_step(svi: SVI, batch: torch.Tensor | tuple, clip_norm: float | None = None) -> float:

@@ -149,7 +149,7 @@ def test_a_program_file_is_recorded_and_rebuilt_from_its_copy(tmp_path):
     ("missing.py:Tiny", None, "does not exist"),
     ("{file}:Nope", None, "has no 'Nope'; it defines Tiny, make"),
     ("{file}:NOT_A_MODULE", None, "is a int, not a class or function"),
-    ("{file}:Tiny", '{"latnt": 3}', "could not be called with the keyword arguments"),
+    ("{file}:Tiny", '{"latnt": 3}', r"takes no keyword argument\(s\) latnt .*; it takes latent, scale"),
     ("{file}:Tiny", "[3]", "must be a JSON object"),
     ("{file}:Tiny", "{latent: 3}", "not valid JSON"),
     ("nonsense", None, "not a built-in program"),

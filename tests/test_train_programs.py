@@ -159,7 +159,7 @@ def test_python_objects_train_and_must_be_passed_again(tmp_path, data_root):
 @pytest.mark.parametrize("program, kwargs, message", [
     ("missing.py:Thing", None, "does not exist"),
     ("{file}:Nothing", None, "has no 'Nothing'"),
-    ("{file}:LadderVAE", '{"latnt": 3}', "could not be called with the keyword arguments"),
+    ("{file}:LadderVAE", '{"latnt": 3}', "takes no keyword argument(s) latnt (--program-kwargs); it takes latent, hidden"),
     ("{file}:Broken", None, "the program failed on the first training batch"),
 ])
 def test_program_errors_on_the_command_line_are_one_line(tmp_path, data_root, program, kwargs, message):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DataNotFoundError, InvalidDataError
+from ..npz_files import check_npz
 from .core import ImageData, make_splits, sha256_of
 
 VAL_SHARE = 0.1
@@ -42,10 +43,19 @@ def is_npz(dataset: str) -> bool:
 def _open(path: Path) -> np.lib.npyio.NpzFile:
     if not path.is_file():
         raise DataNotFoundError(f"the dataset file {path} does not exist (--dataset PATH.npz expects {EXPECTED})")
+    check_npz(path, f"expected {EXPECTED}")  # before NumPy allocates: object arrays, a .npy, a size the file cannot hold
     try:
         return np.load(path, allow_pickle=False)  # never unpickle objects from a user's file
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise InvalidDataError(f"{path} is not a readable .npz file ({error}); expected {EXPECTED}") from None
+
+
+def _read(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    """One array of the archive; a damaged member (bad CRC, cut short) is one line."""
+    try:
+        return archive[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidDataError(f"{path}: the array {key!r} cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _images(path: Path, key: str, array: np.ndarray) -> torch.Tensor:
@@ -90,9 +100,9 @@ def load_npz(
         if missing:
             raise InvalidDataError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(sorted(keys)) or 'nothing'}); "
                                    f"expected {EXPECTED}")
-        images = {key: _images(path, key, archive[key]) for key in IMAGE_KEYS if key in keys}
+        images = {key: _images(path, key, _read(archive, path, key)) for key in IMAGE_KEYS if key in keys}
         labels = {
-            key: _labels(path, key, archive[key], images[f"x_{key[2:]}"].shape[0])
+            key: _labels(path, key, _read(archive, path, key), images[f"x_{key[2:]}"].shape[0])
             for key in LABEL_KEYS if key in keys and f"x_{key[2:]}" in images
         }
     shapes = {key: list(x.shape[1:]) for key, x in images.items()}
@@ -130,4 +140,4 @@ def npz_image_shape(path: str | os.PathLike) -> tuple[int, ...]:
     with _open(path) as archive:
         if "x_train" not in archive.files:
             raise InvalidDataError(f"{path} lacks x_train; expected {EXPECTED}")
-        return tuple(_images(path, "x_train", archive["x_train"]).shape[1:])
+        return tuple(_images(path, "x_train", _read(archive, path, "x_train")).shape[1:])
