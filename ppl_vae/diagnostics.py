@@ -60,7 +60,7 @@ posterior of x*. Two consequences of using a finite dataset:
   two, either way. Minibatch versions of these estimators (minibatch-weighted
   sampling) are biased much more, which is why all N datapoints are used here.
 
-Standard errors follow :func:`ppl_vae.evaluate.evaluation_summary`: the sample
+Standard errors follow :func:`ppl_vae.summary.evaluation_summary`: the sample
 std over datapoints of the per-datapoint values (each averaged over its draws)
 divided by sqrt(N). They cover the Monte Carlo noise of the draws (conservatively:
 the spread between datapoints is included) and the sampling error of the
@@ -71,7 +71,7 @@ guide (``x`` and any conditioning data, as :mod:`ppl_vae.evaluate`), names its s
 ``site=`` (by default the model's only latent site), and :func:`diagnostics_summary`
 computes every diagnostic for every latent site whose structure allows it, saying for
 each site which are unavailable and why. The conditions, read from the programs'
-dependencies (:func:`ppl_vae.evaluate.inspect_program`):
+dependencies (:func:`ppl_vae.inspection.inspect_program`):
 
 * KL per dimension and the collapse report: the site's model parents are not drawn after
   it in the guide (the condition of its analytic KL term); where its guide or prior depends
@@ -113,23 +113,20 @@ from torch.distributions import (
     kl_divergence,
 )
 
+from .chunking import DEFAULT_CHUNK_ELEMENTS, iter_chunk_terms, plan_evaluation
 from .errors import InvalidDataError, ModelStructureError
-from .evaluate import (
-    DEFAULT_CHUNK_ELEMENTS,
+from .estimators import EvidenceEstimate, evidence_from_weight_sums
+from .inspection import (
     DEVICE_ERRORS,
     KL_ANALYTIC,
     KL_MONTE_CARLO,
-    EvidenceEstimate,
-    _describe,
     ProgramStructure,
     check_count,
-    evidence_from_weight_sums,
-    iter_chunk_terms,
-    mean_and_stderr,
-    plan_evaluation,
+    describe_distribution,
     trace_pair,
 )
 from .modes import evaluates
+from .summary import mean_and_stderr
 
 KHAT_THRESHOLD = 0.7  # Vehtari et al. (2024): above it, PSIS estimates are unreliable
 # PSIS fits its Pareto tail to the largest min(K/5, 3 sqrt(K)) weights, and needs at least
@@ -162,10 +159,10 @@ def importance_log_weights(
     """log w_nk = log p(x_n, z_nk) - log q(z_nk | x_n), z_nk ~ q(z | x_n): a float64 CPU tensor [N, K], nats.
 
     K = ``num_samples``; positional tensors after x are per-datapoint conditioning data
-    (as in :func:`ppl_vae.evaluate.elbo_decomposition`). ``chunk_size`` datapoints and
+    (as in :func:`ppl_vae.estimators.elbo_decomposition`). ``chunk_size`` datapoints and
     ``particles_per_chunk`` draws are traced at a time (by default from a memory budget).
     The whole [N, K] matrix is kept (8 N K bytes), so use a subset of the data when K is
-    large; :func:`ppl_vae.evaluate.evidence_estimate` streams the same weights without keeping them.
+    large; :func:`ppl_vae.estimators.evidence_estimate` streams the same weights without keeping them.
     """
     n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
     log_weights = torch.empty(n, check_count(num_samples, "num_samples"), dtype=torch.float64)
@@ -205,8 +202,8 @@ def evidence_with_psis(
 
     The K log-weights of one chunk of datapoints are held at a time ([chunk, K]),
     so K = 5000 over a whole test set costs no more memory than
-    :func:`ppl_vae.evaluate.evidence_estimate`. Returns the
-    :class:`~ppl_vae.evaluate.EvidenceEstimate` and the dict of
+    :func:`ppl_vae.estimators.evidence_estimate`. Returns the
+    :class:`~ppl_vae.estimators.EvidenceEstimate` and the dict of
     :func:`psis_diagnostics` over all of ``x``.
     """
     n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
@@ -507,7 +504,7 @@ def kl_per_dimension(
     Analytic Normal-Normal KL; the guide and the prior of ``site`` must both be
     diagonal Normals (``dist.Normal(loc, scale).to_event(1)``), and the site's model
     parents must not be drawn after it in the guide. The entries sum to the site's
-    analytic KL term of :func:`ppl_vae.evaluate.elbo_decomposition`.
+    analytic KL term of :func:`ppl_vae.estimators.elbo_decomposition`.
     """
     return _kl_per_dimension(_collect_site(model, guide, (x, *cond), site, chunk_size, data_plate))
 
@@ -808,7 +805,7 @@ def _describe_site(site: _Site) -> str:
     q = site.chunks[0].q
     probs = _class_probabilities(q, site.chunks[0].rows.stop - site.chunks[0].rows.start)
     classes = f", {probs.shape[-1]} classes" if probs is not None else ""
-    return f"{_describe(q)}{classes}"
+    return f"{describe_distribution(q)}{classes}"
 
 
 def _discrete_kl(site: _Site, num_samples: int = DISCRETE_KL_SAMPLES) -> dict[str, Any]:

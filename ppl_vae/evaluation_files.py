@@ -23,7 +23,7 @@ count) would not reproduce them. Otherwise they are refused like a mismatched ne
 
 **The quantity** (:func:`result_quantity`): every result file since this version records what
 its evidence is of (``"quantity"``: ``log p(x)``, ``log p(x | y)``, ``log p(x, y)``; see
-:func:`ppl_vae.evaluate.evidence_quantity`). An older file without it is read as
+:func:`ppl_vae.inspection.evidence_quantity`). An older file without it is read as
 ``log p(x)`` when the run was trained without ``--labels`` (the programs were given x alone,
 so every observed site observed x), and as ``log p(x | y)`` when a built-in program was given
 the labels (no built-in program observes them); a user's program given labels may have

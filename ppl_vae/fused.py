@@ -7,7 +7,7 @@ logits at the observed site. Torch's ``Bernoulli.log_prob`` computes
 ``log_evidence`` at K = 1000 over 200 MNIST images (issue 19).
 
 For an observed Bernoulli site (optionally inside ``Independent``/``to_event``), with values
-x in {0, 1} (checked before: :func:`ppl_vae.evaluate._check_observed_support`) and logits l,
+x in {0, 1} (checked before: :func:`ppl_vae.inspection.check_observed_support`) and logits l,
 
 .. math::
 

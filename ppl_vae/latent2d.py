@@ -79,8 +79,9 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from .chunking import DEFAULT_CHUNK_ELEMENTS, per_datapoint
 from .errors import InvalidDataError, ModelStructureError
-from .evaluate import DEFAULT_CHUNK_ELEMENTS, ProgramStructure, _find_data_plate, _per_datapoint, _sample_sites
+from .inspection import ProgramStructure, find_data_plate, sample_sites
 from .modes import evaluates, evaluation_mode
 
 LATENT_DIM = 2
@@ -401,7 +402,7 @@ def _inspect_model(model: Callable, x: torch.Tensor, site: str | None, data_plat
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with evaluation_mode(model), torch.random.fork_rng(devices=devices):
         trace = poutine.trace(model).get_trace(x)
-    sites = _sample_sites(trace)
+    sites = sample_sites(trace)
     observed = [name for name, s in sites.items() if s["is_observed"]]
     latent = [name for name, s in sites.items() if not s["is_observed"]]
     if not observed:
@@ -423,7 +424,7 @@ def _inspect_model(model: Callable, x: torch.Tensor, site: str | None, data_plat
     if any(not frame.vectorized or frame.dim is None for frame in frames):
         raise ModelStructureError("sequential plates (pyro.plate used as an iterator) are not supported")
     max_plate_nesting = max((-frame.dim for frame in frames), default=0)
-    data_frame = _find_data_plate(sites, observed, x.shape[0], data_plate)
+    data_frame = find_data_plate(sites, observed, x.shape[0], data_plate)
     for name, s in sites.items():
         if data_frame.name not in {f.name for f in s["cond_indep_stack"]}:
             raise ModelStructureError(f"site {name!r} is not inside the data plate {data_frame.name!r}")
@@ -471,9 +472,9 @@ def program_log_joint(model: Callable, site: str | None = None, data_plate: str 
 
             trace = poutine.trace(conditioned).get_trace(x)
             total = torch.zeros(g, n, dtype=torch.float64, device=x.device)
-            for s in _sample_sites(trace).values():
+            for s in sample_sites(trace).values():
                 log_prob = s["fn"].log_prob(s["value"])
-                total = total + _per_datapoint(log_prob, s["mask"], structure, g, n).double()
+                total = total + per_datapoint(log_prob, s["mask"], structure, g, n).double()
             parts.append(total.T)
         return torch.cat(parts, 1)
 

@@ -9,7 +9,7 @@ no running statistic moved by the evaluated images, and no autograd graph kept.
 :func:`evaluation_mode` does that for the modules behind a model and a guide (bound methods of
 an ``nn.Module``, as every program has, or the module itself), and puts every module back in
 the mode it was in afterwards; the evaluation functions enter it themselves
-(:func:`ppl_vae.evaluate.inspect_program`, :func:`ppl_vae.evaluate.iter_chunk_terms`,
+(:func:`ppl_vae.inspection.inspect_program`, :func:`ppl_vae.chunking.iter_chunk_terms`,
 :func:`evaluates` on the diagnostics and figures), so every caller gets it. Plain functions
 (no module behind them) get ``torch.no_grad`` alone.
 """

@@ -91,9 +91,9 @@ def check_meanfield(model, guide, x: torch.Tensor, *cond: torch.Tensor) -> None:
     ``TraceMeanField_ELBO`` takes every latent site's KL analytically, KL(q(z_i | ·) || p(z_i | pa_i)),
     which is that site's ELBO term only when none of its model parents pa_i is drawn after it in
     the guide from a value that depends on it (Pyro only warns). The dependencies are read from the
-    programs, on ``x`` (and ``cond``), by :func:`ppl_vae.evaluate.inspect_program`.
+    programs, on ``x`` (and ``cond``), by :func:`ppl_vae.inspection.inspect_program`.
     """
-    from .evaluate import check_data, inspect_program
+    from .inspection import check_data, inspect_program
 
     structure = inspect_program(model, guide, check_data(x, cond))
     if structure.order_conflicts:
@@ -110,7 +110,7 @@ def check_meanfield(model, guide, x: torch.Tensor, *cond: torch.Tensor) -> None:
 def check_objective_sites(name: str, structure) -> None:
     """Refuse an objective whose gradient estimator this program's guide sites break (before anything is written).
 
-    ``structure`` is the program's :class:`ppl_vae.evaluate.ProgramStructure` (its guide sites: reparameterized or
+    ``structure`` is the program's :class:`ppl_vae.inspection.ProgramStructure` (its guide sites: reparameterized or
     not, marked for enumeration or not). Pyro's estimators, per non-reparameterized guide site y ~ q(y | x):
 
     * ``elbo`` (``Trace_ELBO``): the score-function term log q(y | x) * (downstream cost), detached; unbiased.
@@ -303,7 +303,7 @@ def site_kind_problem(structure) -> UnfaithfulTrace | None:
     """Why the compiled loss cannot be checked on a program with these guide sites (None when it can).
 
     The check holds Normal draws fixed; a non-reparameterized site's draws (Categorical, Bernoulli) are not held,
-    and enumeration marks are not compiled. ``structure``: :class:`ppl_vae.evaluate.ProgramStructure`.
+    and enumeration marks are not compiled. ``structure``: :class:`ppl_vae.inspection.ProgramStructure`.
     """
     if structure.enumerated:
         site = next(iter(structure.enumerated))

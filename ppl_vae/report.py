@@ -23,7 +23,7 @@ def reconstruction_label(quantity: str) -> str:
 
 
 def format_evaluation(result: dict[str, Any], title: str = "") -> str:
-    """A fixed-width table of an :func:`ppl_vae.evaluate.evaluation_summary` result, in nats per datapoint."""
+    """A fixed-width table of an :func:`ppl_vae.summary.evaluation_summary` result, in nats per datapoint."""
     k = result["log_evidence"]["num_samples"]
     quantity = result.get("quantity", "log p(x)")
     estimate = estimate_label(quantity)

@@ -14,7 +14,8 @@ from pyro.infer import Trace_ELBO
 from structured_models import ConditionalGaussian, TwoLayerGaussian
 from torch.distributions import kl_divergence
 
-import ppl_vae.evaluate as evaluate_module
+import ppl_vae.chunking as chunking
+import ppl_vae.inspection as inspection
 from ppl_vae.diagnostics import (
     active_units,
     collapse_report,
@@ -125,7 +126,7 @@ def test_where_provenance_fails_the_site_order_decides(monkeypatch, two_layer):
     def fail(*args, **kwargs):
         raise NotImplementedError("no provenance here")
 
-    monkeypatch.setattr(evaluate_module, "get_dependencies", fail)
+    monkeypatch.setattr(inspection, "get_dependencies", fail)
     x = two_layer.sample(10)
     plan = plan_evaluation(two_layer.model, two_layer.exact_guide, x, num_samples=1)
     assert plan.structure.dependencies == "site order"
@@ -180,7 +181,7 @@ def test_conditioning_data_are_sliced_into_blocks_and_out_of_memory_retries(monk
     per_datapoint = evaluate_per_datapoint(conditional.model, conditional.exact_guide, x, y, num_samples=4,
                                            elbo_samples=2, block_size=64, chunk_size=20)
     torch.testing.assert_close(per_datapoint.evidence.log_evidence, exact, atol=1e-6, rtol=0)
-    chunk_terms = evaluate_module.chunk_terms
+    chunk_terms = chunking.chunk_terms
 
     def flaky(model, guide, data, k, structure):  # rows x particles above 40 do not fit
         assert all(value.shape[0] == data[0].shape[0] for value in data)
@@ -188,7 +189,7 @@ def test_conditioning_data_are_sliced_into_blocks_and_out_of_memory_retries(monk
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return chunk_terms(model, guide, data, k, structure)
 
-    monkeypatch.setattr(evaluate_module, "chunk_terms", flaky)
+    monkeypatch.setattr(chunking, "chunk_terms", flaky)
     with pytest.warns(EvaluationMemoryWarning):
         retried = log_evidence(conditional.model, conditional.exact_guide, x, y, num_samples=8, chunk_size=50,
                                particles_per_chunk=8)

@@ -26,8 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gaussian_models import LinearGaussian
-from ppl_vae import cli, runs
-from ppl_vae import evaluate as evaluate_module
+from ppl_vae import chunking, cli, inspection, runs
 from ppl_vae import train as train_module
 from ppl_vae.errors import (
     CheckpointFallbackWarning,
@@ -42,7 +41,7 @@ from ppl_vae.evaluate import elbo_decomposition, evidence_estimate, iter_chunk_t
 from ppl_vae.model import VAEConfig
 from ppl_vae.train import TrainConfig, checked_svi_step, train
 
-OUT_OF_MEMORY = evaluate_module.OUT_OF_MEMORY_ERRORS[0]
+OUT_OF_MEMORY = inspection.OUT_OF_MEMORY_ERRORS[0]
 TIMING_KEYS = {"epoch_seconds", "steps_per_second", "train_seconds"}
 COMPARED_METRICS = ("train_elbo", "val_elbo", "val_reconstruction", "val_kl", "learning_rate")
 
@@ -476,7 +475,7 @@ def test_nested_plates_of_the_data_size_are_ambiguous_until_the_data_plate_is_na
 def failing_chunks(monkeypatch, fails) -> list[tuple[int, int]]:
     """Make ``chunk_terms`` raise OutOfMemoryError when ``fails(calls, rows, k)``; returns the calls made."""
     calls: list[tuple[int, int]] = []
-    chunk_terms = evaluate_module.chunk_terms
+    chunk_terms = chunking.chunk_terms
 
     def flaky(model, guide, data, k, structure):
         rows = data[0].shape[0]  # data is (x, *cond), sliced to the chunk's rows
@@ -485,7 +484,7 @@ def failing_chunks(monkeypatch, fails) -> list[tuple[int, int]]:
             raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
         return chunk_terms(model, guide, data, k, structure)
 
-    monkeypatch.setattr(evaluate_module, "chunk_terms", flaky)
+    monkeypatch.setattr(chunking, "chunk_terms", flaky)
     return calls
 
 
@@ -537,7 +536,7 @@ def test_out_of_memory_that_no_smaller_chunk_can_fix_is_a_clear_error(monkeypatc
     assert isinstance(info.value.__cause__, OUT_OF_MEMORY)
 
 
-@pytest.mark.parametrize("device_error", evaluate_module.DEVICE_ERRORS)
+@pytest.mark.parametrize("device_error", inspection.DEVICE_ERRORS)
 def test_device_errors_are_neither_reworded_nor_swallowed(device_error):
     # Out of memory or a CUDA error is not bad input: it must not become "check x's shape" or a diagnostic
     # marked unavailable (after a CUDA error every later step fails too, and the evaluation would exit 0).
