@@ -234,6 +234,29 @@ def inspect_program(
             site_log_prob(site)
     observed = [name for name, site in model_sites.items() if site["is_observed"]]
     latent = [name for name, site in model_sites.items() if not site["is_observed"]]
+    _check_site_names(model_sites, guide_sites, observed, latent)
+    max_plate_nesting, data_frame = _data_plate_frame(
+        model_sites, guide_sites, observed, latent, x.shape[0], data_plate
+    )
+    guide_order = list(guide_sites)
+    model_parents, guide_parents, dependencies = latent_parents(model, guide, data, latent, guide_order)
+    observed_data = {name: observed_argument(model_sites[name]["value"], data) for name in observed}
+    structure = ProgramStructure(
+        max_plate_nesting, data_frame.name, data_frame.dim, observed, latent,
+        model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
+        log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
+        observed_data=observed_data, quantity=evidence_quantity(observed_data.values(), len(data)),
+        non_reparameterized={name: describe_distribution(site["fn"]) for name, site in guide_sites.items()
+                             if not getattr(site["fn"], "has_rsample", False)},
+        enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
+                    if site["infer"].get("enumerate")},
+    )
+    _choose_kl_methods(structure, model_sites, guide_sites, kl)
+    return structure
+
+
+def _check_site_names(model_sites: dict, guide_sites: dict, observed: list[str], latent: list[str]) -> None:
+    """The model observes something, and the guide samples exactly the model's latent sites."""
     if not observed:
         raise ModelStructureError(
             "the model has no observed sample site: condition on the data with pyro.sample(name, dist, obs=x)"
@@ -257,12 +280,19 @@ def inspect_program(
             f"the guide samples site(s) {extra} that are not latent sites of the model; "
             "auxiliary guide sites and observed sites in the guide are not supported"
         )
+
+
+def _data_plate_frame(
+    model_sites: dict, guide_sites: dict, observed: list[str], latent: list[str], num_datapoints: int,
+    data_plate: str | None,
+) -> tuple[int, Any]:
+    """The programs' plate nesting and the frame of the data plate, which must hold every site in both programs."""
     sites = [*model_sites.values(), *guide_sites.values()]
     frames = [frame for site in sites for frame in site["cond_indep_stack"]]
     if any(frame.vectorized and frame.dim is None for frame in frames) or any(not f.vectorized for f in frames):
         raise ModelStructureError("sequential plates (pyro.plate used as an iterator) are not supported")
     max_plate_nesting = max((-frame.dim for frame in frames), default=0)
-    data_frame = find_data_plate(model_sites, observed, x.shape[0], data_plate)
+    data_frame = find_data_plate(model_sites, observed, num_datapoints, data_plate)
     for name, site in [*((n, model_sites[n]) for n in latent), *((n, model_sites[n]) for n in observed)]:
         if data_frame.name not in {f.name for f in site["cond_indep_stack"]}:
             raise ModelStructureError(
@@ -270,19 +300,13 @@ def inspect_program(
                 "evidence needs every latent and observed site to be local to a datapoint"
             )
     _check_guide_data_plate(guide_sites, latent, data_frame)
-    guide_order = list(guide_sites)
-    model_parents, guide_parents, dependencies = latent_parents(model, guide, data, latent, guide_order)
-    observed_data = {name: observed_argument(model_sites[name]["value"], data) for name in observed}
-    structure = ProgramStructure(
-        max_plate_nesting, data_frame.name, data_frame.dim, observed, latent,
-        model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
-        log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
-        observed_data=observed_data, quantity=evidence_quantity(observed_data.values(), len(data)),
-        non_reparameterized={name: describe_distribution(site["fn"]) for name, site in guide_sites.items()
-                             if not getattr(site["fn"], "has_rsample", False)},
-        enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
-                    if site["infer"].get("enumerate")},
-    )
+    return max_plate_nesting, data_frame
+
+
+def _choose_kl_methods(structure: ProgramStructure, model_sites: dict, guide_sites: dict, kl: str) -> None:
+    """Set each latent site's KL method (analytic where valid, unless ``kl="mc"``), its reason and order conflicts."""
+    latent, dependencies = structure.latent_sites, structure.dependencies
+    model_parents, guide_parents = structure.model_parents, structure.guide_parents
     for name in latent:
         conflicts = sorted(model_parents[name] & guide_descendants(guide_parents, name))
         if conflicts:
@@ -302,7 +326,6 @@ def inspect_program(
         structure.kl_methods[name] = KL_MONTE_CARLO if reason else KL_ANALYTIC
         if reason:
             structure.kl_reasons[name] = reason
-    return structure
 
 
 def data_argument_names(count: int) -> list[str]:

@@ -95,7 +95,6 @@ def evaluation_summary(
             progress=f"log p(x), K={num_samples}" if progress else False,
         )
     num_samples = evidence.num_samples
-    kl_total = sum(decomposition["kl"].values())
     result = {
         "units": "nats per datapoint",
         # What log_evidence estimates (and the ELBO bounds): "log p(x)", "log p(x | y)", "log p(x, y)".
@@ -106,16 +105,7 @@ def evaluation_summary(
         "elbo": _summary(decomposition["elbo"]),
         "reconstruction": _summary(decomposition["reconstruction"]),
         "reconstruction_by_site": {name: _summary(value) for name, value in decomposition["reconstruction_by_site"].items()},
-        "kl": {
-            "total": _summary(kl_total),
-            "sites": {
-                name: {
-                    **_summary(value), "method": decomposition["kl_method"][name],
-                    **({"reason": decomposition["kl_reason"][name]} if name in decomposition.get("kl_reason", {}) else {}),
-                }
-                for name, value in decomposition["kl"].items()
-            },
-        },
+        "kl": _kl_summary(decomposition),
         "log_evidence": {
             **_summary(evidence.log_evidence),
             "num_samples": num_samples,
@@ -126,12 +116,34 @@ def evaluation_summary(
         "gap": _summary(evidence.log_evidence - decomposition["elbo"]),
     }
     if levels is not None:
-        num_dims = math.prod(x.shape[1:])
-        dequantized = levels == "dequantized"
-        result["bits_per_dim"] = {
-            "elbo": _summary(bits_per_dim(decomposition["elbo"], num_dims, dequantized)),
-            "log_evidence": _summary(bits_per_dim(evidence.log_evidence, num_dims, dequantized)),
-            "method": "density at uniformly dequantized levels, minus D log 256" if dequantized
-            else "probability of the 256 discrete levels",
-        }
+        result["bits_per_dim"] = _bits_per_dim_summary(decomposition["elbo"], evidence.log_evidence, x, levels)
     return result
+
+
+def _kl_summary(decomposition: dict) -> dict[str, Any]:
+    """The total KL term and each site's, with its method and, for a Monte Carlo site, the reason."""
+    kl_total = sum(decomposition["kl"].values())
+    return {
+        "total": _summary(kl_total),
+        "sites": {
+            name: {
+                **_summary(value), "method": decomposition["kl_method"][name],
+                **({"reason": decomposition["kl_reason"][name]} if name in decomposition.get("kl_reason", {}) else {}),
+            }
+            for name, value in decomposition["kl"].items()
+        },
+    }
+
+
+def _bits_per_dim_summary(
+    elbo: torch.Tensor, log_evidence: torch.Tensor, x: torch.Tensor, levels: str
+) -> dict[str, Any]:
+    """The ELBO and log p̂(x) in bits per dimension of x's 8-bit data (``levels``: discrete or dequantized)."""
+    num_dims = math.prod(x.shape[1:])
+    dequantized = levels == "dequantized"
+    return {
+        "elbo": _summary(bits_per_dim(elbo, num_dims, dequantized)),
+        "log_evidence": _summary(bits_per_dim(log_evidence, num_dims, dequantized)),
+        "method": "density at uniformly dequantized levels, minus D log 256" if dequantized
+        else "probability of the 256 discrete levels",
+    }
