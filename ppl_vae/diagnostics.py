@@ -120,9 +120,9 @@ from .evaluate import (
     KL_ANALYTIC,
     KL_MONTE_CARLO,
     EvidenceEstimate,
-    _describe,
     ProgramStructure,
     check_count,
+    describe_distribution,
     evidence_from_weight_sums,
     iter_chunk_terms,
     mean_and_stderr,
@@ -808,7 +808,7 @@ def _describe_site(site: _Site) -> str:
     q = site.chunks[0].q
     probs = _class_probabilities(q, site.chunks[0].rows.stop - site.chunks[0].rows.start)
     classes = f", {probs.shape[-1]} classes" if probs is not None else ""
-    return f"{_describe(q)}{classes}"
+    return f"{describe_distribution(q)}{classes}"
 
 
 def _discrete_kl(site: _Site, num_samples: int = DISCRETE_KL_SAMPLES) -> dict[str, Any]:

@@ -210,7 +210,7 @@ def _as_data(data: torch.Tensor | Data) -> Data:
     return (data,) if isinstance(data, torch.Tensor) else tuple(data)
 
 
-def _sample_sites(trace: poutine.Trace) -> dict[str, dict]:
+def sample_sites(trace: poutine.Trace) -> dict[str, dict]:
     trace = prune_subsample_sites(trace)
     return {
         name: site
@@ -281,7 +281,7 @@ def inspect_program(
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), _explain_program_errors(data):
         model_trace, guide_trace = trace_pair(model, guide, data, None, 0)
-    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     with _explain_program_errors(data):  # shape and dtype mismatches surface when densities are computed
         _check_observed_support(model_sites)
         for site in [*model_sites.values(), *guide_sites.values()]:
@@ -316,7 +316,7 @@ def inspect_program(
     if any(frame.vectorized and frame.dim is None for frame in frames) or any(not f.vectorized for f in frames):
         raise ModelStructureError("sequential plates (pyro.plate used as an iterator) are not supported")
     max_plate_nesting = max((-frame.dim for frame in frames), default=0)
-    data_frame = _find_data_plate(model_sites, observed, x.shape[0], data_plate)
+    data_frame = find_data_plate(model_sites, observed, x.shape[0], data_plate)
     for name, site in [*((n, model_sites[n]) for n in latent), *((n, model_sites[n]) for n in observed)]:
         if data_frame.name not in {f.name for f in site["cond_indep_stack"]}:
             raise ModelStructureError(
@@ -332,7 +332,7 @@ def inspect_program(
         model_parents=model_parents, guide_parents=guide_parents, dependencies=dependencies,
         log_density={name: fused.describe(model_sites[name]["fn"], model_sites[name]["value"]) for name in observed},
         observed_data=observed_data, quantity=evidence_quantity(observed_data.values(), len(data)),
-        non_reparameterized={name: _describe(site["fn"]) for name, site in guide_sites.items()
+        non_reparameterized={name: describe_distribution(site["fn"]) for name, site in guide_sites.items()
                              if not getattr(site["fn"], "has_rsample", False)},
         enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
                     if site["infer"].get("enumerate")},
@@ -349,7 +349,7 @@ def inspect_program(
             reason = (f"its model parent(s) {conflicts} are {drawn}: KL(q || p) at fixed parents is not its ELBO term "
                       f"(dependencies by {dependencies})")
         elif not _analytic_kl_available(q_fn, p_fn):
-            reason = f"torch has no analytic KL rule for {_describe(q_fn)} against {_describe(p_fn)}"
+            reason = f"torch has no analytic KL rule for {describe_distribution(q_fn)} against {describe_distribution(p_fn)}"
         else:
             reason = None
         structure.kl_methods[name] = KL_MONTE_CARLO if reason else KL_ANALYTIC
@@ -409,7 +409,7 @@ def evidence_quantity(observed: Any, num_arguments: int) -> str:
     return f"log p({', '.join(variables)}{' | ' + ', '.join(inputs) if inputs else ''})"
 
 
-def _describe(fn) -> str:
+def describe_distribution(fn) -> str:
     """A distribution's class, with the one inside Independent or an expansion, e.g. ``Independent(Normal)``."""
     inner = fn
     while hasattr(inner, "base_dist"):
@@ -530,7 +530,7 @@ def _check_guide_data_plate(guide_sites: dict[str, dict], latent: list[str], dat
             )
 
 
-def _find_data_plate(model_sites: dict, observed: list[str], n: int, name: str | None):
+def find_data_plate(model_sites: dict, observed: list[str], n: int, name: str | None):
     candidates = {}
     for site_name in observed:
         for frame in model_sites[site_name]["cond_indep_stack"]:
@@ -551,7 +551,7 @@ def _find_data_plate(model_sites: dict, observed: list[str], n: int, name: str |
     return next(iter(candidates.values()))
 
 
-def _per_datapoint(value: torch.Tensor, mask, structure: ProgramStructure, k: int, n: int) -> torch.Tensor:
+def per_datapoint(value: torch.Tensor, mask, structure: ProgramStructure, k: int, n: int) -> torch.Tensor:
     """Sum a site's log-density (or KL) over every plate but the particle and data plates: [k, n]."""
     if mask is not None and not (isinstance(mask, bool) and mask):
         value = torch.where(torch.as_tensor(mask, device=value.device), value, value.new_zeros(()))
@@ -596,11 +596,11 @@ def chunk_terms(
     data = _as_data(data)
     n = data[0].shape[0]
     model_trace, guide_trace = trace_pair(model, guide, data, k, structure.max_plate_nesting)
-    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
     _check_observed_support({name: model_sites[name] for name in structure.observed_sites})
 
     def reduce(value, site):
-        return _per_datapoint(value, site["mask"], structure, k, n)
+        return per_datapoint(value, site["mask"], structure, k, n)
 
     by_site = {name: reduce(_observed_log_prob(model_sites[name]), model_sites[name]) for name in structure.observed_sites}
     reconstruction = sum(by_site.values())

@@ -682,7 +682,7 @@ def _train(
 
         checkpoint_id = processes.on_main(start)
 
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
             started = time.perf_counter()
@@ -1129,7 +1129,7 @@ class Engine:
 
     optimizer_format = OPTIMIZER_FORMAT_TORCH
 
-    def begin_epoch(self, stop: "_StopRequest") -> None:
+    def begin_epoch(self, stop: "StopRequest") -> None:
         self.stop = stop
 
     def stop_requested(self) -> bool:
@@ -1298,7 +1298,7 @@ def _fault_message(what: str, kept: str) -> str:
     )
 
 
-class _StopRequest:
+class StopRequest:
     """Turns the first Ctrl-C (SIGINT) into a request to stop before the next training step.
 
     Training then stops with its run directory consistent (see :func:`train`); a
@@ -1311,7 +1311,7 @@ class _StopRequest:
         self._previous: Any = None
         self._installed = False
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True
