@@ -470,7 +470,7 @@ def time_default_training(
     from .data import load_mnist
     from .errors import DataNotFoundError
     from .programs import Weighted
-    from .train import ENGINE_CLASSES, TrainConfig, _StopRequest, run_epoch, train
+    from .train import ENGINE_CLASSES, StopRequest, TrainConfig, run_epoch, train
 
     try:
         data = load_mnist(data_dir, "dynamic", device, train_examples=train_examples, eval_examples=100, download=False)
@@ -497,7 +497,7 @@ def time_default_training(
             reference(batch)
 
     def training_epoch() -> None:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             engine.begin_epoch(stop)
             run_epoch(data.train_batches(batch_size), engine.step, engine.stop_requested, steps, 1, 1, False, "")
 

@@ -266,7 +266,8 @@ def _add_trust_parser(subparsers) -> None:
 
 
 def _run_trust(args: argparse.Namespace) -> int:
-    from .trust import key_path, trust_run
+    from .programs import trust_run
+    from .trust import key_path
 
     spec, path, before = trust_run(args.run_dir)
     if path is None:

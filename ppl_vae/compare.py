@@ -39,9 +39,9 @@ from . import runs
 from .diagnostics import site_diagnostics
 from .errors import RunDirectoryError
 from .evaluation_files import read_per_datapoint, result_quantity
-from .run_readers import read_result, read_run_config
+from .run_readers import read_result
 from .model import VAEConfig
-from .train import TrainConfig, describe_objective
+from .train import TrainConfig, describe_objective, read_run_config
 
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "quantity", "elbo", "elbo_se", "reconstruction", "kl",

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .latent_views import code_range, decode_grid, guide_mean, guide_means  # noqa: E402
 from .modes import evaluates  # noqa: E402
 
 IMAGE_SIDE = 28
@@ -159,17 +160,6 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return _save(figure, path)
 
 
-def guide_mean(q) -> torch.Tensor:
-    """The guide's mean, or for a flow (no closed-form mean) its base mean pushed through the flow."""
-    try:
-        return q.mean
-    except NotImplementedError:
-        z = q.base_dist.mean
-        for transform in q.transforms:
-            z = transform(z)
-        return z
-
-
 @evaluates
 def plot_reconstructions(vae, x: torch.Tensor, path: str | Path, use_mean: bool = False) -> Path:
     """Test images (top row) and E[x | z] for z ~ q(z | x) (bottom row)."""
@@ -269,8 +259,6 @@ def _draw_codes(axis, codes: torch.Tensor, labels: torch.Tensor, low=None, high=
 
 
 def _draw_decoded_grid(axis, vae, low, high, steps: int) -> torch.Tensor:
-    from .latent2d import decode_grid
-
     (a1, a2), (b1, b2) = _box(low, high)
     images = decode_grid(vae, [a1, a2], [b1, b2], steps)
     axis.imshow(image_grid(images, steps, vae.config.image_shape), cmap="gray", vmin=0, vmax=1, extent=(a1, b1, a2, b2),
@@ -304,8 +292,6 @@ def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor, path: str | Pa
     The box defaults to the range the codes cover (0.5% to 99.5% quantiles per axis).
     Figure 10 x 4.6 inches.
     """
-    from .latent2d import code_range, guide_means
-
     if vae.config.latent_dim != 2:
         raise ValueError(f"plot_latent_space needs a 2-D latent space, the model has {vae.config.latent_dim} dimensions")
     codes = guide_means(vae, x)

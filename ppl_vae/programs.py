@@ -279,6 +279,26 @@ def _spec_problem(record: Any) -> str | None:
     return None
 
 
+def trust_run(run_dir: str | Path) -> tuple["ProgramSpec | None", Path | None, bool]:
+    """Sign ``run_dir``'s program with this user's key (``ppl-vae trust``): (its spec, its copy, whether it was
+    trusted before). A built-in program (or none recorded) has nothing to sign: (spec, None, True)."""
+    from .runs import write_json
+    from .trust import is_signed_by_user, signature, user_key, verified_source
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"{run_dir} is not a run directory")
+    spec = load_spec(run_dir)
+    if spec is None or spec.is_builtin or spec.object:
+        return spec, None, True
+    path, _ = verified_source(run_dir, spec, trust=True)  # the copy matches its record: what is signed is what runs
+    if is_signed_by_user(spec):
+        return spec, path, True
+    spec.signature = signature(spec, user_key(create=True))
+    write_json(run_dir / SPEC_FILE, asdict(spec))
+    return spec, path, False
+
+
 def changed_source_note(run_dir: Path, spec: ProgramSpec) -> str | None:
     """A one-line note when the user's file now differs from (or no longer is where) the recorded copy.
 

@@ -1,21 +1,21 @@
-"""Reading a run's result files (``config.json``, ``evaluation.json``/``test.json``, ``evaluation_per_datapoint.npz``)
+"""Reading a run's result files (``evaluation.json``/``test.json``, ``evaluation_per_datapoint.npz``)
 as data someone may hand you: every field a command uses is checked before use, and a file that is not what
 ``ppl-vae`` writes is one line naming it (never a KeyError or a pickled object).
 
 The checks follow what the readers use: :func:`ppl_vae.compare.load_run_summary` (the summary numbers),
-``ppl-vae diagnose`` (the diagnostics it draws), and ``evaluate``/``plot`` (the configurations).
+and ``ppl-vae diagnose`` (the diagnostics it draws). A run's ``config.json`` is read, checked against the
+configuration classes, by :func:`ppl_vae.train.read_run_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import runs
-from .errors import PplVaeError, RunDirectoryError
+from .errors import RunDirectoryError
 
 NUMBER, INTEGER, TEXT, MAPPING = "a number", "an integer", "a string", "an object"
 
@@ -119,30 +119,3 @@ def check_per_datapoint(path: Path, arrays: dict[str, np.ndarray], count: int | 
     if "log_evidence" not in arrays:
         raise RunDirectoryError(f"{path} has no 'log_evidence' array: run `ppl-vae evaluate` again")
     return arrays
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """A run's ``config.json``, checked: ``train`` and ``model`` (or null) hold only fields this version knows."""
-    from .model import VAEConfig
-    from .train import TrainConfig
-
-    path = Path(run_dir) / runs.CONFIG_FILE
-    config = runs.read_json(path)
-    if not isinstance(config, dict) or not isinstance(config.get("train"), dict) or not (
-            config.get("model") is None or isinstance(config.get("model"), dict)):
-        raise RunDirectoryError(f"{path} is not a run configuration: it needs an object 'train' and an object (or "
-                                "null) 'model', as `ppl-vae train` writes")
-    for section, kind in (("train", TrainConfig), ("model", VAEConfig)):
-        if config.get(section) is None:
-            continue
-        known = {f.name for f in fields(kind)}
-        unknown = sorted(set(config[section]) - known)
-        if unknown:
-            raise RunDirectoryError(f"{path}: '{section}' has key(s) {unknown} that this version of ppl_vae does not "
-                                    f"know (it knows {', '.join(sorted(known))}): was it written by another version, "
-                                    "or edited?")
-        try:
-            kind(**config[section])
-        except (PplVaeError, TypeError, ValueError) as error:
-            raise RunDirectoryError(f"{path}: '{section}' is not a configuration this version can use ({error})") from None
-    return config

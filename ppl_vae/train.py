@@ -579,7 +579,8 @@ def _train(
     agreeing on faults and Ctrl-C, which random streams, rank 0 writing) is ``processes``:
     :class:`OneProcess`, or :class:`ppl_vae.distributed.Context`.
     """
-    from .distributed import derive_seed, evaluate_per_datapoint
+    from .blocked_evaluation import evaluate_per_datapoint
+    from .process_group import derive_seed
 
     processes = processes or OneProcess()
     given = program_arg if isinstance(program_arg, torch.nn.Module) else None
@@ -682,7 +683,7 @@ def _train(
 
         checkpoint_id = processes.on_main(start)
 
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             kept = f"the checkpoint of epoch {epoch - 1} in {run_dir}"  # the last good state while this epoch runs
             started = time.perf_counter()
@@ -886,6 +887,30 @@ def build_run_program(
     return built, spec.describe()
 
 
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's ``config.json``, checked: ``train`` and ``model`` (or null) hold only fields this version knows."""
+    path = Path(run_dir) / runs.CONFIG_FILE
+    config = runs.read_json(path)
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict) or not (
+            config.get("model") is None or isinstance(config.get("model"), dict)):
+        raise RunDirectoryError(f"{path} is not a run configuration: it needs an object 'train' and an object (or "
+                                "null) 'model', as `ppl-vae train` writes")
+    for section, kind in (("train", TrainConfig), ("model", VAEConfig)):
+        if config.get(section) is None:
+            continue
+        known = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(set(config[section]) - known)
+        if unknown:
+            raise RunDirectoryError(f"{path}: '{section}' has key(s) {unknown} that this version of ppl_vae does not "
+                                    f"know (it knows {', '.join(sorted(known))}): was it written by another version, "
+                                    "or edited?")
+        try:
+            kind(**config[section])
+        except (PplVaeError, TypeError, ValueError) as error:
+            raise RunDirectoryError(f"{path}: '{section}' is not a configuration this version can use ({error})") from None
+    return config
+
+
 def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu", program: torch.nn.Module | None = None,
     trust_program: bool = False,
@@ -895,8 +920,6 @@ def load_run(
 
     A run with a program file of its own is refused unless this user's key signed it (runs made by this user
     are) or ``trust_program`` is given: importing the file runs its code (:mod:`ppl_vae.trust`)."""
-    from .run_readers import read_run_config
-
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)  # checked: a config.json handed over may hold anything
     checkpoint = runs.load_checkpoint(run_dir, map_location=device)
@@ -917,7 +940,8 @@ def _validation_evidence(vae: torch.nn.Module, data: MNISTData, config: TrainCon
 
     Seeded from (seed, "evidence", epoch) and shared between the processes (:func:`ppl_vae.distributed.evaluate_per_datapoint`).
     """
-    from .distributed import derive_seed, evaluate_per_datapoint
+    from .blocked_evaluation import evaluate_per_datapoint
+    from .process_group import derive_seed
 
     n = config.evidence_examples
     cond = tuple(c[:n] for c in conditioning(data, "val", config))
@@ -1129,7 +1153,7 @@ class Engine:
 
     optimizer_format = OPTIMIZER_FORMAT_TORCH
 
-    def begin_epoch(self, stop: "_StopRequest") -> None:
+    def begin_epoch(self, stop: "StopRequest") -> None:
         self.stop = stop
 
     def stop_requested(self) -> bool:
@@ -1298,7 +1322,7 @@ def _fault_message(what: str, kept: str) -> str:
     )
 
 
-class _StopRequest:
+class StopRequest:
     """Turns the first Ctrl-C (SIGINT) into a request to stop before the next training step.
 
     Training then stops with its run directory consistent (see :func:`train`); a
@@ -1311,7 +1335,7 @@ class _StopRequest:
         self._previous: Any = None
         self._installed = False
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
             self._installed = True

@@ -20,7 +20,7 @@ The rule, in the style of Jupyter's notebook trust:
 * **Any other run is refused** (:class:`~ppl_vae.errors.UntrustedProgramError`, one line naming
   the file and its sha256) unless the user trusts it: for one command with ``--trust-program``
   (``trust_program=True`` in Python), which signs nothing; or for good with
-  ``ppl-vae trust RUN_DIR`` (:func:`trust_run`), which signs the run with this user's key after
+  ``ppl-vae trust RUN_DIR`` (:func:`ppl_vae.programs.trust_run`), which signs the run with this user's key after
   showing what it signs.
 
 Built-in programs have no file and need no trust; commands that import no program
@@ -41,6 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from .errors import PplVaeError, PplVaeWarning, RunDirectoryError, UntrustedProgramError
+from .runs import PROGRAM_FILE as SPEC_FILE, PROGRAM_FOLDER as SOURCE_DIR
 
 if TYPE_CHECKING:
     from .programs import ProgramSpec
@@ -161,8 +162,6 @@ def is_signed_by_user(spec: "ProgramSpec") -> bool:
 
 def copy_path(run_dir: Path, spec: "ProgramSpec") -> Path:
     """The run's copy of its program file, checked to be ``program/NAME.py`` inside ``run_dir`` (never elsewhere)."""
-    from .programs import SOURCE_DIR, SPEC_FILE
-
     record = run_dir / SPEC_FILE
     if spec.source is None or spec.sha256 is None:
         raise RunDirectoryError(
@@ -211,23 +210,3 @@ def verified_source(run_dir: Path, spec: "ProgramSpec", trust: bool = False) -> 
             f"or trust the run for good with `ppl-vae trust {run_dir}`"
         )
     return path, source
-
-
-def trust_run(run_dir: str | Path) -> tuple["ProgramSpec | None", Path | None, bool]:
-    """Sign ``run_dir``'s program with this user's key (``ppl-vae trust``): (its spec, its copy, whether it was
-    trusted before). A built-in program (or none recorded) has nothing to sign: (spec, None, True)."""
-    from . import runs
-    from .programs import SPEC_FILE, load_spec
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirectoryError(f"{run_dir} is not a run directory")
-    spec = load_spec(run_dir)
-    if spec is None or spec.is_builtin or spec.object:
-        return spec, None, True
-    path, _ = verified_source(run_dir, spec, trust=True)  # the copy matches its record: what is signed is what runs
-    if is_signed_by_user(spec):
-        return spec, path, True
-    spec.signature = signature(spec, user_key(create=True))
-    runs.write_json(run_dir / SPEC_FILE, asdict(spec))
-    return spec, path, False

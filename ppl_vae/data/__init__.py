@@ -41,9 +41,9 @@ from .mnist import (
     MNIST_FAMILY,
     MNIST_RAW_FILES,
     NUM_TRAIN,
-    _missing_raw_files,
     load_mnist,
     load_mnist_family,
+    missing_raw_files,
 )
 from .npz import is_npz, load_npz, npz_image_shape
 
@@ -55,7 +55,7 @@ __all__ = [
     "NUM_LEVELS", "NUM_TRAIN", "STATIC_TRAIN_BINARIZATION_SEED", "ImageData", "MNISTData", "binarize_once",
     "check_binarization", "check_dataset", "dataset_image_shape", "default_data_dir", "dequantize", "is_npz",
     "load_cifar10", "load_dataset", "load_run_data", "load_mnist", "load_mnist_family", "load_npz", "make_splits", "sha256_of",
-    "_missing_raw_files",
+    "missing_raw_files",
 ]
 
 

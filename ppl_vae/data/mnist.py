@@ -44,7 +44,7 @@ def raw_folder(root: Path, name: str = "mnist") -> Path:
     return root / MNIST_FAMILY[name][0] / "raw"
 
 
-def _missing_raw_files(root: Path, name: str = "mnist") -> list[str]:
+def missing_raw_files(root: Path, name: str = "mnist") -> list[str]:
     raw = raw_folder(root, name)
     return [file for file in MNIST_RAW_FILES if not (raw / file).is_file()]
 
@@ -53,7 +53,7 @@ def _read_split(root: Path, name: str, train: bool, download: bool) -> tuple[tor
     """Grey levels as uint8 [N, 28, 28] and labels [N], read by torchvision."""
     import torchvision.datasets
 
-    missing = _missing_raw_files(root, name)
+    missing = missing_raw_files(root, name)
     cls = getattr(torchvision.datasets, MNIST_FAMILY[name][0])
     try:
         dataset = cls(str(root), train=train, download=download and bool(missing))
