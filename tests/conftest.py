@@ -91,3 +91,33 @@ def small_data_root(data_root, tmp_path_factory) -> Path:
     raw.mkdir(parents=True)
     write_small_mnist(data_root / "MNIST" / "raw", raw, SMALL_MNIST_TRAIN, SMALL_MNIST_TEST)
     return root
+
+
+class Ran:
+    """What a shell would see of one command: its exit status and its two streams."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """``cli_main(*args, data_root=None)``: ``ppl-vae ARGS`` in this process, as a :class:`Ran`.
+
+    An exit through argparse (status 2 for a bad option) is caught like a process's exit; any other exception
+    fails the test, as a traceback on stderr would."""
+
+    def run(*args, data_root=None) -> Ran:
+        from ppl_vae.cli import main
+
+        if data_root is not None:
+            monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = exit_.code
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from ppl_vae import cli
-
 TINY = ["--epochs", "1", "--train-examples", "500", "--eval-examples", "100", "--latent-dim", "4",
         "--hidden-sizes", "32", "--test-samples", "10", "--device", "cpu", "--no-progress"]
 
@@ -26,34 +24,6 @@ def run_cli(*args, data_root=None, cwd=None):
         env["PPL_VAE_DATA"] = str(data_root)
     return subprocess.run([sys.executable, "-m", "ppl_vae", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
-
-
-class Ran:
-    """What a shell would see of one command: its exit status and its two streams."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def cli_main(capsys, monkeypatch):
-    """``cli_main(*args, data_root=None)``: ``ppl-vae ARGS`` in this process, as a :class:`Ran`.
-
-    An exit through argparse (status 2 for a bad option) is caught like a process's exit; any other exception
-    fails the test, as a traceback on stderr would."""
-
-    def run(*args, data_root=None) -> Ran:
-        if data_root is not None:
-            monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
-        capsys.readouterr()
-        try:
-            code = cli.main([str(arg) for arg in args])
-        except SystemExit as exit_:
-            code = exit_.code
-        out = capsys.readouterr()
-        return Ran(code, out.out, out.err)
-
-    return run
 
 
 def test_train_then_evaluate_prints_the_table(tmp_path, small_data_root, cli_main):
