@@ -1,7 +1,4 @@
-"""The README's quick-check commands and its Python example run as written.
-
-The commands read a small copy of MNIST (conftest's ``small_data_root``, through PPL_VAE_DATA): the same commands,
-with fewer images to read and to train on where they ask for more than the copy holds."""
+"""The README's quick-check commands and its Python example run as written."""
 
 import os
 import re
@@ -31,8 +28,8 @@ def test_python_example_runs(tmp_path):
     assert "log p(x | y)" in result.stdout
 
 
-def test_quick_check_commands_run_as_written(tmp_path, small_data_root):
-    env = {**os.environ, "PPL_VAE_DATA": str(small_data_root)}
+def test_quick_check_commands_run_as_written(tmp_path, data_root):
+    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
     ppl_vae = Path(sys.executable).parent / "ppl-vae"
     for line in code_block_after("<!-- quick-check -->", "bash").strip().splitlines():
         words = shlex.split(line)
@@ -45,11 +42,11 @@ def test_quick_check_commands_run_as_written(tmp_path, small_data_root):
     assert (tmp_path / "runs" / "quick" / "evaluation.json").is_file()
 
 
-def test_dataset_and_network_commands_run_as_written(tmp_path, small_data_root):
+def test_dataset_and_network_commands_run_as_written(tmp_path, data_root):
     """The README's block of --dataset PATH.npz / --network conv / logistic-mixture commands."""
     import json
 
-    env = {**os.environ, "PPL_VAE_DATA": str(small_data_root)}
+    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
     ppl_vae = Path(sys.executable).parent / "ppl-vae"
     for line in code_block_after("<!-- datasets-check -->", "bash").strip().splitlines():
         words = shlex.split(line)
@@ -66,11 +63,11 @@ def test_dataset_and_network_commands_run_as_written(tmp_path, small_data_root):
     assert json.loads((tmp_path / "runs" / "conv-quick" / "config.json").read_text())["model"]["network"] == "conv"
 
 
-def test_write_your_own_model_runs_as_written(tmp_path, small_data_root):
+def test_write_your_own_model_runs_as_written(tmp_path, data_root):
     """The README's program file, saved under its name, and its commands, run in that folder as written."""
     name = re.search(r"<!-- program-file: (\S+) -->", README).group(1)
     (tmp_path / name).write_text(code_block_after(f"<!-- program-file: {name} -->", "python"))
-    env = {**os.environ, "PPL_VAE_DATA": str(small_data_root)}
+    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
     ppl_vae = Path(sys.executable).parent / "ppl-vae"
     outputs = []
     for line in code_block_after("<!-- program-commands -->", "bash").strip().splitlines():
