@@ -59,3 +59,65 @@ def mnist(data_root):
     from ppl_vae.data import load_mnist
 
     return load_mnist(data_root, binarize="dynamic")
+
+
+# Images in the small copy of MNIST: the training file's 1,200 give 1,000 training and 200 validation images (its
+# last sixth, as the package splits any such file); the test file's first 500 are the test split.
+SMALL_MNIST_TRAIN, SMALL_MNIST_TEST = 1200, 500
+
+
+def write_small_mnist(source: Path, target: Path, num_train: int, num_test: int) -> None:
+    """The first images and labels of ``source``'s four raw IDX files, written as IDX files in ``target``.
+
+    IDX: a 4-byte magic number, one big-endian uint32 per dimension (the first is the count), then the bytes;
+    images have 3 dimensions (count, 28, 28), labels 1."""
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        for kind, item_bytes, header in (("images-idx3-ubyte", 28 * 28, 16), ("labels-idx1-ubyte", 1, 8)):
+            name = f"{prefix}-{kind}"
+            with open(source / name, "rb") as file:
+                head, body = bytearray(file.read(header)), file.read(count * item_bytes)
+            assert int.from_bytes(head[4:8], "big") >= count and len(body) == count * item_bytes, name
+            head[4:8] = count.to_bytes(4, "big")
+            (target / name).write_bytes(bytes(head) + body)
+
+
+@pytest.fixture(scope="session")
+def small_data_root(data_root, tmp_path_factory) -> Path:
+    """A data folder holding the first images of MNIST (see SMALL_MNIST_TRAIN and SMALL_MNIST_TEST), in torchvision's
+    raw IDX format: end-to-end tests that only need some real images read it in milliseconds instead of seconds,
+    in their own process and in every command they start (point PPL_VAE_DATA or --data-dir at it)."""
+    root = tmp_path_factory.mktemp("small_data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_small_mnist(data_root / "MNIST" / "raw", raw, SMALL_MNIST_TRAIN, SMALL_MNIST_TEST)
+    return root
+
+
+class Ran:
+    """What a shell would see of one command: its exit status and its two streams."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """``cli_main(*args, data_root=None)``: ``ppl-vae ARGS`` in this process, as a :class:`Ran`.
+
+    An exit through argparse (status 2 for a bad option) is caught like a process's exit; any other exception
+    fails the test, as a traceback on stderr would."""
+
+    def run(*args, data_root=None) -> Ran:
+        from ppl_vae.cli import main
+
+        if data_root is not None:
+            monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+        capsys.readouterr()
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = exit_.code
+        out = capsys.readouterr()
+        return Ran(code, out.out, out.err)
+
+    return run

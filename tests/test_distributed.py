@@ -147,19 +147,19 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
-    tmp_path, data_root, capsys
+    tmp_path, small_data_root, capsys
 ):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # Two runs at once (4 processes on the CPU): one of 2 epochs, one stopped after its first epoch.
-    both = [start_cli(data_root, "train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN),
-            start_cli(data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN)]
+    both = [start_cli(small_data_root, "train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN),
+            start_cli(small_data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN)]
     outputs = [finish(process) for process in both]
     out = outputs[0]
     assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
     assert runs.load_checkpoint(resumed)["epoch"] == 1
     # Resumed under torchrun itself (as the README shows), where --devices is only checked against it.
-    finish(start_cli(data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
+    finish(start_cli(small_data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
                      "--device", "cpu", "--no-progress", torchrun=True))
 
     a, b = runs.load_checkpoint(straight), runs.load_checkpoint(resumed)
@@ -176,11 +176,11 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     # Evaluation on 2 processes gives the numbers of evaluation in one process, digit for digit.
     evaluate = ["evaluate", straight, "--num-samples", "30", "--examples", "130", "--elbo-samples", "2",
                 "--device", "cpu", "--no-progress"]
-    finish(start_cli(data_root, *evaluate, "--devices", "2"))
+    finish(start_cli(small_data_root, *evaluate, "--devices", "2"))
     two = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
     two_json = json.loads((straight / "evaluation.json").read_text())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PPL_VAE_DATA", str(data_root))
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
         assert cli.main([str(word) for word in evaluate]) == 0
     one = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
     one_json = json.loads((straight / "evaluation.json").read_text())

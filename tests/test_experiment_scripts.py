@@ -6,6 +6,7 @@ working folder is a temporary one and with every output pointed there. The quest
 networks, 200 training images, a few test images) and run with ``--quick``, which puts their
 runs, figures and results under ``--runs-dir``. No test may write into the repository's
 experiments/results or experiments/figures: an autouse fixture compares them before and after.
+The data is a small copy of MNIST (conftest's ``small_data_root``): the scripts read it in milliseconds.
 """
 
 import json
@@ -78,7 +79,7 @@ def assert_figures(folder: Path, *names: str) -> None:
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
 
 
-def test_q1_and_q5_share_the_2d_model(tmp_path, data_root):
+def test_q1_and_q5_share_the_2d_model(tmp_path, small_data_root):
     # The real configs agree on everything that decides the shared run, so q5 reuses q1's model there too.
     shared = ("latent_dim", "hidden_sizes", "epochs", "train_examples", "eval_examples", "test_samples", "seed")
     q1, q5 = (json.loads((EXPERIMENTS / "configs" / f"{n}.json").read_text()) for n in ("q1_kl_term", "q5_bayes_2d"))
@@ -86,7 +87,7 @@ def test_q1_and_q5_share_the_2d_model(tmp_path, data_root):
     assert {k: q1["quick"].get(k) for k in shared} == {k: q5["quick"].get(k) for k in shared}
 
     stdout, results, section, figures = run_question(
-        "q1_kl_term", tmp_path, data_root, **TINY_2D, code_examples=50, figure_steps=4, score_steps=5,
+        "q1_kl_term", tmp_path, small_data_root, **TINY_2D, code_examples=50, figure_steps=4, score_steps=5,
         occupancy_cells=4, classifier_epochs=1, prior_draws=20, dpi=20)
     assert set(results["models"]) == {"VAE", "autoencoder"}
     for model in results["models"].values():
@@ -97,7 +98,7 @@ def test_q1_and_q5_share_the_2d_model(tmp_path, data_root):
     assert (tmp_path / "runs" / "quick" / "2d" / "kl-1" / "test.json").is_file()
 
     stdout, results, section, figures = run_question(
-        "q5_bayes_2d", tmp_path, data_root, **TINY_2D, images=6, points=41, zoom_points=21,
+        "q5_bayes_2d", tmp_path, small_data_root, **TINY_2D, images=6, points=41, zoom_points=21,
         importance_samples=[1, 25], elbo_samples=3, aggregate_images=30, figure_points=15)
     assert "loading the finished run" in stdout and "kl-1" in stdout
     assert [row["K"] for row in results["importance_sampling"]] == [1, 25]
@@ -108,9 +109,9 @@ def test_q1_and_q5_share_the_2d_model(tmp_path, data_root):
     assert_figures(figures, "q5_densities.png", "q5_evidence_check.png")
 
 
-def test_q2_sample_vs_mean(tmp_path, data_root):
+def test_q2_sample_vs_mean(tmp_path, small_data_root):
     stdout, results, section, figures = run_question(
-        "q2_sample_vs_mean", tmp_path, data_root, **TINY, reconstruction_samples=2, images_per_row=3, proposal_scales=[0.3])
+        "q2_sample_vs_mean", tmp_path, small_data_root, **TINY, reconstruction_samples=2, images_per_row=3, proposal_scales=[0.3])
     assert set(results["models"]) == {"sampled", "mean-fed"}
     assert list(results["mean_fed_proposals"]) == ["0.3"]
     assert 0 <= results["part1"]["share_mean_higher"] <= 1
@@ -119,18 +120,18 @@ def test_q2_sample_vs_mean(tmp_path, data_root):
     assert (tmp_path / "runs" / "quick" / "q2" / "mean-fed.pt").is_file()
 
 
-def test_q3_beta_sweep(tmp_path, data_root):
+def test_q3_beta_sweep(tmp_path, small_data_root):
     stdout, results, section, figures = run_question(
-        "q3_beta_sweep", tmp_path, data_root, **TINY, betas=[0.5, 2], samples_per_row=3)
+        "q3_beta_sweep", tmp_path, small_data_root, **TINY, betas=[0.5, 2], samples_per_row=3)
     assert [row["beta"] for row in results["rows"]] == [0.5, 2]
     assert all(len(row["kl_per_dimension"]) == 2 for row in results["rows"])
     assert re.search(r"^\| 0\.5 \|", section, re.M) and re.search(r"^\| 2 \|", section, re.M)
     assert_figures(figures, "q3_rate_distortion.png", "q3_samples.png")
 
 
-def test_q4_collapse(tmp_path, data_root):
+def test_q4_collapse(tmp_path, small_data_root):
     stdout, results, section, figures = run_question(
-        "q4_collapse", tmp_path, data_root, **TINY, obs_scales=[0.5, 3], samples_per_row=3)
+        "q4_collapse", tmp_path, small_data_root, **TINY, obs_scales=[0.5, 3], samples_per_row=3)
     assert [row["obs_scale"] for row in results["rows"]] == [0.5, 3]
     assert len(results["eigenvalues_top10"]) == 10 and results["eigenvalues_top10"][0] > 0
     assert all(0 <= row["ppca_units"] <= 2 for row in results["rows"])
@@ -138,9 +139,9 @@ def test_q4_collapse(tmp_path, data_root):
     assert_figures(figures, "q4_collapse.png", "q4_samples.png")
 
 
-def test_conditional(tmp_path, data_root):
+def test_conditional(tmp_path, small_data_root):
     stdout, results, section, figures = run_question(
-        "conditional", tmp_path, data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
+        "conditional", tmp_path, small_data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
         eval_examples=12, examples=12, k=3)
     assert set(results["models"]) == {"unconditional", "conditional"}
     for model in results["models"].values():
@@ -157,16 +158,16 @@ def test_conditional(tmp_path, data_root):
     assert "The label is worth" in section and "on the same first 12 test images" in section
     assert_figures(figures, "conditional_samples_by_class.png")
     # A second run loads both finished runs instead of training them again.
-    stdout, *_ = run_question("conditional", tmp_path, data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
+    stdout, *_ = run_question("conditional", tmp_path, small_data_root, latent_dim=2, hidden_sizes=[8], epochs=1, train_examples=200,
                               eval_examples=12, examples=12, k=3)
     assert stdout.count("loading the finished run") == 2
 
 
-def test_priors(tmp_path, data_root):
+def test_priors(tmp_path, small_data_root):
     out = tmp_path / "comparison"
     run_script("priors.py", tmp_path / "runs", "--epochs", "1", "--train-examples", "100", "--eval-examples", "10",
                "--examples", "10", "--k", "3", "--hidden-sizes", "8", "--latent-dim", "2", "--vamp-components", "3",
-               "--out", out, cwd=tmp_path, data_root=data_root)
+               "--out", out, cwd=tmp_path, data_root=small_data_root)
     variants = ["standard", "vamp", "iaf-guide", "mixture", "flow-prior"]
     table = (out / "comparison.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == variants
@@ -180,10 +181,10 @@ def test_priors(tmp_path, data_root):
     assert json.loads((tmp_path / "runs" / "vamp" / "config.json").read_text())["model"]["prior_components"] == 3
 
 
-def test_elbo_surgery(tmp_path, data_root):
+def test_elbo_surgery(tmp_path, small_data_root):
     out = tmp_path / "surgery.md"
     stdout = run_script("elbo_surgery.py", tmp_path / "runs", "--epochs", "1", "--k", "3", "--train-examples", "100",
-                        "--examples", "20", "--hidden-sizes", "8", "--out", out, cwd=tmp_path, data_root=data_root).stdout
+                        "--examples", "20", "--hidden-sizes", "8", "--out", out, cwd=tmp_path, data_root=small_data_root).stdout
     text = out.read_text()
     assert text.strip() in stdout
     assert [line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| \d", line)] == ["2", "10", "20"]
@@ -194,7 +195,7 @@ def test_elbo_surgery(tmp_path, data_root):
         assert config["train"]["train_examples"] == 100
 
 
-def test_elbo_surgery_stops_when_a_command_fails(tmp_path, data_root):
+def test_elbo_surgery_stops_when_a_command_fails(tmp_path, small_data_root):
     # A finished-looking run without a checkpoint: `ppl-vae evaluate` fails. The script must stop there, not
     # report the stale evaluation.json left beside it.
     run_dir = tmp_path / "runs" / "latent-2"
@@ -202,17 +203,17 @@ def test_elbo_surgery_stops_when_a_command_fails(tmp_path, data_root):
     (run_dir / "test.json").write_text("{}")
     (run_dir / "evaluation.json").write_text(json.dumps({"stale": True}))
     result = run_script("elbo_surgery.py", tmp_path / "runs", "--out", tmp_path / "surgery.md", cwd=tmp_path,
-                        data_root=data_root, check=False)
+                        data_root=small_data_root, check=False)
     assert result.returncode == 2, result.stderr
     assert "ppl-vae evaluate: error" in result.stderr
     assert not (tmp_path / "surgery.md").exists()
 
 
-def test_reproduce(tmp_path, data_root):
+def test_reproduce(tmp_path, small_data_root):
     out = tmp_path / "reproduce"
     run_script("reproduce.py", "burda2015-vae-k1", "--epochs", "2", "--every", "1", "--runs-dir", tmp_path / "runs",
                "--k", "3", "--examples", "10", "--train-examples", "100", "--eval-examples", "10", "--out", out,
-               "--engine", "jit", cwd=tmp_path, data_root=data_root)
+               "--engine", "jit", cwd=tmp_path, data_root=small_data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 2 of 3280 epochs" in text and "| -86.76 |" in text and "K=3 (10 images)" in text
     assert (out / "burda2015-vae-k1.png").stat().st_size > 0 and "![learning curve](burda2015-vae-k1.png)" in text
@@ -222,14 +223,14 @@ def test_reproduce(tmp_path, data_root):
     assert config["batch_size"] == 20 and config["train_examples"] == 100 and config["epochs"] == 2
     assert config["engine"] == "jit"  # and --resume continues with the run's own engine
     run_script("reproduce.py", "burda2015-vae-k1", "--epochs", "3", "--resume", "--runs-dir", tmp_path / "runs",
-               "--k", "3", "--examples", "10", "--out", out, cwd=tmp_path, data_root=data_root)
+               "--k", "3", "--examples", "10", "--out", out, cwd=tmp_path, data_root=small_data_root)
     text = (out / "burda2015-vae-k1.md").read_text()
     assert "trained 3 of 3280 epochs" in text and re.search(r"^\| 3 \| -?\d", text, re.M)  # continued, curve kept
     config = json.loads((tmp_path / "runs" / "burda2015-vae-k1" / "config.json").read_text())["train"]
     assert config["epochs"] == 3 and config["engine"] == "jit"  # the record says how far the run was trained
     (out / "burda2015-vae-k1.md").unlink()
     run_script("reproduce.py", "burda2015-vae-k1", "--report-only", "--runs-dir", tmp_path / "runs", "--out", out,
-               cwd=tmp_path, data_root=data_root)
+               cwd=tmp_path, data_root=small_data_root)
     assert (out / "burda2015-vae-k1.md").read_text() == text  # the same table, from the saved evaluation
 
     summary = json.loads((out / "burda2015-vae-k1.json").read_text())
@@ -240,7 +241,7 @@ def test_reproduce(tmp_path, data_root):
     main_readme = tmp_path / "README.md"
     main_readme.write_text("top\n<!-- begin burda2015-table -->\nold\n<!-- end burda2015-table -->\nbottom\n")
     stdout = run_script("update_readme.py", "--results", tmp_path, "--readme", tmp_path / "experiments-README.md",
-                        "--main-readme", main_readme, cwd=tmp_path, data_root=data_root).stdout
+                        "--main-readme", main_readme, cwd=tmp_path, data_root=small_data_root).stdout
     assert "updated the section burda2015-table (1 rows)" in stdout
     table = main_readme.read_text()
     assert table.startswith("top\n<!-- begin burda2015-table -->\n| row |") and table.endswith("<!-- end burda2015-table -->\nbottom\n")
@@ -250,24 +251,24 @@ def test_reproduce(tmp_path, data_root):
     assert f"| {t['active_units']} |" in row and "3 of 3,280 epochs, batch 20" in row
 
 
-def test_bench(tmp_path, data_root):
+def test_bench(tmp_path, small_data_root):
     out = tmp_path / "bench.json"
     stdout = run_script("bench.py", "--batch-sizes", "8", "--repeats", "1", "--steps", "2", "--evidence-examples", "10",
-                        "--evidence-samples", "10", "--no-epoch", "--out", out, cwd=tmp_path, data_root=data_root).stdout
+                        "--evidence-samples", "10", "--no-epoch", "--out", out, cwd=tmp_path, data_root=small_data_root).stdout
     result = json.loads(out.read_text())
     assert result["steps_per_repeat"] == 2 and [row["batch_size"] for row in result["svi_step"]][:1] == [8]
     assert f"written to {out}" in stdout
 
 
-def test_plateau(tmp_path, data_root):
+def test_plateau(tmp_path, small_data_root):
     stdout = run_script("plateau.py", "--prior", "vamp", "--prior-components", "3", "--hidden-sizes", "8", "--latent-dim", "2",
-                        "--steps", "100", "--batch-size", "10", "--train-examples", "200", cwd=tmp_path, data_root=data_root).stdout
+                        "--steps", "100", "--batch-size", "10", "--train-examples", "200", cwd=tmp_path, data_root=small_data_root).stdout
     assert "vamp(3) prior" in stdout
     rows = [line.split() for line in stdout.splitlines() if re.match(r"\s*\d+\s", line)]
     assert [row[0] for row in rows] == ["100"] and all(math.isfinite(float(v)) for v in rows[0][1:])
 
 
-def test_update_readme_puts_each_section_between_its_markers(tmp_path, data_root):
+def test_update_readme_puts_each_section_between_its_markers(tmp_path, small_data_root):
     results = tmp_path / "results"
     results.mkdir()
     (results / "q1_kl_term.md").write_text("new q1 text\n")
@@ -276,7 +277,7 @@ def test_update_readme_puts_each_section_between_its_markers(tmp_path, data_root
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- begin q1_kl_term -->\nold q1 text\n<!-- end q1_kl_term -->\nafter\n"
                       "<!-- begin elbo_surgery -->\nkept\n<!-- end elbo_surgery -->\n")
-    stdout = run_script("update_readme.py", "--results", results, "--readme", readme, cwd=tmp_path, data_root=data_root).stdout
+    stdout = run_script("update_readme.py", "--results", results, "--readme", readme, cwd=tmp_path, data_root=small_data_root).stdout
     assert readme.read_text() == ("intro\n<!-- begin q1_kl_term -->\nnew q1 text\n<!-- end q1_kl_term -->\nafter\n"
                                   "<!-- begin elbo_surgery -->\nkept\n<!-- end elbo_surgery -->\n")
     assert stdout.splitlines() == ["updated the section q1_kl_term"]
@@ -307,11 +308,11 @@ def test_run_all_runs_every_question_in_order_and_stops_at_a_failure(tmp_path):
 
 
 @pytest.mark.parametrize("config_path", sorted((EXPERIMENTS / "configs").glob("burda2015-*.json")), ids=lambda p: p.stem)
-def test_reproduction_config_trains_one_step(config_path, tmp_path, data_root, monkeypatch):
+def test_reproduction_config_trains_one_step(config_path, tmp_path, small_data_root, monkeypatch):
     """Each row's config loads as `train --config` and takes one step of its own objective and particle count."""
     from ppl_vae.cli import main
 
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     config = json.loads(config_path.read_text())
     run_dir = tmp_path / config_path.stem
     code = main(["train", "--config", str(config_path), "--run-dir", str(run_dir), "--epochs", "1",

@@ -22,19 +22,19 @@ from ppl_vae.errors import RunDirectoryError
 
 
 @pytest.fixture(autouse=True)
-def data_from_env(data_root, monkeypatch):
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def data_from_env(small_data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
 
 
 @pytest.fixture(scope="module")
-def program_run(tmp_path_factory, data_root) -> Path:
+def program_run(tmp_path_factory, small_data_root) -> Path:
     """A finished 1-epoch run of a user's program file (so it holds program/ and program.json), with its figures."""
     folder = tmp_path_factory.mktemp("program_run")
     source = folder / "my_models.py"
     source.write_text(USER_PROGRAM)
     run_dir = folder / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PPL_VAE_DATA", str(data_root))
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
         assert main("train", "--run-dir", run_dir, "--epochs", "1", *TINY, "--program", f"{source}:LadderVAE") == 0
         assert main("plot", run_dir) == 0
     return run_dir
@@ -78,7 +78,7 @@ def test_the_manifest_records_every_file_and_folder_the_run_wrote(program_run):
 # --- 4. A folder that only looks like a run ------------------------------------------------------------
 
 
-def test_overwrite_refuses_a_folder_that_only_looks_like_a_run_and_deletes_nothing(tmp_path, data_root):
+def test_overwrite_refuses_a_folder_that_only_looks_like_a_run_and_deletes_nothing(tmp_path, small_data_root):
     folder = tmp_path / "my-project"
     (folder / "program").mkdir(parents=True)
     (folder / "plots").mkdir()
@@ -86,7 +86,7 @@ def test_overwrite_refuses_a_folder_that_only_looks_like_a_run_and_deletes_nothi
     (folder / "program" / "train_my_net.py").write_text("print('my work')\n")
     (folder / "plots" / "figure1.png").write_bytes(b"\x89PNG my figure")
     before = snapshot(folder)
-    err = refused(run_cli(data_root, "train", "--run-dir", folder, "--overwrite", "--epochs", "1", *TINY))
+    err = refused(run_cli(small_data_root, "train", "--run-dir", folder, "--overwrite", "--epochs", "1", *TINY))
     assert len(err.strip().splitlines()) == 1
     assert "manifest.json" in err and "it holds config.json, plots/, program/" in err
     assert "Nothing was deleted: delete the folder yourself" in err
@@ -192,13 +192,13 @@ def test_a_config_file_may_name_the_run_directory(tmp_path):
 # --- 7. Never written through a link; a lock that cannot be taken stops the command ------------------------
 
 
-def test_plot_refuses_a_linked_plots_folder_and_leaves_its_target_alone(run_copy, tmp_path, data_root):
+def test_plot_refuses_a_linked_plots_folder_and_leaves_its_target_alone(run_copy, tmp_path, small_data_root):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "training_curves.png").write_bytes(b"someone else's figure")
     shutil.rmtree(run_copy / "plots")
     (run_copy / "plots").symlink_to(outside, target_is_directory=True)
-    err = refused(run_cli(data_root, "plot", run_copy))
+    err = refused(run_cli(small_data_root, "plot", run_copy))
     assert len(err.strip().splitlines()) == 1 and f"{run_copy / 'plots'} is a symbolic link (to {outside})" in err
     assert snapshot(outside) == {"training_curves.png": b"someone else's figure"}
 
@@ -224,7 +224,7 @@ def test_evaluate_refuses_a_linked_result_file_before_evaluating(run_copy, tmp_p
 
 
 @pytest.mark.parametrize("blocker", ["link", "folder"])
-def test_an_evaluation_lock_that_cannot_be_taken_stops_evaluate(run_copy, tmp_path, data_root, blocker):
+def test_an_evaluation_lock_that_cannot_be_taken_stops_evaluate(run_copy, tmp_path, small_data_root, blocker):
     lock = run_copy / ".ppl_vae.evaluate.lock"
     lock.unlink(missing_ok=True)
     target = tmp_path / "elsewhere.lock"
@@ -233,7 +233,7 @@ def test_an_evaluation_lock_that_cannot_be_taken_stops_evaluate(run_copy, tmp_pa
         lock.symlink_to(target)
     else:
         lock.mkdir()
-    result = run_cli(data_root, "evaluate", run_copy, *EVALUATE)
+    result = run_cli(small_data_root, "evaluate", run_copy, *EVALUATE)
     err = refused(result)
     assert len(err.strip().splitlines()) == 1 and ".ppl_vae.evaluate.lock" in err
     assert "ELBO" not in result.stdout and not (run_copy / "evaluation.json").exists()

@@ -30,13 +30,13 @@ TINY = ["--train-examples", "200", "--batch-size", "50", "--eval-examples", "50"
 EVALUATE = ["--num-samples", "5", "--examples", "20", "--elbo-samples", "2", "--device", "cpu", "--no-progress"]
 
 
-def cli_env(data_root) -> dict:
-    return {**os.environ, "PPL_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
+def cli_env(small_data_root) -> dict:
+    return {**os.environ, "PPL_VAE_DATA": str(small_data_root), "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(data_root, *args, cwd=None, preexec_fn=None) -> subprocess.CompletedProcess:
+def run_cli(small_data_root, *args, cwd=None, preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ppl_vae", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(data_root), cwd=cwd, timeout=300, preexec_fn=preexec_fn)
+                          env=cli_env(small_data_root), cwd=cwd, timeout=300, preexec_fn=preexec_fn)
 
 
 def refused(result: subprocess.CompletedProcess) -> str:
@@ -57,16 +57,16 @@ def main(*args) -> int:
 
 
 @pytest.fixture(autouse=True)
-def data_from_env(data_root, monkeypatch):
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def data_from_env(small_data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root) -> Path:
+def trained(tmp_path_factory, small_data_root) -> Path:
     """A finished 3-epoch tiny run (tests copy it before changing anything)."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PPL_VAE_DATA", str(data_root))
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
         assert main("train", "--run-dir", run_dir, "--epochs", "3", *TINY) == 0
     return run_dir
 
@@ -85,13 +85,13 @@ def files(path: Path) -> dict[str, bytes]:
 # --- 1. --overwrite deletes only a run, and only after every check ---------------------------------
 
 
-def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_path, data_root, run_copy, capsys):
+def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_path, small_data_root, run_copy, capsys):
     folder = tmp_path / "work"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     (folder / "data").mkdir()
     (folder / "data" / "x.csv").write_text("1,2")
-    err = refused(run_cli(data_root, "train", "--run-dir", ".", "--overwrite", "--epochs", "1", *TINY, cwd=folder))
+    err = refused(run_cli(small_data_root, "train", "--run-dir", ".", "--overwrite", "--epochs", "1", *TINY, cwd=folder))
     # No manifest.json (issue 24): no run wrote this folder, and nothing in it is deleted.
     assert "manifest.json, and . has none: it holds data/, notes.txt" in err and "Nothing was deleted" in err
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "data" / "x.csv").read_text() == "1,2"
@@ -112,13 +112,13 @@ def test_overwrite_refuses_a_folder_that_holds_files_ppl_vae_did_not_write(tmp_p
 
 
 def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_when_all_pass(
-    tmp_path, data_root, run_copy, capsys
+    tmp_path, small_data_root, run_copy, capsys
 ):
     runs.record_written(run_copy, "evaluation.json")[0].write_text("{}")  # recorded in the manifest, as evaluate does
     before = files(run_copy)
     empty = tmp_path / "empty-data"
     empty.mkdir()
-    err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY,
+    err = refused(run_cli(small_data_root, "train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY,
                           "--data-dir", empty))
     assert "MNIST" in err
     assert files(run_copy) == before
@@ -133,20 +133,20 @@ def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_wh
 # --- 2. One writer per run; a killed one blocks nothing --------------------------------------------
 
 
-def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, data_root, capsys):
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, small_data_root, capsys):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "ppl_vae", "train", "--run-dir", str(run_dir), "--epochs", "100000",
          "--train-examples", "200", "--batch-size", "20", "--eval-examples", "50", "--latent-dim", "4",
          "--hidden-sizes", "16", "--test-samples", "5", "--device", "cpu", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(data_root))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(small_data_root))
     try:
         deadline = time.monotonic() + 240
         while not runs.read_metrics(run_dir):
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "no epoch after 240 s"
             time.sleep(0.05)
-        err = refused(run_cli(data_root, "train", "--run-dir", run_dir, "--resume"))
+        err = refused(run_cli(small_data_root, "train", "--run-dir", run_dir, "--resume"))
         assert f"is in use: process {process.pid} on " in err and "is training into it" in err, err
         assert "ppl_vae train --run-dir" in err  # its command
         assert main("train", "--run-dir", run_dir, "--overwrite", "--epochs", "1", *TINY) == 2
@@ -165,7 +165,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
     assert runs.read_json(run_dir / "test.json")["epoch"] == max(epoch, 1)
 
 
-def test_a_run_being_evaluated_is_not_overwritten(data_root, run_copy, capsys):
+def test_a_run_being_evaluated_is_not_overwritten(small_data_root, run_copy, capsys):
     with runs.RunLock(run_copy, "evaluate"):  # a second lock object on the same file is refused even in-process
         assert main("train", "--run-dir", run_copy, "--overwrite", "--epochs", "1", *TINY) == 2
     err = capsys.readouterr().err
@@ -191,10 +191,10 @@ class _RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, data_root, run_copy):
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, small_data_root, run_copy):
     marker = tmp_path / "code-ran"
     torch.save({"format": 1, "epoch": 3, "model": _RunsACommand(marker)}, run_copy / "checkpoint.pt")
-    err = refused(run_cli(data_root, "evaluate", run_copy, *EVALUATE))
+    err = refused(run_cli(small_data_root, "evaluate", run_copy, *EVALUATE))
     assert "loading it could run code, so it is refused" in err and "checkpoint.pt" in err
     assert not marker.exists()
     with pytest.raises(RunDirectoryError, match="could run code"):
@@ -205,7 +205,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path, data
 # --- 4. Results record their epoch and checkpoint; compare marks a stale one ------------------------
 
 
-def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path, data_root, run_copy, capsys):
+def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path, small_data_root, run_copy, capsys):
     test = runs.read_json(run_copy / "test.json")
     checkpoint = runs.load_checkpoint(run_copy)
     assert test["epoch"] == 3 and test["checkpoint_id"] == checkpoint["id"]
@@ -219,7 +219,7 @@ def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path,
     assert "| run | " in out and "⚠" not in out and "| 4 |" in out
     # Without it, evaluation.json (epoch 3) is marked: computed before the run's latest epoch.
     (run_copy / "test.json").unlink()
-    out = succeeded(run_cli(data_root, "compare", run_copy, "--out", tmp_path / "cmp")).stdout
+    out = succeeded(run_cli(small_data_root, "compare", run_copy, "--out", tmp_path / "cmp")).stdout
     assert "| 3 ⚠ (run at 4) |" in out and "evaluation.json computed at epoch 3, the run is at epoch 4" in out
     with open(tmp_path / "cmp" / "comparison.csv", newline="") as stream:
         row = next(csv.DictReader(stream))
@@ -229,9 +229,9 @@ def test_results_record_their_checkpoint_and_compare_marks_a_stale_one(tmp_path,
 # --- 5. --resume with other options ------------------------------------------------------------------
 
 
-def test_resume_refuses_fewer_epochs_and_options_that_would_change_the_run(data_root, run_copy, capsys):
+def test_resume_refuses_fewer_epochs_and_options_that_would_change_the_run(small_data_root, run_copy, capsys):
     before = files(run_copy)
-    err = refused(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--epochs", "2"))
+    err = refused(run_cli(small_data_root, "train", "--run-dir", run_copy, "--resume", "--epochs", "2"))
     assert "--epochs 2 is fewer than the 3 epochs" in err and "Give --epochs 3 or more" in err
     assert files(run_copy) == before
     assert main("train", "--run-dir", run_copy, "--resume", "--lr", "0.01", "--batch-size", "7", "--hidden-sizes", "8",
@@ -250,13 +250,13 @@ def test_resume_refuses_fewer_epochs_and_options_that_would_change_the_run(data_
 # --- 6. Damaged metrics lines --------------------------------------------------------------------------
 
 
-def test_a_damaged_metrics_line_is_reported_and_no_good_record_is_dropped(data_root, run_copy):
+def test_a_damaged_metrics_line_is_reported_and_no_good_record_is_dropped(small_data_root, run_copy):
     lines = (run_copy / "metrics.jsonl").read_text().splitlines()
     damaged = lines[1][: len(lines[1]) // 2]
     (run_copy / "metrics.jsonl").write_text("\n".join([lines[0], damaged, lines[2]]) + "\n")
     with pytest.warns(DamagedMetricsWarning, match=r"line 2 cannot be read"):
         assert [m["epoch"] for m in runs.read_metrics(run_copy)] == [1, 3]
-    result = succeeded(run_cli(data_root, "train", "--run-dir", run_copy, "--resume", "--no-progress"))
+    result = succeeded(run_cli(small_data_root, "train", "--run-dir", run_copy, "--resume", "--no-progress"))
     assert "warning:" in result.stderr and "line 2 cannot be read (damaged)" in result.stderr
     assert "the records of epoch 2 are missing" in result.stderr
     assert (run_copy / "metrics.jsonl").read_text().splitlines() == [lines[0], lines[2]]
@@ -281,9 +281,9 @@ def _file_size_limit(limit: int):
     return apply
 
 
-def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tmp_path, data_root, run_copy):
+def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tmp_path, small_data_root, run_copy):
     (run_copy / "evaluation.json").unlink(missing_ok=True)
-    result = run_cli(data_root, "evaluate", run_copy, *EVALUATE, preexec_fn=_file_size_limit(1000))
+    result = run_cli(small_data_root, "evaluate", run_copy, *EVALUATE, preexec_fn=_file_size_limit(1000))
     err = refused(result)
     assert "log p̂(x), importance sampled (K=5)" in result.stdout  # the result is printed before writing
     assert f"cannot write {run_copy / 'evaluation_per_datapoint.npz'}: the file is larger than" in err
@@ -291,7 +291,7 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tm
     assert not [p.name for p in run_copy.iterdir() if p.name.endswith(".tmp")]
     # Training: the first checkpoint does not fit; the half-made run is removed and blocks no later run.
     new = tmp_path / "new"
-    err = refused(run_cli(data_root, "train", "--run-dir", new, "--epochs", "1", *TINY,
+    err = refused(run_cli(small_data_root, "train", "--run-dir", new, "--epochs", "1", *TINY,
                           preexec_fn=_file_size_limit(20_000)))
     assert f"cannot write {new / 'checkpoint.pt'}: the file is larger than" in err
     assert not new.exists()
@@ -316,7 +316,7 @@ def test_a_failed_write_says_why_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert runs.load_checkpoint(tmp_path)["epoch"] == 1
 
 
-def test_temporary_files_left_by_a_kill_are_removed_when_training_resumes(data_root, run_copy):
+def test_temporary_files_left_by_a_kill_are_removed_when_training_resumes(small_data_root, run_copy):
     (run_copy / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     assert main("train", "--run-dir", run_copy, "--resume", "--no-progress") == 0
     assert not (run_copy / ".checkpoint.pt.abc123.tmp").exists()
@@ -325,13 +325,13 @@ def test_temporary_files_left_by_a_kill_are_removed_when_training_resumes(data_r
 # --- 8. Config files and odd values, checked before anything is written --------------------------------
 
 
-def test_config_file_values_and_odd_options_are_refused_before_anything_is_written(tmp_path, data_root, capsys):
+def test_config_file_values_and_odd_options_are_refused_before_anything_is_written(tmp_path, small_data_root, capsys):
     run_dir = tmp_path / "run"
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"epochs": 0}))
-    err = refused(run_cli(data_root, "train", "--config", config, "--run-dir", run_dir, *TINY))
+    err = refused(run_cli(small_data_root, "train", "--config", config, "--run-dir", run_dir, *TINY))
     assert "'epochs' (--epochs) must be a positive integer, got 0" in err and not run_dir.exists()
-    err = refused(run_cli(data_root, "train", "--run-dir", run_dir, "--seed", "-1", "--epochs", "1", *TINY))
+    err = refused(run_cli(small_data_root, "train", "--run-dir", run_dir, "--seed", "-1", "--epochs", "1", *TINY))
     assert "--seed: must be an integer from 0 to 2**32 - 1" in err and not run_dir.exists()
     for values, message in (
         ({"batch_size": 2.5}, "'batch_size' (--batch-size) must be an integer, got 2.5"),
@@ -367,19 +367,19 @@ def test_the_python_api_refuses_wrong_types_and_seeds():
 # --- 9. NaN weights in a checkpoint ----------------------------------------------------------------------
 
 
-def test_nan_weights_in_a_checkpoint_are_named(data_root, run_copy):
+def test_nan_weights_in_a_checkpoint_are_named(small_data_root, run_copy):
     path = run_copy / "checkpoint.pt"
     state = runs.read_checkpoint(path)
     name = next(key for key in state["model"] if key.endswith("weight"))
     state["model"][name][0, 0] = float("nan")
     torch.save(state, path)
-    err = refused(run_cli(data_root, "evaluate", run_copy, *EVALUATE))
+    err = refused(run_cli(small_data_root, "evaluate", run_copy, *EVALUATE))
     assert f"holds NaN or infinite weights, in {name} (epoch 3)" in err, err
     assert "shape, dtype and device" not in err
     assert "checkpoint.prev.pt" in err  # the one before it is named
 
 
-def test_plot_and_diagnose_hold_the_runs_second_lock(data_root, run_copy, capsys):
+def test_plot_and_diagnose_hold_the_runs_second_lock(small_data_root, run_copy, capsys):
     """Figures are written while no evaluation (or another plot) writes into the run, and train --overwrite refuses
     to delete a run whose figures are being written."""
     assert main("evaluate", run_copy, *EVALUATE) == 0

@@ -53,25 +53,27 @@ class LadderVAE(nn.Module):
 '''
 
 
-def test_a_users_program_trains_resumes_and_is_evaluated_after_its_file_moved(tmp_path, data_root):
+def test_a_users_program_trains_resumes_and_is_evaluated_after_its_file_moved(tmp_path, small_data_root, cli_main):
+    # The commands run in this process: each builds the program by running its file's bytes afresh (programs.py),
+    # so the one after the move has no file to read, as in a shell.
     source = tmp_path / "work" / "my_models.py"
     source.parent.mkdir()
     source.write_text(USER_PROGRAM)
     run_dir, vae_dir = tmp_path / "ladder", tmp_path / "vae"
-    trained = run_cli("train", "--program", f"{source}:LadderVAE", "--program-kwargs", '{"latent": [6, 3]}',
-                      "--run-dir", run_dir, *SMALL, data_root=data_root)
+    trained = cli_main("train", "--program", f"{source}:LadderVAE", "--program-kwargs", '{"latent": [6, 3]}',
+                      "--run-dir", run_dir, *SMALL, data_root=small_data_root)
     assert trained.returncode == 0, trained.stderr
     assert "LadderVAE(latent=[6, 3])" in trained.stdout and "KL at site 'shallow' is Monte Carlo" in trained.stdout
     spec = json.loads((run_dir / "program.json").read_text())
     assert spec["name"] == "LadderVAE" and spec["kwargs"] == {"latent": [6, 3]}
     assert (run_dir / spec["source"]).read_text() == USER_PROGRAM
-    resumed = run_cli("train", "--resume", "--run-dir", run_dir, "--epochs", "2", "--no-progress", data_root=data_root)
+    resumed = cli_main("train", "--resume", "--run-dir", run_dir, "--epochs", "2", "--no-progress", data_root=small_data_root)
     assert resumed.returncode == 0, resumed.stderr
     assert [m["epoch"] for m in runs.read_metrics(run_dir)] == [1, 2]
     # The user's file moves away: every command rebuilds the program from the run's copy, and says so.
     shutil.move(source, tmp_path / "elsewhere.py")
-    evaluated = run_cli("evaluate", run_dir, "--num-samples", "30", "--examples", "40", "--no-progress",
-                        data_root=data_root)
+    evaluated = cli_main("evaluate", run_dir, "--num-samples", "30", "--examples", "40", "--no-progress",
+                        data_root=small_data_root)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "is gone; using the copy recorded" in evaluated.stderr
     result = json.loads((run_dir / "evaluation.json").read_text())
@@ -80,51 +82,51 @@ def test_a_users_program_trains_resumes_and_is_evaluated_after_its_file_moved(tm
     assert isinstance(sites["shallow"]["active_units"], int)  # q(shallow | x) depends on x alone
     assert "guide depends on latent site(s) ['shallow']" in sites["deep"]["active_units"]["unavailable"]
     assert "site 'deep':" in evaluated.stdout
-    diagnosed = run_cli("diagnose", run_dir)
+    diagnosed = cli_main("diagnose", run_dir)
     assert diagnosed.returncode == 0, diagnosed.stderr
-    plotted = run_cli("plot", run_dir, data_root=data_root)
+    plotted = cli_main("plot", run_dir, data_root=small_data_root)
     assert plotted.returncode == 0, plotted.stderr
     assert "samples: skipped (the program has no sample_prior(n) method)" in plotted.stdout
     assert (run_dir / "plots" / "training_curves.png").is_file()
-    vae = run_cli("train", "--run-dir", vae_dir, *SMALL, "--latent-dim", "4", "--hidden-sizes", "32", data_root=data_root)
+    vae = cli_main("train", "--run-dir", vae_dir, *SMALL, "--latent-dim", "4", "--hidden-sizes", "32", data_root=small_data_root)
     assert vae.returncode == 0, vae.stderr
-    assert run_cli("evaluate", vae_dir, "--num-samples", "30", "--examples", "40", "--no-progress",
-                   data_root=data_root).returncode == 0
-    compared = run_cli("compare", run_dir, vae_dir, "--out", tmp_path / "comparison")
+    assert cli_main("evaluate", vae_dir, "--num-samples", "30", "--examples", "40", "--no-progress",
+                   data_root=small_data_root).returncode == 0
+    compared = cli_main("compare", run_dir, vae_dir, "--out", tmp_path / "comparison")
     assert compared.returncode == 0, compared.stderr
     table = (tmp_path / "comparison" / "comparison.md").read_text()
     assert "LadderVAE" in table and "MLP" in table
 
 
-def test_the_builtin_two_layer_and_conditional_programs_train(tmp_path, data_root):
-    two_layer = run_cli("train", "--program", "two-layer", "--program-kwargs",
+def test_the_builtin_two_layer_and_conditional_programs_train(tmp_path, small_data_root, cli_main):
+    two_layer = cli_main("train", "--program", "two-layer", "--program-kwargs",
                         '{"latent": [8, 4], "hidden": [[32], [16]]}', "--run-dir", tmp_path / "two", *SMALL,
-                        data_root=data_root)
+                        data_root=small_data_root)
     assert two_layer.returncode == 0, two_layer.stderr
     assert "KL at site 'z1' is Monte Carlo" in two_layer.stdout
     # A program's run is a ppl_vae run like any other: --overwrite replaces it, its program record included.
-    replaced = run_cli("train", "--run-dir", tmp_path / "two", "--overwrite", *SMALL, "--latent-dim", "2",
-                       "--hidden-sizes", "16", data_root=data_root)
+    replaced = cli_main("train", "--run-dir", tmp_path / "two", "--overwrite", *SMALL, "--latent-dim", "2",
+                       "--hidden-sizes", "16", data_root=small_data_root)
     assert replaced.returncode == 0, replaced.stderr
     assert not (tmp_path / "two" / "program.json").exists()
-    conditional = run_cli("train", "--program", "conditional", "--labels", "--program-kwargs",
+    conditional = cli_main("train", "--program", "conditional", "--labels", "--program-kwargs",
                           '{"latent_dim": 4, "hidden_sizes": [32]}', "--run-dir", tmp_path / "cvae", *SMALL,
-                          "--engine", "jit", data_root=data_root)
+                          "--engine", "jit", data_root=small_data_root)
     assert conditional.returncode == 0, conditional.stderr
     assert json.loads((tmp_path / "cvae" / "config.json").read_text())["train"]["labels"] is True
-    plotted = run_cli("plot", tmp_path / "cvae", data_root=data_root)
+    plotted = cli_main("plot", tmp_path / "cvae", data_root=small_data_root)
     assert plotted.returncode == 0, plotted.stderr
     assert (tmp_path / "cvae" / "plots" / "samples_by_class.png").is_file()
-    missing_labels = run_cli("train", "--program", "conditional", "--run-dir", tmp_path / "nolabels", *SMALL,
-                             data_root=data_root)
+    missing_labels = cli_main("train", "--program", "conditional", "--run-dir", tmp_path / "nolabels", *SMALL,
+                             data_root=small_data_root)
     assert missing_labels.returncode == 2 and "train with --labels" in missing_labels.stderr
     assert "Traceback" not in missing_labels.stderr
 
 
-def test_the_kl_weight_scales_every_latent_site_of_any_program(tmp_path, data_root):
+def test_the_kl_weight_scales_every_latent_site_of_any_program(tmp_path, small_data_root):
     """beta through the trainer: the training objective is reconstruction - beta KL, for a program with no beta of its own."""
     config = dict(epochs=1, train_examples=100, eval_examples=20, test_samples=2, batch_size=100,
-                  data_dir=str(data_root), device="cpu")
+                  data_dir=str(small_data_root), device="cpu")
     spec = ProgramSpec.parse("two-layer", {"latent": [4, 2], "hidden": [[16], [8]]})
     losses = {}
     for beta in (1.0, 0.25):
@@ -139,11 +141,11 @@ class NotAProgram(torch.nn.Module):
         pass
 
 
-def test_python_objects_train_and_must_be_passed_again(tmp_path, data_root):
+def test_python_objects_train_and_must_be_passed_again(tmp_path, small_data_root):
     from ppl_vae.models import TwoLayerVAE
 
     config = TrainConfig(epochs=1, train_examples=100, eval_examples=20, test_samples=2, batch_size=50,
-                         data_dir=str(data_root), device="cpu")
+                         data_dir=str(small_data_root), device="cpu")
     program = TwoLayerVAE(latent=(4, 2), hidden=((16,), (8,)))
     result = train(tmp_path / "obj", config, program=program, progress=False)
     assert set(result["kl"]["sites"]) == {"z1", "z2"}
@@ -162,7 +164,7 @@ def test_python_objects_train_and_must_be_passed_again(tmp_path, data_root):
     ("{file}:LadderVAE", '{"latnt": 3}', "takes no keyword argument(s) latnt (--program-kwargs); it takes latent, hidden"),
     ("{file}:Broken", None, "the program failed on the first training batch"),
 ])
-def test_program_errors_on_the_command_line_are_one_line(tmp_path, data_root, program, kwargs, message):
+def test_program_errors_on_the_command_line_are_one_line(tmp_path, small_data_root, cli_main, program, kwargs, message):
     source = tmp_path / "my_models.py"
     source.write_text(USER_PROGRAM + '''
 
@@ -174,7 +176,7 @@ class Broken(LadderVAE):
     args = ["train", "--program", program.format(file=source), "--run-dir", tmp_path / "run", *SMALL]
     if kwargs:
         args[3:3] = ["--program-kwargs", kwargs]
-    result = run_cli(*args, data_root=data_root)
+    result = cli_main(*args, data_root=small_data_root)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -206,7 +208,7 @@ class LaplaceCode(torch.nn.Module):
             pyro.sample("z", dist.Laplace(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
-def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a_note(tmp_path, data_root):
+def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a_note(tmp_path, small_data_root):
     from ppl_vae.models import TwoLayerVAE
     from ppl_vae.objectives import compiled_loss_problem
     from ppl_vae.programs import Weighted
@@ -216,21 +218,21 @@ def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a
     problem = compiled_loss_problem(Weighted(LaplaceCode()), (x,))
     assert problem is not None and "differs from Trace_ELBO" in problem
     config = TrainConfig(epochs=1, train_examples=100, eval_examples=20, test_samples=2, batch_size=50,
-                         data_dir=str(data_root), device="cpu", engine="jit")
+                         data_dir=str(small_data_root), device="cpu", engine="jit")
     with pytest.warns(UserWarning, match="--engine jit: the compiled loss .* training with --engine svi instead"):
         train(tmp_path / "laplace", config, program=LaplaceCode(), progress=False)
     assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
 
 
-def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, data_root):
+def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, small_data_root):
     """The one training loop: a conditional program, its labels sharded with the images, under DDP (gloo, 2 processes)."""
     args = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 3, "hidden_sizes": [16]}',
             "--run-dir", tmp_path / "run", *SMALL, "--devices", "2"]
-    trained = run_cli("train", *args, data_root=data_root)
+    trained = run_cli("train", *args, data_root=small_data_root)
     assert trained.returncode == 0, trained.stderr
     assert "cpu, 2 processes (gloo)" in trained.stdout
     resumed = run_cli("train", "--resume", "--run-dir", tmp_path / "run", "--epochs", "2", "--devices", "2",
-                      "--no-progress", data_root=data_root)
+                      "--no-progress", data_root=small_data_root)
     assert resumed.returncode == 0, resumed.stderr
     metrics = runs.read_metrics(tmp_path / "run")
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
