@@ -23,12 +23,12 @@ objective to a site marked for enumeration (the trainer has no ``TraceEnum_ELBO`
 
 The KL weight beta (with its warm-up schedule) is not an objective: it is a scale on every
 latent site of the model and guide, applied by the trainer to any program
-(:class:`ppl_vae.programs.Weighted`; the built-in VAE also has its own ``VAE.kl_weight``).
+(:class:`ppl_vae.programs.Weighted`, for the built-in VAE too: the one KL-weight mechanism).
 
 The same objectives as torch modules (for a torch optimizer, ``DistributedDataParallel``
-and the compiled fast path): :class:`VAELoss` is Pyro's ``ELBOModule``
+and the compiled fast path): :class:`ProgramLoss` is Pyro's ``ELBOModule``
 (``Trace_ELBO()(model, guide)``) for a program (the VAE, or any module with ``model`` and
-``guide`` methods and a ``kl_weight``), and :class:`CompiledVAELoss` the same loss
+``guide`` methods; with the KL weight, the :class:`ppl_vae.programs.Weighted` wrapping it), and :class:`CompiledProgramLoss` the same loss
 with Pyro's ``JitTrace_ELBO``, which traces the model and guide once with
 ``torch.jit.trace`` and replays the graph, skipping Pyro's per-step Python work. Either
 way the loss is computed from the VAE's Pyro programs; nothing is rewritten by hand.
@@ -148,7 +148,7 @@ def _elbo_options(particles: int, max_plate_nesting: int) -> dict:
     return dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=max_plate_nesting)
 
 
-class VAELoss(ELBOModule):
+class ProgramLoss(ELBOModule):
     """Pyro's ``ELBOModule`` for a VAE: ``forward(x)`` is the objective's ``differentiable_loss`` of its programs.
 
     ``Trace_ELBO()(model, guide)`` returns an ``ELBOModule`` whose parameters are those of
@@ -167,7 +167,7 @@ class VAELoss(ELBOModule):
         vae.register_params = False
 
 
-# What CompiledVAELoss compiles. Not meanfield: Pyro 1.9's JitTraceMeanField_ELBO checks a cache attribute it
+# What CompiledProgramLoss compiles. Not meanfield: Pyro 1.9's JitTraceMeanField_ELBO checks a cache attribute it
 # never sets, so it traces again on every call (measured 2.7 times slower than not compiling), and
 # TraceMeanField_ELBO.differentiable_loss wrapped in pyro.ops.jit.trace returned wrong loss values (right
 # gradients) on batches other than the traced one. Not iwae: RenyiELBO has no JIT version.
@@ -183,11 +183,11 @@ _FOREIGN_PARAMETERS = (
 )
 
 
-class CompiledVAELoss(torch.nn.Module):
-    """The loss of :class:`VAELoss` with ``Trace_ELBO``, compiled by Pyro's ``JitTrace_ELBO``.
+class CompiledProgramLoss(torch.nn.Module):
+    """The loss of :class:`ProgramLoss` with ``Trace_ELBO``, compiled by Pyro's ``JitTrace_ELBO``.
 
     ``forward(x)`` is the negative ELBO summed over ``x`` (nats), differentiable, as
-    ``VAELoss`` returns it. ``JitTrace_ELBO`` traces the VAE's programs once with
+    ``ProgramLoss`` returns it. ``JitTrace_ELBO`` traces the VAE's programs once with
     ``torch.jit.trace`` and replays the graph, skipping Pyro's per-step Python work. Its
     ``loss_and_surrogate_loss`` is used, not its ``differentiable_loss``: in Pyro 1.9 that
     returns ``loss + (surrogate - surrogate.detach())`` with ``loss`` not detached, which
@@ -195,7 +195,7 @@ class CompiledVAELoss(torch.nn.Module):
 
     A trace holds everything that was a Python value when it was taken, so one graph is
     compiled per *compile key*: the batch's shape, dtype and device, and the KL weight
-    ``vae.kl_weight`` (a Python float the trace bakes in). Pyro's own cache is keyed by
+    ``kl_weight`` of the program (:class:`ppl_vae.programs.Weighted`; a Python float the trace bakes in). Pyro's own cache is keyed by
     the number of arguments only, which would replay a graph traced for one batch size
     on another and keep the first beta of a warm-up; the key is passed to it as keyword
     arguments, which it does hash. A KL warm-up therefore compiles one graph per epoch.
@@ -209,7 +209,7 @@ class CompiledVAELoss(torch.nn.Module):
     The compiled function finds the parameters through Pyro's param store, so the VAE
     keeps registering them with ``pyro.module``; they are the VAE's own tensors, which a
     torch optimizer over ``vae.parameters()`` updates. Pyro's validation is off inside
-    the trace: check the data's support beforehand (``ppl_vae.train`` checks all the
+    the trace: check the data's support beforehand (``ppl_vae.training`` checks all the
     data once).
     """
 
@@ -235,7 +235,7 @@ class CompiledVAELoss(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
         key = {"shape": tuple(x.shape), "dtype": str(x.dtype), "device": str(x.device),
-               "kl_weight": float(self.vae.kl_weight),
+               "kl_weight": float(getattr(self.vae, "kl_weight", 1.0)),
                **({"cond": tuple((tuple(c.shape), str(c.dtype)) for c in cond)} if cond else {})}
         frozen = tuple(sorted(key.items()))
         if frozen not in self._compiled_keys:
@@ -257,10 +257,10 @@ def make_loss_module(
     vae: torch.nn.Module, objective: str = "elbo", particles: int = 1, compiled: bool = False,
     max_plate_nesting: int = MAX_PLATE_NESTING,
 ) -> torch.nn.Module:
-    """The objective of a program's ``model`` and ``guide`` as a torch module: :class:`CompiledVAELoss` or :class:`VAELoss`."""
+    """The objective of a program's ``model`` and ``guide`` as a torch module: :class:`CompiledProgramLoss` or :class:`ProgramLoss`."""
     if compiled:
-        return CompiledVAELoss(vae, objective, particles, max_plate_nesting)
-    return VAELoss(vae, make_objective(objective, particles, max_plate_nesting))
+        return CompiledProgramLoss(vae, objective, particles, max_plate_nesting)
+    return ProgramLoss(vae, make_objective(objective, particles, max_plate_nesting))
 
 
 @contextlib.contextmanager
@@ -371,7 +371,7 @@ def compiled_loss_problem(
     """Why the compiled loss cannot stand in for ``Trace_ELBO`` on ``program`` (None when it can).
 
     On ``batch``, with the draws held fixed (:func:`fixed_standard_normal`), a throw-away
-    :class:`CompiledVAELoss` must give ``Trace_ELBO``'s loss and gradients to relative
+    :class:`CompiledProgramLoss` must give ``Trace_ELBO``'s loss and gradients to relative
     tolerance ``rtol``; a program whose draws the fixing does not reach (other reparameterized
     distributions) differs, and is refused too. The trace must also be faithful (an
     :class:`UnfaithfulTrace` reason otherwise): running the programs changes no plain Python
@@ -397,7 +397,7 @@ def compiled_loss_problem(
             reference_elbo.differentiable_loss(program.model, program.guide, *batch)
             if (changed := _state_problem(before, _program_state(program))) is not None:
                 return changed
-            compiled_loss = CompiledVAELoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True)
+            compiled_loss = CompiledProgramLoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True)
             problem = _compare(program, batch, params, reference_elbo, compiled_loss, rtol)
             if (warned := _user_tracer_warning(caught)) is not None:
                 return UnfaithfulTrace(f"the trace is not faithful to the program's Python: {warned}")
@@ -408,3 +408,8 @@ def compiled_loss_problem(
     except Exception as error:  # noqa: BLE001 -- any failure to compile or run means: do not use the compiled loss
         return f"the compiled loss failed on this program ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     return problem
+
+
+# The names of earlier versions (deprecated: the losses are any program's, not only the VAE's).
+VAELoss = ProgramLoss
+CompiledVAELoss = CompiledProgramLoss

@@ -290,8 +290,8 @@ def test_more_cpu_processes_than_cores_are_refused_unless_on_several_machines(tm
     assert "--devices 1000" in line
     distributed.check_launch(cores, 1, None, "cpu")
     distributed.check_launch(1000, 2, "node0:29400", "cpu")  # the processes run on several machines
-    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(PplVaeError, match="more GPUs than this machine has"):
         distributed.check_launch(2, 1, None, "auto")
 

@@ -103,7 +103,7 @@ def test_auto_falls_back_to_svi_where_the_compiled_loss_fails(tmp_path, data_roo
 
 def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_path, data_root, monkeypatch):
     train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
-    monkeypatch.setattr("ppl_vae.train.compiled_loss_problem", lambda *args, **kwargs: "a changed torch")
+    monkeypatch.setattr("ppl_vae.training.engines.compiled_loss_problem", lambda *args, **kwargs: "a changed torch")
     from ppl_vae.errors import RunDirectoryError
 
     with pytest.raises(RunDirectoryError, match="was trained with --engine jit, which cannot continue it now"):

@@ -4,7 +4,7 @@ directories, determinism, and properties of the evaluation API.
 The interruption tests start ``python -m ppl_vae train`` in subprocesses and stop them with SIGKILL or
 SIGINT; everything else runs in-process on tiny configurations. To stay fast on a shared 2-core
 machine, torch runs on one thread here (two threads contending for busy cores make these tiny networks
-tens of times slower) and in-process training reads MNIST once (``train.load_mnist`` is memoized).
+tens of times slower) and in-process training reads MNIST once (``ppl_vae.training.checks.load_mnist`` is memoized).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from conftest import write_small_mnist
 from gaussian_models import LinearGaussian
 from ppl_vae import chunking, cli, inspection, runs
-from ppl_vae import train as train_module
+from ppl_vae.training import checks as training_checks
+from ppl_vae.training import setup as training_setup
 from ppl_vae.errors import (
     CheckpointFallbackWarning,
     EvaluationMemoryWarning,
@@ -59,7 +60,7 @@ def one_thread():
 
 
 _LOADED_MNIST: dict[str, object] = {}
-_load_mnist = train_module.load_mnist
+_load_mnist = training_checks.load_mnist
 
 
 def _memoized_load_mnist(*args, **kwargs):
@@ -71,7 +72,7 @@ def _memoized_load_mnist(*args, **kwargs):
 
 @pytest.fixture
 def fast_mnist(monkeypatch):
-    monkeypatch.setattr(train_module, "load_mnist", _memoized_load_mnist)
+    monkeypatch.setattr(training_checks, "load_mnist", _memoized_load_mnist)
 
 
 TINY_MODEL = VAEConfig(latent_dim=4, hidden_sizes=(32,))
@@ -106,7 +107,7 @@ def straight_run(tmp_path_factory, data_root):
     """A tiny 3-epoch run, never interrupted, trained in-process: (run_dir, test result)."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "load_mnist", _memoized_load_mnist)
+        patch.setattr(training_checks, "load_mnist", _memoized_load_mnist)
         result = train(run_dir, tiny_config(data_root), TINY_MODEL, progress=False)
     return run_dir, result
 
@@ -349,8 +350,8 @@ def test_a_nan_gradient_in_training_stops_at_its_step_and_keeps_the_last_good_st
         built["vae"] = vae
         return vae
 
-    build_vae = train_module.build_vae
-    monkeypatch.setattr(train_module, "build_vae", build_with_a_poisoned_gradient)
+    build_vae = training_setup.build_vae
+    monkeypatch.setattr(training_setup, "build_vae", build_with_a_poisoned_gradient)
     with pytest.raises(NumericalFaultError) as info:
         train(tmp_path / "run", tiny_config(data_root, engine=engine), TINY_MODEL, progress=False)
     message = str(info.value)

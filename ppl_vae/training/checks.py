@@ -1,0 +1,159 @@
+"""The checks of a program and its data before anything is written: the data the program is trained on, the program
+run once on a training batch (structure, arity, parameters), and with ``--labels`` every split's labels.
+
+Each failure is one line naming what was wrong and what to do; the checks run once, up front, so the training
+steps carry none of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro import poutine
+
+from ..data import ImageData, load_dataset, load_mnist
+from ..errors import InvalidDataError, PplVaeError
+from ..evaluate import DEVICE_ERRORS, ProgramStructure, inspect_program
+from ..programs import check_parameters_belong
+from .config import TrainConfig
+from .steps import as_tuple
+
+
+def levels_of(program: torch.nn.Module, binarize: str) -> str | None:
+    """How 8-bit grey-level data meet the likelihood: ``"discrete"``, ``"dequantized"``, or None for binary data.
+
+    A program says which with ``data_kind`` ("discrete": a mass on the 256 levels), on itself or on its
+    ``likelihood``; without one, a density is assumed, evaluated at dequantized levels.
+    """
+    if binarize != "none":
+        return None
+    kind = getattr(getattr(program, "likelihood", None), "data_kind", getattr(program, "data_kind", "continuous"))
+    return "discrete" if kind == "discrete" else "dequantized"
+
+
+def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -> ImageData:
+    dequantize_levels = levels_of(vae, config.binarize) == "dequantized"
+    if config.dataset == "mnist":  # through the module's name load_mnist, which the tests memoize
+        data = load_mnist(config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
+                          dequantize_levels=dequantize_levels)
+    else:
+        data = load_dataset(config.dataset, config.data_dir, config.binarize, device, config.train_examples,
+                            config.eval_examples, dequantize_levels=dequantize_levels,
+                            expected_sha256=config.dataset_sha256)
+    # One check of the whole data against the likelihood's support, instead of one per step (programs without
+    # a likelihood module are checked on their first batch, by ppl_vae.evaluate, in check_first_batch).
+    check = getattr(getattr(vae, "likelihood", None), "check_data", None)
+    for split in ("train", "val", "test") if check is not None else ():
+        check(data.split(split))
+    if config.labels and data.labels("train") is None:
+        raise PplVaeError(f"--labels: the dataset {config.dataset} has no labels to condition on")
+    return data
+
+
+def conditioning(data: ImageData, split: str, config: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """The conditioning data the programs take after x for ``split``: its labels with ``labels``, else nothing."""
+    return (data.labels(split),) if config.labels else ()
+
+
+def check_arity(program: torch.nn.Module, given: int) -> None:
+    """The programs take as many data arguments as the batches give: (x) or, with labels, (x, y)."""
+    import inspect
+
+    for name in ("model", "guide"):
+        try:
+            parameters = list(inspect.signature(getattr(program, name)).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: running the program will tell
+            return
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [p for p in positional if p.default is p.empty]
+        varargs = any(p.kind == p.VAR_POSITIONAL for p in parameters)
+        if len(required) > given:
+            names = ", ".join(p.name for p in required)
+            raise PplVaeError(f"the program's {name}({names}) takes {len(required)} data arguments, but the training "
+                              f"batches give {given} (x{', y' if given > 1 else ''}): train with --labels to pass the "
+                              "class labels after x")
+        if not varargs and len(positional) < given:
+            raise PplVaeError(f"--labels gives the programs (x, y), but the program's {name} takes "
+                              f"{len(positional)} data argument(s): leave out --labels, or add y to its arguments")
+
+
+def check_batches(
+    data: ImageData, config: TrainConfig, probe: torch.Generator
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """Two training batches for the up-front checks, drawn with ``probe`` (the run's random stream is left alone).
+
+    The second has the first's shape and other content (the compiled graph is replayed on it): the next batch,
+    topped up with rows of the first when it is smaller; None when the training set is one batch.
+    """
+    batches = data.train_batches(config.batch_size, generator=probe, labels=config.labels)
+    first = as_tuple(next(batches))
+    following = next(batches, None)
+    if following is None:
+        return first, None
+    second = tuple(torch.cat([b, f])[: f.shape[0]] for b, f in zip(as_tuple(following), first))
+    return first, second
+
+
+def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> ProgramStructure:
+    """Run the program once on a training batch: one-line errors for programs that fail, and their structure.
+
+    Checks the structure :mod:`ppl_vae.evaluate` needs (data plate, observed and latent sites,
+    the data within the likelihood's support) and that every parameter belongs to the module.
+    """
+    check_arity(program, len(batch))
+    try:
+        with torch.no_grad():
+            structure = inspect_program(program.model, program.guide, batch)
+    except PplVaeError as error:
+        shapes = ", ".join(f"{list(t.shape)} {t.dtype}" for t in batch)
+        raise type(error)(f"the program failed on the first training batch ({shapes}): {error}") from error
+    check_parameters_belong(program, *batch)
+    return structure
+
+
+def check_split_labels(program: torch.nn.Module, data: ImageData) -> None:
+    """Before training: every split has labels, within the program's ``num_classes`` where it has one, and the
+    program runs on the datapoints with the smallest and the largest label of each split (two per split).
+
+    Labels out of range only in the validation or test split would otherwise be met after an
+    epoch, or after the whole training; the message names the split and the file they come from.
+    """
+    from ..data.core import dequantize
+    from ..user_code import describe_user_error, first_line
+
+    classes = getattr(program, "num_classes", None)
+    for split in ("train", "val", "test"):
+        labels, where = data.labels(split), labels_source(data, split)
+        if labels is None or labels.numel() == 0:
+            raise InvalidDataError(f"--labels: the {split} split has no labels ({where}): every split needs them")
+        low, high = int(labels.min()), int(labels.max())
+        if isinstance(classes, int) and not 0 <= low <= high < classes:
+            raise InvalidDataError(f"--labels: the {split} labels ({where}) lie in [{low}, {high}], outside the "
+                                   f"program's classes 0 to {classes - 1} (num_classes={classes})")
+        rows = torch.stack([labels.argmin(), labels.argmax()]).to(data.train.device)
+        x = getattr(data, split)[rows]
+        if split == "train" and data.binarize == "dynamic":
+            x = x.round()  # one fixed draw is all a check needs
+        elif split == "train" and data.dequantized:
+            x = dequantize(x, torch.Generator(device=x.device).manual_seed(0))
+        try:
+            devices = [x.device.index or 0] if x.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leaves the run's random streams alone
+                guide_trace = poutine.trace(program.guide).get_trace(x, labels[rows])
+                poutine.replay(program.model, trace=guide_trace)(x, labels[rows])
+        except DEVICE_ERRORS:
+            raise
+        except Exception as error:  # the program's refusal of a label, in whatever words
+            what = str(error) if isinstance(error, PplVaeError) else (
+                describe_user_error(error) or f"{type(error).__name__}: {first_line(error)}")
+            raise InvalidDataError(f"--labels: the program fails on the {split} labels ({where}, values {low} to "
+                                   f"{high}): {what}") from error
+
+
+def labels_source(data: ImageData, split: str) -> str:
+    """Where a split's labels come from, for messages: ``y_test of FILE.npz``, or the dataset's name."""
+    record = data.record
+    if record.get("dataset") != "npz":
+        return f"the {data.name} dataset's {split} labels"
+    key = record.get("splits", {}).get(split, "")
+    array = f"y_{key[2:]}" if key in ("x_train", "x_val", "x_test") else "y_train"
+    return f"{array} of {record.get('path')}"

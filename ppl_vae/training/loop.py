@@ -1,0 +1,188 @@
+"""The training loop, top to bottom: set up (:mod:`ppl_vae.training.setup`), then per epoch train, validate,
+record and save, then the test evaluation. The same loop for any program, either engine, one process or several
+(:mod:`ppl_vae.training.strategy`), a run directory (:func:`train`) or a program in memory (:func:`fit`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import runs
+from ..blocked_evaluation import evaluate_per_datapoint
+from ..data import ImageData
+from ..errors import PplVaeError, TrainingInterrupted
+from ..evaluate import evaluation_summary
+from ..model import VAEConfig
+from ..process_group import current, derive_seed
+from ..programs import ProgramSpec
+from .checks import conditioning, levels_of
+from .config import TrainConfig, describe_objective, kl_weight
+from .interrupts import StopRequest
+from .records import epoch_record, print_epoch, validation_evidence
+from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
+from .steps import run_epoch
+from .strategy import OneProcess, Strategy
+
+
+def train(
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    model_config: VAEConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    program: ProgramSpec | torch.nn.Module | None = None,
+    processes: Strategy | None = None,
+    trust_program: bool = False,
+) -> dict[str, Any]:
+    """Train a program into ``run_dir``; returns the final test evaluation.
+
+    ``program`` is what is trained: None for the built-in VAE of ``model_config``; a
+    :class:`~ppl_vae.programs.ProgramSpec` (a built-in name, or a user's FILE.py:NAME with
+    keyword arguments, recorded in the run directory so that every command can rebuild it);
+    or an ``nn.Module`` with ``model`` and ``guide`` methods (a Python object: resuming and
+    evaluating the run then need the same object passed again). Every program goes through
+    the same loop, engines, checkpoints and evaluation.
+
+    With ``resume=True`` the configuration is read from the run directory and the
+    run continues after its last checkpoint (see the module docstring for what
+    interruptions, numerical faults and damaged checkpoints do). This is training in
+    process by default; ``processes`` (a :class:`~ppl_vae.training.strategy.Strategy`: the process group's,
+    through :func:`train_distributed`) runs the same loop on several.
+    Resuming imports the run's copy of its program file only if this user's key signed it
+    (:mod:`ppl_vae.trust`), or with ``trust_program=True`` (for this call; nothing is signed).
+    """
+    run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    lock = runs.RunLock(run_dir)  # held while training (by rank 0): one writer per run
+    try:
+        request = TrainRequest(run_dir, lock, config, model_config, resume, overwrite, progress, program, trust_program)
+        run = setup_run(request, processes or OneProcess())
+        train_epochs(run)
+        return test_evaluation(run)
+    finally:
+        lock.release()
+
+
+def fit(program: torch.nn.Module, data: ImageData, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Train ``program`` on ``data`` (held in memory) through the same loop, without a run directory.
+
+    The same checks, engine choice, KL weight, checked steps and per-epoch validation as :func:`train`; nothing
+    is written and there is no final test evaluation. Returns the epoch records (``metrics.jsonl``'s fields);
+    the program is left in eval mode.
+    """
+    run = setup_in_memory(program, data, config, progress)
+    train_epochs(run)
+    run.program.eval()
+    return run.history
+
+
+def train_epochs(run: TrainingRun) -> None:
+    """Epochs ``start_epoch + 1`` to ``epochs``: train, validate, record and save each; Ctrl-C stops between steps."""
+    with StopRequest() as stop:
+        for epoch in range(run.start_epoch + 1, run.config.epochs + 1):
+            record = train_one_epoch(run, epoch, stop)
+            record.update(validate(run, epoch, record))
+            end_epoch(run, record)
+        if run.strategy.agree_to_stop(stop.requested):
+            raise TrainingInterrupted(
+                f"interrupted by Ctrl-C after the last epoch ({run.config.epochs}), which is saved in {run.run_dir}; "
+                "the test evaluation was skipped: --resume runs it"
+            )
+
+
+def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> dict[str, Any]:
+    """One pass of checked steps over the training set at the epoch's KL weight; the schedule then steps."""
+    started, config = time.perf_counter(), run.config
+    run.trained.kl_weight = kl_weight(config, epoch)
+    batches = run.strategy.epoch_batches(run.data, config, epoch)
+    run.engine.begin_epoch(stop)
+    run.program.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
+    train_elbo, steps = run_epoch(batches, run.engine.step, run.engine.stop_requested,
+                                  math.ceil(run.data.train.shape[0] / config.batch_size), epoch, config.epochs,
+                                  run.progress and run.main, run.last_good(epoch - 1))
+    lr = run.engine.learning_rate()
+    run.engine.end_epoch()  # the learning-rate schedule steps once per epoch
+    seconds = time.perf_counter() - started
+    run.elapsed += seconds
+    return {"train_elbo": train_elbo, "steps": steps, "lr": lr, "epoch_seconds": seconds}
+
+
+def validate(run: TrainingRun, epoch: int, trained: dict[str, Any]) -> dict[str, Any]:
+    """The epoch's record: the validation ELBO (checked finite) and, every evidence_every epochs, log p̂(x)."""
+    config, program = run.config, run.program
+    val = evaluate_per_datapoint(program.model, program.guide, run.data.val, *conditioning(run.data, "val", config),
+                                 elbo_samples=config.val_samples, seed=derive_seed(config.seed, "validation", epoch),
+                                 ).decomposition
+    record = epoch_record(epoch, trained.pop("train_elbo"), val, run.last_good(epoch - 1), lr=trained.pop("lr"),
+                          kl_weight=run.trained.kl_weight, epoch_seconds=trained.pop("epoch_seconds"),
+                          steps=trained.pop("steps"), train_seconds=run.elapsed,
+                          device=run.strategy.describe(run.device))
+    record["world_size"] = run.strategy.world_size
+    if config.evidence_every and (epoch % config.evidence_every == 0 or epoch == config.epochs):
+        record.update(validation_evidence(program, run.data, config, epoch))
+    return record
+
+
+def end_epoch(run: TrainingRun, record: dict[str, Any]) -> None:
+    """Rank 0 appends the record to metrics.jsonl and saves the epoch's checkpoint, then prints the epoch's line."""
+    run.history.append(record)
+    if not run.main:
+        return
+    if run.run_dir is not None:
+        runs.append_metrics(run.run_dir, record)
+        run.checkpoint_id = save_checkpoint(run, record["epoch"])
+    if run.progress:
+        print_epoch(record, run.config)
+
+
+def test_evaluation(run: TrainingRun) -> dict[str, Any]:
+    """The final evaluation on the test split (ELBO decomposition, log p̂(x) with K = test_samples); rank 0 writes
+    it to test.json. The same on any number of processes (:mod:`ppl_vae.blocked_evaluation`)."""
+    config, program, data = run.config, run.program, run.data
+    cond = conditioning(data, "test", config)
+    per_datapoint = evaluate_per_datapoint(
+        program.model, program.guide, data.test, *cond, num_samples=config.test_samples, elbo_samples=10,
+        seed=derive_seed(config.seed, "test"), progress=run.progress and run.main,
+    )
+    result = evaluation_summary(
+        program.model, program.guide, data.test, *cond, num_samples=config.test_samples,
+        levels=levels_of(program, config.binarize), evidence=per_datapoint.evidence,
+        decomposition=per_datapoint.decomposition,
+    )
+    result.update({
+        "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": run.checkpoint_id,
+        "train_seconds": run.elapsed, "device": run.strategy.describe(run.device),
+        "world_size": run.strategy.world_size, "model": run.description, "objective": describe_objective(config),
+    })
+    if run.main:
+        runs.record_written(run.run_dir, runs.TEST_FILE)
+        runs.write_json(run.run_dir / runs.TEST_FILE, result)
+    return result
+
+
+def train_distributed(
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    model_config: VAEConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`train` on every process of the process group (:func:`ppl_vae.distributed.initialize` first).
+
+    The same loop, run directory, options and guarantees (resume, Ctrl-C, numerical faults,
+    damaged checkpoints), with DistributedDataParallel (:class:`~ppl_vae.training.engines.DdpEngine`) instead of
+    ``SVI``; see :mod:`ppl_vae.distributed` for the loss scaling and the random streams. The device is the
+    process group's, not ``config.device``. Returns the final test evaluation on every process; rank 0 writes
+    every file.
+    """
+    context = current()
+    if context is None:
+        raise PplVaeError("train_distributed needs a process group: call ppl_vae.distributed.initialize() under torchrun")
+    return train(run_dir, config, model_config, resume=resume, overwrite=overwrite, progress=progress,
+                 processes=context)
