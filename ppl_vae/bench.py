@@ -191,11 +191,12 @@ class DefaultEngineStep:
 
     def __call__(self, x: torch.Tensor) -> float:
         if self.engine is None:
-            from .train import ENGINE_CLASSES, TrainConfig, choose_engine
+            from .training.config import TrainConfig
+            from .training.engines import choose_engine, make_engine
 
             config = TrainConfig(learning_rate=self.lr, device=x.device.type)
             self.choice = choose_engine(config, self.program, (x,), 1, x.device)
-            self.engine = ENGINE_CLASSES[self.choice.engine](self.program, replace(config, engine=self.choice.engine))
+            self.engine = make_engine(self.choice.engine, self.program, replace(config, engine=self.choice.engine))
         return self.engine.step(x)
 
 
@@ -462,7 +463,7 @@ def time_default_training(
     and its ``epoch_seconds`` (training steps only, as ``metrics.jsonl`` has them; the first epoch
     also compiles the loss). Then ``repeats`` interleaved pairs of epochs over the same images and
     batch size: one of :class:`ReferenceStep`, and one of the training loop's epoch
-    (:func:`ppl_vae.train.run_epoch`) with the engine that run chose and its checked steps, on a
+    (:func:`ppl_vae.training.steps.run_epoch`) with the engine that run chose and its checked steps, on a
     fresh default VAE, compiled beforehand. ``ratio`` is the median epoch's time over the reference's.
     None without data.
     """
@@ -470,7 +471,11 @@ def time_default_training(
     from .data import load_mnist
     from .errors import DataNotFoundError
     from .programs import Weighted
-    from .train import ENGINE_CLASSES, StopRequest, TrainConfig, run_epoch, train
+    from .training.config import TrainConfig
+    from .training.engines import make_engine
+    from .training.interrupts import StopRequest
+    from .training.loop import train
+    from .training.steps import run_epoch
 
     try:
         data = load_mnist(data_dir, "dynamic", device, train_examples=train_examples, eval_examples=100, download=False)
@@ -485,7 +490,7 @@ def time_default_training(
 
     pyro.clear_param_store()
     program = Weighted(_fresh_vae(device))
-    engine = ENGINE_CLASSES[engine_record["engine"]](program, replace(config, engine=engine_record["engine"]))
+    engine = make_engine(engine_record["engine"], program, replace(config, engine=engine_record["engine"]))
     reference = ReferenceStep(_fresh_vae(device))
     first = next(data.train_batches(batch_size))
     engine.step(first)  # compiles (jit) or creates Pyro's optimizer (svi)

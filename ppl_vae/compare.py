@@ -41,7 +41,8 @@ from .errors import RunDirectoryError
 from .evaluation_files import read_per_datapoint, result_quantity
 from .run_readers import read_result
 from .model import VAEConfig
-from .train import TrainConfig, describe_objective, read_run_config
+from .training.config import TrainConfig, describe_objective
+from .training.run_loading import read_run_config
 
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "quantity", "elbo", "elbo_se", "reconstruction", "kl",

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyro
-from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
@@ -112,9 +111,9 @@ class VAE(nn.Module):
     The pieces come from ``config`` by name, or are passed in: ``prior``,
     ``likelihood`` and ``guide_net`` may be any modules with the interfaces of
     :mod:`ppl_vae.priors`, :mod:`ppl_vae.likelihoods` and :mod:`ppl_vae.guides`.
-    ``kl_weight`` (beta) scales the latent site in both programs with
-    ``poutine.scale``, so the SVI objective becomes E_q[log p(x|z)] - beta KL;
-    evaluation ignores it and reports the unscaled model.
+    The programs are unscaled: a KL weight (beta) is applied by the trainer to any program,
+    this one included, by wrapping it in :class:`ppl_vae.programs.Weighted` (the SVI objective
+    then becomes E_q[log p(x|z)] - beta KL); evaluation reads the unwrapped programs.
 
     Images [N, C, H, W] (or [N, H, W] for grey ones) are flattened at the observed site;
     with ``config.image_shape`` set, their shape must be that one (a channels-last batch
@@ -141,11 +140,21 @@ class VAE(nn.Module):
         self.prior = prior or PRIORS[c.prior](c.latent_dim, guide_net=self.guide_net, data_dim=c.data_dim, **options)
         self.decoder = decoder_net(c.latent_dim, c.data_dim, self.likelihood.params_per_dim, c.hidden_sizes, c.activation,
                                    **c.network_options())
-        self.kl_weight = 1.0
         # Pyro's SVI finds parameters through param sites, so the programs register the modules with
         # pyro.module. A loss used as a torch module (Trace_ELBO()(model, guide)) takes the parameters
         # from this nn.Module instead; it turns this off and saves that per-step work.
         self.register_params = True
+
+    @property
+    def kl_weight(self) -> float:
+        """1: the VAE's programs are unscaled (the KL weight is :class:`ppl_vae.programs.Weighted`'s)."""
+        return 1.0
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        # Earlier versions scaled the latent site here; a weight set here now would silently do nothing.
+        raise PplVaeError(f"VAE.kl_weight = {value!r}: the KL weight is applied by wrapping the program, for any "
+                          "program: use ppl_vae.programs.Weighted(vae, kl_weight=beta) and its model and guide")
 
     def flatten(self, x: torch.Tensor) -> torch.Tensor:
         """Check the batch and return it as [N, data_dim]; a clear error for anything else."""
@@ -175,8 +184,7 @@ class VAE(nn.Module):
             pyro.module("decoder", self.decoder)
             pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            with poutine.scale(scale=self.kl_weight):
-                z = pyro.sample("z", self.prior())
+            z = pyro.sample("z", self.prior())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
         return z
 
@@ -185,7 +193,7 @@ class VAE(nn.Module):
         x = self.flatten(x)
         if self.register_params:
             pyro.module("guide", self.guide_net)
-        with pyro.plate("data", x.shape[0]), poutine.scale(scale=self.kl_weight):
+        with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.guide_net(x))
 
     @torch.no_grad()

@@ -77,12 +77,12 @@ def _one_step(path, batch, learning_rate, clip_norm, kl_weight, context, compile
     from ppl_vae import distributed
     from ppl_vae.model import VAEConfig, build_vae
     from ppl_vae.objectives import make_loss_module
+    from ppl_vae.programs import Weighted
 
     pyro.clear_param_store()  # the compiled loss finds the parameters there, by name
     pyro.set_rng_seed(0)
     vae = build_vae(VAEConfig(**TINY))
-    vae.kl_weight = kl_weight
-    ddp = DistributedDataParallel(make_loss_module(vae, compiled=compiled))
+    ddp = DistributedDataParallel(make_loss_module(Weighted(vae, kl_weight), compiled=compiled))
     optimizer = torch.optim.Adam(vae.parameters(), lr=learning_rate)
     shard = distributed.shard_rows(batch, context.rank, context.world_size)
     # The last rank alone is asked to stop (Ctrl-C): every rank must learn it from the step.

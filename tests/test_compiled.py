@@ -11,6 +11,7 @@ from ppl_vae import runs
 from ppl_vae.errors import PplVaeError, RunDirectoryError
 from ppl_vae.model import VAE, VAEConfig
 from ppl_vae.objectives import CompiledVAELoss, VAELoss, make_objective
+from ppl_vae.programs import Weighted
 from ppl_vae.train import TrainConfig, train
 
 SMALL = dict(latent_dim=6, hidden_sizes=(32,))
@@ -47,15 +48,17 @@ def test_compiled_loss_and_gradients_equal_trace_elbo_for_every_variant(fixed_dr
     torch.manual_seed(0)
     pyro.clear_param_store()
     vae = VAE(VAEConfig(**SMALL, **variant))
-    compiled = CompiledVAELoss(vae)
-    reference = VAELoss(copy.deepcopy(vae), make_objective("elbo"))
+    reference_vae = copy.deepcopy(vae)
+    weighted, reference_weighted = Weighted(vae), Weighted(reference_vae)  # the KL weight, as training applies it
+    compiled = CompiledVAELoss(weighted)
+    reference = VAELoss(reference_weighted, make_objective("elbo"))
     # New batch sizes and KL weights compile new graphs; a key seen before replays its graph on new data.
     for batch_size, beta in [(16, 1.0), (16, 0.5), (7, 0.5), (16, 1.0)]:
         x = torch.rand(batch_size, 784) if variant.get("likelihood") == "gaussian" else torch.bernoulli(
             torch.full((batch_size, 784), 0.3))
-        vae.kl_weight = reference.vae.kl_weight = beta
+        weighted.kl_weight = reference_weighted.kl_weight = beta
         loss, grads = loss_and_gradients(compiled, vae, x)
-        expected_loss, expected_grads = loss_and_gradients(reference, reference.vae, x)
+        expected_loss, expected_grads = loss_and_gradients(reference, reference_vae, x)
         assert loss == pytest.approx(expected_loss, rel=1e-5), (batch_size, beta)
         for got, expected in zip(grads, expected_grads):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ from ppl_vae import cli, distributed, runs
 from ppl_vae.errors import PplVaeError
 from ppl_vae.model import VAEConfig, build_vae
 from ppl_vae.objectives import make_objective
+from ppl_vae.programs import Weighted
 from ppl_vae.train import TrainConfig, checked_svi_step, make_optimizer
 
 WORLD_SIZE = 2
@@ -59,8 +60,8 @@ def test_one_distributed_step_equals_one_single_process_step_on_the_global_minib
     pyro.enable_validation(False)
     pyro.set_rng_seed(0)
     vae = build_vae(VAEConfig(**workers.TINY))
-    vae.kl_weight = kl_weight
-    svi = pyro.infer.SVI(vae.model, vae.guide, make_optimizer(TrainConfig(learning_rate=1e-2)), loss=make_objective("elbo"))
+    program = Weighted(vae, kl_weight)  # the KL weight as training applies it
+    svi = pyro.infer.SVI(program.model, program.guide, make_optimizer(TrainConfig(learning_rate=1e-2)), loss=make_objective("elbo"))
     before = {name: value.clone() for name, value in vae.state_dict().items()}
     loss = checked_svi_step(svi, STEP_BATCH, clip_norm)
 

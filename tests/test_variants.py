@@ -17,6 +17,7 @@ from ppl_vae.likelihoods import LIKELIHOODS, DiscretizedLogistic
 from ppl_vae.model import VAE, VAEConfig
 from ppl_vae.objectives import make_objective
 from ppl_vae.priors import PRIORS, DiagonalNormalMixture
+from ppl_vae.programs import Weighted
 
 
 def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -159,16 +160,16 @@ def test_beta_scales_exactly_the_kl_term():
     vae = VAE(VAEConfig(data_dim=12, latent_dim=3, hidden_sizes=(8,)))
     x = torch.bernoulli(torch.full((9, 12), 0.4))
     kl = elbo_decomposition(vae.model, vae.guide, x, num_samples=1)["kl"]["z"].sum().item()
-    losses = {}
+    losses, weighted = {}, Weighted(vae)  # the KL weight as training applies it, to any program
     for beta in (1.0, 2.0, 3.5):
-        vae.kl_weight = beta
+        weighted.kl_weight = beta
         pyro.set_rng_seed(5)
-        losses[beta] = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+        losses[beta] = TraceMeanField_ELBO().loss(weighted.model, weighted.guide, x)
     # With analytic KL the reconstruction draw is the same for every beta (same seed), so the loss is
     # -reconstruction + beta * KL: its slope in beta is exactly the KL term, and nothing else moves.
     assert losses[2.0] - losses[1.0] == pytest.approx(kl, rel=1e-5)
     assert losses[3.5] - losses[2.0] == pytest.approx(1.5 * kl, rel=1e-5)
-    vae.kl_weight = 2.0
+    weighted.kl_weight = 2.0
     unscaled = elbo_decomposition(vae.model, vae.guide, x, num_samples=1)["kl"]["z"].sum().item()
     assert unscaled == pytest.approx(kl, rel=1e-6), "evaluation ignores the KL weight"
 
