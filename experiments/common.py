@@ -23,14 +23,13 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.infer import SVI
 
 from ppl_vae import runs
 from ppl_vae.bench import cpu_name
 from ppl_vae.data import load_mnist
 from ppl_vae.evaluate import evaluation_summary, mean_and_stderr
 from ppl_vae.model import VAEConfig
-from ppl_vae.train import TrainConfig, fit_to_dataset, load_run, train
+from ppl_vae.train import TrainConfig, fit, fit_to_dataset, load_run, train
 
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
@@ -121,26 +120,17 @@ def evaluate(vae, x: torch.Tensor, num_samples: int, elbo_samples: int = 10, see
     return evaluation_summary(vae.model, vae.guide, x, num_samples=num_samples, elbo_samples=elbo_samples)
 
 
-def fit_variant(vae, data, epochs: int, loss, batch_size: int = 100, learning_rate: float = 1e-3, seed: int = 0) -> list[float]:
-    """SVI with Adam on a VAE that :func:`ppl_vae.train.train` cannot build (a custom guide): per-epoch objective.
+def fit_variant(vae, data, epochs: int, objective: str = "elbo", batch_size: int = 100, learning_rate: float = 1e-3,
+                seed: int = 0) -> list[float]:
+    """Train a VAE that :func:`ppl_vae.train.train` cannot build (a custom guide): the per-epoch objective.
 
-    The same loop as ``train`` (fresh param store, seeded, one pass over the dynamically
-    binarized training set per epoch, batch 100, Adam 1e-3) without checkpoints.
+    The package's one loop (:func:`ppl_vae.training.fit`, a program in memory: the same checks, engine choice,
+    checked steps and per-epoch validation as ``train``, no run directory): fresh param store, seeded, one pass
+    over the dynamically binarized training set per epoch, Adam. ``objective``: elbo, meanfield or iwae.
     """
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": learning_rate}), loss)
-    history = []
-    for epoch in range(1, epochs + 1):
-        started, total, seen = time.perf_counter(), 0.0, 0
-        vae.train()
-        for batch in data.train_batches(batch_size):
-            total += svi.step(batch)
-            seen += batch.shape[0]
-        history.append(-total / seen)
-        print(f"  epoch {epoch}/{epochs}: objective {-total / seen:.2f} nats/image ({time.perf_counter() - started:.1f} s)", flush=True)
-    vae.eval()
-    return history
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         objective=objective, device=data.train.device.type, evidence_every=0)
+    return [record["train_elbo"] for record in fit(vae, data, config)]
 
 
 def fmt(value: dict[str, float] | float, digits: int = 2) -> str:

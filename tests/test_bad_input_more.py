@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from numpy.lib import format as npy_format
 
 from ppl_vae import cli, distributed
