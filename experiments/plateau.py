@@ -19,6 +19,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from ppl_vae.data import load_mnist
 from ppl_vae.model import VAE, VAEConfig
+from ppl_vae.programs import Weighted
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--prior", default="standard")
@@ -40,8 +41,8 @@ data = load_mnist(binarize="dynamic", train_examples=args.train_examples).flatte
 config = VAEConfig(prior=args.prior, prior_components=args.prior_components, activation=args.activation,
                    hidden_sizes=tuple(args.hidden_sizes), latent_dim=args.latent_dim)
 vae = VAE(config)
-vae.kl_weight = args.beta
-svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
+weighted = Weighted(vae, kl_weight=args.beta)  # beta on the latent sites, as training applies it to any program
+svi = SVI(weighted.model, weighted.guide, pyro.optim.Adam({"lr": args.lr}), Trace_ELBO())
 print(f"{config.describe()}, beta {args.beta}, Adam {args.lr}, batch {args.batch_size}")
 print("step  reconstruction  KL (nats)  encoder-mean spread  encoder scale")
 step = 0

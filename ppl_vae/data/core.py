@@ -158,7 +158,7 @@ class ImageData:
             yield (batch, self.train_labels[rows.to(self.train_labels.device)]) if labels else batch
 
 
-# The name the MNIST-only package used; every dataset now gives an ImageData.
+# Deprecated: the name the MNIST-only package used; every dataset now gives an ImageData.
 MNISTData = ImageData
 
 
