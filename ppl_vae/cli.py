@@ -25,7 +25,8 @@ then evaluate the ELBO, its decomposition and an importance-sampled log p(x).
 All evidence numbers are in nats per image."""
 
 
-def _add_scale_out_options(p: argparse.ArgumentParser, what: str, table: OptionTable) -> None:
+def _add_scale_out_options(p: argparse.ArgumentParser, what: str, table: OptionTable | None = None) -> None:
+    table = table or OptionTable()  # the train command's table records them, for its --config file
     g = p.add_argument_group(
         "scale-out",
         f"{what} on several processes with torch.distributed: one per GPU (NCCL), or CPU processes (gloo) without CUDA. "
@@ -213,9 +214,8 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the Monte Carlo draws (each block of 100 images is seeded from it and the block's index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_trust_option(p, "evaluate imports", OptionTable())
-    _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)",
-                           OptionTable())
+    _add_trust_option(p, "evaluate imports")
+    _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=evaluate.run)
 
 
@@ -244,7 +244,7 @@ def _add_plot_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--seed", type=int, default=0)
-    _add_trust_option(p, "plot imports", OptionTable())
+    _add_trust_option(p, "plot imports")
     p.set_defaults(handler=plot.run)
 
 
@@ -261,7 +261,8 @@ def _add_diagnose_parser(subparsers) -> None:
     p.set_defaults(handler=diagnose.run)
 
 
-def _add_trust_option(p: argparse.ArgumentParser, what: str, table: OptionTable) -> None:
+def _add_trust_option(p: argparse.ArgumentParser, what: str, table: OptionTable | None = None) -> None:
+    table = table or OptionTable()
     table.add(p, "--trust-program", action="store_true",
                    help=f"a run trained from a program file keeps a copy of it, which {what} and runs as Python code: "
                    "only runs you made on this machine (signed with your key) are trusted; this option runs another's "
