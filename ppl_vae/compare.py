@@ -49,7 +49,6 @@ COLUMNS = (
     "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
     "log_px_minus_first", "log_px_minus_first_se", "not_paired", "result_file", "run_epoch", "stale",
 )
-PER_IMAGE_FILE = runs.PER_DATAPOINT_FILE  # written by `ppl-vae evaluate` beside evaluation.json
 UNKNOWN_QUANTITY = "?"  # shown for a result whose quantity cannot be told (evaluation_files.result_quantity)
 
 
@@ -135,7 +134,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
 
 def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.ndarray | None:
     """The per-image log p̂ of ``ppl-vae evaluate``, when saved; an npz of another evaluation is refused (one line)."""
-    path = run_dir / PER_IMAGE_FILE
+    path = run_dir / runs.PER_DATAPOINT_FILE  # written by `ppl-vae evaluate` beside evaluation.json
     if result_file != runs.EVALUATION_FILE or not path.is_file():
         return None
     values = read_per_datapoint(run_dir, result)["log_evidence"].astype(numpy.float64)  # checked: numbers, one per image

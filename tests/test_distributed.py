@@ -178,12 +178,12 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     evaluate = ["evaluate", straight, "--num-samples", "30", "--examples", "130", "--elbo-samples", "2",
                 "--device", "cpu", "--no-progress"]
     finish(start_cli(small_data_root, *evaluate, "--devices", "2"))
-    two = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
+    two = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     two_json = json.loads((straight / "evaluation.json").read_text())
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PPL_VAE_DATA", str(small_data_root))
         assert cli.main([str(word) for word in evaluate]) == 0
-    one = dict(np.load(straight / cli.PER_DATAPOINT_FILE))
+    one = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     one_json = json.loads((straight / "evaluation.json").read_text())
     # Every key but the id each evaluation stores to pair its npz with its evaluation.json.
     assert sorted(two) == sorted(one) and all(np.array_equal(two[key], one[key]) for key in one if key != "evaluation_id")

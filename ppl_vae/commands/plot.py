@@ -1,0 +1,85 @@
+"""``ppl-vae plot``: a run's training curves, reconstructions, samples and interpolations, as PNGs in its plots folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw the figures of ``args.run_dir`` under the run's figures lock, the program in evaluation mode."""
+    from .. import runs
+    from ..modes import evaluation_mode
+    from ..train import load_run
+
+    run_dir = Path(args.run_dir)
+    runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # a linked plots/ is refused before the run is loaded
+    vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program)
+    # No evaluation, other plot or train --overwrite writes there meanwhile; the program's own figure methods
+    # (sample_prior, decode_mean, ...) run in eval mode without gradients, as every evaluation does.
+    with runs.RunLock(run_dir, "figures"), evaluation_mode(vae):
+        return plot(args, run_dir, vae, config)
+
+
+def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
+    """The figures of the loaded run (``vae``, its ``config``): the built-in VAE's all, another program's those its
+    methods allow; the whole latent space of a 2-D VAE."""
+    import pyro
+
+    from .. import plots, runs
+    from ..data import load_run_data
+    from ..model import VAE
+    from ..train import levels_of
+
+    pyro.set_rng_seed(args.seed)
+    out = runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # each figure recorded in the manifest, never through a link
+    written = [plots.plot_training_curves(runs.read_metrics(run_dir), out / "training_curves.png")]
+    train_config = config["train"]
+    data = load_run_data(train_config, args.data_dir, eval_examples=20,
+                         dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+    if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
+        written += plot_program(vae, data, out)
+    else:
+        written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
+        written.append(plots.plot_samples(vae, out / "samples.png"))
+        written.append(plots.plot_interpolations(vae, data.test[:10], out / "interpolations.png"))
+    if isinstance(vae, VAE) and vae.config.latent_dim == 2:  # a 2-D latent space can be drawn whole
+        codes = load_run_data(train_config, args.data_dir, eval_examples=2000,
+                              dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
+        if codes.test_labels is not None:  # the codes are coloured by label; a .npz file may have none
+            written.append(plots.plot_latent_space(vae, codes.test, codes.test_labels, out / "latent_space.png"))
+    for path in written:
+        print(path)
+    return 0
+
+
+def plot_program(program, data, out: Path) -> list[Path]:
+    """Image figures of a program other than the built-in VAE, from the methods it has; a one-line note for each it lacks.
+
+    ``sample_prior(n)``: samples E[x | z], z ~ p(z); ``encode_mean(x)`` with ``decode_mean(z)``:
+    reconstructions; ``sample_digits(labels)``: one row of samples per class (a conditional program).
+    """
+    import torch
+
+    from .. import plots
+
+    shape = tuple(data.record["image_shape"])
+    written = []
+    if callable(getattr(program, "sample_prior", None)):
+        written.append(plots.plot_image_grid(program.sample_prior(64), out / "samples.png", nrow=8,
+                                             title="E[x|z] for z ~ p(z)", image_shape=shape))
+    else:
+        print("samples: skipped (the program has no sample_prior(n) method)")
+    if callable(getattr(program, "encode_mean", None)) and callable(getattr(program, "decode_mean", None)):
+        x = data.test[:10]
+        images = torch.cat([x.reshape(10, -1), program.decode_mean(program.encode_mean(x)).reshape(10, -1)])
+        written.append(plots.plot_image_grid(images, out / "reconstructions.png", nrow=10,
+                                             title="test images (top) and E[x | E_q[z|x]] (bottom)", image_shape=shape))
+    else:
+        print("reconstructions: skipped (the program has no encode_mean(x) and decode_mean(z) methods)")
+    if callable(getattr(program, "sample_digits", None)):
+        classes = getattr(program, "num_classes", 10)
+        labels = torch.arange(classes).repeat_interleave(8)
+        written.append(plots.plot_image_grid(program.sample_digits(labels), out / "samples_by_class.png", nrow=8,
+                                             title="E[x|z,y], z ~ p(z): one row per class y", image_shape=shape))
+    return written
