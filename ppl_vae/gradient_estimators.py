@@ -48,6 +48,7 @@ import math
 
 import torch
 from pyro import poutine
+from torch.nn.modules.batchnorm import _BatchNorm
 from pyro.infer import ELBO
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.poutine.util import prune_subsample_sites
@@ -80,10 +81,33 @@ def check_gradient_sites(gradient: str, structure) -> None:
     ``structure``: the program's :class:`ppl_vae.inspection.ProgramStructure`. Both estimators differentiate
     through the drawn values, which a Categorical or Bernoulli site does not have.
     """
-    if gradient == "standard" or not structure.non_reparameterized:
+    if gradient == "standard":
         return
-    site, distribution = next(iter(structure.non_reparameterized.items()))
-    raise ModelStructureError(_not_reparameterized(gradient, site, distribution))
+    if getattr(structure, "enumerated", None):
+        site = next(iter(structure.enumerated))
+        raise ModelStructureError(f"--gradient {gradient} differentiates through the guide's draws, and guide site "
+                                  f"{site!r} is enumerated (summed, not drawn): train it with --gradient standard")
+    if structure.non_reparameterized:
+        site, distribution = next(iter(structure.non_reparameterized.items()))
+        raise ModelStructureError(_not_reparameterized(gradient, site, distribution))
+
+
+def check_gradient_program(gradient: str, program: torch.nn.Module) -> None:
+    """Refuse STL/DReG for a program with BatchNorm layers that keep running statistics, before training.
+
+    Both estimators run the guide (DReG also the model) a second time per step; each run of a BatchNorm layer in
+    training mode moves its running statistics, so they would move twice per step and evaluation (which uses them)
+    would see other numbers than standard training gives, silently. Dropout is caught on the first step instead
+    (its second run gives other densities). ``program``: the module holding the model and guide.
+    """
+    if gradient == "standard":
+        return
+    for name, module in program.named_modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats:
+            raise ModelStructureError(
+                f"--gradient {gradient} runs the programs twice per step, and the program's BatchNorm layer "
+                f"{name.removeprefix('program.')!r} would update its running statistics twice: train it with "
+                "--gradient standard, or use a normalization without running statistics (LayerNorm)")
 
 
 def _not_reparameterized(gradient: str, site: str, distribution: str) -> str:

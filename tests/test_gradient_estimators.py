@@ -8,6 +8,7 @@ independent draws of the gradient estimator: means, standard errors and signal-t
 from __future__ import annotations
 
 import math
+import types
 
 import pyro
 import pyro.distributions as dist
@@ -17,7 +18,8 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 
 from ppl_vae.errors import ModelStructureError, PplVaeError
 from ppl_vae.gradient_estimators import (
-    DReGRenyi_ELBO, STLTrace_ELBO, check_gradient, check_gradient_sites, make_gradient_objective,
+    DReGRenyi_ELBO, STLTrace_ELBO, check_gradient, check_gradient_program, check_gradient_sites,
+    make_gradient_objective,
 )
 from tests.gaussian_models import LinearGaussian
 
@@ -227,3 +229,82 @@ def test_up_front_check_reads_the_program_structure():
     check_gradient_sites("standard", structure)
     with pytest.raises(ModelStructureError, match="'switch'"):
         check_gradient_sites("dreg", structure)
+    enumerated = types.SimpleNamespace(enumerated={"y": "parallel"}, non_reparameterized={"y": "Categorical"})
+    with pytest.raises(ModelStructureError, match="'y' is enumerated"):
+        check_gradient_sites("stl", enumerated)
+
+
+class ShiftedExactGuide:
+    """The two-layer model's exact bottom-up guide q(z1 | x) q(z2 | z1), with per-datapoint mean shifts (zero here).
+
+    Every importance weight is p(x), whatever z: the pathwise gradient of log w is zero on every draw, provided the
+    dependence of q(z2 | z1)'s mean on the drawn z1 is kept as path (and only the parameters are held fixed).
+    """
+
+    def __init__(self, rows: int):
+        from tests.structured_models import TwoLayerGaussian
+
+        self.m = TwoLayerGaussian()
+        self.x = self.m.sample(1).expand(rows, -1).contiguous()
+        self.shift1 = torch.zeros(rows, self.m.z1_dim, dtype=torch.float64, requires_grad=True)
+        self.shift2 = torch.zeros(rows, self.m.z2_dim, dtype=torch.float64, requires_grad=True)
+
+    def guide(self, x):
+        mu1, sigma1 = self.m.z1_posterior(x)
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.MultivariateNormal(mu1 + self.shift1, sigma1))
+            mu2, sigma2 = self.m.z2_given_z1(z1)
+            pyro.sample("z2", dist.MultivariateNormal(mu2 + self.shift2, sigma2))
+
+    def gradients(self, elbo) -> torch.Tensor:
+        loss = elbo.differentiable_loss(self.m.model, self.guide, self.x)
+        return torch.cat(torch.autograd.grad(loss, [self.shift1, self.shift2]), -1)
+
+
+def test_at_the_exact_hierarchical_posterior_stl_and_dreg_gradients_vanish_on_every_draw():
+    program = ShiftedExactGuide(rows=500)
+    pyro.set_rng_seed(0)
+    standard = program.gradients(Trace_ELBO(max_plate_nesting=1))
+    assert standard.std(0).min() > 0.1  # the score term: noise, zero mean
+    for elbo in (STLTrace_ELBO(max_plate_nesting=1),
+                 DReGRenyi_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)):
+        assert program.gradients(elbo).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("guide", ["diagonal", "iaf"])
+def test_the_built_in_vae_trains_with_them_as_a_torch_module(guide):
+    """Through VAELoss (Pyro's ELBOModule, the torch-optimizer path): the loss values are Trace_ELBO's / RenyiELBO's
+    on the same draws, with the KL weight too, and the gradients reach every parameter. The IAF guide's density at a
+    detached draw needs the flow's inverse: the check of the second run covers it."""
+    from ppl_vae.model import VAE, VAEConfig
+    from ppl_vae.objectives import VAELoss
+
+    vae = VAE(VAEConfig(data_dim=12, latent_dim=3, hidden_sizes=(8,), guide=guide))
+    x = torch.bernoulli(torch.full((9, 12), 0.4))
+    for ours, standard, beta in ((STLTrace_ELBO(max_plate_nesting=1), Trace_ELBO(max_plate_nesting=1), 0.5),
+                                 (make_gradient_objective("dreg", "iwae", particles=4),
+                                  RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True, max_plate_nesting=1),
+                                  1.0)):
+        vae.kl_weight = beta
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        want = standard.loss(vae.model, vae.guide, x)
+        loss = VAELoss(vae, ours)
+        pyro.set_rng_seed(1)
+        value = loss(x)
+        assert float(value.detach()) == pytest.approx(want, rel=1e-5)
+        vae.zero_grad()
+        value.backward()
+        grads = [p.grad for p in vae.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+        vae.register_params = True
+
+
+def test_batchnorm_with_running_statistics_is_refused_up_front():
+    program = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    check_gradient_program("standard", program)
+    check_gradient_program("stl", torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3)))
+    with pytest.raises(ModelStructureError, match="BatchNorm layer '1'") as caught:
+        check_gradient_program("dreg", program)
+    assert "\n" not in str(caught.value)
