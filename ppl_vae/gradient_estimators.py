@@ -12,34 +12,21 @@ A gradient of log w splits into
   (d/dtheta log p(x, sg z), and the score d/dphi log q_phi(sg z), whose expectation under q is zero), and
 * the *path* part: the derivative through the drawn values z(eps, phi) (``sg``: stop-gradient, ``detach``).
 
-How the direct parts are isolated, for any program: the guide (and, for DReG, the model) is run a second time under
-``poutine.replay`` of the first run's trace **with its values detached**. That run's log-densities,
-log q_phi(sg z) and log p_theta(x, sg z), carry exactly the direct parts (nothing reaches the drawn values), and
-the first run's log q_phi(z) - log q_phi(sg z) exactly the path part. This needs no knowledge of where the
-parameters live (``nn.Module``, ``PyroModule``, ``pyro.param``, closures) and keeps hierarchical guides right: in
-q(z2 | z1) the dependence of q's parameters on z1(eps, phi) is path, and stays in the graph. It costs one more run
-of the guide (STL) or of the guide and the model (DReG) per step. The second run must give the first run's
-densities: a program that draws other randomness (dropout in training mode) is refused on the first step.
+How the parts are separated, for any program, without knowing where the parameters live (``nn.Module``,
+``PyroModule``, ``pyro.param``, closures):
 
-**STL** (sticking the landing, Roeder, Wu & Duvenaud 2017), for ``--objective elbo``: the surrogate, per draw,
+* the guide is run a second time under ``poutine.replay`` of the first run's trace **with its values detached**:
+  that run's log q_phi(sg z) carries exactly the score (direct) part, so log q_phi(z) - log q_phi(sg z) is the path
+  part of log q. Hierarchical guides stay right: in q(z2 | z1) the dependence of q's parameters on z1(eps, phi) is
+  path, and stays in the first run's graph. The guide runs once per datapoint, not per particle (its networks read x),
+  so this is cheap; it must give the first run's densities, and a guide that draws other randomness (dropout in
+  training mode) is refused on the first step;
+* (DReG) the model is run once, under replay of the guide's values as fresh leaf tensors z' = sg(z) (requiring
+  grad): backpropagating log p_theta(x, z') reaches the model's parameters directly only, and
+  ``torch.autograd.grad`` with respect to z' gives the partial derivatives d log p / dz per site and draw (with the
+  other sites' values fixed), which re-enter the graph through the draws as ``sg(g) * z``. The model, which runs
+  K times per datapoint, is not run twice.
 
-.. math:: \hat{\mathcal{L}}_{STL} = \log p_\theta(x, z) - \log q_\phi(z) + \log q_\phi(\mathrm{sg}\,z)
-          - \mathrm{sg}[\log q_\phi(\mathrm{sg}\,z)]
-
-has the ELBO's value and the gradient of ``Trace_ELBO`` less the score term (zero mean): unbiased, and its variance
-goes to zero as q approaches the posterior.
-
-**DReG** (doubly reparameterized, Tucker, Lawson, Gu & Maddison 2018), for ``--objective iwae`` with K draws per
-datapoint, normalized weights :math:`\tilde w_k = w_k / \sum_j w_j` (held constant):
-
-.. math:: \hat{\mathcal{L}}_{DReG} = \sum_k \mathrm{sg}(\tilde w_k)\, \log p_\theta(x, \mathrm{sg}\,z_k)
-          + \mathrm{sg}(\tilde w_k^2)\, \big[\log w_k - \log p_\theta(x, \mathrm{sg}\,z_k) + \log q_\phi(\mathrm{sg}\,z_k)\big]
-
-The first term is the standard IWAE gradient of the model's parameters; the second is the path gradient of
-log w_k weighted by the squared normalized weights, which replaces the score terms (Tucker et al., eq. 5). Its
-expectation is the IWAE gradient; the inference network's signal-to-noise ratio grows with K instead of decaying
-(Rainforth et al. 2018). The log-weights are summed over the plates that are not common to all sites, exactly as
-``RenyiELBO`` does, so with local latents inside the data plate the bound (and the weights) are per datapoint.
 """
 
 from __future__ import annotations
@@ -115,12 +102,16 @@ def _not_reparameterized(gradient: str, site: str, distribution: str) -> str:
             "is not reparameterized: train this program with --gradient standard")
 
 
-def _detached(trace: poutine.Trace) -> poutine.Trace:
-    """A copy of ``trace`` whose sample sites hold their values detached (the sites' other entries shared)."""
+def _detached(trace: poutine.Trace, leaves: bool = False) -> poutine.Trace:
+    """A copy of ``trace`` whose sample sites hold their values detached (the sites' other entries shared); with
+    ``leaves``, the floating-point latent values as new leaves that require grad (to differentiate with respect to)."""
     frozen = trace.copy()
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and isinstance(site["value"], torch.Tensor):
-            frozen.nodes[name] = {**site, "value": site["value"].detach()}
+            value = site["value"].detach()
+            if leaves and value.is_floating_point() and not site["is_observed"] and torch.is_grad_enabled():
+                value.requires_grad_()
+            frozen.nodes[name] = {**site, "value": value}
     return frozen
 
 
@@ -128,38 +119,36 @@ class _PathwiseELBO(ELBO):
     """The traces STL and DReG need: the guide and model as run by ``Trace_ELBO``, and reruns on detached values."""
 
     gradient = "pathwise"  # its --gradient name, for messages
-    rerun_model = False
+    model_on_leaves = False  # run the model on the guide's values as fresh leaves (DReG) instead of on the values
 
     def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf"),
                  vectorize_particles: bool = False):
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting,
                          vectorize_particles=vectorize_particles)
-        self._reruns_checked = False
+        self._rerun_checked = False
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat").get_trace(*args, **kwargs)
+        # Subsample sites are kept in the replayed traces, so every run sees the same minibatch indices.
+        frozen = _detached(guide_trace)
+        leaves = _detached(guide_trace, leaves=True) if self.model_on_leaves else guide_trace
+        model_trace = poutine.trace(poutine.replay(model, trace=leaves), graph_type="flat").get_trace(*args, **kwargs)
         if is_validation_enabled():
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
-        # Subsample sites are kept in the replayed trace, so the reruns see the same minibatch indices.
-        frozen = _detached(guide_trace)
         guide_again = poutine.trace(poutine.replay(guide, trace=frozen)).get_trace(*args, **kwargs)
-        model_again = None
-        if self.rerun_model:
-            model_again = poutine.trace(poutine.replay(model, trace=frozen)).get_trace(*args, **kwargs)
-        traces = [prune_subsample_sites(t) for t in (model_trace, guide_trace, guide_again, model_again) if t is not None]
-        for trace in traces:
+        model_trace, guide_trace, guide_again = (prune_subsample_sites(t) for t in (model_trace, guide_trace, guide_again))
+        for trace in (model_trace, guide_trace, guide_again):
             trace.compute_log_prob()
         if is_validation_enabled():
-            for trace in traces[:2]:
+            for trace in (model_trace, guide_trace):
                 for site in trace.nodes.values():
                     if site["type"] == "sample":
                         check_site_shape(site, self.max_plate_nesting)
-        self._check_sites(*traces[:2])
-        if not self._reruns_checked:
-            self._check_reruns(*traces)
-            self._reruns_checked = True
-        return tuple(traces) if self.rerun_model else (*traces, None)
+        self._check_sites(model_trace, guide_trace)
+        if not self._rerun_checked:
+            self._check_rerun(guide_trace, guide_again)
+            self._rerun_checked = True
+        return model_trace, guide_trace, guide_again
 
     def _check_sites(self, model_trace: poutine.Trace, guide_trace: poutine.Trace) -> None:
         """Every guide site reparameterized, every model latent drawn by the guide (a loop over the sites)."""
@@ -172,19 +161,17 @@ class _PathwiseELBO(ELBO):
                     f"--gradient {self.gradient} needs every latent site of the model drawn by the guide, and the guide "
                     f"does not draw model site {name!r}: add it to the guide or train with --gradient standard")
 
-    def _check_reruns(self, model_trace, guide_trace, guide_again, model_again=None) -> None:
-        """The reruns must reproduce the first run's densities; dropout (or other unrecorded randomness) breaks it."""
-        pairs = [(guide_trace, guide_again, "guide")] + ([(model_trace, model_again, "model")] if model_again else [])
-        for first, again, program in pairs:
-            for name, site in first.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                same = again.nodes.get(name, {}).get("log_prob")
-                if same is None or not torch.allclose(site["log_prob"].detach(), same.detach(), rtol=1e-4, atol=1e-4):
-                    raise ModelStructureError(
-                        f"--gradient {self.gradient} runs the {program} a second time on the same draws, and the {program}'s "
-                        f"site {name!r} got another density: the {program} uses randomness of its own (dropout in "
-                        "training mode?). Remove it, or train with --gradient standard")
+    def _check_rerun(self, guide_trace: poutine.Trace, guide_again: poutine.Trace) -> None:
+        """The second run must reproduce the first run's densities; dropout (or other unrecorded randomness) breaks it."""
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            same = guide_again.nodes.get(name, {}).get("log_prob")
+            if same is None or not torch.allclose(site["log_prob"].detach(), same.detach(), rtol=1e-4, atol=1e-4):
+                raise ModelStructureError(
+                    f"--gradient {self.gradient} runs the guide a second time on the same draws, and its site {name!r} "
+                    "got another density: the guide uses randomness of its own (dropout in training mode?). Remove "
+                    "it, or train with --gradient standard")
 
     @staticmethod
     def _site_sums(trace: poutine.Trace, sum_dims) -> torch.Tensor | float:
@@ -218,7 +205,7 @@ class STLTrace_ELBO(_PathwiseELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         elbo, surrogate = 0.0, 0.0
-        for model_trace, guide_trace, guide_again, _ in self._get_traces(model, guide, args, kwargs):
+        for model_trace, guide_trace, guide_again in self._get_traces(model, guide, args, kwargs):
             particle = self._total(model_trace) - self._total(guide_trace)
             score = torch.as_tensor(self._total(guide_again))
             elbo = elbo + particle.detach()
@@ -235,23 +222,31 @@ class DReGRenyi_ELBO(_PathwiseELBO):
     """
 
     gradient = "dreg"
-    rerun_model = True
+    model_on_leaves = True
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_p, log_q, direct_p, direct_q = [], [], [], []
-        for model_trace, guide_trace, guide_again, model_again in self._get_traces(model, guide, args, kwargs):
+        log_p, log_q, direct_q, leaves, draws = [], [], [], [], []
+        for model_trace, guide_trace, guide_again in self._get_traces(model, guide, args, kwargs):
             sum_dims = get_dependent_plate_dims(model_trace.nodes.values())
-            for out, trace in zip((log_p, log_q, direct_p, direct_q), (model_trace, guide_trace, model_again, guide_again)):
+            for out, trace in zip((log_p, log_q, direct_q), (model_trace, guide_trace, guide_again)):
                 out.append(torch.as_tensor(self._site_sums(trace, sum_dims)))
+            for name, site in guide_trace.nodes.items():
+                leaf = model_trace.nodes.get(name, {}).get("value")
+                if site["type"] == "sample" and isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    leaves.append(leaf)
+                    draws.append(site["value"])
         # Particles on dim 0: the vectorized trace has them there already; separate particles are stacked.
-        log_p, log_q, direct_p, direct_q = (torch.stack(t) if len(t) > 1 else t[0] for t in (log_p, log_q, direct_p, direct_q))
+        log_p, log_q, direct_q = (torch.stack(t) if len(t) > 1 else t[0] for t in (log_p, log_q, direct_q))
         if self.num_particles == 1:
-            log_p, log_q, direct_p, direct_q = (t.unsqueeze(0) for t in (log_p, log_q, direct_p, direct_q))
-        log_w = log_p - log_q
-        bound = torch.logsumexp(log_w.detach(), dim=0) - math.log(self.num_particles)
-        weights = torch.softmax(log_w.detach(), dim=0)
-        path = (log_p - direct_p) - (log_q - direct_q)  # value 0, gradient: through the draws only
-        surrogate = (weights * direct_p + weights.square() * path).sum()
+            log_p, log_q, direct_q = (t.unsqueeze(0) for t in (log_p, log_q, direct_q))
+        log_w = (log_p - log_q).detach()
+        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
+        weights = torch.softmax(log_w, dim=0)
+        surrogate = (weights * log_p).sum() - (weights.square() * (log_q - direct_q)).sum()
+        if log_p.requires_grad and leaves:
+            # g = w~^2 d log p / dz per draw (each draw enters only its own particle's and datapoint's log p).
+            partials = torch.autograd.grad((weights.square() * log_p).sum(), leaves, retain_graph=True, allow_unused=True)
+            surrogate = surrogate + sum((g.detach() * z).sum() for g, z in zip(partials, draws) if g is not None)
         return -(bound.sum() + surrogate - surrogate.detach())
 
 
