@@ -27,6 +27,32 @@ How the parts are separated, for any program, without knowing where the paramete
   other sites' values fixed), which re-enter the graph through the draws as ``sg(g) * z``. The model, which runs
   K times per datapoint, is not run twice.
 
+**STL** (sticking the landing, Roeder, Wu & Duvenaud 2017), for ``--objective elbo``: the surrogate, per draw,
+
+.. math:: \hat{\mathcal{L}}_{STL} = \log p_\theta(x, z) - \log q_\phi(z) + \log q_\phi(\mathrm{sg}\,z)
+          - \mathrm{sg}[\log q_\phi(\mathrm{sg}\,z)]
+
+has the ELBO's value and the gradient of ``Trace_ELBO`` less the score term (zero mean): unbiased, and its variance
+goes to zero as q approaches the posterior. Model parameters get Trace_ELBO's gradient unchanged.
+
+**DReG** (doubly reparameterized, Tucker, Lawson, Gu & Maddison 2018), for ``--objective iwae`` with K draws per
+datapoint and normalized weights :math:`\tilde w_k = w_k / \sum_j w_j` (held constant, ``sg``):
+
+.. math:: \hat{\mathcal{L}}_{DReG} = \sum_k \tilde w_k \log p_\theta(x, z'_k) + \mathrm{sg}(g_k) \cdot z_k
+          - \tilde w_k^2 \big[\log q_\phi(z_k) - \log q_\phi(\mathrm{sg}\,z_k)\big],
+          \qquad g_k = \tilde w_k^2\, \partial \log p_\theta(x, z'_k) / \partial z'_k
+
+(plus a constant that makes its value the IWAE bound). The first term is the standard IWAE gradient of the model's
+parameters; the other two are the path gradient of log w_k weighted by the squared normalized weights, which
+replaces the score terms (Tucker et al. 2018, eq. 5). Its expectation is the IWAE gradient, and the inference
+network's signal-to-noise ratio grows with K instead of decaying like 1/sqrt(K) (Rainforth et al. 2018). The
+log-weights are summed over the plates that are not common to all sites, exactly as ``RenyiELBO`` does, so with local
+latents inside the data plate the bound (and the weights) are per datapoint.
+
+Cost per step, measured on the CPU (one thread, the default MNIST VAE, batch 100): ``Trace_ELBO`` 33 ms, STL 40 ms;
+IWAE K = 50: ``RenyiELBO`` 0.48-0.59 s, DReG 1.05 s (the model's backward runs twice: once for the partials g).
+BatchNorm layers with running statistics are refused (:func:`check_gradient_program`): the guide's second run would
+move them twice per step.
 """
 
 from __future__ import annotations
@@ -35,12 +61,11 @@ import math
 
 import torch
 from pyro import poutine
-from torch.nn.modules.batchnorm import _BatchNorm
 from pyro.infer import ELBO
-from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from pyro.infer.util import get_dependent_plate_dims, is_validation_enabled, torch_sum
 from pyro.poutine.util import prune_subsample_sites
-from pyro.infer.util import is_validation_enabled
 from pyro.util import check_model_guide_match, check_site_shape, warn_if_nan
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ModelStructureError, PplVaeError
 
@@ -82,18 +107,20 @@ def check_gradient_sites(gradient: str, structure) -> None:
 def check_gradient_program(gradient: str, program: torch.nn.Module) -> None:
     """Refuse STL/DReG for a program with BatchNorm layers that keep running statistics, before training.
 
-    Both estimators run the guide (DReG also the model) a second time per step; each run of a BatchNorm layer in
-    training mode moves its running statistics, so they would move twice per step and evaluation (which uses them)
-    would see other numbers than standard training gives, silently. Dropout is caught on the first step instead
-    (its second run gives other densities). ``program``: the module holding the model and guide.
+    Both estimators run the guide a second time per step; each run of a BatchNorm layer in training mode moves its
+    running statistics, so a guide's layer would move twice per step and evaluation (which uses the statistics) would
+    see other numbers than standard training gives, silently. The modules do not say which program uses them, so a
+    BatchNorm layer anywhere in ``program`` (the module holding the model and guide) is refused. Dropout is caught on
+    the first step instead (the second run gives other densities).
     """
     if gradient == "standard":
         return
     for name, module in program.named_modules():
         if isinstance(module, _BatchNorm) and module.track_running_stats:
             raise ModelStructureError(
-                f"--gradient {gradient} runs the programs twice per step, and the program's BatchNorm layer "
-                f"{name.removeprefix('program.')!r} would update its running statistics twice: train it with "
+                f"--gradient {gradient} runs the guide twice per step, and the program's BatchNorm layer "
+                f"{name.removeprefix('program.')!r} would update its running statistics twice if the guide uses it: "
+                "train it with "
                 "--gradient standard, or use a normalization without running statistics (LayerNorm)")
 
 
@@ -116,7 +143,8 @@ def _detached(trace: poutine.Trace, leaves: bool = False) -> poutine.Trace:
 
 
 class _PathwiseELBO(ELBO):
-    """The traces STL and DReG need: the guide and model as run by ``Trace_ELBO``, and reruns on detached values."""
+    """The traces STL and DReG need: the guide's, the model's (on the draws, or on them as leaves), and the guide's
+    again on the draws detached (see the module docstring)."""
 
     gradient = "pathwise"  # its --gradient name, for messages
     model_on_leaves = False  # run the model on the guide's values as fresh leaves (DReG) instead of on the values
