@@ -181,6 +181,9 @@ class MLflowTracker:
                 f"{run_dir} logs to the MLflow store {saved['tracking_uri']}, not {self.tracking_uri}: resume it "
                 "without --mlflow-uri (or with that one)")
         uri = saved["tracking_uri"] if saved else (self.tracking_uri or default_uri)
+        # The run's manifest lists the store's files (--overwrite deletes them); the artifacts folder (mlruns/, nested)
+        # and TensorBoard's tb/ are folders the manifest cannot list yet.
+        runs.record_written(run_dir, MLFLOW_RUN_FILE, *([MLFLOW_DATABASE] if uri == default_uri else []))
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." on stderr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy's, inside MLflow: nothing to act on
