@@ -24,8 +24,19 @@ from collections.abc import Sequence
 from .errors import PplVaeError
 
 LR_SCHEDULES = ("constant", "step", "cosine", "burda", "plateau")
+# What early stopping and the plateau schedule watch (higher is better), by the key of the epoch's record: the
+# validation ELBO (every epoch) or the validation log p̂(x) of --evidence-every (only on the epochs it is computed).
+MONITORS = {"elbo": "val_elbo", "evidence": "val_log_px"}
 # Burda et al. (2016), section 5: 3**i passes over the data at learning rate 1e-3 * 10**(-i/7), i = 0..7.
 BURDA_STAGES = 8
+
+
+def monitored_value(record: dict, monitor: str = "elbo") -> float | None:
+    """The value of ``monitor`` (a key of :data:`MONITORS`) in an epoch's record; None where it was not measured."""
+    if monitor not in MONITORS:
+        raise PplVaeError(f"unknown monitored quantity {monitor!r}: choose one of {', '.join(MONITORS)}")
+    value = record.get(MONITORS[monitor])
+    return None if value is None else float(value)
 
 
 def check_lr_schedule(name: str, *, factor: float = 0.1, patience: int = 10, min_delta: float = 0.0) -> None:

@@ -112,3 +112,12 @@ def test_bad_settings_are_refused_in_one_line():
                                  ("plateau", {"patience": -1}, ">= 0")):
         with pytest.raises(PplVaeError, match=words):
             schedules.check_lr_schedule(name, **options)
+
+
+def test_the_monitored_value_is_read_from_the_epochs_record():
+    record = {"epoch": 4, "val_elbo": -95.5, "val_log_px": -90.25}
+    assert schedules.monitored_value(record) == -95.5
+    assert schedules.monitored_value(record, "evidence") == -90.25
+    assert schedules.monitored_value({"epoch": 3, "val_elbo": -96.0}, "evidence") is None  # not an --evidence-every epoch
+    with pytest.raises(PplVaeError, match="unknown monitored quantity 'loss'"):
+        schedules.monitored_value(record, "loss")
