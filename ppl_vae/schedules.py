@@ -9,8 +9,9 @@ The loop, per epoch ``e``:
 
 1. ``lr = learning_rate(schedule, e, ..., plateau=plateau_state)`` and ``beta = kl_weight(e, ...)`` before the first
    step of the epoch (both logged in the epoch's record);
-2. after validation, with the monitored value ``v`` (higher is better: an ELBO or log p̂(x) in nats; ``None`` on an
-   epoch where it was not measured): ``plateau_state = plateau_update(plateau_state, v, ...)`` and
+2. after validation, with the monitored value ``v = monitored_value(record, monitor)`` (higher is better: the
+   validation ELBO or log p̂(x) in nats; ``None`` on an epoch where it was not measured):
+   ``plateau_state = plateau_update(plateau_state, v, ...)`` and
    ``stopping = early_stopping_update(stopping, e, v, ...)``; ``stopping["improved"]``: write
    ``checkpoint.best.pt``; ``stopping["stop"]``: end training after this epoch.
 """
