@@ -17,6 +17,7 @@ from ppl_vae.errors import InvalidDataError, ModelStructureError
 from ppl_vae.inspection import inspect_program
 from ppl_vae.models.m2 import M2
 from ppl_vae.programs import ProgramSpec, Weighted, build_program
+from ppl_vae.summary import evaluation_summary
 from ppl_vae.semisupervised import CLASSIFIER_SITE, SemiSupervised, classification_error, classifier_weight, \
     label_distribution
 
@@ -178,3 +179,16 @@ def test_the_classifier_site_is_absent_from_the_program_that_is_evaluated():
     assert CLASSIFIER_SITE in trace.nodes and trace.nodes[CLASSIFIER_SITE]["scale"] == 1.0
     assert CLASSIFIER_SITE not in pyro.poutine.trace(program.model).get_trace(x, y).nodes
     assert TraceEnum_ELBO  # used above
+
+
+def test_m2_evaluates_with_y_summed_and_its_training_loss_compiles_where_checked_equal():
+    program, (x, y) = small_m2(), toy(12)
+    summary = evaluation_summary(program.model, program.guide, x, num_samples=20, elbo_samples=3)
+    assert summary["quantity"] == "log p(x)" and summary["kl"]["sites"]["y"]["enumerated"] is True
+    assert summary["kl"]["sites"]["y"]["method"] == "analytic" and "enumerated" not in summary["kl"]["sites"]["z"]
+    assert summary["elbo"]["mean"] <= summary["log_evidence"]["mean"]
+    trained = Weighted(SemiSupervised(program, 2.0))
+    for batch in [(x,), (x, y)]:  # an unlabelled and a labelled batch: two compile keys
+        pyro.clear_param_store()
+        flipped = tuple(value.flip(0) for value in batch)
+        assert objectives.compiled_loss_problem(trained, batch, 1, 1, enumerated=True, second_batch=flipped) is None
