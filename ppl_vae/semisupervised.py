@@ -77,24 +77,35 @@ class SemiSupervised(nn.Module):
     site :data:`CLASSIFIER_SITE`, q(y | x) from the guide's ``label_site`` (:func:`label_distribution`). The
     site is a vector event over the batch (``to_event``), so it needs no plate of its own and the particle
     plate, when there is one, counts it once per particle, as every other site.
+
+    ``labelled_scale`` multiplies every term of a labelled batch (model, guide and the classifier site): below 1
+    when the batches cycle through the labelled set more than once per epoch
+    (:func:`ppl_vae.data.labelled.labelled_scale`), so the epoch's objective still counts each labelled image once.
     """
 
-    def __init__(self, program: nn.Module, weight: float, label_site: str = "y"):
+    def __init__(self, program: nn.Module, weight: float, label_site: str = "y", labelled_scale: float = 1.0):
         super().__init__()
         self.program, self.weight, self.label_site = program, float(weight), label_site
+        self.labelled_scale = float(labelled_scale)
         if hasattr(program, "register_params"):
             self.register_params = False
 
     def model(self, x: torch.Tensor, *labels: torch.Tensor) -> Any:
-        result = self.program.model(x, *labels)
-        if labels and self.weight > 0:
-            q = label_distribution(self.program.guide, (x,), self.label_site)
-            with poutine.scale(scale=self.weight):
-                pyro.sample(CLASSIFIER_SITE, q.to_event(len(q.batch_shape)), obs=labels[-1])
+        if not labels:
+            return self.program.model(x)
+        with poutine.scale(scale=self.labelled_scale):
+            result = self.program.model(x, *labels)
+            if self.weight > 0:
+                q = label_distribution(self.program.guide, (x,), self.label_site)
+                with poutine.scale(scale=self.weight):
+                    pyro.sample(CLASSIFIER_SITE, q.to_event(len(q.batch_shape)), obs=labels[-1])
         return result
 
     def guide(self, x: torch.Tensor, *labels: torch.Tensor) -> Any:
-        return self.program.guide(x, *labels)
+        if not labels:
+            return self.program.guide(x)
+        with poutine.scale(scale=self.labelled_scale):
+            return self.program.guide(x, *labels)
 
 
 def classification_error(

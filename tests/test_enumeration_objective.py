@@ -125,3 +125,19 @@ def test_a_compiled_enumerated_loss_that_differs_is_reported(monkeypatch):
     pyro.clear_param_store()
     problem = objectives.compiled_loss_problem(program, (x,), 1, 1, enumerated=True)
     assert problem is not None and "differs from TraceEnum_ELBO's" in problem
+
+
+def test_an_enumerate_marked_program_copies_with_its_mark_and_its_own_parameters():
+    import copy
+
+    program = objectives.enumerate_discrete_sites(M2(data_dim=12))
+    twin = copy.deepcopy(program)
+    x = batch()
+    assert inspect_program(twin.model, twin.guide, x).enumerated == {"y": "parallel"}
+    with torch.no_grad():
+        twin.classifier[2].weight.zero_()
+        twin.classifier[2].bias.zero_()
+    q = pyro.poutine.trace(twin.guide).get_trace(x).nodes["y"]["fn"]
+    assert torch.allclose(q.probs, torch.full_like(q.probs, 1 / 3))  # the copy's guide reads the copy's weights
+    module = objectives.make_loss_module(Weighted(program), "elbo", 1, max_plate_nesting=1, enumerated=True)
+    assert isinstance(module.elbo, TraceEnum_ELBO)

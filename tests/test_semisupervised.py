@@ -12,7 +12,8 @@ from pyro.optim import Adam
 from torch import nn
 
 from ppl_vae import objectives
-from ppl_vae.data.labelled import choose_labelled, labelled_record, semi_supervised_batches
+from ppl_vae.data.labelled import choose_labelled, labelled_batch_count, labelled_record, labelled_scale, \
+    semi_supervised_batches
 from ppl_vae.errors import InvalidDataError, ModelStructureError
 from ppl_vae.inspection import inspect_program
 from ppl_vae.models.m2 import M2
@@ -192,3 +193,30 @@ def test_m2_evaluates_with_y_summed_and_its_training_loss_compiles_where_checked
         pyro.clear_param_store()
         flipped = tuple(value.flip(0) for value in batch)
         assert objectives.compiled_loss_problem(trained, batch, 1, 1, enumerated=True, second_batch=flipped) is None
+
+
+def test_cycling_the_labelled_set_weights_each_labelled_batch_so_an_epoch_counts_each_image_once():
+    x, y = toy(90)
+    labelled = choose_labelled(y, 12, seed=0)  # 12 labelled images, batches of 4: 3 batches visit each once
+    assert labelled_scale(12, 4) == 1.0 and labelled_batch_count(12, 4) == 3
+    batches = list(semi_supervised_batches(x, y, labelled, 4, torch.Generator().manual_seed(0), labelled_batches=9))
+    with_labels = [b for b in batches if len(b) == 2]
+    assert len(with_labels) == 9 and len(batches) == 9 + math.ceil(78 / 4)
+    scale = labelled_scale(12, 4, labelled_batches=9)
+    assert scale == pytest.approx(12 / 36)  # each labelled image visited 3 times per epoch
+    with pytest.raises(InvalidDataError, match="labelled batches per epoch must be an integer of at least 3"):
+        labelled_scale(12, 4, labelled_batches=2)
+    torch.manual_seed(0)
+    program, (xb, yb) = small_m2(), toy(6)
+    elbo = objectives.make_objective("elbo", 1, 1, enumerated=True)
+    with objectives.fixed_standard_normal():
+        once = elbo.differentiable_loss(*_programs(SemiSupervised(program, 2.0)), xb, yb)
+        cycled = elbo.differentiable_loss(*_programs(SemiSupervised(program, 2.0, labelled_scale=scale)), xb, yb)
+        unlabelled = [elbo.differentiable_loss(*_programs(SemiSupervised(program, 2.0, labelled_scale=s)), xb)
+                      for s in (1.0, scale)]
+    assert torch.allclose(cycled, scale * once, rtol=1e-5)
+    assert torch.allclose(unlabelled[0], unlabelled[1])  # unlabelled batches are never scaled
+
+
+def _programs(wrapper):
+    return wrapper.model, wrapper.guide

@@ -49,15 +49,38 @@ def labelled_record(indices: torch.Tensor, seed: int) -> dict:
     return {"count": int(indices.numel()), "seed": int(seed), "indices": [int(i) for i in indices]}
 
 
+def labelled_batch_count(num_labelled: int, batch_size: int, labelled_batches: int | None = None) -> int:
+    """Labelled batches per epoch: ``labelled_batches``, or enough to visit each labelled image once."""
+    once = math.ceil(num_labelled / min(batch_size, max(1, num_labelled)))
+    if labelled_batches is None:
+        return once
+    if isinstance(labelled_batches, bool) or not isinstance(labelled_batches, int) or labelled_batches < once:
+        raise InvalidDataError(f"labelled batches per epoch must be an integer of at least {once} (each labelled image "
+                               f"once), got {labelled_batches!r}")
+    return labelled_batches
+
+
+def labelled_scale(num_labelled: int, batch_size: int, labelled_batches: int | None = None) -> float:
+    """The weight of each labelled batch's terms so that one epoch's objective counts each labelled image once:
+    N_l / (labelled images visited per epoch). 1 when each is visited once; below 1 when the labelled set is cycled
+    (``labelled_batches`` more than once through it): the same objective per epoch, more frequent, smaller steps."""
+    size = min(batch_size, max(1, num_labelled))
+    count = labelled_batch_count(num_labelled, batch_size, labelled_batches)
+    return 1.0 if labelled_batches is None else num_labelled / (count * size)
+
+
 def semi_supervised_batches(
     x: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor, batch_size: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, labelled_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One epoch: every unlabelled image once in batches ``(x,)``, every labelled image once in batches ``(x, y)``.
+    """One epoch: every unlabelled image once in batches ``(x,)``, labelled images in batches ``(x, y)``.
 
     Both sets are shuffled with ``generator``; labelled batches (of ``min(batch_size, N_l)`` images) are spread
     evenly among the unlabelled ones, so each stretch of training sees some, as Pyro's ss_vae example interleaves
-    them. ``labelled``: indices from :func:`choose_labelled`.
+    them. By default each labelled image comes once; ``labelled_batches`` (e.g. the number of unlabelled batches,
+    one labelled step after each unlabelled one, as Kingma et al.'s code pairs them) cycles through the labelled
+    set, reshuffled at each pass, and the trainer then weights the labelled batches by :func:`labelled_scale`.
+    ``labelled``: indices from :func:`choose_labelled`.
     """
     if batch_size < 1:
         raise InvalidDataError(f"batch_size must be positive, got {batch_size}")
@@ -71,7 +94,12 @@ def semi_supervised_batches(
         return list(order.split(size)) if indices.numel() else []
 
     plain = batches(unlabelled, batch_size)
-    with_labels = batches(labelled, min(batch_size, max(1, labelled.numel())))
+    size = min(batch_size, max(1, labelled.numel()))
+    count = labelled_batch_count(labelled.numel(), batch_size, labelled_batches) if labelled.numel() else 0
+    with_labels: list[torch.Tensor] = []
+    while len(with_labels) < count:  # whole shuffled passes; the last pass is cut at the count
+        with_labels += batches(labelled, size)
+    with_labels = with_labels[:count]
     total = len(plain) + len(with_labels)
     # Labelled batch j goes at position floor((j + 1/2) * total / count): evenly spread through the epoch.
     positions = {math.floor((j + 0.5) * total / len(with_labels)): j for j in range(len(with_labels))} if with_labels else {}
