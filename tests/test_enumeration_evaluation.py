@@ -107,6 +107,9 @@ def test_with_the_exact_continuous_posterior_log_p_hat_is_log_p_x_whatever_q_y_i
     estimate = evidence_estimate(program.model, program.guide, x, num_samples=3)
     assert torch.allclose(estimate.log_evidence, program.log_px(x).detach(), atol=1e-6, rtol=0)
     assert torch.allclose(estimate.stderr, torch.zeros_like(estimate.stderr), atol=1e-6)
+    # The same in chunks of 3 datapoints and 2 particles (the last chunk of each smaller).
+    chunked = log_evidence(program.model, program.guide, x, num_samples=5, chunk_size=3, particles_per_chunk=2)
+    assert torch.allclose(chunked, program.log_px(x).detach(), atol=1e-6, rtol=0)
 
 
 def test_drawing_y_instead_is_not_exact():
