@@ -25,6 +25,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from . import fused
+from .enumerated import enumerated_chunk_terms
 from .errors import EvaluationMemoryWarning, ModelStructureError, PplVaeError
 from .inspection import (
     KL_ANALYTIC,
@@ -96,6 +97,9 @@ def chunk_terms(
 ) -> ChunkTerms:
     """One vectorized pass of ``k`` particles over the batch ``data`` (x or (x, *cond)): per-particle, per-datapoint terms."""
     data = as_data(data)
+    if structure.enumerated:  # discrete guide sites summed out exactly (ppl_vae.enumerated), not drawn
+        log_weight, by_site, kl = enumerated_chunk_terms(model, guide, data, k, structure)
+        return ChunkTerms(log_weight, sum(by_site.values()), kl, by_site)
     n = data[0].shape[0]
     model_trace, guide_trace = trace_pair(model, guide, data, k, structure.max_plate_nesting)
     model_sites, guide_sites = sample_sites(model_trace), sample_sites(guide_trace)
@@ -176,6 +180,8 @@ def plan_evaluation(
     n, k = _chunk_sizes(x, int(num_samples), chunk_size and int(chunk_size), particles_per_chunk and int(particles_per_chunk))
     with torch.no_grad():
         structure = inspect_program(model, guide, slice_rows(data, slice(0, n)), data_plate=data_plate, kl=kl)
+    if structure.enumerated and particles_per_chunk is None:  # each particle holds every enumerated value at once
+        k = max(1, k // structure.enumeration_size)
     return EvaluationPlan(structure, n, k, int(num_samples))
 
 

@@ -78,7 +78,10 @@ def elbo_decomposition(
     * ``"kl_method"`` -- a dict from each latent site's name to ``"analytic"`` or ``"monte carlo"``;
     * ``"kl_reason"`` -- for each Monte Carlo site, why (no rule registered, parents drawn
       after it in the guide, or ``kl="mc"``);
-    * ``"num_samples"`` -- the number of draws from the guide per datapoint.
+    * ``"num_samples"`` -- the number of draws from the guide per datapoint;
+    * ``"enumerated"`` -- the guide sites marked for enumeration (site -> mark): their expectation is taken
+      exactly, a sum over their values weighted by q, not drawn (:mod:`ppl_vae.enumerated`), here and in
+      :func:`evidence_estimate`, whose log p̂(x) is then log sum_y p̂(x, y).
 
     ``kl="mc"`` forces Monte Carlo KL everywhere; then the ELBO is exactly the
     mean log importance weight, the quantity ``Trace_ELBO`` estimates.
@@ -112,6 +115,7 @@ def elbo_decomposition(
         "kl_method": dict(structure.kl_methods),
         "kl_reason": dict(structure.kl_reasons),
         "num_samples": num_samples,
+        "enumerated": dict(structure.enumerated),
     }
 
 

@@ -92,8 +92,10 @@ class ProgramStructure:
     # Guide sites whose draws have no reparameterized sampler (fn.has_rsample False: Categorical, Bernoulli, ...),
     # site -> the distribution: their gradients need a score-function term (Trace_ELBO has one).
     non_reparameterized: dict[str, str] = field(default_factory=dict)
-    # Guide sites marked for enumeration (infer={"enumerate": ...}, config_enumerate), site -> the mark.
+    # Guide sites marked for enumeration (infer={"enumerate": ...}, config_enumerate), site -> the mark; the
+    # evaluation sums them exactly (ppl_vae.enumerated). enumeration_size: the product of their numbers of values.
     enumerated: dict[str, str] = field(default_factory=dict)
+    enumeration_size: int = 1
 
 
 def check_count(value: Any, name: str) -> int:
@@ -251,8 +253,21 @@ def inspect_program(
         enumerated={name: str(site["infer"]["enumerate"]) for name, site in guide_sites.items()
                     if site["infer"].get("enumerate")},
     )
+    for name in structure.enumerated:
+        structure.enumeration_size *= _enumeration_size(guide_sites[name]["fn"], name)
     _choose_kl_methods(structure, model_sites, guide_sites, kl)
     return structure
+
+
+def _enumeration_size(fn: Any, name: str) -> int:
+    """How many values a guide site marked for enumeration takes; a one-line error for a distribution without a
+    finite support (a Normal marked for enumeration)."""
+    if not getattr(fn, "has_enumerate_support", False):
+        raise ModelStructureError(
+            f"guide site {name!r} is marked for enumeration, but its distribution {describe_distribution(fn)} has no "
+            "finite support to sum over: mark only discrete sites (Categorical, Bernoulli, ...)"
+        )
+    return int(fn.enumerate_support(expand=False).shape[0])
 
 
 def _check_site_names(model_sites: dict, guide_sites: dict, observed: list[str], latent: list[str]) -> None:

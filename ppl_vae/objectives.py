@@ -17,8 +17,20 @@ r"""Training objectives: what SVI maximizes, all of them Pyro's own ELBO classes
 Which objective applies to which guide sites (:func:`check_objective_sites`, run by the trainer before
 anything is written): ``elbo`` to every reparameterized and non-reparameterized site (score-function
 gradients for the latter); ``meanfield`` and ``iwae`` to reparameterized sites only (for a Categorical
-or Bernoulli guide site, meanfield has no score-function term and iwae multiplies it by 0); no
-objective to a site marked for enumeration (the trainer has no ``TraceEnum_ELBO`` yet).
+or Bernoulli guide site, meanfield has no score-function term and iwae multiplies it by 0); only
+``elbo`` to a program with guide sites marked for enumeration, as ``TraceEnum_ELBO``.
+
+**Enumeration.** A guide site marked ``infer={"enumerate": "parallel"}`` (or by ``config_enumerate``;
+:func:`enumerate_discrete_sites` marks every discrete guide site, ``--enumerate``) is summed out exactly:
+``--objective elbo`` is then ``TraceEnum_ELBO`` (:func:`make_objective` with ``enumerated=True``), which
+for a discrete y ~ q(y | x) and the rest z ~ q(z | x, y) computes
+
+.. math:: \mathcal{L}(x) = \sum_y q(y | x) \, E_{q(z | x, y)}\big[\log p(x, y, z) - \log q(z | x, y) - \log q(y | x)\big]
+
+with the sum over y exact (every value at once, in a tensor dimension left of the plates: the programs'
+``max_plate_nesting`` must be known) and gradients through q(y | x) exact too, no score-function term.
+``JitTraceEnum_ELBO`` compiles it where :func:`compiled_loss_problem` (``enumerated=True``) finds it
+equal to ``TraceEnum_ELBO`` on the first batch.
 ``experiments/objective_gradients.py`` measures the classifier's gradient of an M2 program under each.
 
 The KL weight beta (with its warm-up schedule) is not an objective: it is a scale on every
@@ -50,9 +62,12 @@ import torch
 from pyro.infer import (
     ELBO,
     JitTrace_ELBO,
+    JitTraceEnum_ELBO,
     RenyiELBO,
     Trace_ELBO,
+    TraceEnum_ELBO,
     TraceMeanField_ELBO,
+    config_enumerate,
 )
 from pyro.infer.elbo import ELBOModule
 
@@ -63,10 +78,20 @@ OBJECTIVES = ("elbo", "meanfield", "iwae")
 MAX_PLATE_NESTING = 1
 
 
-def make_objective(name: str = "elbo", particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING) -> ELBO:
-    """The loss for ``SVI(model, guide, optim, loss)`` by name (see the module docstring)."""
+def make_objective(name: str = "elbo", particles: int = 1, max_plate_nesting: int = MAX_PLATE_NESTING,
+                   enumerated: bool = False) -> ELBO:
+    """The loss for ``SVI(model, guide, optim, loss)`` by name (see the module docstring).
+
+    ``enumerated``: the program's guide marks sites for enumeration (``ProgramStructure.enumerated`` not empty);
+    ``elbo`` is then ``TraceEnum_ELBO`` with the program's ``max_plate_nesting``, and the others are refused.
+    """
     check_objective(name, particles)
     options = _elbo_options(particles, max_plate_nesting)
+    if enumerated:
+        check_enumerated_objective(name)
+        # strict_enumeration_warning off: a labelled batch of a semi-supervised program observes y, so nothing is
+        # enumerated on it, and that is expected (the unlabelled batches enumerate).
+        return TraceEnum_ELBO(strict_enumeration_warning=False, **options)
     if name == "iwae":
         return RenyiELBO(alpha=0.0, **options)
     return (Trace_ELBO if name == "elbo" else TraceMeanField_ELBO)(**options)
@@ -107,7 +132,46 @@ def check_meanfield(model, guide, x: torch.Tensor, *cond: torch.Tensor) -> None:
         )
 
 
-def check_objective_sites(name: str, structure) -> None:
+ENUMERATING_OBJECTIVES = ("elbo",)
+
+
+def check_enumerated_objective(name: str, site: str | None = None) -> None:
+    """Refuse an objective that cannot sum out enumerated guide sites, naming the one that can."""
+    if name in ENUMERATING_OBJECTIVES:
+        return
+    where = f"guide site {site!r} is" if site else "guide sites are"
+    raise ModelStructureError(
+        f"{where} marked for enumeration, and --objective {name} cannot sum it out ("
+        f"{'RenyiELBO' if name == 'iwae' else 'TraceMeanField_ELBO'} has no enumerated version; it would draw the site "
+        "instead): train it with --objective elbo, which is TraceEnum_ELBO for such a program"
+    )
+
+
+def enumerate_discrete_sites(program: torch.nn.Module) -> torch.nn.Module:
+    """Mark every discrete guide site of ``program`` for parallel enumeration (``--enumerate``), in place.
+
+    The guide becomes ``config_enumerate(program.guide)``: every sample site whose distribution has enumerate
+    support (Categorical, Bernoulli, OneHotCategorical, ...) is summed out by ``TraceEnum_ELBO`` and by the
+    evaluation instead of drawn; continuous sites are unchanged. An instance attribute, so the module's
+    parameters and ``state_dict`` are untouched. Returns ``program``. Whether anything was marked is read from
+    the program's structure afterwards (:func:`check_enumerate_found`).
+    """
+    if not getattr(program, "_ppl_vae_enumerated", False):
+        program.guide = config_enumerate(program.guide, default="parallel")
+        program._ppl_vae_enumerated = True
+    return program
+
+
+def check_enumerate_found(structure) -> None:
+    """Refuse ``--enumerate`` for a program whose guide has no discrete site (nothing would be summed out)."""
+    if not structure.enumerated:
+        raise ModelStructureError(
+            "--enumerate: the program's guide has no discrete sample site (none with enumerate support, e.g. "
+            "Categorical or Bernoulli) to sum out: train it without --enumerate"
+        )
+
+
+def check_objective_sites(name: str, structure, trains_enumerated: bool = False) -> None:
     """Refuse an objective whose gradient estimator this program's guide sites break (before anything is written).
 
     ``structure`` is the program's :class:`ppl_vae.inspection.ProgramStructure` (its guide sites: reparameterized or
@@ -119,11 +183,17 @@ def check_objective_sites(name: str, structure) -> None:
     * ``meanfield`` (``TraceMeanField_ELBO``): no score-function term at all, a biased gradient (Pyro refuses it
       only with validation on): refused.
 
-    A guide site marked for enumeration is refused under every objective: these ELBOs ignore the mark (they draw
-    the site), and ppl_vae does not yet train with ``TraceEnum_ELBO``.
+    A guide site marked for enumeration: ``elbo`` trains it as ``TraceEnum_ELBO`` where the caller does
+    (``trains_enumerated``: it builds the loss with ``make_objective(..., enumerated=True)``); ``iwae`` and
+    ``meanfield`` are refused naming ``elbo`` (:func:`check_enumerated_objective`). Non-reparameterized sites that
+    are not enumerated keep the rules above. A caller that does not pass ``trains_enumerated`` would draw the
+    site silently, so the mark is refused then.
     """
     if structure.enumerated:
         site, mark = next(iter(structure.enumerated.items()))
+        if trains_enumerated:
+            check_enumerated_objective(name, site)
+            return  # elbo: TraceEnum_ELBO sums the marked sites and gives the others score-function terms
         raise ModelStructureError(
             f"guide site {site!r} is marked for enumeration (infer={{'enumerate': {mark!r}}}), and ppl_vae does not yet "
             "train enumerated programs (TraceEnum_ELBO): remove the mark (or config_enumerate) and train with "
@@ -214,13 +284,18 @@ class CompiledProgramLoss(torch.nn.Module):
     """
 
     def __init__(self, vae: torch.nn.Module, objective: str = "elbo", particles: int = 1,
-                 max_plate_nesting: int = MAX_PLATE_NESTING, trace_warnings: bool = False):
+                 max_plate_nesting: int = MAX_PLATE_NESTING, trace_warnings: bool = False, enumerated: bool = False):
         super().__init__()
         check_objective(objective, particles, compiled=True)
         self.vae = vae
         vae.register_params = True
         # trace_warnings: let tracing's TracerWarnings through (compiled_loss_problem reads them); training hides them.
-        self.elbo = JitTrace_ELBO(ignore_jit_warnings=not trace_warnings, **_elbo_options(particles, max_plate_nesting))
+        options = dict(ignore_jit_warnings=not trace_warnings, **_elbo_options(particles, max_plate_nesting))
+        # enumerated: JitTraceEnum_ELBO, TraceEnum_ELBO compiled (its differentiable_loss is the dice ELBO, whose
+        # gradient is right: no separate surrogate to combine).
+        self.enumerated = enumerated
+        self.elbo = JitTraceEnum_ELBO(strict_enumeration_warning=False, **options) if enumerated \
+            else JitTrace_ELBO(**options)
 
         # Programs that accept (and ignore) the compile key, which JitTrace_ELBO passes on to them;
         # defined once, since Pyro keys its cache on their id().
@@ -243,24 +318,34 @@ class CompiledProgramLoss(torch.nn.Module):
                 # torch 2.15 marks torch.jit.trace deprecated; Pyro 1.9's JIT ELBOs are built on it (nothing to act on).
                 warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
                 try:
-                    self.elbo.loss_and_surrogate_loss(*self._programs, x, *cond, **key)
+                    self._loss(x, *cond, **key)
                 except RuntimeError as error:
                     if "requires grad as a constant" not in str(error):
                         raise
                     raise PplVaeError(_FOREIGN_PARAMETERS) from error
             self._compiled_keys.add(frozen)
-        loss, surrogate = self.elbo.loss_and_surrogate_loss(*self._programs, x, *cond, **key)
+        return self._loss(x, *cond, **key)
+
+    def _loss(self, *data: torch.Tensor, **key) -> torch.Tensor:
+        if self.enumerated:
+            return self.elbo.differentiable_loss(*self._programs, *data, **key)
+        loss, surrogate = self.elbo.loss_and_surrogate_loss(*self._programs, *data, **key)
         return loss.detach() + (surrogate - surrogate.detach())
 
 
 def make_loss_module(
     vae: torch.nn.Module, objective: str = "elbo", particles: int = 1, compiled: bool = False,
-    max_plate_nesting: int = MAX_PLATE_NESTING,
+    max_plate_nesting: int = MAX_PLATE_NESTING, enumerated: bool = False,
 ) -> torch.nn.Module:
-    """The objective of a program's ``model`` and ``guide`` as a torch module: :class:`CompiledProgramLoss` or :class:`ProgramLoss`."""
+    """The objective of a program's ``model`` and ``guide`` as a torch module: :class:`CompiledProgramLoss` or :class:`ProgramLoss`.
+
+    ``enumerated``: the guide marks sites for enumeration; the loss is ``TraceEnum_ELBO`` (compiled:
+    ``JitTraceEnum_ELBO``), see :func:`make_objective`."""
     if compiled:
-        return CompiledProgramLoss(vae, objective, particles, max_plate_nesting)
-    return ProgramLoss(vae, make_objective(objective, particles, max_plate_nesting))
+        if enumerated:
+            check_enumerated_objective(objective)
+        return CompiledProgramLoss(vae, objective, particles, max_plate_nesting, enumerated=enumerated)
+    return ProgramLoss(vae, make_objective(objective, particles, max_plate_nesting, enumerated))
 
 
 @contextlib.contextmanager
@@ -299,17 +384,20 @@ _SHAPE_CHECKING_LIBRARIES = tuple(str(Path(module.__file__).parent) + os.sep for
     str(Path(__file__).parent) + os.sep,)
 
 
-def site_kind_problem(structure) -> UnfaithfulTrace | None:
+def site_kind_problem(structure, enumerated: bool = False) -> UnfaithfulTrace | None:
     """Why the compiled loss cannot be checked on a program with these guide sites (None when it can).
 
-    The check holds Normal draws fixed; a non-reparameterized site's draws (Categorical, Bernoulli) are not held,
-    and enumeration marks are not compiled. ``structure``: :class:`ppl_vae.inspection.ProgramStructure`.
+    The check holds Normal draws fixed; a non-reparameterized site's draws (Categorical, Bernoulli) are not held.
+    Enumerated sites are not drawn: with ``enumerated`` (the run trains with ``TraceEnum_ELBO``, compiled as
+    ``JitTraceEnum_ELBO``) they are no problem; without it, their marks are not compiled.
+    ``structure``: :class:`ppl_vae.inspection.ProgramStructure`.
     """
-    if structure.enumerated:
+    if structure.enumerated and not enumerated:
         site = next(iter(structure.enumerated))
         return UnfaithfulTrace(f"guide site {site!r} is marked for enumeration, which the compiled loss does not do")
-    if structure.non_reparameterized:
-        site, distribution = next(iter(structure.non_reparameterized.items()))
+    drawn = {s: d for s, d in structure.non_reparameterized.items() if s not in structure.enumerated}
+    if drawn:
+        site, distribution = next(iter(drawn.items()))
         return UnfaithfulTrace(f"non-reparameterized site {site!r} ({distribution}): the compiled loss is checked only "
                                "for reparameterized sites")
     return None
@@ -350,23 +438,26 @@ def _user_tracer_warning(caught: list[warnings.WarningMessage]) -> str | None:
 
 
 def _compare(program, batch, params, reference_elbo, compiled_loss, rtol: float) -> str | None:
-    """Why the compiled loss on ``batch`` is not Trace_ELBO's, with the draws held fixed (None when it is)."""
+    """Why the compiled loss on ``batch`` is not the reference's (Trace_ELBO or TraceEnum_ELBO), with the draws held
+    fixed (None when it is)."""
+    reference = type(reference_elbo).__name__
     expected = reference_elbo.differentiable_loss(program.model, program.guide, *batch)
     expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
     compiled = compiled_loss(*batch)
     grads = torch.autograd.grad(compiled, params, allow_unused=True)
     if not torch.allclose(compiled.detach(), expected.detach(), rtol=rtol, atol=1e-6):
-        return (f"the compiled loss {float(compiled.detach()):.6g} differs from Trace_ELBO's "
+        return (f"the compiled loss {float(compiled.detach()):.6g} differs from {reference}'s "
                 f"{float(expected.detach()):.6g} with the same draws")
     for param, got, want in zip(params, grads, expected_grads):
         if (got is None) != (want is None) or (got is not None and not torch.allclose(got, want, rtol=rtol, atol=1e-5)):
-            return f"the compiled loss's gradients differ from Trace_ELBO's (a parameter of shape {list(param.shape)})"
+            return f"the compiled loss's gradients differ from {reference}'s (a parameter of shape {list(param.shape)})"
     return None
 
 
 def compiled_loss_problem(
     program: torch.nn.Module, batch: tuple[torch.Tensor, ...], particles: int = 1,
     max_plate_nesting: int = MAX_PLATE_NESTING, rtol: float = 1e-4, second_batch: tuple[torch.Tensor, ...] | None = None,
+    enumerated: bool = False,
 ) -> str | None:
     """Why the compiled loss cannot stand in for ``Trace_ELBO`` on ``program`` (None when it can).
 
@@ -381,12 +472,16 @@ def compiled_loss_problem(
     compile key), and the graph traced on ``batch``, replayed on ``second_batch`` (same shape,
     other content), gives Trace_ELBO's loss and gradients there too. The random streams and the
     parameters' gradients are left as they were.
+
+    ``enumerated`` (a program whose guide marks sites for enumeration): the same check of
+    ``JitTraceEnum_ELBO`` against ``TraceEnum_ELBO``, with the program's ``max_plate_nesting``.
     """
     # A copy in a param store of its own: the check touches neither the program's gradients (nor hooks on
     # them) nor the names Pyro's store holds for the training run.
     program = copy.deepcopy(program)
     params = [p for p in program.parameters() if p.requires_grad]
-    reference_elbo = Trace_ELBO(**_elbo_options(particles, max_plate_nesting))
+    options = _elbo_options(particles, max_plate_nesting)
+    reference_elbo = TraceEnum_ELBO(strict_enumeration_warning=False, **options) if enumerated else Trace_ELBO(**options)
     devices = [batch[0].device] if batch[0].device.type == "cuda" else []
     try:
         with pyro.get_param_store().scope(), torch.random.fork_rng(devices=devices), fixed_standard_normal(), \
@@ -397,7 +492,8 @@ def compiled_loss_problem(
             reference_elbo.differentiable_loss(program.model, program.guide, *batch)
             if (changed := _state_problem(before, _program_state(program))) is not None:
                 return changed
-            compiled_loss = CompiledProgramLoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True)
+            compiled_loss = CompiledProgramLoss(program, "elbo", particles, max_plate_nesting, trace_warnings=True,
+                                                enumerated=enumerated)
             problem = _compare(program, batch, params, reference_elbo, compiled_loss, rtol)
             if (warned := _user_tracer_warning(caught)) is not None:
                 return UnfaithfulTrace(f"the trace is not faithful to the program's Python: {warned}")

@@ -419,6 +419,13 @@ def _builtin_conditional(kwargs: dict[str, Any], data_info: dict[str, Any]) -> n
     return construct(ConditionalVAE, kwargs, "the program conditional", {**_data_dim(data_info), **extra})
 
 
+def _builtin_m2(kwargs: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
+    from .models.m2 import M2
+
+    extra = {"num_classes": data_info["num_classes"]} if "num_classes" in data_info else {}
+    return construct(M2, kwargs, "the program m2", {**_data_dim(data_info), **extra})
+
+
 # VAEConfig fields that the dataset sets (the images' shape), not --program-kwargs.
 VAE_FIELDS_FROM_DATA = ("data_dim", "image_shape")
 
@@ -475,4 +482,5 @@ BUILTIN_PROGRAMS: dict[str, Callable[[dict[str, Any], dict[str, Any]], nn.Module
     "vae": _builtin_vae,
     "two-layer": _builtin_two_layer,
     "conditional": _builtin_conditional,
+    "m2": _builtin_m2,
 }

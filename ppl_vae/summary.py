@@ -129,6 +129,8 @@ def _kl_summary(decomposition: dict) -> dict[str, Any]:
             name: {
                 **_summary(value), "method": decomposition["kl_method"][name],
                 **({"reason": decomposition["kl_reason"][name]} if name in decomposition.get("kl_reason", {}) else {}),
+                # An enumerated site's expectation is an exact sum over its values (ppl_vae.enumerated), not drawn.
+                **({"enumerated": True} if name in decomposition.get("enumerated", {}) else {}),
             }
             for name, value in decomposition["kl"].items()
         },
