@@ -50,6 +50,11 @@ def spawned(tmp_path_factory):
     return path
 
 
+# Every test of the spawned processes' results on one xdist worker (addopts: --dist loadgroup): they start once.
+SPAWNED = pytest.mark.xdist_group("spawned")
+
+
+@SPAWNED
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))
 def test_one_distributed_step_equals_one_single_process_step_on_the_global_minibatch(spawned, monkeypatch, case):
     clip_norm, kl_weight, _ = STEP_CASES[case]
@@ -75,6 +80,7 @@ def test_one_distributed_step_equals_one_single_process_step_on_the_global_minib
     assert moved == [name for name, _ in vae.named_parameters()]  # the step changed every parameter tensor
 
 
+@SPAWNED
 def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spawned):
     for rank in range(WORLD_SIZE):
         result = torch.load(spawned / f"fault-rank{rank}.pt")
@@ -82,6 +88,7 @@ def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spa
         assert result["unchanged"]
 
 
+@SPAWNED
 def test_distributed_evaluation_equals_single_process_evaluation_exactly(spawned):
     saved = torch.load(spawned / "model-and-data.pt")
     vae = build_vae(VAEConfig(**workers.TINY))

@@ -199,6 +199,7 @@ def assert_resumes_to_the_reference(run_dir: Path, signal_data_root, uninterrupt
         assert resumed_test[key]["mean"] == pytest.approx(test[key]["mean"], abs=1e-6, rel=0)
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one reference run (--dist loadgroup)
 def test_a_run_killed_mid_epoch_resumes_to_the_numbers_of_an_uninterrupted_run(
     tmp_path, signal_data_root, uninterrupted, cli_main
 ):
@@ -212,6 +213,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_numbers_of_an_uninterrupted_run(
     assert_resumes_to_the_reference(run_dir, signal_data_root, uninterrupted, cli_main)
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one reference run (--dist loadgroup)
 def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(
     tmp_path, signal_data_root, uninterrupted, cli_main
 ):
