@@ -100,24 +100,38 @@ class Ran:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-@pytest.fixture
-def cli_main(capsys, monkeypatch):
-    """``cli_main(*args, data_root=None)``: ``ppl-vae ARGS`` in this process, as a :class:`Ran`.
-
-    An exit through argparse (status 2 for a bad option) is caught like a process's exit; any other exception
-    fails the test, as a traceback on stderr would."""
+def _in_process_cli(capture, monkeypatch):
+    """``run(*args, data_root=None)``: ``ppl-vae ARGS`` through cli.main, its output read from ``capture``."""
 
     def run(*args, data_root=None) -> Ran:
         from ppl_vae.cli import main
 
         if data_root is not None:
             monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
-        capsys.readouterr()
+        capture.readouterr()
         try:
             code = main([str(arg) for arg in args])
         except SystemExit as exit_:
             code = exit_.code
-        out = capsys.readouterr()
+        out = capture.readouterr()
         return Ran(code, out.out, out.err)
 
     return run
+
+
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """``cli_main(*args, data_root=None)``: ``ppl-vae ARGS`` in this process, as a :class:`Ran`.
+
+    An exit through argparse (status 2 for a bad option) is caught like a process's exit; any other exception
+    fails the test, as a traceback on stderr would."""
+    return _in_process_cli(capsys, monkeypatch)
+
+
+@pytest.fixture
+def cli_launch(capfd, monkeypatch):
+    """As :func:`cli_main`, for commands that start processes (``--devices 2`` starts torchrun): this process is
+    the launcher, and what the started processes write to the inherited stdout and stderr is read too."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return _in_process_cli(capfd, monkeypatch)

@@ -2,8 +2,6 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pyro
 import pytest
@@ -98,14 +96,11 @@ def test_reference_evidence_equals_the_package_estimate_with_the_same_draws():
     torch.testing.assert_close(ours, reference.cpu(), atol=1e-4, rtol=0)
 
 
-def test_bench_command_at_tiny_sizes(tmp_path, small_data_root):
+def test_bench_command_at_tiny_sizes(tmp_path, small_data_root, cli_main):
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "ppl_vae", "bench", "--device", "cpu", "--batch-sizes", "8", "--repeats", "1",
-         "--steps", "2", "--evidence-examples", "10", "--evidence-samples", "10", "--epoch-examples", "200",
-         "--data-dir", str(small_data_root), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = cli_main("bench", "--device", "cpu", "--batch-sizes", "8", "--repeats", "1", "--steps", "2",
+                      "--evidence-examples", "10", "--evidence-samples", "10", "--epoch-examples", "200",
+                      "--data-dir", small_data_root, "--out", out)
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert {row["variant"] for row in data["svi_step"]} == set(STEP_VARIANTS)

@@ -51,6 +51,11 @@ def spawned(tmp_path_factory):
     return path
 
 
+# Every test of the spawned processes' results on one xdist worker (addopts: --dist loadgroup): they start once.
+SPAWNED = pytest.mark.xdist_group("spawned")
+
+
+@SPAWNED
 @pytest.mark.parametrize("case", range(len(STEP_CASES)))
 def test_one_distributed_step_equals_one_single_process_step_on_the_global_minibatch(spawned, monkeypatch, case):
     clip_norm, kl_weight, _ = STEP_CASES[case]
@@ -76,6 +81,7 @@ def test_one_distributed_step_equals_one_single_process_step_on_the_global_minib
     assert moved == [name for name, _ in vae.named_parameters()]  # the step changed every parameter tensor
 
 
+@SPAWNED
 def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spawned):
     for rank in range(WORLD_SIZE):
         result = torch.load(spawned / f"fault-rank{rank}.pt")
@@ -83,6 +89,7 @@ def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spa
         assert result["unchanged"]
 
 
+@SPAWNED
 def test_distributed_evaluation_equals_single_process_evaluation_exactly(spawned):
     saved = torch.load(spawned / "model-and-data.pt")
     vae = build_vae(VAEConfig(**workers.TINY))
@@ -148,18 +155,23 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 
 def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
-    tmp_path, small_data_root, capsys
+    tmp_path, small_data_root, cli_launch
 ):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    # Two runs at once (4 processes on the CPU): one of 2 epochs, one stopped after its first epoch.
-    both = [start_cli(small_data_root, "train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN),
-            start_cli(small_data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN)]
-    outputs = [finish(process) for process in both]
-    out = outputs[0]
+    # Two runs at once (4 processes on the CPU): one stopped after its first epoch, started under torchrun itself
+    # (as the README shows, where --devices is only checked against it); one of 2 epochs, launched by `ppl-vae train
+    # --devices 2` in this process.
+    first = start_cli(small_data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN,
+                      torchrun=True)
+    ran = cli_launch("train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN,
+                     data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
+    finish(first)
+    out = ran.stdout
     assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
     assert runs.load_checkpoint(resumed)["epoch"] == 1
-    # Resumed under torchrun itself (as the README shows), where --devices is only checked against it.
+    # Resumed under torchrun itself as well.
     finish(start_cli(small_data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
                      "--device", "cpu", "--no-progress", torchrun=True))
 
@@ -177,12 +189,11 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     # Evaluation on 2 processes gives the numbers of evaluation in one process, digit for digit.
     evaluate = ["evaluate", straight, "--num-samples", "30", "--examples", "130", "--elbo-samples", "2",
                 "--device", "cpu", "--no-progress"]
-    finish(start_cli(small_data_root, *evaluate, "--devices", "2"))
+    ran = cli_launch(*evaluate, "--devices", "2")
+    assert ran.returncode == 0, ran.stderr
     two = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     two_json = json.loads((straight / "evaluation.json").read_text())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PPL_VAE_DATA", str(small_data_root))
-        assert cli.main([str(word) for word in evaluate]) == 0
+    assert cli_launch(*evaluate).returncode == 0
     one = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     one_json = json.loads((straight / "evaluation.json").read_text())
     # Every key but the id each evaluation stores to pair its npz with its evaluation.json.
@@ -192,9 +203,9 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
         assert two_json[key] == one_json[key], key
 
     # A distributed run's checkpoint cannot be resumed by single-process SVI: a clear error, nothing changed.
-    capsys.readouterr()
-    assert cli.main(["train", "--run-dir", str(resumed), "--resume", "--epochs", "3", "--no-progress"]) == 2
-    assert "written by training on 2 processes under torchrun: resume it with --devices 2" in capsys.readouterr().err
+    ran = cli_launch("train", "--run-dir", resumed, "--resume", "--epochs", "3", "--no-progress")
+    assert ran.returncode == 2
+    assert "written by training on 2 processes under torchrun: resume it with --devices 2" in ran.stderr
     assert runs.load_checkpoint(resumed)["epoch"] == 2
 
 

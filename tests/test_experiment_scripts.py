@@ -1,7 +1,9 @@
 """Every script in experiments/ runs end to end at tiny sizes (the real runs take minutes to hours).
 
-Each script runs as the READMEs show it, ``python experiments/X.py ...``, in a subprocess whose
-working folder is a temporary one and with every output pointed there. The question scripts
+Each script runs as the READMEs show it, ``python experiments/X.py ...``, with its working folder a
+temporary one and every output pointed there: in this process (``runpy``, as ``python`` runs a script: its
+folder first on sys.path, ``sys.argv``, ``__main__``; its exit status from ``SystemExit``), since the
+scripts call the package in-process too and starting Python for each would cost seconds of imports. The question scripts
 (q1-q5) read a copy of their real config whose ``"quick"`` block is shrunk further (tiny
 networks, 200 training images, a few test images) and run with ``--quick``, which puts their
 runs, figures and results under ``--runs-dir``. No test may write into the repository's
@@ -9,15 +11,21 @@ experiments/results or experiments/figures: an autouse fixture compares them bef
 The data is a small copy of MNIST (conftest's ``small_data_root``): the scripts read it in milliseconds.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from conftest import Ran
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -43,10 +51,31 @@ def committed_outputs_untouched():
 
 
 def run_script(script: str, *args, cwd: Path, data_root: Path, env: dict | None = None, check: bool = True):
-    """``python experiments/SCRIPT ARGS`` in ``cwd``; with ``check``, its exit status must be 0. Returns the CompletedProcess."""
-    environment = {**os.environ, "PPL_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run([sys.executable, str(EXPERIMENTS / script), *map(str, args)], cwd=cwd, env=environment,
-                            capture_output=True, text=True, timeout=300)
+    """``python experiments/SCRIPT ARGS`` in ``cwd``, in this process; with ``check``, its exit status must be 0.
+
+    Returns what a shell would see (exit status, stdout, stderr): an exit through ``sys.exit(message)`` prints the
+    message and exits with 1, as Python does; any other exception fails the test, as its traceback would."""
+    path = EXPERIMENTS / script
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        for name, value in {"PPL_VAE_DATA": str(data_root), "OMP_NUM_THREADS": "1", **(env or {})}.items():
+            patch.setenv(name, value)
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", [str(path), *map(str, args)])
+        patch.syspath_prepend(str(EXPERIMENTS))
+        threads = torch.get_num_threads()
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if exit_.code is None or isinstance(exit_.code, int) else 1
+            if code == 1 and not isinstance(exit_.code, int):
+                print(exit_.code, file=sys.stderr)
+        finally:
+            torch.set_num_threads(threads)  # a script's --threads stays in its run
+            if "matplotlib.pyplot" in sys.modules:
+                sys.modules["matplotlib.pyplot"].close("all")  # figures a script left open
+    result = Ran(code or 0, stdout.getvalue(), stderr.getvalue())
     if check:
         assert result.returncode == 0, (f"{script} exited with {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
                                         f"--- stderr\n{result.stderr[-4000:]}")

@@ -1,4 +1,8 @@
-"""The README's quick-check commands and its Python example run as written."""
+"""The README's quick-check commands and its Python example run as written.
+
+The quick-check commands run as a shell runs them (the ``ppl-vae`` console script, one process each); the
+other blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in
+the folder a reader would be in), which checks the same words and saves starting a Python process per line."""
 
 import os
 import re
@@ -17,15 +21,16 @@ def code_block_after(marker: str, language: str) -> str:
     return match.group(1)
 
 
-def test_python_example_runs(tmp_path):
+def test_python_example_runs(tmp_path, monkeypatch, capsys):
     code = code_block_after("## Evaluate your own model", "python")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "log p(x)" in result.stdout
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (Evaluate your own model)", "exec"), {"__name__": "__main__"})
+    stdout = capsys.readouterr().out
+    assert "log p(x)" in stdout
     # The hierarchy falls back to Monte Carlo KL at z1 and says why; the conditional program is evaluated.
-    assert "{'z2': 'analytic', 'z1': 'monte carlo'}" in result.stdout
-    assert "its model parent(s) ['z2'] are drawn after it in the guide" in result.stdout
-    assert "log p(x | y)" in result.stdout
+    assert "{'z2': 'analytic', 'z1': 'monte carlo'}" in stdout
+    assert "its model parent(s) ['z2'] are drawn after it in the guide" in stdout
+    assert "log p(x | y)" in stdout
 
 
 def test_quick_check_commands_run_as_written(tmp_path, data_root):
@@ -42,41 +47,35 @@ def test_quick_check_commands_run_as_written(tmp_path, data_root):
     assert (tmp_path / "runs" / "quick" / "evaluation.json").is_file()
 
 
-def test_dataset_and_network_commands_run_as_written(tmp_path, data_root):
+def test_dataset_and_network_commands_run_as_written(tmp_path, data_root, monkeypatch, cli_main):
     """The README's block of --dataset PATH.npz / --network conv / logistic-mixture commands."""
     import json
 
-    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
-    ppl_vae = Path(sys.executable).parent / "ppl-vae"
+    monkeypatch.chdir(tmp_path)
     for line in code_block_after("<!-- datasets-check -->", "bash").strip().splitlines():
         words = shlex.split(line)
         if words[0] == "python":
-            command = [sys.executable, *words[1:]]
+            result = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=600)
         else:
             assert words[0] == "ppl-vae"
-            command = [*([str(ppl_vae)] if ppl_vae.exists() else [sys.executable, "-m", "ppl_vae"]), *words[1:],
-                       "--no-progress"]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+            result = cli_main(*words[1:], "--no-progress", data_root=data_root)
         assert result.returncode == 0, result.stderr
     colour = json.loads((tmp_path / "runs" / "colour" / "evaluation.json").read_text())
     assert colour["bits_per_dim"]["log_evidence"]["mean"] > 0 and colour["data"]["dataset"] == "npz"
     assert json.loads((tmp_path / "runs" / "conv-quick" / "config.json").read_text())["model"]["network"] == "conv"
 
 
-def test_write_your_own_model_runs_as_written(tmp_path, data_root):
+def test_write_your_own_model_runs_as_written(tmp_path, data_root, monkeypatch, cli_main):
     """The README's program file, saved under its name, and its commands, run in that folder as written."""
     name = re.search(r"<!-- program-file: (\S+) -->", README).group(1)
     (tmp_path / name).write_text(code_block_after(f"<!-- program-file: {name} -->", "python"))
-    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
-    ppl_vae = Path(sys.executable).parent / "ppl-vae"
+    monkeypatch.chdir(tmp_path)
     outputs = []
     for line in code_block_after("<!-- program-commands -->", "bash").strip().splitlines():
         words = shlex.split(line)
         assert words[0] == "ppl-vae"
-        command = [str(ppl_vae)] if ppl_vae.exists() else [sys.executable, "-m", "ppl_vae"]
         quiet = ["--no-progress"] if words[1] in ("train", "evaluate") else []
-        result = subprocess.run([*command, *words[1:], *quiet], capture_output=True, text=True, cwd=tmp_path,
-                                env=env, timeout=600)
+        result = cli_main(*words[1:], *quiet, data_root=data_root)
         assert result.returncode == 0, (line, result.stderr)
         outputs.append(result.stdout)
     run_dir = tmp_path / "runs" / "ladder"

@@ -184,12 +184,15 @@ def uninterrupted(tmp_path_factory, signal_data_root):
         process.communicate()
 
 
-def assert_resumes_to_the_reference(run_dir: Path, signal_data_root, uninterrupted) -> None:
+def assert_resumes_to_the_reference(run_dir: Path, signal_data_root, uninterrupted, cli_main) -> None:
     """Resume ``run_dir`` to the end; its metrics and test numbers must equal the uninterrupted run's.
 
-    Only ``--resume`` is given: everything else, the number of epochs included, is the run's own.
+    Only ``--resume`` is given: everything else, the number of epochs included, is the run's own. The resume
+    runs in this process (``ppl-vae train`` through cli.main): what is under test is the folder the stopped
+    process left, which any process reads alike; only the runs that get stopped need processes of their own.
     """
-    finish(start_cli(signal_data_root, "train", "--run-dir", run_dir, "--resume", "--no-progress"))
+    ran = cli_main("train", "--run-dir", run_dir, "--resume", "--no-progress", data_root=signal_data_root)
+    assert ran.returncode == 0, ran.stderr
     metrics, test = uninterrupted()
     assert_same_metrics(runs.read_metrics(run_dir), metrics, tolerance=1e-6)
     resumed_test = runs.read_json(run_dir / "test.json")
@@ -197,7 +200,10 @@ def assert_resumes_to_the_reference(run_dir: Path, signal_data_root, uninterrupt
         assert resumed_test[key]["mean"] == pytest.approx(test[key]["mean"], abs=1e-6, rel=0)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, signal_data_root, uninterrupted):
+@pytest.mark.xdist_group("uninterrupted")  # one reference run (--dist loadgroup)
+def test_a_run_killed_mid_epoch_resumes_to_the_numbers_of_an_uninterrupted_run(
+    tmp_path, signal_data_root, uninterrupted, cli_main
+):
     run_dir = tmp_path / "run"
     process = start_cli(signal_data_root, "train", "--run-dir", run_dir, *SUBPROCESS_ARGS)
     wait_for_epoch(run_dir, 1, process)
@@ -205,10 +211,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_numbers_of_an_uninterrupted_run(t
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "test.json").exists() and len(runs.read_metrics(run_dir)) < 3, "the kill came too late"
-    assert_resumes_to_the_reference(run_dir, signal_data_root, uninterrupted)
+    assert_resumes_to_the_reference(run_dir, signal_data_root, uninterrupted, cli_main)
 
 
-def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(tmp_path, signal_data_root, uninterrupted):
+@pytest.mark.xdist_group("uninterrupted")  # one reference run (--dist loadgroup)
+def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(
+    tmp_path, signal_data_root, uninterrupted, cli_main
+):
     run_dir = tmp_path / "run"
     process = start_cli(signal_data_root, "train", "--run-dir", run_dir, *SUBPROCESS_ARGS)
     wait_for_epoch(run_dir, 1, process)
@@ -222,7 +231,7 @@ def test_ctrl_c_stops_between_steps_and_the_run_resumes_to_the_same_numbers(tmp_
     saved_epoch = runs.load_checkpoint(run_dir)["epoch"]
     assert [record["epoch"] for record in runs.read_metrics(run_dir)] == list(range(1, saved_epoch + 1))
     assert not (run_dir / "test.json").exists()
-    assert_resumes_to_the_reference(run_dir, signal_data_root, uninterrupted)
+    assert_resumes_to_the_reference(run_dir, signal_data_root, uninterrupted, cli_main)
 
 
 # --- 2. Checkpoints ------------------------------------------------------------------------------

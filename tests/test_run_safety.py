@@ -1,14 +1,17 @@
 """Run directories and checkpoints under accidents (issue 17): --overwrite, two writers, crafted checkpoints,
 stale results, --resume with other options, damaged metrics, failed writes, config files, NaN weights.
 
-Most cases go through the command line in subprocesses (``python -m ppl_vae``), on tiny runs copied from one
-trained run per module.
+Most cases go through the command line (``ppl-vae ARGS`` through cli.main, in this process: an exception would
+fail the test as a traceback would show), on tiny runs copied from one trained run per module; processes of their
+own where the process is the point (a second writer's lock holder, a file-size limit set on the command).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import io
 import json
 import os
 import resource
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Ran
 
 from ppl_vae import cli, runs
 from ppl_vae.errors import DamagedMetricsWarning, RunDirectoryError, RunWriteError
@@ -34,25 +38,41 @@ def cli_env(small_data_root) -> dict:
     return {**os.environ, "PPL_VAE_DATA": str(small_data_root), "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(small_data_root, *args, cwd=None, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ppl_vae", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(small_data_root), cwd=cwd, timeout=300, preexec_fn=preexec_fn)
+def run_cli(small_data_root, *args, cwd=None, preexec_fn=None) -> Ran:
+    """``ppl-vae ARGS`` reading ``small_data_root``: what a shell would see of it (status, stdout, stderr).
+
+    In this process (cli.main, in ``cwd``), except with ``preexec_fn`` (a limit set on the command alone), which
+    needs a process of its own."""
+    if preexec_fn is not None:
+        result = subprocess.run([sys.executable, "-m", "ppl_vae", *map(str, args)], capture_output=True, text=True,
+                                env=cli_env(small_data_root), cwd=cwd, timeout=300, preexec_fn=preexec_fn)
+        return Ran(result.returncode, result.stdout, result.stderr)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
+        if cwd is not None:
+            patch.chdir(cwd)
+        try:
+            code = cli.main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse's refusals
+            code = exit_.code
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
-def refused(result: subprocess.CompletedProcess) -> str:
+def refused(result: Ran) -> str:
     """The stderr of a command that must fail with one message (status 2, no traceback)."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
     return result.stderr
 
 
-def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def succeeded(result: Ran) -> Ran:
     assert result.returncode == 0, result.stderr
     return result
 
 
 def main(*args) -> int:
-    """``ppl-vae ARGS`` in this process (for the variations of a case whose first form runs in a subprocess)."""
+    """``ppl-vae ARGS`` in this process, its output read from capsys (the variations of a case)."""
     return cli.main([str(arg) for arg in args])
 
 

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-from test_cli import run_cli
 
 from ppl_vae import runs
 from ppl_vae.errors import ModelStructureError, PplVaeError
@@ -224,15 +223,17 @@ def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a
     assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
 
 
-def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, small_data_root):
-    """The one training loop: a conditional program, its labels sharded with the images, under DDP (gloo, 2 processes)."""
+def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, small_data_root, cli_launch):
+    """The one training loop: a conditional program, its labels sharded with the images, under DDP (gloo, 2 processes).
+
+    This process launches torchrun (``--devices 2``), which starts the 2 training processes."""
     args = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 3, "hidden_sizes": [16]}',
             "--run-dir", tmp_path / "run", *SMALL, "--devices", "2"]
-    trained = run_cli("train", *args, data_root=small_data_root)
+    trained = cli_launch("train", *args, data_root=small_data_root)
     assert trained.returncode == 0, trained.stderr
     assert "cpu, 2 processes (gloo)" in trained.stdout
-    resumed = run_cli("train", "--resume", "--run-dir", tmp_path / "run", "--epochs", "2", "--devices", "2",
-                      "--no-progress", data_root=small_data_root)
+    resumed = cli_launch("train", "--resume", "--run-dir", tmp_path / "run", "--epochs", "2", "--devices", "2",
+                         "--no-progress", data_root=small_data_root)
     assert resumed.returncode == 0, resumed.stderr
     metrics = runs.read_metrics(tmp_path / "run")
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)

@@ -1,10 +1,11 @@
 """MNIST, Fashion-MNIST and KMNIST: 28x28 grey images in torchvision's raw IDX files.
 
-Read with torchvision's dataset classes (``MNIST``, ``FashionMNIST``, ``KMNIST``) from
-``<data folder>/<Class>/raw``, downloaded there by torchvision when the files are missing
-and the internet is reachable. torchvision checks only that the four unpacked IDX files
-exist (checksums are verified on download), so files written elsewhere in the same format
-load as well.
+Read from ``<data folder>/<Class>/raw``: when the four unpacked IDX files are there they are read
+here (:func:`read_idx`, the format torchvision's ``MNIST`` reads, without importing torchvision,
+which costs seconds per process); when any is missing, torchvision's dataset classes (``MNIST``,
+``FashionMNIST``, ``KMNIST``) download them there (or unpack ``.gz`` archives found there) when the
+internet is reachable. Like torchvision, only the files' format is checked (checksums are verified
+on download), so files written elsewhere in the same format load as well.
 
 Splits: the first 50,000 images of the official training set are ``train``, the last
 10,000 are ``val`` (one sixth: with fewer images in the files, the last sixth), and the
@@ -13,12 +14,13 @@ official 10,000 test images are ``test``. Labels are the class indices 0-9.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import DataNotFoundError
+from ..errors import DataNotFoundError, InvalidDataError
 from .core import ImageData, check_binarization, make_splits, resolve_root
 
 MNIST_RAW_FILES = (
@@ -49,11 +51,33 @@ def missing_raw_files(root: Path, name: str = "mnist") -> list[str]:
     return [file for file in MNIST_RAW_FILES if not (raw / file).is_file()]
 
 
-def _read_split(root: Path, name: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grey levels as uint8 [N, 28, 28] and labels [N], read by torchvision."""
-    import torchvision.datasets
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """A uint8 IDX file (LeCun's format) of ``ndim`` dimensions as a uint8 tensor of its shape.
 
+    Layout: a 4-byte magic number (two zero bytes, the type 0x08 = unsigned byte, the number of
+    dimensions), one big-endian 32-bit size per dimension, then the values, row-major. Anything else,
+    or a byte count that does not match the sizes, is refused naming the file."""
+    data = path.read_bytes()
+    header = 4 * (ndim + 1)
+    sizes = [int.from_bytes(data[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim)]
+    expected_magic = bytes((0, 0, 0x08, ndim))
+    if data[:4] != expected_magic or len(data) != header + math.prod(sizes):
+        raise InvalidDataError(
+            f"{path} is not a {ndim}-dimensional uint8 IDX file (magic {data[:4].hex()}, expected "
+            f"{expected_magic.hex()}; {len(data)} bytes for sizes {sizes}): replace it with the original file"
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*sizes)
+
+
+def _read_split(root: Path, name: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey levels as uint8 [N, 28, 28] and labels [N]: read here when the raw files are there, else by torchvision."""
     missing = missing_raw_files(root, name)
+    if not missing:
+        raw = raw_folder(root, name)
+        prefix = "train" if train else "t10k"
+        return read_idx(raw / f"{prefix}-images-idx3-ubyte", 3), read_idx(raw / f"{prefix}-labels-idx1-ubyte", 1).long()
+    import torchvision.datasets  # only to download: importing it takes seconds
+
     cls = getattr(torchvision.datasets, MNIST_FAMILY[name][0])
     try:
         dataset = cls(str(root), train=train, download=download and bool(missing))
