@@ -191,7 +191,11 @@ class _Target:
         model_sites = sample_sites(poutine.trace(conditioned).get_trace(*data))
         self.layouts = {name: self._layout(name, model_sites[name], guide_sites[name]) for name in latent}
         independent = structure.dependencies == "provenance" and not any(structure.guide_parents[n] for n in latent)
-        self.guide_fns = {name: (guide_sites[name]["fn"], guide_sites[name]["mask"]) for name in latent} if independent else None
+        self.guide_fns = None
+        if independent:  # traced again without validation, so scoring a diverged proposal later raises nothing
+            with pyro.validation_enabled(False):
+                again = sample_sites(poutine.trace(poutine.condition(self.guide, data=self.initial_z)).get_trace(*data))
+            self.guide_fns = {name: (again[name]["fn"], again[name]["mask"]) for name in latent}
 
     def _layout(self, name: str, model_site: dict, guide_site: dict) -> _Layout:
         for role, site in (("model", model_site), ("guide", guide_site)):
@@ -295,7 +299,10 @@ def _anneal(target: _Target, state: _State, betas: torch.Tensor, step_size: Call
     for i in range(1, len(betas)):
         log_w += (betas[i] - betas[i - 1]).item() * (state.log_p - state.log_q).double()
         if i < len(betas) - 1:
-            state, accept_prob = _hmc(target, state, betas[i].item(), step_size(i), leapfrog_steps)
+            # Validation off inside the trajectories: a diverging leapfrog step may reach values (a scale of 0,
+            # an infinite location) whose distributions validation would refuse; the Metropolis test rejects them.
+            with pyro.validation_enabled(False):
+                state, accept_prob = _hmc(target, state, betas[i].item(), step_size(i), leapfrog_steps)
             acceptance += accept_prob.double().mean(0)
             if adapt is not None:
                 adapt(i, accept_prob.mean(0))
