@@ -34,14 +34,6 @@ def hard():
     return lg, lg.diagonal_guide(shift=0.5, scale=1.0)
 
 
-@pytest.fixture(scope="module")
-def hard_ais(hard):
-    lg, guide = hard
-    pyro.set_rng_seed(0)
-    x = lg.sample(30)
-    return x, ais_log_evidence(lg.model, guide, x, steps=200, **FAST)
-
-
 def test_schedules_run_from_0_to_1_and_increase():
     for schedule in ("sigmoid", "geometric"):
         betas = beta_schedule(50, schedule)
@@ -60,21 +52,25 @@ def test_exact_posterior_guide_gives_every_chain_the_exact_weight():
     assert torch.all(result.acceptance > 0.3)  # the chains moved: the weights stayed exact while they did
 
 
-def test_ais_with_a_poor_guide_is_within_error_of_exact_and_not_above(hard, hard_ais):
-    lg, _ = hard
-    x, result = hard_ais
+def test_ais_with_a_poor_guide_is_within_error_of_exact_and_not_above():
+    lg = LinearGaussian(data_dim=8, latent_dim=4, noise=0.5)
+    pyro.set_rng_seed(0)
+    x = lg.sample(20)
+    result = ais_log_evidence(lg.model, lg.diagonal_guide(shift=0.5, scale=1.0), x, steps=100, **FAST)
     mean, stderr = mean_error(result, lg.log_evidence(x))
     assert abs(mean) < 4 * stderr, (mean, stderr)
     assert mean < 2 * stderr  # a lower bound in expectation: never significantly above
     assert stderr > 0.01  # the guide is poor: the chains' weights differ, so the check above is not trivial
     assert 0.4 < result.acceptance.mean() < 0.9  # step sizes adapted towards the 0.65 target
-    assert result.settings["steps"] == 200 and result.settings["schedule"] == "sigmoid"
+    assert result.settings["steps"] == 100 and result.settings["schedule"] == "sigmoid"
 
 
-def test_ais_beats_importance_sampling_at_equal_model_evaluations(hard, hard_ais):
+def test_ais_beats_importance_sampling_at_equal_model_evaluations(hard):
     lg, guide = hard
-    x, result = hard_ais
+    pyro.set_rng_seed(1)
+    x = lg.sample(20)
     exact = lg.log_evidence(x)
+    result = ais_log_evidence(lg.model, guide, x, steps=50, **FAST)
     k = result.settings["model_gradients_per_datapoint"]
     importance = evidence_estimate(lg.model, guide, x, num_samples=k)
     ais_error = (result.log_evidence - exact).abs().mean()
@@ -82,15 +78,15 @@ def test_ais_beats_importance_sampling_at_equal_model_evaluations(hard, hard_ais
     assert ais_error < 0.6 * is_error, (ais_error, is_error)
     # Fewer steps, a worse bound: the schedule matters.
     coarse = ais_log_evidence(lg.model, guide, x, steps=10, **FAST)
-    assert (coarse.log_evidence - exact).mean() < (result.log_evidence - exact).mean() - 0.5
+    assert (coarse.log_evidence - exact).mean() < (result.log_evidence - exact).mean() - 1.0
 
 
 def test_bdmc_bracket_contains_exact_and_shrinks_with_steps(hard):
     lg, guide = hard
     pyro.set_rng_seed(1)
     gaps = []
-    for steps in (20, 150):
-        result = bdmc(lg.model, guide, 20, data_like=torch.zeros(1, 12), steps=steps, **FAST)
+    for steps in (15, 100):
+        result = bdmc(lg.model, guide, 12, data_like=torch.zeros(1, 12), steps=steps, **FAST)
         exact = lg.log_evidence(result.data[0])
         lower, lower_se = mean_error(result.lower, exact)
         upper, upper_se = mean_error(result.upper, exact)
@@ -105,8 +101,8 @@ def test_two_site_hierarchy_with_a_bottom_up_guide():
     """q(z1 | x) q(z2 | z1): the guide is re-run at every leapfrog step (its z2 depends on z1)."""
     model = TwoLayerGaussian()
     pyro.set_rng_seed(2)
-    x = model.sample(20)
-    result = ais_log_evidence(model.model, model.mismatched_guide, x, steps=100, **FAST)
+    x = model.sample(15)
+    result = ais_log_evidence(model.model, model.mismatched_guide, x, steps=60, **FAST)
     mean, stderr = mean_error(result, model.log_evidence(x))
     assert abs(mean) < 4 * stderr + 0.02 and stderr > 0.005, (mean, stderr)
     importance = evidence_estimate(model.model, model.mismatched_guide, x, num_samples=8)  # AIS with T = 1
@@ -195,3 +191,11 @@ def test_bdmc_refuses_a_model_that_observes_a_transformed_x():
 
     with pytest.raises(ModelStructureError, match="does not observe x as given"):
         bdmc(model, lg.exact_guide, 3, data_like=torch.zeros(1, 5), steps=2, chains=2)
+
+
+def test_ais_bench_runs_at_tiny_sizes():
+    from ppl_vae.bench import format_ais_benchmark, time_ais
+
+    result = time_ais(torch.device("cpu"), num_examples=3, steps=3, chains=2, leapfrog_steps=1, repeats=1)
+    assert result["decoder_passes"] == 1 * (3 - 1 + 3 - 1) + 2 and 0 < result["fraction_of_floor"]
+    assert "of the floor" in format_ais_benchmark(result)
