@@ -258,7 +258,13 @@ class _Target:
                 f"{describe_distribution(fn)}: AIS anneals from the guide to the posterior, so both must share a support"
             )
         batch_ndim = z.dim() - len(fn.event_shape)
-        transform = biject_to(fn.support)
+        try:
+            transform = biject_to(fn.support)
+        except NotImplementedError:
+            raise ModelStructureError(
+                f"the model's site {name!r} ({describe_distribution(fn)}) has the support {fn.support}, which torch "
+                "cannot map to unconstrained space (biject_to): AIS cannot move it; use evidence_estimate"
+            ) from None
         ndim = transform.inv(z).dim()
         return _Layout(transform, batch_ndim - (self.structure.max_plate_nesting + 1),
                        batch_ndim + self.structure.data_dim, ndim)
@@ -400,7 +406,8 @@ def _step_size_table(target: _Target, settings: dict[str, Any]) -> Callable[[flo
 
     def step_size(beta: float) -> torch.Tensor:
         index = int(torch.searchsorted(at, torch.tensor([beta], dtype=at.dtype), right=True)) - 1
-        return table[max(0, min(index, len(table) - 1))]
+        # Below the pilot's first β the step size adapted there (not the unadapted initial one) applies.
+        return table[max(min(1, len(table) - 1), min(index, len(table) - 1))]
 
     return step_size
 
