@@ -83,9 +83,11 @@ def _stat(values: torch.Tensor) -> dict[str, float]:
 
 def _bracket(model: Callable, guide: Callable, cond: tuple, data_like: torch.Tensor, simulated: int,
              bdmc_steps: list[int], options: dict[str, Any]) -> list[dict[str, Any]]:
-    """BDMC at each number of steps: the mean lower and upper bounds and the gap over the simulated images."""
+    """BDMC at each number of steps on the same simulated images: the mean lower and upper bounds and the gap."""
     rows = []
+    seed = int(torch.randint(2**31, ()))
     for steps in bdmc_steps:
+        pyro.set_rng_seed(seed)  # the same simulated images at every number of steps: the brackets are comparable
         result = bdmc(model, guide, simulated, *(c[:simulated] for c in cond), data_like=data_like, steps=steps, **options)
         rows.append({"steps": steps, "lower": _stat(result.lower.log_evidence), "upper": _stat(result.upper.log_evidence),
                      "gap": _stat(result.gap), "mean_acceptance": result.lower.acceptance.mean().item()})

@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory, small_data_root) -> Path:
 
 def test_audit_writes_its_json_and_figure_and_returns_the_tables(tiny_run, small_data_root):
     text = audit_run(tiny_run, data_dir=str(small_data_root), examples=30, ais_examples=4, num_samples=100,
-                     simulated=6, steps=20, bdmc_steps=[3, 20], chains=4, leapfrog_steps=3)
+                     simulated=10, steps=20, bdmc_steps=[2, 20], chains=4, leapfrog_steps=3)
     payload = json.loads((tiny_run / AUDIT_FILE).read_text())
     config = json.loads((tiny_run / "config.json").read_text())
     assert payload["ais"]["name"] == "ais" and payload["ais"]["steps"] == 20 and payload["ais"]["pilot_steps"] == 10
@@ -38,14 +38,17 @@ def test_audit_writes_its_json_and_figure_and_returns_the_tables(tiny_run, small
     for row in payload["images"]:
         assert row["is_minus_ais"] == pytest.approx(row["is"] - row["ais"])
     rows = payload["bdmc"]["rows"]
-    assert [row["steps"] for row in rows] == [3, 20]
-    for row in rows:  # the reverse bound above the forward one, by more with fewer steps
-        assert row["upper"]["mean"] > row["lower"]["mean"]
-    assert rows[0]["gap"]["mean"] > rows[1]["gap"]["mean"]
+    assert [row["steps"] for row in rows] == [2, 20]
+    for row in rows:  # the reverse bound above the forward one (up to their Monte Carlo error), by more with fewer steps
+        assert row["upper"]["mean"] - row["lower"]["mean"] == pytest.approx(row["gap"]["mean"])
+        assert row["gap"]["mean"] > -3 * row["gap"]["stderr"]
+    assert rows[0]["gap"]["mean"] > rows[1]["gap"]["mean"] and rows[0]["gap"]["mean"] > 0
+    # The same simulated images at every number of steps: the bounds bracket one value, so they overlap.
+    assert rows[0]["lower"]["mean"] < rows[1]["upper"]["mean"] and rows[1]["lower"]["mean"] < rows[0]["upper"]["mean"]
     assert (tiny_run / "plots" / AUDIT_FIGURE).stat().st_size > 1000
     manifest = json.loads((tiny_run / "manifest.json").read_text())
     assert AUDIT_FILE in json.dumps(manifest) and f"plots/{AUDIT_FIGURE}" in json.dumps(manifest)
-    assert "highest PSIS k-hat" in text and "BDMC on 6 images" in text and str(config.get("epoch", "")) in text
+    assert "highest PSIS k-hat" in text and "BDMC on 10 images" in text and str(config.get("epoch", "")) in text
 
 
 def test_ais_summary_has_the_importance_sampled_shape_and_records_its_estimator():
