@@ -27,7 +27,10 @@ T = ``biject_to(support)`` of each model site, whose density carries log |det J_
 same for every β, so it cancels from the weights). The densities come from the programs' own Pyro traces
 (``poutine.condition`` at the chains' values), as every other estimate of the package; nothing is rewritten
 per model. Chains and datapoints are vectorized (the chains in a plate left of the programs' plates); the
-step size is one per datapoint.
+step size is one per datapoint (shared by all sites: no mass matrix). Observed Bernoulli sites on the CPU are
+scored by :mod:`ppl_vae.fused` with its gradient (:class:`_BernoulliLogProb`), every other site by its own
+``log_prob``; validation is off inside the trajectories, where a diverging step may reach values validation
+would refuse (the Metropolis test rejects them).
 
 **Step sizes without biasing the weights.** A transition whose step size depends on the same chains' past
 leaves f_β invariant, but the weight's unbiasedness argument needs each transition's kernel to be fixed
