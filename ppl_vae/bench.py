@@ -624,3 +624,64 @@ def format_benchmark(result: dict[str, Any]) -> str:
             f"{', '.join(f'{s:.2f}' for s in dt['run_epoch_seconds'])} s, the first compiling)"
         )
     return "\n".join(lines)
+
+
+def decoder_gradient_floor(vae: VAE, rows: int, passes: int, device: torch.device) -> Callable[[], None]:
+    """``passes`` bare decoder forward passes at [rows, latent] and backward to z (no density, no Pyro): AIS's floor.
+
+    Every leapfrog step of AIS needs the gradient of log p(x, z) in z, so no AIS of this decoder at these shapes
+    can take less than this on this device.
+    """
+    z = torch.randn(rows, vae.config.latent_dim, device=device, requires_grad=True)
+
+    def run() -> None:
+        for _ in range(passes):
+            out = vae.decoder(z)
+            torch.autograd.grad(out, z, torch.ones_like(out))
+
+    return run
+
+
+def time_ais(device: torch.device, num_examples: int = 100, steps: int = 30, chains: int = 8, leapfrog_steps: int = 5,
+             repeats: int = 3) -> dict[str, Any]:
+    """AIS on the default VAE against its floor: the same number of decoder forward + backward passes at its shapes.
+
+    ``ais`` runs :func:`ppl_vae.evaluate.ais_log_evidence` (validation off, as ``ppl-vae evaluate`` runs) on
+    ``num_examples`` random binary images in one chunk; ``floor`` runs :func:`decoder_gradient_floor` with as
+    many passes as AIS makes gradient evaluations (T - 1 + pilot - 1 transitions of L leapfrog steps, plus the
+    two starting states) at [chains x images, latent]. Interleaved repeats, medians; ``fraction_of_floor`` is
+    floor time over AIS time (1 would be nothing but the decoder's own passes).
+    """
+    from .evaluate import ais_log_evidence, ais_settings
+
+    vae = _fresh_vae(device)
+    x = torch.bernoulli(torch.full((num_examples, 784), 0.3, device=device))
+    settings = ais_settings(steps, chains, leapfrog_steps)
+    passes = leapfrog_steps * (steps - 1 + settings["pilot_steps"] - 1) + 2
+    variants = {
+        "ais": lambda: ais_log_evidence(vae.model, vae.guide, x, steps=steps, chains=chains,
+                                        leapfrog_steps=leapfrog_steps, chunk_size=num_examples),
+        "floor": decoder_gradient_floor(vae, chains * num_examples, passes, device),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    with pyro.validation_enabled(False):
+        ais_log_evidence(vae.model, vae.guide, x[:2], steps=2, chains=2, leapfrog_steps=1)  # one-time set-up
+        for _ in range(repeats):
+            for name, run in variants.items():
+                _sync(device)
+                started = time.perf_counter()
+                run()
+                _sync(device)
+                runs[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    return {"device": device_description(device), "num_examples": num_examples, "settings": settings,
+            "decoder_passes": passes, "seconds": medians, "all_seconds": runs,
+            "fraction_of_floor": medians["floor"] / medians["ais"]}
+
+
+def format_ais_benchmark(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    return (f"AIS, T={s['steps']} L={s['leapfrog_steps']} C={s['chains']} (pilot {s['pilot_steps']}) over "
+            f"{result['num_examples']} images: {result['seconds']['ais']:.2f} s against the floor of "
+            f"{result['decoder_passes']} bare decoder forward+backward passes, {result['seconds']['floor']:.2f} s: "
+            f"{100 * result['fraction_of_floor']:.0f}% of the floor ({result['device']})")

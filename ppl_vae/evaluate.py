@@ -10,6 +10,8 @@ modules named for their job, each importing only the ones before it:
   memory, the terms of one chunk, the retry with smaller chunks when memory runs out;
 * :mod:`ppl_vae.estimators` -- the estimators, each with its math: the ELBO and its decomposition,
   the importance-sampled log p(x) with its standard error and effective sample size;
+* :mod:`ppl_vae.ais` -- annealed importance sampling of log p(x) from the guide to the posterior
+  (HMC on every continuous latent site) and the BDMC sandwich on simulated data;
 * :mod:`ppl_vae.summary` -- dataset means with standard errors, bits per dimension, and
   :func:`evaluation_summary`, the table of ``ppl-vae evaluate``.
 
@@ -18,6 +20,14 @@ All values are in nats, per datapoint.
 
 from __future__ import annotations
 
+from .ais import (
+    AisEstimate,
+    BdmcResult,
+    ais_log_evidence,
+    ais_settings,
+    bdmc,
+    beta_schedule,
+)
 from .chunking import (
     CPU_CHUNK_ELEMENTS,
     DEFAULT_CHUNK_ELEMENTS,
@@ -63,6 +73,8 @@ from .summary import (
 )
 
 __all__ = [
+    # annealed importance sampling and BDMC
+    "AisEstimate", "BdmcResult", "ais_log_evidence", "ais_settings", "bdmc", "beta_schedule",
     # inspection
     "DEVICE_ERRORS", "KL_ANALYTIC", "KL_MONTE_CARLO", "OUT_OF_MEMORY_ERRORS", "PARTICLE_PLATE", "Data",
     "ProgramStructure", "check_count", "check_data", "data_argument_names", "evidence_quantity",

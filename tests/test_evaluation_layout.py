@@ -1,6 +1,6 @@
 """The evaluation's modules: every public name still importable from ppl_vae.evaluate, imports flowing one way.
 
-inspection <- chunking <- estimators <- summary, and ppl_vae.evaluate re-exports them all: a module that
+inspection <- chunking <- estimators <- ais <- summary, and ppl_vae.evaluate re-exports them all: a module that
 imported one above it (or ppl_vae.evaluate) would make a circle, and a private name imported across
 modules would tie them together where no reader looks.
 """
@@ -15,14 +15,15 @@ import ppl_vae
 import ppl_vae.evaluate as evaluate
 
 PACKAGE = Path(ppl_vae.__file__).parent
-LAYERS = ["inspection", "chunking", "estimators", "summary"]  # each may import only those before it
+LAYERS = ["inspection", "chunking", "estimators", "ais", "summary"]  # each may import only those before it
 # Names the README, the tests and the other modules import from ppl_vae.evaluate.
 DOCUMENTED = [
     "elbo_decomposition", "log_evidence", "evidence_estimate", "evaluation_summary", "mean_and_stderr",
     "bits_per_dim", "iter_chunk_terms", "plan_evaluation", "inspect_program", "trace_pair", "check_data",
     "check_count", "EvidenceEstimate", "ProgramStructure", "chunk_element_budget", "DEVICE_ERRORS",
     "OUT_OF_MEMORY_ERRORS", "KL_ANALYTIC", "KL_MONTE_CARLO", "DEFAULT_CHUNK_ELEMENTS", "CPU_CHUNK_ELEMENTS",
-    "MAX_GPU_CHUNK_ELEMENTS", "evidence_from_weight_sums", "evidence_quantity",
+    "MAX_GPU_CHUNK_ELEMENTS", "evidence_from_weight_sums", "evidence_quantity", "ais_log_evidence", "bdmc",
+    "AisEstimate", "BdmcResult",
 ]
 
 
