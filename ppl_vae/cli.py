@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .commands import bench, compare, diagnose, evaluate, plot, train, trust
-from .commands.options import ConfigFileError, OptionTable, positive_float, positive_int, read_config_file, seed
+from .commands.options import (
+    ConfigFileError,
+    OptionTable,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    read_config_file,
+    seed,
+)
 from .errors import PplVaeError, PplVaeWarning, TrainingInterrupted
 
 DESCRIPTION = """\
@@ -70,6 +78,7 @@ def add_train_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     _add_objective_options(p, table)
     _add_optimization_options(p, table)
     _add_evaluation_options(p, table)
+    _add_monitoring_options(p, table)
     table.add(p, "--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     table.add(p, "--config", default=None, metavar="FILE", help="JSON file of option values, keyed by option name with underscores (e.g. experiments/configs/*.json); keys starting with '_' are notes; options given on the command line win")
     _add_scale_out_options(p, "Train", table)
@@ -163,7 +172,11 @@ def _add_optimization_options(p: argparse.ArgumentParser, table: OptionTable) ->
     table.add(opt, "--batch-size", type=positive_int, default=t.batch_size,
               help="minibatch size; with several processes, the global minibatch, split between them")
     table.add(opt, "--lr", type=positive_float, default=t.learning_rate, help="Adam learning rate")
-    table.add(opt, "--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule, help="per-epoch schedule")
+    table.add(opt, "--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule,
+              help="the rate of each epoch, one pure function of the epoch: constant; step (x --lr-gamma after each "
+              "of --lr-milestones); cosine (to --lr-final at --epochs); burda (Burda et al. 2016: 3^i epochs at "
+              "--lr x 10^(-i/7)); plateau (x --plateau-factor when --monitor stops improving). The rate is in "
+              "every epoch's record")
     table.add(opt, "--lr-milestones", type=positive_int, nargs="*", default=[], help="epochs after which 'step' multiplies the rate by --lr-gamma")
     table.add(opt, "--lr-gamma", type=positive_float, default=t.lr_gamma)
     table.add(opt, "--lr-final", type=positive_float, default=t.lr_final, help="the rate 'cosine' anneals to")
@@ -191,6 +204,31 @@ def _add_evaluation_options(p: argparse.ArgumentParser, table: OptionTable) -> N
     table.add(ev, "--evidence-every", type=int, default=t.evidence_every, help="every N epochs (and at the end) record log p(x) on validation images in metrics.jsonl: a learning curve; 0: off")
     table.add(ev, "--evidence-examples", type=positive_int, default=t.evidence_examples, help="validation images for that learning curve")
     table.add(ev, "--evidence-samples", type=positive_int, default=t.evidence_samples, help="K for that learning curve")
+
+
+def _add_monitoring_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    from .train import TrainConfig
+
+    t = TrainConfig()
+    g = p.add_argument_group(
+        "early stopping and the plateau schedule",
+        "Both watch one monitored quantity, measured after each epoch (higher is better); an epoch improves it "
+        "when it beats the best so far by more than --min-delta. The states are in every checkpoint: --resume "
+        "lowers the rate and stops at the same epochs as an uninterrupted run.")
+    table.add(g, "--monitor", choices=("elbo", "evidence"), default=t.monitor,
+              help="elbo: the validation ELBO (every epoch); evidence: the validation log p(x) of --evidence-every "
+              "(only the epochs it is computed)")
+    table.add(g, "--min-delta", type=non_negative_float, default=t.min_delta, metavar="NATS",
+              help="nats/image by which the monitored value must beat its best to count as an improvement")
+    table.add(g, "--early-stopping", type=positive_int, default=t.early_stopping, metavar="PATIENCE",
+              help="stop after PATIENCE epochs without improvement (counted from the end of --warmup), keep the "
+              "best epoch as checkpoint.best.pt and evaluate it on the test set; not given: train every epoch")
+    table.add(g, "--plateau-factor", type=positive_float, default=t.plateau_factor,
+              help="--lr-schedule plateau multiplies the rate by this (between 0 and 1) after --plateau-patience "
+              "measured epochs without improvement")
+    table.add(g, "--plateau-patience", type=int, default=t.plateau_patience, metavar="EPOCHS",
+              help="measured epochs without improvement that --lr-schedule plateau tolerates (as torch's "
+              "ReduceLROnPlateau)")
 
 
 def _add_evaluate_parser(subparsers) -> None:

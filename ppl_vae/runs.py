@@ -61,6 +61,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+BEST_CHECKPOINT_FILE = "checkpoint.best.pt"  # the best epoch's checkpoint, with --early-stopping (keep_as_best)
+CHECKPOINT_CHOICES = ("last", "best")  # --checkpoint of evaluate, plot, compare, diagnose
 DAMAGED_CHECKPOINT_FILE = "checkpoint.damaged.pt"
 DAMAGED_METRICS_FILE = "metrics.damaged.jsonl"
 TEST_FILE = "test.json"
@@ -743,13 +745,49 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The latest checkpoint of ``run_dir``; a clear error naming the file if it is missing or damaged.
+def keep_as_best(run_dir: str | os.PathLike) -> None:
+    """Make ``checkpoint.best.pt`` the file ``checkpoint.pt`` is now (recorded in the manifest first).
+
+    A hard link renamed over the old best, so the best file is always complete and costs no copy (the next
+    save replaces ``checkpoint.pt`` by a new file, which leaves the link's file alone); where the file system
+    has no hard links, an atomic copy.
+    """
+    run_dir = Path(run_dir)
+    latest, (best,) = run_dir / CHECKPOINT_FILE, record_written(run_dir, BEST_CHECKPOINT_FILE)
+    link = latest.with_name(f".{latest.name}.link-{os.getpid()}.tmp")  # a temporary remove_temporaries knows
+    with writing(best):
+        try:
+            os.link(latest, link)
+        except OSError:
+            write_bytes(best, latest.read_bytes())
+            return
+        os.replace(link, best)
+
+
+def which_checkpoint(run_dir: str | os.PathLike, which: str | None = None) -> str:
+    """``which`` of :data:`CHECKPOINT_CHOICES` the run has; None: "best" when the run kept one, else "last"."""
+    run_dir = Path(run_dir)
+    if which is None:
+        return "best" if (run_dir / BEST_CHECKPOINT_FILE).is_file() else "last"
+    if which not in CHECKPOINT_CHOICES:
+        raise RunDirectoryError(f"unknown checkpoint {which!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
+    if which == "best" and not (run_dir / BEST_CHECKPOINT_FILE).is_file():
+        raise RunDirectoryError(f"{run_dir} has no best checkpoint ({BEST_CHECKPOINT_FILE}: it is kept by training "
+                                "with --early-stopping): use --checkpoint last")
+    return which
+
+
+def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    which: str = "last") -> dict:
+    """The latest checkpoint of ``run_dir`` (``which="best"``: ``checkpoint.best.pt``); a clear error naming the
+    file if it is missing or damaged.
 
     No fallback here: evaluating an older epoch without being asked would be a
     silent surprise. The error names ``checkpoint.prev.pt`` when it exists.
     """
     run_dir = Path(run_dir)
+    if which_checkpoint(run_dir, which) == "best":
+        return read_checkpoint(run_dir / BEST_CHECKPOINT_FILE, map_location)
     try:
         return read_checkpoint(run_dir / CHECKPOINT_FILE, map_location)
     except RunDirectoryError as error:

@@ -21,8 +21,9 @@ from ..model import VAEConfig
 from ..process_group import current, derive_seed
 from ..programs import ProgramSpec
 from .checks import conditioning, levels_of
-from .config import TrainConfig, describe_objective, kl_weight
+from .config import TrainConfig, describe_objective, kl_weight, learning_rate_at
 from .interrupts import StopRequest
+from .monitoring import best_state, stopped_line, watch
 from .records import epoch_record, print_epoch, validation_evidence
 from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
 from .steps import run_epoch
@@ -85,9 +86,14 @@ def train_epochs(run: TrainingRun) -> None:
     """Epochs ``start_epoch + 1`` to ``epochs``: train, validate, record and save each; Ctrl-C stops between steps."""
     with StopRequest() as stop:
         for epoch in range(run.start_epoch + 1, run.config.epochs + 1):
+            if run.stopping["stop"]:  # stopped early before it was resumed: nothing more to train
+                break
             record = train_one_epoch(run, epoch, stop)
             record.update(validate(run, epoch, record))
+            watch(run, record)
             end_epoch(run, record)
+        if run.stopping["stop"] and run.main and run.progress:
+            print(stopped_line(run), flush=True)
         if run.strategy.agree_to_stop(stop.requested):
             raise TrainingInterrupted(
                 f"interrupted by Ctrl-C after the last epoch ({run.config.epochs}), which is saved in {run.run_dir}; "
@@ -99,14 +105,14 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> dict[str
     """One pass of checked steps over the training set at the epoch's KL weight; the schedule then steps."""
     started, config = time.perf_counter(), run.config
     run.trained.kl_weight = kl_weight(config, epoch)
+    lr = learning_rate_at(config, epoch, run.plateau)  # the one pure function of the epoch (and plateau state)
+    run.engine.set_learning_rate(lr)
     batches = run.strategy.epoch_batches(run.data, config, epoch)
     run.engine.begin_epoch(stop)
     run.program.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
     train_elbo, steps = run_epoch(batches, run.engine.step, run.engine.stop_requested,
                                   math.ceil(run.data.train.shape[0] / config.batch_size), epoch, config.epochs,
                                   run.progress and run.main, run.last_good(epoch - 1))
-    lr = run.engine.learning_rate()
-    run.engine.end_epoch()  # the learning-rate schedule steps once per epoch
     seconds = time.perf_counter() - started
     run.elapsed += seconds
     return {"train_elbo": train_elbo, "steps": steps, "lr": lr, "epoch_seconds": seconds}
@@ -135,7 +141,9 @@ def end_epoch(run: TrainingRun, record: dict[str, Any]) -> None:
         return
     if run.run_dir is not None:
         runs.append_metrics(run.run_dir, record)
-        run.checkpoint_id = save_checkpoint(run, record["epoch"])
+        run.checkpoint_id = save_checkpoint(run, record["epoch"])  # with the schedules' states of this epoch
+        if run.config.early_stopping is not None and run.stopping["improved"]:
+            runs.keep_as_best(run.run_dir)
     if run.progress:
         print_epoch(record, run.config)
 
@@ -144,6 +152,7 @@ def test_evaluation(run: TrainingRun) -> dict[str, Any]:
     """The final evaluation on the test split (ELBO decomposition, log p̂(x) with K = test_samples); rank 0 writes
     it to test.json. The same on any number of processes (:mod:`ppl_vae.blocked_evaluation`)."""
     config, program, data = run.config, run.program, run.data
+    checkpoint, epoch, checkpoint_id = best_state(run)  # with --early-stopping: the best epoch's weights
     cond = conditioning(data, "test", config)
     per_datapoint = evaluate_per_datapoint(
         program.model, program.guide, data.test, *cond, num_samples=config.test_samples, elbo_samples=10,
@@ -155,7 +164,8 @@ def test_evaluation(run: TrainingRun) -> dict[str, Any]:
         decomposition=per_datapoint.decomposition,
     )
     result.update({
-        "split": "test", "epochs": config.epochs, "epoch": config.epochs, "checkpoint_id": run.checkpoint_id,
+        "split": "test", "epochs": run.trained_epochs, "epoch": epoch, "checkpoint": checkpoint,
+        "checkpoint_id": checkpoint_id,
         "train_seconds": run.elapsed, "device": run.strategy.describe(run.device),
         "world_size": run.strategy.world_size, "model": run.description, "objective": describe_objective(config),
     })

@@ -36,6 +36,7 @@ from ..programs import (
     record_spec,
     vae_config_with,
 )
+from ..schedules import early_stopping_start, plateau_start
 from ..trust import verified_source
 from .checks import check_batches, check_first_batch, check_split_labels, load_data
 from .config import TrainConfig
@@ -89,10 +90,21 @@ class TrainingRun:
     elapsed: float = 0.0  # training seconds so far, over every resume
     checkpoint_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # this call's epoch records
+    # The states of the schedules that depend on what training measured (ppl_vae.schedules), in every checkpoint.
+    plateau: dict[str, Any] = field(default_factory=dict)
+    stopping: dict[str, Any] = field(default_factory=early_stopping_start)
+
+    def __post_init__(self) -> None:
+        self.plateau = self.plateau or plateau_start(self.config.learning_rate)
 
     @property
     def main(self) -> bool:
         return self.strategy.is_main
+
+    @property
+    def trained_epochs(self) -> int:
+        """The last epoch trained (by this call, or before it was resumed)."""
+        return self.history[-1]["epoch"] if self.history else self.start_epoch
 
     def last_good(self, epoch: int) -> str:
         """Where the state after ``epoch`` is kept, for messages: its checkpoint, or (in memory) the program."""
@@ -287,7 +299,8 @@ def seed_and_validation(config: TrainConfig) -> None:
 def save_checkpoint(run: TrainingRun, epoch: int) -> str:
     """Rank 0: the checkpoint of ``epoch`` (program, optimizer, the strategy's RNG record, configuration); its id."""
     state = {"epoch": epoch, "model": run.program.state_dict(), **run.engine.state_dict(),
-             **run.strategy.checkpoint_extra(run.device), "config": run.saved_config, "train_seconds": run.elapsed}
+             **run.strategy.checkpoint_extra(run.device), "config": run.saved_config, "train_seconds": run.elapsed,
+             "schedules": {"plateau": run.plateau, "stopping": run.stopping}}
     return runs.save_checkpoint(run.run_dir, state)
 
 
@@ -318,7 +331,12 @@ def restore_checkpoint(run: TrainingRun, checkpoint: dict[str, Any]) -> None:
     run.strategy.restore(checkpoint, run.device)
     run.start_epoch, run.elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
     run.checkpoint_id = checkpoint.get("id")
+    saved = checkpoint.get("schedules") or {}  # none in checkpoints of earlier versions: the schedules start afresh
+    run.plateau = saved.get("plateau") or plateau_start(run.config.learning_rate)
+    run.stopping = saved.get("stopping") or early_stopping_start()
     if run.main:
+        if run.config.early_stopping is not None and run.stopping["best_epoch"] == run.start_epoch > 0:
+            runs.keep_as_best(run.run_dir)  # a run killed between the checkpoint and its best copy
         runs.record_written(run.run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE, *runs.CHECKPOINT_FILES)
         runs.write_json(run.run_dir / runs.CONFIG_FILE, run.saved_config)
         runs.write_json(run.run_dir / DATA_RECORD_FILE, run.data.record)
