@@ -1,0 +1,137 @@
+"""Issue 28 wired into the trainer: learning-rate schedules from the one pure function, the plateau schedule and
+early stopping with their states in the checkpoint (exact resume), the best checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppl_vae import runs, schedules
+from ppl_vae.errors import PplVaeError
+from ppl_vae.model import VAEConfig
+from ppl_vae.train import TrainConfig, train
+from ppl_vae.training import loop
+
+TINY_MODEL = VAEConfig(latent_dim=4, hidden_sizes=(32,))
+TIMINGS = ("epoch_seconds", "steps_per_second", "train_seconds")
+
+
+def tiny_config(data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=4, batch_size=50, learning_rate=3e-3, data_dir=str(data_root), train_examples=300,
+                    eval_examples=100, test_samples=10, device="cpu")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """Stands for a kill right after an epoch's checkpoint (and best checkpoint) was written."""
+
+
+def killed_after(monkeypatch, epoch: int) -> None:
+    real = loop.end_epoch
+
+    def end_epoch(run, record):
+        real(run, record)
+        if record["epoch"] == epoch:
+            raise Killed
+
+    monkeypatch.setattr(loop, "end_epoch", end_epoch)
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def interrupted_and_resumed(tmp_path, monkeypatch, config: TrainConfig, kill_epoch: int) -> dict:
+    with monkeypatch.context() as patch:
+        killed_after(patch, kill_epoch)
+        with pytest.raises(Killed):
+            train(tmp_path, config, TINY_MODEL, progress=False)
+    assert runs.load_checkpoint(tmp_path)["epoch"] == kill_epoch
+    return train(tmp_path, None, resume=True, progress=False)
+
+
+def test_every_schedule_sets_each_epochs_rate_from_the_one_function_and_records_it(tmp_path, data_root):
+    config = tiny_config(data_root, epochs=5, lr_schedule="burda", engine="svi")
+    train(tmp_path / "run", config, TINY_MODEL, progress=False)
+    rates = [record["learning_rate"] for record in runs.read_metrics(tmp_path / "run")]
+    assert rates == pytest.approx([3e-3 * 10 ** (-i / 7) for i in (0, 1, 1, 1, 2)], rel=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["svi", "jit"])
+def test_the_plateau_schedule_resumes_exactly(tmp_path, data_root, monkeypatch, engine):
+    # min_delta far above any change and patience 0: every epoch after the first lowers the rate for the next.
+    config = tiny_config(data_root, lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, min_delta=1e6,
+                         engine=engine)
+    train(tmp_path / "straight", config, TINY_MODEL, progress=False)
+    straight = runs.read_metrics(tmp_path / "straight")
+    assert [r["learning_rate"] for r in straight] == pytest.approx([3e-3, 3e-3, 1.5e-3, 7.5e-4])
+    interrupted_and_resumed(tmp_path / "split", monkeypatch, config, kill_epoch=2)
+    split = runs.read_metrics(tmp_path / "split")
+    assert [r["learning_rate"] for r in split] == [r["learning_rate"] for r in straight]
+    for a, b in zip(without_timings(straight), without_timings(split)):
+        assert a["val_elbo"] == pytest.approx(b["val_elbo"], abs=1e-6)
+    state = runs.load_checkpoint(tmp_path / "split")["schedules"]["plateau"]
+    assert state["reductions"] == 3 and state["lr"] == pytest.approx(3.75e-4)
+
+
+@pytest.mark.parametrize("kill_epoch", [2, 4])
+def test_a_run_killed_during_patience_stops_at_the_same_epoch_with_the_same_best_checkpoint(
+    tmp_path, data_root, monkeypatch, kill_epoch,
+):
+    # Warm-up 2 epochs, patience 2, min_delta far above any change: epoch 1 is the best; patience counts from the
+    # end of the warm-up (epoch 2), so the run stops after epoch 4 of 6. Killed in patience (2) or at the stop (4).
+    config = tiny_config(data_root, epochs=6, early_stopping=2, min_delta=1e6, warmup_epochs=2, engine="svi")
+    straight = train(tmp_path / "straight", config, TINY_MODEL, progress=False)
+    resumed = interrupted_and_resumed(tmp_path / "split", monkeypatch, config, kill_epoch)
+    a, b = runs.read_metrics(tmp_path / "straight"), runs.read_metrics(tmp_path / "split")
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b] == [1, 2, 3, 4]
+    assert [r["best_epoch"] for r in b] == [1, 1, 1, 1]
+    assert [r["epochs_without_improvement"] for r in b] == [0, 0, 1, 2]
+    for run_dir in ("straight", "split"):
+        best = runs.load_checkpoint(tmp_path / run_dir, which="best")
+        assert best["epoch"] == 1 and runs.load_checkpoint(tmp_path / run_dir)["epoch"] == 4
+    best_a = runs.load_checkpoint(tmp_path / "straight", which="best")["model"]
+    best_b = runs.load_checkpoint(tmp_path / "split", which="best")["model"]
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    for result in (straight, resumed):  # the test evaluation is of the best epoch's weights, and says so
+        assert (result["checkpoint"], result["epoch"], result["epochs"]) == ("best", 1, 4)
+    assert straight["log_evidence"]["mean"] == pytest.approx(resumed["log_evidence"]["mean"], abs=1e-6)
+    assert runs.BEST_CHECKPOINT_FILE in runs.read_json(tmp_path / "split" / runs.MANIFEST_FILE)["entries"]
+
+
+def test_early_stopping_keeps_the_best_checkpoint_of_a_real_improvement(tmp_path, data_root):
+    config = tiny_config(data_root, epochs=3, early_stopping=5, engine="svi")
+    train(tmp_path / "run", config, TINY_MODEL, progress=False)
+    metrics = runs.read_metrics(tmp_path / "run")
+    best_epoch = max(metrics, key=lambda r: r["val_elbo"])["epoch"]
+    assert metrics[-1]["best_epoch"] == best_epoch
+    assert runs.load_checkpoint(tmp_path / "run", which="best")["epoch"] == best_epoch
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(early_stopping=3, monitor="evidence"), "--evidence-every"),
+    (dict(lr_schedule="plateau", monitor="evidence"), "--evidence-every"),
+    (dict(min_delta=0.5), "apply to --early-stopping"),
+    (dict(monitor="evidence", evidence_every=1), "apply to --early-stopping"),
+    (dict(early_stopping=0), "at least 1"),
+    (dict(lr_schedule="plateau", plateau_factor=2.0), "between 0 and 1"),
+    (dict(monitor="loss", early_stopping=2), "unknown --monitor"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_line(settings, message):
+    with pytest.raises(PplVaeError, match=message) as caught:
+        TrainConfig(**settings)
+    assert "\n" not in str(caught.value)
+
+
+def test_schedules_monitored_value_reads_the_records_keys():
+    assert schedules.monitored_value({"val_elbo": -90.0}, "elbo") == -90.0
+    assert schedules.monitored_value({"val_elbo": -90.0}, "evidence") is None
