@@ -252,6 +252,7 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the Monte Carlo draws (each block of 100 images is seeded from it and the block's index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_checkpoint_option(p, "to evaluate")
     _add_trust_option(p, "evaluate imports")
     _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=evaluate.run)
@@ -268,6 +269,7 @@ def _add_compare_parser(subparsers) -> None:
     )
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories (evaluated, or finished training)")
     p.add_argument("--out", default="comparison", help="folder for the table and the figure")
+    _add_checkpoint_option(p, "of each run the results must be of (evaluation.json or test.json)")
     p.set_defaults(handler=compare.run)
 
 
@@ -282,6 +284,7 @@ def _add_plot_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--seed", type=int, default=0)
+    _add_checkpoint_option(p, "draws the images (the training curves show every epoch)")
     _add_trust_option(p, "plot imports")
     p.set_defaults(handler=plot.run)
 
@@ -296,7 +299,15 @@ def _add_diagnose_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory on which `ppl-vae evaluate` has been run")
+    _add_checkpoint_option(p, "the evaluation must be of (evaluate --checkpoint)")
     p.set_defaults(handler=diagnose.run)
+
+
+def _add_checkpoint_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--checkpoint", choices=("last", "best"), default=None,
+                   help=f"which checkpoint {what}: last (the latest epoch) or best (checkpoint.best.pt, the best "
+                   "epoch of a run trained with --early-stopping); default: best when the run kept one, else last. "
+                   "The output says which epoch it is")
 
 
 def _add_trust_option(p: argparse.ArgumentParser, what: str, table: OptionTable | None = None) -> None:

@@ -3,6 +3,8 @@ early stopping with their states in the checkpoint (exact resume), the best chec
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -135,3 +137,53 @@ def test_settings_that_cannot_work_are_refused_in_one_line(settings, message):
 def test_schedules_monitored_value_reads_the_records_keys():
     assert schedules.monitored_value({"val_elbo": -90.0}, "elbo") == -90.0
     assert schedules.monitored_value({"val_elbo": -90.0}, "evidence") is None
+
+
+# --- --checkpoint last|best: evaluate, plot, compare, diagnose ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def early_stopped_run(tmp_path_factory, data_root) -> str:
+    """A run stopped early at epoch 3 whose best checkpoint is epoch 1 (the argument of the kill test above)."""
+    run_dir = tmp_path_factory.mktemp("early") / "run"
+    config = tiny_config(data_root, epochs=5, early_stopping=2, min_delta=1e6, engine="svi")
+    train(run_dir, config, TINY_MODEL, progress=False)
+    return str(run_dir)
+
+
+EVALUATE = ("--num-samples", "5", "--elbo-samples", "2", "--examples", "20", "--device", "cpu", "--no-progress")
+
+
+def test_evaluate_defaults_to_the_best_checkpoint_and_says_which_epoch(early_stopped_run, cli_main, data_root):
+    import json
+
+    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, data_root=data_root)
+    assert ran.returncode == 0, ran.stderr
+    assert "epoch 1 (best checkpoint)" in ran.stdout
+    saved = json.loads((Path(early_stopped_run) / runs.EVALUATION_FILE).read_text())
+    assert (saved["checkpoint"], saved["epoch"]) == ("best", 1)
+    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, "--checkpoint", "last", data_root=data_root)
+    assert ran.returncode == 0 and "epoch 3 (last checkpoint)" in ran.stdout
+    saved = json.loads((Path(early_stopped_run) / runs.EVALUATION_FILE).read_text())
+    assert (saved["checkpoint"], saved["epoch"]) == ("last", 3)
+    # diagnose checks which checkpoint the evaluation is of: the default (best) is refused in one line now
+    ran = cli_main("diagnose", early_stopped_run)
+    assert ran.returncode == 2 and "--checkpoint best" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+    ran = cli_main("diagnose", early_stopped_run, "--checkpoint", "last")
+    assert ran.returncode == 0 and "at epoch 3 (last checkpoint)" in ran.stdout
+    # compare: the last checkpoint's evaluation, or the best's test.json (train evaluated the best epoch)
+    out = Path(early_stopped_run).parent / "cmp"
+    ran = cli_main("compare", early_stopped_run, "--out", out, "--checkpoint", "last")
+    assert ran.returncode == 0 and "| 3 |" in ran.stdout
+    ran = cli_main("compare", early_stopped_run, "--out", out)
+    assert ran.returncode == 0 and "| 1 (best) |" in ran.stdout, ran.stdout
+    ran = cli_main("plot", early_stopped_run, "--checkpoint", "best", data_root=data_root)
+    assert ran.returncode == 0 and "at epoch 1 (best checkpoint)" in ran.stdout
+
+
+def test_a_run_without_a_best_checkpoint_refuses_checkpoint_best_in_one_line(tmp_path, data_root, cli_main):
+    train(tmp_path / "run", tiny_config(data_root, epochs=1), TINY_MODEL, progress=False)
+    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, "--checkpoint", "best", data_root=data_root)
+    assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, data_root=data_root)
+    assert ran.returncode == 0 and "epoch 1 (last checkpoint)" in ran.stdout
