@@ -155,6 +155,11 @@ def _add_objective_options(p: argparse.ArgumentParser, table: OptionTable) -> No
     table.add(objective, "--beta", type=positive_float, default=t.beta, help="KL weight (poutine.scale on the latent site)")
     table.add(objective, "--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
     table.add(objective, "--warmup-start", type=positive_float, default=t.warmup_start)
+    table.add(objective, "--gradient", choices=("standard", "stl", "dreg"), default=t.gradient,
+              help="the gradient estimator: standard (the objective's own), stl (sticking the landing, Roeder et al. "
+              "2017; --objective elbo) or dreg (doubly reparameterized, Tucker et al. 2018; --objective iwae): the "
+              "same loss values and expected gradients, lower variance for the guide; every guide site must be "
+              "reparameterized; --engine auto then trains with svi")
     table.add(objective, "--validate", action="store_true",
               help="Pyro's validation on while training: every distribution's arguments and values are "
               "checked at every step (slower; --engine auto then chooses svi, and an explicit --engine jit validates "

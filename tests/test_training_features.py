@@ -187,3 +187,83 @@ def test_a_run_without_a_best_checkpoint_refuses_checkpoint_best_in_one_line(tmp
     assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
     ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, data_root=data_root)
     assert ran.returncode == 0 and "epoch 1 (last checkpoint)" in ran.stdout
+
+
+# --- --gradient standard|stl|dreg -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_data(small_data_root):
+    from ppl_vae.data import load_mnist
+
+    return load_mnist(small_data_root, "dynamic", train_examples=60, eval_examples=20)
+
+
+def in_memory_run(program, data, **settings):
+    from ppl_vae.training.setup import setup_in_memory
+
+    return setup_in_memory(program, data, TrainConfig(epochs=1, batch_size=30, **settings), progress=True)
+
+
+@pytest.mark.parametrize("gradient, objective, particles, estimator", [
+    ("stl", "elbo", 1, "STLTrace_ELBO"), ("dreg", "iwae", 3, "DReGRenyi_ELBO")])
+def test_engine_auto_trains_stl_and_dreg_with_svi_and_the_same_loss_values(
+    small_data, capsys, gradient, objective, particles, estimator,
+):
+    import copy
+
+    import pyro
+
+    from tests.discrete_models import SmallVAE
+
+    torch.manual_seed(0)
+    program = SmallVAE()
+    standard = in_memory_run(copy.deepcopy(program), small_data, objective=objective, particles=particles, engine="svi")
+    run = in_memory_run(program, small_data, objective=objective, particles=particles, gradient=gradient)
+    assert f"training engine: svi (--engine auto: --gradient {gradient}: the compiled loss" in capsys.readouterr().out
+    assert type(run.engine.svi.loss_and_grads.__self__).__name__ == estimator
+    batch = small_data.train[:30]
+    losses = []
+    for engine in (standard.engine, run.engine):
+        pyro.set_rng_seed(3)
+        pyro.clear_param_store()
+        losses.append(engine.step(batch))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)  # the same objective on the same draws
+    records = fit_records(program, small_data, objective=objective, particles=particles, gradient=gradient)
+    assert all(torch.isfinite(torch.tensor([r["train_elbo"], r["val_elbo"]])).all() for r in records)
+
+
+def fit_records(program, data, **settings):
+    from ppl_vae.training import fit
+
+    return fit(program, data, TrainConfig(epochs=1, batch_size=30, **settings), progress=False)
+
+
+def test_stl_and_dreg_are_refused_for_programs_they_cannot_train(small_data):
+    from ppl_vae.errors import ModelStructureError
+    from tests.discrete_models import M2, BatchNormVAE
+
+    with pytest.raises(ModelStructureError, match="'y' .*not reparameterized"):
+        fit_records(M2(), small_data, gradient="stl")
+    with pytest.raises(ModelStructureError, match="BatchNorm"):
+        fit_records(BatchNormVAE(), small_data, objective="iwae", particles=2, gradient="dreg")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(gradient="stl", objective="iwae", particles=2), "use --gradient dreg"),
+    (dict(gradient="dreg"), "use --gradient stl"),
+    (dict(gradient="stl", engine="jit"), "--engine jit"),
+    (dict(gradient="stl", objective="meanfield"), "--objective elbo only"),
+])
+def test_gradient_settings_that_make_no_sense_are_refused_in_one_line(settings, message):
+    with pytest.raises(PplVaeError, match=message) as caught:
+        TrainConfig(**settings)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_new_train_options_are_refused_in_one_line_from_the_command_line(tmp_path, cli_main, data_root):
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--gradient", "stl", "--engine", "jit", data_root=data_root)
+    assert ran.returncode == 2 and "--engine jit" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--min-delta", "0.5", data_root=data_root)
+    assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

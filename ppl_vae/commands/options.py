@@ -95,6 +95,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "early_stopping": ("train", "early_stopping"),
     "plateau_factor": ("train", "plateau_factor"),
     "plateau_patience": ("train", "plateau_patience"),
+    "gradient": ("train", "gradient"),
     "latent_dim": ("model", "latent_dim"),
     "hidden_sizes": ("model", "hidden_sizes"),
     "activation": ("model", "activation"),

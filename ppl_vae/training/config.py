@@ -19,6 +19,7 @@ import torch
 
 from ..data import check_dataset
 from ..errors import PplVaeError
+from ..gradient_estimators import check_gradient
 from ..objectives import check_objective
 from ..schedules import LR_SCHEDULES, MONITORS, check_lr_schedule
 from ..schedules import learning_rate as schedule_learning_rate
@@ -74,6 +75,8 @@ class TrainConfig:
     early_stopping: int | None = None  # patience: stop after this many epochs without improvement; None: never
     plateau_factor: float = 0.1  # "plateau" multiplies the rate by this after plateau_patience bad measured epochs
     plateau_patience: int = 10  # measured epochs without improvement "plateau" tolerates (as ReduceLROnPlateau)
+    # Issue 28: the gradient estimator (ppl_vae.gradient_estimators): standard, stl (--objective elbo), dreg (iwae).
+    gradient: str = "standard"
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, bool):
@@ -99,6 +102,10 @@ class TrainConfig:
             raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         check_dataset(self.dataset)
         self.check_monitoring()
+        check_gradient(self.gradient, self.objective)
+        if self.gradient != "standard" and self.engine == "jit":
+            raise PplVaeError(f"--engine jit compiles Pyro's JitTrace_ELBO, which has no {self.gradient.upper()} "
+                              f"estimator: train --gradient {self.gradient} with --engine svi (or auto)")
         check_objective(self.objective, self.particles, compiled=self.engine == "jit")
         if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")

@@ -26,12 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ModelStructureError, PplVaeError, RunDirectoryError
 from ..evaluate import ProgramStructure, inspect_program
+from ..gradient_estimators import make_gradient_objective
 from ..modes import running_statistics_problem
 from ..objectives import (
     COMPILED_OBJECTIVES,
     UnfaithfulTrace,
     compiled_loss_problem,
     make_loss_module,
+    ProgramLoss,
     make_objective,
     site_kind_problem,
 )
@@ -46,6 +48,14 @@ from .config import (
 )
 from .interrupts import StopRequest
 from .steps import checked_module_step, checked_svi_step
+
+
+def training_objective(config: TrainConfig, max_plate_nesting: int = 1) -> Any:
+    """The Pyro ELBO a run trains with: ``--objective`` with the ``--gradient`` estimator (STL, DReG: see
+    :mod:`ppl_vae.gradient_estimators`; standard: :func:`ppl_vae.objectives.make_objective`)."""
+    if config.gradient != "standard":
+        return make_gradient_objective(config.gradient, config.objective, config.particles, max_plate_nesting)
+    return make_objective(config.objective, config.particles, max_plate_nesting)
 
 
 class Engine(Protocol):
@@ -91,8 +101,7 @@ class SviEngine(_LocalStop):
     def __init__(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
         self.config = config
         self.optimizer = make_optimizer(config)
-        objective = make_objective(config.objective, config.particles, max_plate_nesting)
-        self.svi = SVI(program.model, program.guide, self.optimizer, loss=objective)
+        self.svi = SVI(program.model, program.guide, self.optimizer, loss=training_objective(config, max_plate_nesting))
         self.restored: dict[str, Any] | None = None  # a checkpoint's optimizer state, until Pyro takes it
 
     def step(self, batch: torch.Tensor | tuple) -> float:
@@ -147,8 +156,11 @@ class ModuleEngine(_LocalStop):
     def __init__(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1,
                  compiled: bool = True):
         self.config = config
-        self.loss = make_loss_module(program, config.objective, config.particles, compiled=compiled,
-                                     max_plate_nesting=max_plate_nesting)
+        if config.gradient != "standard":  # STL/DReG: Pyro ELBO classes with a differentiable_loss, not compiled
+            self.loss = ProgramLoss(program, training_objective(config, max_plate_nesting))
+        else:
+            self.loss = make_loss_module(program, config.objective, config.particles, compiled=compiled,
+                                         max_plate_nesting=max_plate_nesting)
         self.optimizer, self.scheduler = make_optimizer(config, program.parameters())
         self.params = [p for p in self.loss.parameters() if p.requires_grad]
 
@@ -227,6 +239,9 @@ def choose_engine(
     requested = config.engine
     if requested == "svi":
         return EngineChoice(requested, "svi", "as asked")
+    if requested == "auto" and config.gradient != "standard":
+        return EngineChoice(requested, "svi", f"--gradient {config.gradient}: the compiled loss (JitTrace_ELBO) has no "
+                                              f"{config.gradient.upper()} estimator, SVI runs it")
     if requested == "auto":
         if config.objective not in COMPILED_OBJECTIVES:
             return EngineChoice(requested, "svi", f"--objective {config.objective} has no working compiled loss in "
@@ -271,7 +286,7 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
 
 def check_trainable_on_processes(config: TrainConfig) -> None:
     """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
-    objective = make_objective(config.objective, config.particles)
+    objective = training_objective(config)
     if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
             f"--objective {config.objective} cannot be trained on several processes: Pyro's {type(objective).__name__} "

@@ -25,6 +25,7 @@ from ..data import DATA_RECORD_FILE, ImageData, dataset_image_shape, is_npz, sha
 from ..errors import PplVaeError, PplVaeWarning
 from ..evaluate import ProgramStructure
 from ..model import VAEConfig, build_vae
+from ..gradient_estimators import check_gradient_program, check_gradient_sites
 from ..objectives import check_meanfield, check_objective_sites
 from ..programs import (
     ProgramSpec,
@@ -223,6 +224,8 @@ def check_program_on_data(
     first, second = check_batches(data, config, probe)
     structure = check_first_batch(program, first)
     check_objective_sites(config.objective, structure)  # refused where the program's sites break its gradient
+    check_gradient_sites(config.gradient, structure)  # STL/DReG: every guide site reparameterized, none enumerated
+    check_gradient_program(config.gradient, program)  # and no BatchNorm, whose statistics the second guide run moves
     if config.labels:
         check_split_labels(program, data)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
