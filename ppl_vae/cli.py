@@ -79,6 +79,7 @@ def add_train_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     _add_optimization_options(p, table)
     _add_evaluation_options(p, table)
     _add_monitoring_options(p, table)
+    _add_tracking_options(p, table)
     table.add(p, "--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     table.add(p, "--config", default=None, metavar="FILE", help="JSON file of option values, keyed by option name with underscores (e.g. experiments/configs/*.json); keys starting with '_' are notes; options given on the command line win")
     _add_scale_out_options(p, "Train", table)
@@ -234,6 +235,26 @@ def _add_monitoring_options(p: argparse.ArgumentParser, table: OptionTable) -> N
     table.add(g, "--plateau-patience", type=int, default=t.plateau_patience, metavar="EPOCHS",
               help="measured epochs without improvement that --lr-schedule plateau tolerates (as torch's "
               "ReduceLROnPlateau)")
+
+
+def _add_tracking_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    from .trackers import TRACKERS
+    from .train import TrainConfig
+
+    t = TrainConfig()
+    g = p.add_argument_group(
+        "experiment trackers",
+        "Optional extras (pip install -e \".[tensorboard]\" or \".[mlflow]\"). Each epoch's record (ELBO, "
+        "reconstruction, KL per latent site by its name, learning rate, KL weight, steps/s, log p(x) when computed) "
+        "and the configuration, written inside the run directory by default (tb/; mlflow.db and mlruns/); --resume "
+        "continues the same TensorBoard folder and MLflow run, without duplicated steps.")
+    table.add(g, "--log", nargs="+", choices=TRACKERS, default=list(t.log), metavar="TRACKER",
+              help=f"trackers to report to, one or several of: {', '.join(TRACKERS)}")
+    table.add(g, "--tracking-uri", default=t.tracking_uri, metavar="URI",
+              help="MLflow's tracking URI, e.g. http://host:5000; None: sqlite mlflow.db in the run directory")
+    table.add(g, "--log-images-every", type=int, default=t.log_images_every, metavar="EPOCHS",
+              help="every this many epochs (and the last), images of samples and reconstructions to the trackers, "
+              "where the program has the methods (sample_prior; encode_mean and decode_mean); 0: none")
 
 
 def _add_evaluate_parser(subparsers) -> None:

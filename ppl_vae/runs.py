@@ -119,8 +119,11 @@ def writing(path: str | os.PathLike, what: str = "write") -> Iterator[None]:
 
 # --- The manifest: what a run wrote, which is all --overwrite deletes ----------------------------------
 
-FILE, FOLDER = "file", "folder"
+FILE, FOLDER, TREE = "file", "folder", "tree"
 RUN_FOLDERS = (PROGRAM_FOLDER, PLOTS_FOLDER)  # the folders a run holds (one level deep); every other entry is a file
+# Folders written by other libraries (the experiment trackers: TensorBoard's event files, MLflow's artifacts), whose
+# files and subfolders ppl_vae does not name one by one: --overwrite deletes their whole tree (never through a link).
+RUN_TREES = ("tb", "mlruns")
 
 
 def _entry_parts(name: object) -> tuple[str, ...] | None:
@@ -137,7 +140,7 @@ def _entry_parts(name: object) -> tuple[str, ...] | None:
 
 
 def _kind_of(name: str) -> str:
-    return FOLDER if name in RUN_FOLDERS else FILE
+    return FOLDER if name in RUN_FOLDERS else TREE if name in RUN_TREES else FILE
 
 
 def _link_refusal(path: Path) -> str:
@@ -208,7 +211,7 @@ def _check_entry(run_dir: Path, name: str) -> None:
         if path.is_symlink():
             raise RunDirectoryError(_link_refusal(path))
     path, kind = run_dir / name, _kind_of(name)
-    if kind == FOLDER and path.exists() and not path.is_dir():
+    if kind in (FOLDER, TREE) and path.exists() and not path.is_dir():
         raise RunDirectoryError(f"{path} is a file where a run keeps its folder {name}/: move it away and run the "
                                 "command again")
     if kind == FILE and path.is_dir():
@@ -243,7 +246,7 @@ def record_written(run_dir: str | os.PathLike, *names: str) -> list[Path]:
             if entries is not None and any(entries.get(name) != kind for name, kind in wanted.items()):
                 _write_manifest(run_dir, {**entries, **wanted})
     for name, kind in wanted.items():
-        if kind == FOLDER:
+        if kind in (FOLDER, TREE):
             with writing(run_dir / name, "create the folder"):
                 (run_dir / name).mkdir(exist_ok=True)
     return [run_dir / name for name in names]
@@ -295,6 +298,8 @@ def _overwrite_plan(path: Path) -> list[Path]:
             links.append(name)
         elif entry.is_file() and (kind == FILE or (kind is None and _is_our_temporary(entry.name, tuple(siblings)))):
             files.append(entry)
+        elif kind == TREE and entry.is_dir():
+            _sort_tree(entry, name, files, folders, links)
         elif kind == FOLDER and entry.is_dir():
             inside = [child.split("/")[1] for child in entries if child.startswith(name + "/")]
             for child in sorted(entry.iterdir(), key=lambda p: p.name):
@@ -319,6 +324,18 @@ def _overwrite_plan(path: Path) -> list[Path]:
             f"{_list(others)}. Nothing was deleted: move them away, or choose another --run-dir"
         )
     return files + folders
+
+
+def _sort_tree(folder: Path, name: str, files: list[Path], folders: list[Path], links: list[str]) -> None:
+    """The files and folders of a recorded tree, deepest first (links, which are refused, named)."""
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        if child.is_symlink():
+            links.append(f"{name}/{child.name}")
+        elif child.is_dir():
+            _sort_tree(child, f"{name}/{child.name}", files, folders, links)
+        else:
+            files.append(child)
+    folders.append(folder)
 
 
 def _list(names: list[str], limit: int = 8) -> str:

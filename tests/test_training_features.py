@@ -267,3 +267,63 @@ def test_the_new_train_options_are_refused_in_one_line_from_the_command_line(tmp
     ran = cli_main("train", "--run-dir", tmp_path / "run", "--min-delta", "0.5", data_root=data_root)
     assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+# --- --log tensorboard mlflow: started, resumed and closed by the loop ------------------------------------------
+
+
+def test_trackers_log_every_epoch_once_across_a_kill_and_resume_and_overwrite_deletes_them(
+    tmp_path, data_root, monkeypatch,
+):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ppl_vae import trackers
+
+    run_dir = tmp_path / "run"
+    config = tiny_config(data_root, epochs=3, log=("tensorboard", "mlflow"), log_images_every=2, engine="svi")
+    interrupted_and_resumed(run_dir, monkeypatch, config, kill_epoch=2)
+    events = EventAccumulator(str(run_dir / trackers.TENSORBOARD_FOLDER), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_elbo")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("val_kl_site/z")] == [1, 2, 3]  # the built-in VAE's latent site "z"
+    metrics = runs.read_metrics(run_dir)
+    assert [e.value for e in events.Scalars("learning_rate")] == pytest.approx([m["learning_rate"] for m in metrics])
+    assert [e.step for e in events.Images("samples")] == [2, 3] == [e.step for e in events.Images("reconstructions")]
+    saved = runs.read_json(run_dir / trackers.MLFLOW_RUN_FILE)
+    client = MlflowClient(tracking_uri=saved["tracking_uri"])
+    history = client.get_metric_history(saved["run_id"], "val_elbo")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([m["val_elbo"] for m in metrics])
+    run = client.get_run(saved["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.epochs"] == "3"
+    assert len(client.search_runs([saved["experiment_id"]])) == 1  # the resumed run continued the same MLflow run
+    entries = runs.read_json(run_dir / runs.MANIFEST_FILE)["entries"]
+    assert entries["tb"] == entries["mlruns"] == "tree" and entries["mlflow.db"] == "file"
+    train(run_dir, tiny_config(data_root, epochs=1), TINY_MODEL, overwrite=True, progress=False)
+    assert not (run_dir / "tb").exists() and not (run_dir / "mlruns").exists()
+    assert not (run_dir / "mlflow.db").exists()
+
+
+def test_a_missing_tracker_package_is_one_line_with_its_install_command_before_anything_is_written(
+    tmp_path, data_root, monkeypatch,
+):
+    from ppl_vae import trackers
+
+    monkeypatch.setitem(trackers._NEEDS, "mlflow", "ppl_vae_no_such_package")
+    with pytest.raises(PplVaeError, match=r'pip install -e "\.\[mlflow\]"') as caught:
+        train(tmp_path / "run", tiny_config(data_root, log=("mlflow",)), TINY_MODEL, progress=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "run" / runs.CONFIG_FILE).exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(tracking_uri="http://localhost:5000"), "--log mlflow"),
+    (dict(log=("tensorboard",), tracking_uri="http://localhost:5000"), "--log mlflow"),
+    (dict(log_images_every=2), "none is given"),
+    (dict(log=("wandb",)), "unknown tracker"),
+])
+def test_tracker_settings_that_make_no_sense_are_refused(settings, message):
+    with pytest.raises(PplVaeError, match=message):
+        TrainConfig(**settings)

@@ -23,6 +23,7 @@ from ..gradient_estimators import check_gradient
 from ..objectives import check_objective
 from ..schedules import LR_SCHEDULES, MONITORS, check_lr_schedule
 from ..schedules import learning_rate as schedule_learning_rate
+from ..trackers import TRACKERS
 
 # How a step is computed (ppl_vae.training.engines); both read the same Pyro programs. "auto" chooses
 # one of them for the run (choose_engine), and the run records which and why.
@@ -77,6 +78,10 @@ class TrainConfig:
     plateau_patience: int = 10  # measured epochs without improvement "plateau" tolerates (as ReduceLROnPlateau)
     # Issue 28: the gradient estimator (ppl_vae.gradient_estimators): standard, stl (--objective elbo), dreg (iwae).
     gradient: str = "standard"
+    # Issue 28: experiment trackers (ppl_vae.trackers), started, resumed and closed by the loop on the main process.
+    log: tuple[str, ...] = ()  # tensorboard and/or mlflow
+    tracking_uri: str | None = None  # MLflow's tracking URI (a server); None: mlflow.db and mlruns/ in the run
+    log_images_every: int = 0  # every this many epochs (and the last), images of samples and reconstructions; 0: none
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, bool):
@@ -103,6 +108,7 @@ class TrainConfig:
         check_dataset(self.dataset)
         self.check_monitoring()
         check_gradient(self.gradient, self.objective)
+        self.check_tracking()
         if self.gradient != "standard" and self.engine == "jit":
             raise PplVaeError(f"--engine jit compiles Pyro's JitTrace_ELBO, which has no {self.gradient.upper()} "
                               f"estimator: train --gradient {self.gradient} with --engine svi (or auto)")
@@ -133,6 +139,23 @@ class TrainConfig:
         if not watched and (self.monitor != "elbo" or self.min_delta):
             raise PplVaeError("--monitor and --min-delta apply to --early-stopping and --lr-schedule plateau: give one "
                               "of them, or leave --monitor and --min-delta out")
+
+
+    def check_tracking(self) -> None:
+        """--log, --tracking-uri, --log-images-every: known names, and no option without the tracker it is for.
+        Whether the trackers' packages are installed is checked when training starts (a run that logged can still
+        be evaluated without them)."""
+        self.log = tuple(self.log)
+        unknown = sorted(set(self.log) - set(TRACKERS))
+        if unknown:
+            raise PplVaeError(f"unknown tracker(s) {unknown} for --log: choose from {', '.join(TRACKERS)}")
+        if self.tracking_uri is not None and "mlflow" not in self.log:
+            raise PplVaeError("--tracking-uri is MLflow's: give it with --log mlflow, or leave it out")
+        if not (isinstance(self.log_images_every, numbers.Integral) and self.log_images_every >= 0):
+            raise PplVaeError(f"--log-images-every must be an integer >= 0 (0: no images), got {self.log_images_every!r}")
+        if self.log_images_every and not self.log:
+            raise PplVaeError("--log-images-every sends images to the trackers of --log, and none is given: add "
+                              "--log tensorboard or --log mlflow, or leave it out")
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:

@@ -24,6 +24,7 @@ from .checks import conditioning, levels_of
 from .config import TrainConfig, describe_objective, kl_weight, learning_rate_at
 from .interrupts import StopRequest
 from .monitoring import best_state, stopped_line, watch
+from .tracking import close_trackers, log_to_trackers, start_trackers
 from .records import epoch_record, print_epoch, validation_evidence
 from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
 from .steps import run_epoch
@@ -60,12 +61,17 @@ def train(
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     lock = runs.RunLock(run_dir)  # held while training (by rank 0): one writer per run
+    trackers, finished = [], False
     try:
         request = TrainRequest(run_dir, lock, config, model_config, resume, overwrite, progress, program, trust_program)
         run = setup_run(request, processes or OneProcess())
+        run.trackers = trackers = start_trackers(run, resumed=resume)
         train_epochs(run)
-        return test_evaluation(run)
+        result = test_evaluation(run)
+        finished = True
+        return result
     finally:
+        close_trackers(trackers, finished)  # KILLED on Ctrl-C or a failure: --resume continues the same runs
         lock.release()
 
 
@@ -144,6 +150,7 @@ def end_epoch(run: TrainingRun, record: dict[str, Any]) -> None:
         run.checkpoint_id = save_checkpoint(run, record["epoch"])  # with the schedules' states of this epoch
         if run.config.early_stopping is not None and run.stopping["improved"]:
             runs.keep_as_best(run.run_dir)
+        log_to_trackers(run, record)
     if run.progress:
         print_epoch(record, run.config)
 

@@ -38,6 +38,7 @@ from ..programs import (
     vae_config_with,
 )
 from ..schedules import early_stopping_start, plateau_start
+from ..trackers import check_trackers
 from ..trust import verified_source
 from .checks import check_batches, check_first_batch, check_split_labels, load_data
 from .config import TrainConfig
@@ -94,6 +95,7 @@ class TrainingRun:
     # The states of the schedules that depend on what training measured (ppl_vae.schedules), in every checkpoint.
     plateau: dict[str, Any] = field(default_factory=dict)
     stopping: dict[str, Any] = field(default_factory=early_stopping_start)
+    trackers: list[Any] = field(default_factory=list)  # --log: started by the loop on the main process
 
     def __post_init__(self) -> None:
         self.plateau = self.plateau or plateau_start(self.config.learning_rate)
@@ -191,6 +193,7 @@ def read_settings(request: TrainRequest, strategy: Strategy) -> Settings:
     # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
     config, model_config = fit_to_dataset(config or TrainConfig(), model_config or VAEConfig())
     strategy.check_config(config)
+    check_trackers(config.log)  # a missing extra: one line with its install command, before anything is written
     # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
     # one); load_state_dict moves weights and optimizer state.
     checkpoint = runs.load_checkpoint_for_resume(request.run_dir, map_location="cpu") if request.resume else None
@@ -279,6 +282,9 @@ def setup_in_memory(program: torch.nn.Module, data: ImageData, config: TrainConf
                     progress: bool = True) -> TrainingRun:
     """:func:`setup_run` for a program object and data in memory: the same checks and engine choice, one process,
     no run directory (nothing is written; the records stay in ``TrainingRun.history``)."""
+    if config.log:
+        raise PplVaeError("--log writes into a run directory: train with ppl_vae.train.train(run_dir, ...) to use "
+                          "trackers (fit keeps its records in memory)")
     strategy = OneProcess()
     device = data.train.device
     seed_and_validation(config)
