@@ -327,3 +327,26 @@ def test_a_missing_tracker_package_is_one_line_with_its_install_command_before_a
 def test_tracker_settings_that_make_no_sense_are_refused(settings, message):
     with pytest.raises(PplVaeError, match=message):
         TrainConfig(**settings)
+
+
+def test_fit_with_early_stopping_stops_and_leaves_the_best_epochs_weights(small_data):
+    from ppl_vae.training import fit
+
+    from tests.discrete_models import SmallVAE
+
+    torch.manual_seed(0)
+    program = SmallVAE()
+    kept = {}
+    real = loop.end_epoch
+
+    def spy(run, record):  # the weights after each epoch, to compare with what fit leaves
+        real(run, record)
+        kept[record["epoch"]] = {k: v.clone() for k, v in run.program.state_dict().items()}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "end_epoch", spy)
+        records = fit(program, small_data, TrainConfig(epochs=6, batch_size=30, learning_rate=1e-2, early_stopping=2,
+                                                       min_delta=1e6), progress=False)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert all(torch.equal(program.state_dict()[k], kept[1][k]) for k in kept[1])
+    assert not all(torch.equal(kept[3][k], kept[1][k]) for k in kept[1])

@@ -23,7 +23,7 @@ from ..programs import ProgramSpec
 from .checks import conditioning, levels_of
 from .config import TrainConfig, describe_objective, kl_weight, learning_rate_at
 from .interrupts import StopRequest
-from .monitoring import best_state, stopped_line, watch
+from .monitoring import best_state, keep_best_in_memory, stopped_line, watch
 from .tracking import close_trackers, log_to_trackers, start_trackers
 from .records import epoch_record, print_epoch, validation_evidence
 from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
@@ -80,10 +80,12 @@ def fit(program: torch.nn.Module, data: ImageData, config: TrainConfig, progress
 
     The same checks, engine choice, KL weight, checked steps and per-epoch validation as :func:`train`; nothing
     is written and there is no final test evaluation. Returns the epoch records (``metrics.jsonl``'s fields);
-    the program is left in eval mode.
+    the program is left in eval mode, with the best epoch's weights under ``config.early_stopping``.
     """
     run = setup_in_memory(program, data, config, progress)
     train_epochs(run)
+    if run.best_weights is not None:
+        run.program.load_state_dict(run.best_weights)
     run.program.eval()
     return run.history
 
@@ -143,6 +145,7 @@ def validate(run: TrainingRun, epoch: int, trained: dict[str, Any]) -> dict[str,
 def end_epoch(run: TrainingRun, record: dict[str, Any]) -> None:
     """Rank 0 appends the record to metrics.jsonl and saves the epoch's checkpoint, then prints the epoch's line."""
     run.history.append(record)
+    keep_best_in_memory(run)
     if not run.main:
         return
     if run.run_dir is not None:

@@ -47,6 +47,18 @@ def best_state(run: TrainingRun) -> tuple[str, int, str | None]:
     the last epoch trained, the latest checkpoint's id). A run held in memory keeps its last weights."""
     if run.config.early_stopping is None or run.run_dir is None or run.stopping["best_epoch"] is None:
         return "last", run.trained_epochs, run.checkpoint_id
-    best = run.strategy.on_main(lambda: runs.load_checkpoint(run.run_dir, map_location="cpu", which="best"))
+
+    def read() -> dict[str, Any]:
+        best = runs.load_checkpoint(run.run_dir, map_location="cpu", which="best")
+        return {key: best.get(key) for key in ("model", "epoch", "id")}  # what every process needs, no more
+
+    best = run.strategy.on_main(read)
     run.program.load_state_dict(best["model"])
-    return "best", best["epoch"], best.get("id")
+    return "best", best["epoch"], best["id"]
+
+
+def keep_best_in_memory(run: TrainingRun) -> None:
+    """A run held in memory (:func:`ppl_vae.training.loop.fit`) with --early-stopping: a copy of the best epoch's
+    weights, which the program gets back at the end."""
+    if run.run_dir is None and run.config.early_stopping is not None and run.stopping["improved"]:
+        run.best_weights = {name: value.detach().clone() for name, value in run.program.state_dict().items()}

@@ -96,6 +96,7 @@ class TrainingRun:
     plateau: dict[str, Any] = field(default_factory=dict)
     stopping: dict[str, Any] = field(default_factory=early_stopping_start)
     trackers: list[Any] = field(default_factory=list)  # --log: started by the loop on the main process
+    best_weights: dict[str, Any] | None = None  # in memory, with --early-stopping: the best epoch's state_dict
 
     def __post_init__(self) -> None:
         self.plateau = self.plateau or plateau_start(self.config.learning_rate)
