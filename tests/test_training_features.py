@@ -350,3 +350,13 @@ def test_fit_with_early_stopping_stops_and_leaves_the_best_epochs_weights(small_
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert all(torch.equal(program.state_dict()[k], kept[1][k]) for k in kept[1])
     assert not all(torch.equal(kept[3][k], kept[1][k]) for k in kept[1])
+
+
+def test_the_train_command_says_the_test_table_is_of_the_best_epoch(tmp_path, cli_main, data_root):
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--data-dir", data_root, "--train-examples", "300",
+                   "--eval-examples", "100", "--batch-size", "50", "--latent-dim", "4", "--hidden-sizes", "32",
+                   "--test-samples", "10", "--device", "cpu", "--epochs", "4", "--early-stopping", "1",
+                   "--min-delta", "1000000", "--lr-schedule", "burda")
+    assert ran.returncode == 0, ran.stderr
+    assert "early stopping after epoch 2" in ran.stdout and "the best epoch is 1" in ran.stdout
+    assert "after 2 epochs; epoch 1, the best checkpoint" in ran.stdout
