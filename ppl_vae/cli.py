@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from .commands import bench, compare, diagnose, evaluate, plot, train, trust
-from .commands.options import ConfigFileError, OptionTable, positive_float, positive_int, read_config_file, seed
+from .commands.options import (
+    ConfigFileError,
+    OptionTable,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    read_config_file,
+    seed,
+)
 from .errors import PplVaeError, PplVaeWarning, TrainingInterrupted
 
 DESCRIPTION = """\
@@ -70,6 +78,8 @@ def add_train_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     _add_objective_options(p, table)
     _add_optimization_options(p, table)
     _add_evaluation_options(p, table)
+    _add_monitoring_options(p, table)
+    _add_tracking_options(p, table)
     table.add(p, "--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     table.add(p, "--config", default=None, metavar="FILE", help="JSON file of option values, keyed by option name with underscores (e.g. experiments/configs/*.json); keys starting with '_' are notes; options given on the command line win")
     _add_scale_out_options(p, "Train", table)
@@ -146,6 +156,11 @@ def _add_objective_options(p: argparse.ArgumentParser, table: OptionTable) -> No
     table.add(objective, "--beta", type=positive_float, default=t.beta, help="KL weight (poutine.scale on the latent site)")
     table.add(objective, "--warmup", type=int, default=t.warmup_epochs, help="epochs of linear KL warm-up from --warmup-start to --beta")
     table.add(objective, "--warmup-start", type=positive_float, default=t.warmup_start)
+    table.add(objective, "--gradient", choices=("standard", "stl", "dreg"), default=t.gradient,
+              help="the gradient estimator: standard (the objective's own), stl (sticking the landing, Roeder et al. "
+              "2017; --objective elbo) or dreg (doubly reparameterized, Tucker et al. 2018; --objective iwae): the "
+              "same loss values and expected gradients, lower variance for the guide; every guide site must be "
+              "reparameterized; --engine auto then trains with svi")
     table.add(objective, "--validate", action="store_true",
               help="Pyro's validation on while training: every distribution's arguments and values are "
               "checked at every step (slower; --engine auto then chooses svi, and an explicit --engine jit validates "
@@ -163,7 +178,11 @@ def _add_optimization_options(p: argparse.ArgumentParser, table: OptionTable) ->
     table.add(opt, "--batch-size", type=positive_int, default=t.batch_size,
               help="minibatch size; with several processes, the global minibatch, split between them")
     table.add(opt, "--lr", type=positive_float, default=t.learning_rate, help="Adam learning rate")
-    table.add(opt, "--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule, help="per-epoch schedule")
+    table.add(opt, "--lr-schedule", choices=LR_SCHEDULES, default=t.lr_schedule,
+              help="the rate of each epoch, one pure function of the epoch: constant; step (x --lr-gamma after each "
+              "of --lr-milestones); cosine (to --lr-final at --epochs); burda (Burda et al. 2016: 3^i epochs at "
+              "--lr x 10^(-i/7)); plateau (x --plateau-factor when --monitor stops improving). The rate is in "
+              "every epoch's record")
     table.add(opt, "--lr-milestones", type=positive_int, nargs="*", default=[], help="epochs after which 'step' multiplies the rate by --lr-gamma")
     table.add(opt, "--lr-gamma", type=positive_float, default=t.lr_gamma)
     table.add(opt, "--lr-final", type=positive_float, default=t.lr_final, help="the rate 'cosine' anneals to")
@@ -193,6 +212,51 @@ def _add_evaluation_options(p: argparse.ArgumentParser, table: OptionTable) -> N
     table.add(ev, "--evidence-samples", type=positive_int, default=t.evidence_samples, help="K for that learning curve")
 
 
+def _add_monitoring_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    from .train import TrainConfig
+
+    t = TrainConfig()
+    g = p.add_argument_group(
+        "early stopping and the plateau schedule",
+        "Both watch one monitored quantity, measured after each epoch (higher is better); an epoch improves it "
+        "when it beats the best so far by more than --min-delta. The states are in every checkpoint: --resume "
+        "lowers the rate and stops at the same epochs as an uninterrupted run.")
+    table.add(g, "--monitor", choices=("elbo", "evidence"), default=t.monitor,
+              help="elbo: the validation ELBO (every epoch); evidence: the validation log p(x) of --evidence-every "
+              "(only the epochs it is computed)")
+    table.add(g, "--min-delta", type=non_negative_float, default=t.min_delta, metavar="NATS",
+              help="nats/image by which the monitored value must beat its best to count as an improvement")
+    table.add(g, "--early-stopping", type=positive_int, default=t.early_stopping, metavar="PATIENCE",
+              help="stop after PATIENCE epochs without improvement (counted from the end of --warmup), keep the "
+              "best epoch as checkpoint.best.pt and evaluate it on the test set; not given: train every epoch")
+    table.add(g, "--plateau-factor", type=positive_float, default=t.plateau_factor,
+              help="--lr-schedule plateau multiplies the rate by this (between 0 and 1) after --plateau-patience "
+              "measured epochs without improvement")
+    table.add(g, "--plateau-patience", type=int, default=t.plateau_patience, metavar="EPOCHS",
+              help="measured epochs without improvement that --lr-schedule plateau tolerates (as torch's "
+              "ReduceLROnPlateau)")
+
+
+def _add_tracking_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    from .trackers import TRACKERS
+    from .train import TrainConfig
+
+    t = TrainConfig()
+    g = p.add_argument_group(
+        "experiment trackers",
+        "Optional extras (pip install -e \".[tensorboard]\" or \".[mlflow]\"). Each epoch's record (ELBO, "
+        "reconstruction, KL per latent site by its name, learning rate, KL weight, steps/s, log p(x) when computed) "
+        "and the configuration, written inside the run directory by default (tb/; mlflow.db and mlruns/); --resume "
+        "continues the same TensorBoard folder and MLflow run, without duplicated steps.")
+    table.add(g, "--log", nargs="+", choices=TRACKERS, default=list(t.log), metavar="TRACKER",
+              help=f"trackers to report to, one or several of: {', '.join(TRACKERS)}")
+    table.add(g, "--tracking-uri", default=t.tracking_uri, metavar="URI",
+              help="MLflow's tracking URI, e.g. http://host:5000; None: sqlite mlflow.db in the run directory")
+    table.add(g, "--log-images-every", type=int, default=t.log_images_every, metavar="EPOCHS",
+              help="every this many epochs (and the last), images of samples and reconstructions to the trackers, "
+              "where the program has the methods (sample_prior; encode_mean and decode_mean); 0: none")
+
+
 def _add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
@@ -214,6 +278,7 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the Monte Carlo draws (each block of 100 images is seeded from it and the block's index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_checkpoint_option(p, "to evaluate")
     _add_trust_option(p, "evaluate imports")
     _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=evaluate.run)
@@ -230,6 +295,7 @@ def _add_compare_parser(subparsers) -> None:
     )
     p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories (evaluated, or finished training)")
     p.add_argument("--out", default="comparison", help="folder for the table and the figure")
+    _add_checkpoint_option(p, "of each run the results must be of (evaluation.json or test.json)")
     p.set_defaults(handler=compare.run)
 
 
@@ -244,6 +310,7 @@ def _add_plot_parser(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--seed", type=int, default=0)
+    _add_checkpoint_option(p, "draws the images (the training curves show every epoch)")
     _add_trust_option(p, "plot imports")
     p.set_defaults(handler=plot.run)
 
@@ -258,7 +325,15 @@ def _add_diagnose_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory on which `ppl-vae evaluate` has been run")
+    _add_checkpoint_option(p, "the evaluation must be of (evaluate --checkpoint)")
     p.set_defaults(handler=diagnose.run)
+
+
+def _add_checkpoint_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--checkpoint", choices=("last", "best"), default=None,
+                   help=f"which checkpoint {what}: last (the latest epoch) or best (checkpoint.best.pt, the best "
+                   "epoch of a run trained with --early-stopping); default: best when the run kept one, else last. "
+                   "The output says which epoch it is")
 
 
 def _add_trust_option(p: argparse.ArgumentParser, what: str, table: OptionTable | None = None) -> None:

@@ -47,7 +47,7 @@ from .training.run_loading import read_run_config
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "quantity", "elbo", "elbo_se", "reconstruction", "kl",
     "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
-    "log_px_minus_first", "log_px_minus_first_se", "not_paired", "result_file", "run_epoch", "stale",
+    "log_px_minus_first", "log_px_minus_first_se", "not_paired", "result_file", "run_epoch", "stale", "checkpoint",
 )
 UNKNOWN_QUANTITY = "?"  # shown for a result whose quantity cannot be told (evaluation_files.result_quantity)
 
@@ -58,26 +58,42 @@ def _result_epoch(result: dict) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
-def _current_checkpoint(run_dir: Path, metrics: list[dict]) -> tuple[int | None, str | None]:
-    """The epoch and id of the run's latest checkpoint (else the last epoch in metrics.jsonl, no id)."""
+def _current_checkpoint(run_dir: Path, metrics: list[dict], which: str = "last") -> tuple[int | None, str | None]:
+    """The epoch and id of the run's latest (``which="best"``: best) checkpoint (else the last epoch in
+    metrics.jsonl, no id)."""
     try:
-        checkpoint = runs.read_checkpoint(run_dir / runs.CHECKPOINT_FILE)
+        name = runs.BEST_CHECKPOINT_FILE if which == "best" else runs.CHECKPOINT_FILE
+        checkpoint = runs.read_checkpoint(run_dir / name)
         return checkpoint.get("epoch"), checkpoint.get("id")
     except RunDirectoryError:
-        return (metrics[-1]["epoch"] if metrics else None), None
+        return (metrics[-1]["epoch"] if metrics and which == "last" else None), None
 
 
-def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
+def result_checkpoint(result: dict) -> str:
+    """Which checkpoint a result file is of: "last" or "best" (files written before the key: "last")."""
+    return result.get("checkpoint") or "last"
+
+
+def load_run_summary(run_dir: str | Path, checkpoint: str | None = None) -> dict[str, Any]:
     """One comparison row from a run directory; a clear error if it has not been evaluated.
 
-    Of ``evaluation.json`` and ``test.json``, the one computed from the later epoch is used
-    (``evaluation.json`` at the same epoch). ``stale`` says when it was computed from another
-    checkpoint than the run's latest (an earlier epoch, or the same epoch trained again).
+    ``checkpoint``: the results must be of the run's "last" or "best" checkpoint (None: best when the run kept
+    one, else last). Of those in ``evaluation.json`` and ``test.json``, the one computed from the later epoch is
+    used (``evaluation.json`` at the same epoch). ``stale`` says when it was computed from another checkpoint than
+    the run's current one of that kind (an earlier epoch, or the same epoch trained again).
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    found = [(name, read_result(run_dir / name)) for name in (runs.EVALUATION_FILE, runs.TEST_FILE)
-             if (run_dir / name).is_file()]
+    which = runs.which_checkpoint(run_dir, checkpoint)
+    results = [(name, read_result(run_dir / name)) for name in (runs.EVALUATION_FILE, runs.TEST_FILE)
+               if (run_dir / name).is_file()]
+    found = [(name, result) for name, result in results if result_checkpoint(result) == which]
+    if results and not found:
+        raise RunDirectoryError(
+            f"{run_dir} has results of its {result_checkpoint(results[0][1])} checkpoint only, none of its {which} "
+            f"checkpoint: run `ppl-vae evaluate {run_dir} --checkpoint {which}`, or compare with --checkpoint "
+            f"{result_checkpoint(results[0][1])}"
+        )
     if not found:
         raise RunDirectoryError(
             f"{run_dir} has no evaluation.json or test.json: finish training it or run `ppl-vae evaluate {run_dir}`"
@@ -85,7 +101,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
     # The newest: the highest epoch, evaluation.json first among equals (max keeps the first maximum).
     name, result = max(found, key=lambda item: -1 if _result_epoch(item[1]) is None else _result_epoch(item[1]))
     metrics = runs.read_metrics(run_dir)
-    run_epoch, run_checkpoint = _current_checkpoint(run_dir, metrics)
+    run_epoch, run_checkpoint = _current_checkpoint(run_dir, metrics, which)
     epoch = _result_epoch(result)
     if epoch is None or run_epoch is None:
         stale = None
@@ -126,6 +142,7 @@ def load_run_summary(run_dir: str | Path) -> dict[str, Any]:
         "result_file": name,
         "run_epoch": run_epoch,
         "stale": stale,
+        "checkpoint": which,
         # Not a table column: what the paired differences need.
         "_per_image_log_px": _per_image_log_px(run_dir, name, result),
         "_binarize": train_config.binarize,
@@ -229,6 +246,8 @@ def _markdown(text: str) -> str:
 def _epochs(row: dict[str, Any]) -> str:
     """The epoch the row's numbers come from; marked when the run has moved on since."""
     epochs = "?" if row["epochs"] is None else str(row["epochs"])
+    if row.get("checkpoint") == "best":
+        epochs += " (best)"
     if row.get("stale"):
         now = row.get("run_epoch")
         return f"{epochs} ⚠ (run at {now})" if now != row["epochs"] else f"{epochs} ⚠ (other checkpoint)"
@@ -268,11 +287,12 @@ def csv_table(rows: list[dict[str, Any]]) -> str:
     return stream.getvalue()
 
 
-def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, Path]:
-    """Write ``comparison.md``, ``comparison.csv`` and ``comparison.png`` into ``out_dir``; return the Markdown."""
+def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, checkpoint: str | None = None) -> tuple[str, Path]:
+    """Write ``comparison.md``, ``comparison.csv`` and ``comparison.png`` into ``out_dir``; return the Markdown.
+    ``checkpoint``: of each run, the results of its "last" or "best" checkpoint (None: best where kept)."""
     from .plots import plot_comparison
 
-    rows = [load_run_summary(run_dir) for run_dir in run_dirs]
+    rows = [load_run_summary(run_dir, checkpoint) for run_dir in run_dirs]
     add_paired_differences(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
+BEST_CHECKPOINT_FILE = "checkpoint.best.pt"  # the best epoch's checkpoint, with --early-stopping (keep_as_best)
+CHECKPOINT_CHOICES = ("last", "best")  # --checkpoint of evaluate, plot, compare, diagnose
 DAMAGED_CHECKPOINT_FILE = "checkpoint.damaged.pt"
 DAMAGED_METRICS_FILE = "metrics.damaged.jsonl"
 TEST_FILE = "test.json"
@@ -117,8 +119,11 @@ def writing(path: str | os.PathLike, what: str = "write") -> Iterator[None]:
 
 # --- The manifest: what a run wrote, which is all --overwrite deletes ----------------------------------
 
-FILE, FOLDER = "file", "folder"
+FILE, FOLDER, TREE = "file", "folder", "tree"
 RUN_FOLDERS = (PROGRAM_FOLDER, PLOTS_FOLDER)  # the folders a run holds (one level deep); every other entry is a file
+# Folders written by other libraries (the experiment trackers: TensorBoard's event files, MLflow's artifacts), whose
+# files and subfolders ppl_vae does not name one by one: --overwrite deletes their whole tree (never through a link).
+RUN_TREES = ("tb", "mlruns")
 
 
 def _entry_parts(name: object) -> tuple[str, ...] | None:
@@ -135,7 +140,7 @@ def _entry_parts(name: object) -> tuple[str, ...] | None:
 
 
 def _kind_of(name: str) -> str:
-    return FOLDER if name in RUN_FOLDERS else FILE
+    return FOLDER if name in RUN_FOLDERS else TREE if name in RUN_TREES else FILE
 
 
 def _link_refusal(path: Path) -> str:
@@ -206,7 +211,7 @@ def _check_entry(run_dir: Path, name: str) -> None:
         if path.is_symlink():
             raise RunDirectoryError(_link_refusal(path))
     path, kind = run_dir / name, _kind_of(name)
-    if kind == FOLDER and path.exists() and not path.is_dir():
+    if kind in (FOLDER, TREE) and path.exists() and not path.is_dir():
         raise RunDirectoryError(f"{path} is a file where a run keeps its folder {name}/: move it away and run the "
                                 "command again")
     if kind == FILE and path.is_dir():
@@ -241,7 +246,7 @@ def record_written(run_dir: str | os.PathLike, *names: str) -> list[Path]:
             if entries is not None and any(entries.get(name) != kind for name, kind in wanted.items()):
                 _write_manifest(run_dir, {**entries, **wanted})
     for name, kind in wanted.items():
-        if kind == FOLDER:
+        if kind in (FOLDER, TREE):
             with writing(run_dir / name, "create the folder"):
                 (run_dir / name).mkdir(exist_ok=True)
     return [run_dir / name for name in names]
@@ -293,6 +298,8 @@ def _overwrite_plan(path: Path) -> list[Path]:
             links.append(name)
         elif entry.is_file() and (kind == FILE or (kind is None and _is_our_temporary(entry.name, tuple(siblings)))):
             files.append(entry)
+        elif kind == TREE and entry.is_dir():
+            _sort_tree(entry, name, files, folders, links)
         elif kind == FOLDER and entry.is_dir():
             inside = [child.split("/")[1] for child in entries if child.startswith(name + "/")]
             for child in sorted(entry.iterdir(), key=lambda p: p.name):
@@ -317,6 +324,18 @@ def _overwrite_plan(path: Path) -> list[Path]:
             f"{_list(others)}. Nothing was deleted: move them away, or choose another --run-dir"
         )
     return files + folders
+
+
+def _sort_tree(folder: Path, name: str, files: list[Path], folders: list[Path], links: list[str]) -> None:
+    """The files and folders of a recorded tree, deepest first (links, which are refused, named)."""
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        if child.is_symlink():
+            links.append(f"{name}/{child.name}")
+        elif child.is_dir():
+            _sort_tree(child, f"{name}/{child.name}", files, folders, links)
+        else:
+            files.append(child)
+    folders.append(folder)
 
 
 def _list(names: list[str], limit: int = 8) -> str:
@@ -743,13 +762,49 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """The latest checkpoint of ``run_dir``; a clear error naming the file if it is missing or damaged.
+def keep_as_best(run_dir: str | os.PathLike) -> None:
+    """Make ``checkpoint.best.pt`` the file ``checkpoint.pt`` is now (recorded in the manifest first).
+
+    A hard link renamed over the old best, so the best file is always complete and costs no copy (the next
+    save replaces ``checkpoint.pt`` by a new file, which leaves the link's file alone); where the file system
+    has no hard links, an atomic copy.
+    """
+    run_dir = Path(run_dir)
+    latest, (best,) = run_dir / CHECKPOINT_FILE, record_written(run_dir, BEST_CHECKPOINT_FILE)
+    link = latest.with_name(f".{latest.name}.link-{os.getpid()}.tmp")  # a temporary remove_temporaries knows
+    with writing(best):
+        try:
+            os.link(latest, link)
+        except OSError:
+            write_bytes(best, latest.read_bytes())
+            return
+        os.replace(link, best)
+
+
+def which_checkpoint(run_dir: str | os.PathLike, which: str | None = None) -> str:
+    """``which`` of :data:`CHECKPOINT_CHOICES` the run has; None: "best" when the run kept one, else "last"."""
+    run_dir = Path(run_dir)
+    if which is None:
+        return "best" if (run_dir / BEST_CHECKPOINT_FILE).is_file() else "last"
+    if which not in CHECKPOINT_CHOICES:
+        raise RunDirectoryError(f"unknown checkpoint {which!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
+    if which == "best" and not (run_dir / BEST_CHECKPOINT_FILE).is_file():
+        raise RunDirectoryError(f"{run_dir} has no best checkpoint ({BEST_CHECKPOINT_FILE}: it is kept by training "
+                                "with --early-stopping): use --checkpoint last")
+    return which
+
+
+def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    which: str = "last") -> dict:
+    """The latest checkpoint of ``run_dir`` (``which="best"``: ``checkpoint.best.pt``); a clear error naming the
+    file if it is missing or damaged.
 
     No fallback here: evaluating an older epoch without being asked would be a
     silent surprise. The error names ``checkpoint.prev.pt`` when it exists.
     """
     run_dir = Path(run_dir)
+    if which_checkpoint(run_dir, which) == "best":
+        return read_checkpoint(run_dir / BEST_CHECKPOINT_FILE, map_location)
     try:
         return read_checkpoint(run_dir / CHECKPOINT_FILE, map_location)
     except RunDirectoryError as error:

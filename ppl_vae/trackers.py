@@ -131,6 +131,7 @@ class TensorBoardTracker:
         # purge_step: TensorBoard discards the earlier files' events from this step on (those a killed run wrote
         # after its last checkpoint, which the resumed run writes again).
         purge = resume_epoch + 1 if self.resumed else None
+        runs.record_written(run_dir, TENSORBOARD_FOLDER)  # a tree of the manifest: --overwrite deletes it whole
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_FOLDER), purge_step=purge)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -179,11 +180,11 @@ class MLflowTracker:
         if saved and self.tracking_uri is not None and self.tracking_uri != saved["tracking_uri"]:
             raise RunDirectoryError(
                 f"{run_dir} logs to the MLflow store {saved['tracking_uri']}, not {self.tracking_uri}: resume it "
-                "without --mlflow-uri (or with that one)")
+                "without --tracking-uri (or with that one)")
         uri = saved["tracking_uri"] if saved else (self.tracking_uri or default_uri)
-        # The run's manifest lists the store's files (--overwrite deletes them); the artifacts folder (mlruns/, nested)
-        # and TensorBoard's tb/ are folders the manifest cannot list yet.
-        runs.record_written(run_dir, MLFLOW_RUN_FILE, *([MLFLOW_DATABASE] if uri == default_uri else []))
+        # The run's manifest lists the store's file and its artifacts folder (a tree): --overwrite deletes them.
+        runs.record_written(run_dir, MLFLOW_RUN_FILE,
+                            *([MLFLOW_DATABASE, MLFLOW_ARTIFACTS] if uri == default_uri else []))
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." on stderr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # SQLAlchemy's, inside MLflow: nothing to act on

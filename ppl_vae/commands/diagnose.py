@@ -15,17 +15,26 @@ def run(args: argparse.Namespace) -> int:
     if not (run_dir / runs.PER_DATAPOINT_FILE).is_file():
         raise RunDirectoryError(f"{run_dir} has no {runs.PER_DATAPOINT_FILE}: run `ppl-vae evaluate {run_dir}` first")
     with runs.RunLock(run_dir, "figures"):  # reads the evaluation's files while no evaluation rewrites them
-        return diagnose(run_dir)
+        return diagnose(run_dir, getattr(args, "checkpoint", None))
 
 
-def diagnose(run_dir: Path) -> int:
-    """The figures of the evaluation in ``run_dir``; a one-line note for each diagnostic it could not compute."""
+def diagnose(run_dir: Path, checkpoint: str | None = None) -> int:
+    """The figures of the evaluation in ``run_dir``; a one-line note for each diagnostic it could not compute.
+    ``checkpoint``: the evaluation must be of the run's "last" or "best" checkpoint (None: best where kept)."""
     from .. import plots, runs
+    from ..compare import result_checkpoint
     from ..diagnostics import site_diagnostics
+    from ..errors import RunDirectoryError
     from ..evaluation_files import read_per_datapoint
     from ..run_readers import read_diagnostics
 
     evaluation = runs.read_json(run_dir / runs.EVALUATION_FILE)
+    which, theirs = runs.which_checkpoint(run_dir, checkpoint), result_checkpoint(evaluation)
+    if theirs != which:
+        raise RunDirectoryError(f"{run_dir / runs.EVALUATION_FILE} is of the run's {theirs} checkpoint, not its {which} "
+                                f"checkpoint: run `ppl-vae evaluate {run_dir} --checkpoint {which}` first, or give "
+                                f"--checkpoint {theirs}")
+    print(f"diagnostics of {run_dir} at epoch {evaluation.get('epoch', '?')} ({which} checkpoint)", flush=True)
     diagnostics = read_diagnostics(run_dir / runs.EVALUATION_FILE)  # checked: a handed-over file is one line
     per_datapoint = read_per_datapoint(run_dir, evaluation)  # checked, and refused if from another evaluation
     out = runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # each figure recorded in the manifest, never through a link

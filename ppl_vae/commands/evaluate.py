@@ -110,7 +110,8 @@ def _load(args: argparse.Namespace, context) -> Evaluated:
     from ..train import levels_of, resolve_device
 
     device = context.device if context is not None else resolve_device(args.device)
-    program, config = load_run_everywhere(Path(args.run_dir), device, trust_program=args.trust_program)
+    program, config = load_run_everywhere(Path(args.run_dir), device, trust_program=args.trust_program,
+                                          checkpoint=args.checkpoint)
     train_config = config["train"]
     levels = levels_of(program, train_config["binarize"])
     data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
@@ -140,6 +141,7 @@ def _provenance(args: argparse.Namespace, context, loaded: Evaluated, seconds: f
         "split": args.split,
         "data": loaded.data.record,
         "epoch": config["epoch"],
+        "checkpoint": config["checkpoint"],  # which checkpoint of the run: last, or best (--early-stopping)
         "model": config["description"],
         "objective": describe_objective(TrainConfig(**train_config)),
         "epochs": config["epoch"],  # trained so far: the checkpoint's, not the run's planned number
@@ -164,7 +166,7 @@ def _report(args: argparse.Namespace, result: dict[str, Any], per_datapoint) -> 
 
     run_dir = Path(args.run_dir)
     title = (
-        f"{run_dir}: {result['model']}, epoch {result['epoch']}; {args.split} split, "
+        f"{run_dir}: {result['model']}, epoch {result['epoch']} ({result['checkpoint']} checkpoint); {args.split} split, "
         f"{result['num_datapoints']} images, {result['device']}, {result['evaluation_seconds']:.1f} s"
     )
     # The tables first: a write that fails (disk full, no permission) then loses no result.

@@ -46,8 +46,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 INTEGER_TYPES = (int, positive_int, seed)
-NUMBER_TYPES = (float, positive_float)
+NUMBER_TYPES = (float, positive_float, non_negative_float)
 
 # Train option (its argparse dest) -> the setting it sets: (section, field), "train" a TrainConfig field and
 # "model" a VAEConfig field. The settings without an option (dataset_sha256, data_dim, image_shape) are filled in
@@ -81,6 +89,16 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "engine": ("train", "engine"),
     "labels": ("train", "labels"),
     "validate": ("train", "pyro_validation"),
+    # issue 28: early stopping and the plateau schedule
+    "monitor": ("train", "monitor"),
+    "min_delta": ("train", "min_delta"),
+    "early_stopping": ("train", "early_stopping"),
+    "plateau_factor": ("train", "plateau_factor"),
+    "plateau_patience": ("train", "plateau_patience"),
+    "gradient": ("train", "gradient"),
+    "log": ("train", "log"),
+    "tracking_uri": ("train", "tracking_uri"),
+    "log_images_every": ("train", "log_images_every"),
     "latent_dim": ("model", "latent_dim"),
     "hidden_sizes": ("model", "hidden_sizes"),
     "activation": ("model", "activation"),

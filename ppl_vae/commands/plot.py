@@ -14,7 +14,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     runs.RunFolder(run_dir, runs.PLOTS_FOLDER)  # a linked plots/ is refused before the run is loaded
-    vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program)
+    vae, config = load_run(run_dir, device="cpu", trust_program=args.trust_program, checkpoint=args.checkpoint)
+    print(f"figures of {run_dir} at epoch {config['epoch']} ({config['checkpoint']} checkpoint)", flush=True)
     # No evaluation, other plot or train --overwrite writes there meanwhile; the program's own figure methods
     # (sample_prior, decode_mean, ...) run in eval mode without gradients, as every evaluation does.
     with runs.RunLock(run_dir, "figures"), evaluation_mode(vae):

@@ -105,8 +105,9 @@ def _train(args: argparse.Namespace, run_dir: str, config, model_config, spec) -
     finally:
         distributed.shutdown()
     if main:
+        which = f"; epoch {result['epoch']}, the best checkpoint" if result.get("checkpoint") == "best" else ""
         print(format_evaluation(result, title=f"test evaluation of {run_dir}, {result['model']}, after {result['epochs']} "
-                                              f"epochs ({result['device']})"))
+                                              f"epochs{which} ({result['device']})"))
     return 0
 
 

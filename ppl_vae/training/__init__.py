@@ -74,6 +74,9 @@ Modules, one job each (``ppl_vae.train`` re-exports the public names):
 * :mod:`~ppl_vae.training.records` -- the epoch records, printing, the learning-curve point;
 * :mod:`~ppl_vae.training.interrupts` -- Ctrl-C as a request to stop before the next step;
 * :mod:`~ppl_vae.training.run_loading` -- a finished run's configuration and program, for the other commands;
+* :mod:`~ppl_vae.training.monitoring` -- the monitored quantity after each epoch: the plateau schedule, early
+  stopping, the best checkpoint;
+* :mod:`~ppl_vae.training.tracking` -- the experiment trackers of ``--log`` (TensorBoard, MLflow) as the loop drives them;
 * :mod:`~ppl_vae.training.loop` -- the loop: :func:`train`, :func:`fit` (a program in memory), ``train_distributed``.
 """
 

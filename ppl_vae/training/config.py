@@ -19,9 +19,12 @@ import torch
 
 from ..data import check_dataset
 from ..errors import PplVaeError
+from ..gradient_estimators import check_gradient
 from ..objectives import check_objective
+from ..schedules import LR_SCHEDULES, MONITORS, check_lr_schedule
+from ..schedules import learning_rate as schedule_learning_rate
+from ..trackers import TRACKERS
 
-LR_SCHEDULES = ("constant", "step", "cosine")
 # How a step is computed (ppl_vae.training.engines); both read the same Pyro programs. "auto" chooses
 # one of them for the run (choose_engine), and the run records which and why.
 ENGINES = ("auto", "svi", "jit")
@@ -67,6 +70,18 @@ class TrainConfig:
     engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
     # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
+    # Issue 28, stage 2: the monitored quantity, early stopping and the plateau schedule (ppl_vae.schedules).
+    monitor: str = "elbo"  # what early stopping and "plateau" watch: elbo (validation ELBO) or evidence (val log p̂(x))
+    min_delta: float = 0.0  # nats/image: an improvement of the monitored value is more than this
+    early_stopping: int | None = None  # patience: stop after this many epochs without improvement; None: never
+    plateau_factor: float = 0.1  # "plateau" multiplies the rate by this after plateau_patience bad measured epochs
+    plateau_patience: int = 10  # measured epochs without improvement "plateau" tolerates (as ReduceLROnPlateau)
+    # Issue 28: the gradient estimator (ppl_vae.gradient_estimators): standard, stl (--objective elbo), dreg (iwae).
+    gradient: str = "standard"
+    # Issue 28: experiment trackers (ppl_vae.trackers), started, resumed and closed by the loop on the main process.
+    log: tuple[str, ...] = ()  # tensorboard and/or mlflow
+    tracking_uri: str | None = None  # MLflow's tracking URI (a server); None: mlflow.db and mlruns/ in the run
+    log_images_every: int = 0  # every this many epochs (and the last), images of samples and reconstructions; 0: none
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, bool):
@@ -91,6 +106,12 @@ class TrainConfig:
         if self.engine not in ENGINES:
             raise PplVaeError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         check_dataset(self.dataset)
+        self.check_monitoring()
+        check_gradient(self.gradient, self.objective)
+        self.check_tracking()
+        if self.gradient != "standard" and self.engine == "jit":
+            raise PplVaeError(f"--engine jit compiles Pyro's JitTrace_ELBO, which has no {self.gradient.upper()} "
+                              f"estimator: train --gradient {self.gradient} with --engine svi (or auto)")
         check_objective(self.objective, self.particles, compiled=self.engine == "jit")
         if not self.beta > 0 or self.warmup_epochs < 0 or not 0 < self.warmup_start <= max(self.beta, self.warmup_start):
             raise PplVaeError("beta must be positive, warmup_epochs >= 0 and warmup_start positive")
@@ -100,6 +121,41 @@ class TrainConfig:
             raise PplVaeError(f"the learning rate must be a positive finite number, got {self.learning_rate}")
         if self.clip_norm is not None and not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
             raise PplVaeError(f"clip_norm must be a positive finite number or None, got {self.clip_norm}")
+
+
+    def check_monitoring(self) -> None:
+        """Early stopping and the plateau schedule: settings that cannot work are refused in one line."""
+        check_lr_schedule(self.lr_schedule, factor=self.plateau_factor, patience=self.plateau_patience,
+                          min_delta=self.min_delta)
+        if self.monitor not in MONITORS:
+            raise PplVaeError(f"unknown --monitor {self.monitor!r}: choose one of {', '.join(MONITORS)}")
+        if self.early_stopping is not None and not (
+                isinstance(self.early_stopping, numbers.Integral) and self.early_stopping >= 1):
+            raise PplVaeError(f"--early-stopping is a patience in epochs, at least 1, got {self.early_stopping!r}")
+        watched = self.early_stopping is not None or self.lr_schedule == "plateau"
+        if self.monitor == "evidence" and watched and not self.evidence_every:
+            raise PplVaeError("--monitor evidence watches the log p̂(x) of --evidence-every, which is off: give "
+                              "--evidence-every N, or --monitor elbo")
+        if not watched and (self.monitor != "elbo" or self.min_delta):
+            raise PplVaeError("--monitor and --min-delta apply to --early-stopping and --lr-schedule plateau: give one "
+                              "of them, or leave --monitor and --min-delta out")
+
+
+    def check_tracking(self) -> None:
+        """--log, --tracking-uri, --log-images-every: known names, and no option without the tracker it is for.
+        Whether the trackers' packages are installed is checked when training starts (a run that logged can still
+        be evaluated without them)."""
+        self.log = tuple(self.log)
+        unknown = sorted(set(self.log) - set(TRACKERS))
+        if unknown:
+            raise PplVaeError(f"unknown tracker(s) {unknown} for --log: choose from {', '.join(TRACKERS)}")
+        if self.tracking_uri is not None and "mlflow" not in self.log:
+            raise PplVaeError("--tracking-uri is MLflow's: give it with --log mlflow, or leave it out")
+        if not (isinstance(self.log_images_every, numbers.Integral) and self.log_images_every >= 0):
+            raise PplVaeError(f"--log-images-every must be an integer >= 0 (0: no images), got {self.log_images_every!r}")
+        if self.log_images_every and not self.log:
+            raise PplVaeError("--log-images-every sends images to the trackers of --log, and none is given: add "
+                              "--log tensorboard or --log mlflow, or leave it out")
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:
@@ -113,40 +169,37 @@ def kl_weight(config: TrainConfig, epoch: int) -> float:
     return config.warmup_start + (config.beta - config.warmup_start) * progress
 
 
-def learning_rate_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (1-based) under ``config.lr_schedule``, as a pure function.
+def learning_rate_at(config: TrainConfig, epoch: int, plateau: dict | None = None) -> float:
+    """The learning rate of ``epoch`` (1-based) under ``config.lr_schedule``: :func:`ppl_vae.schedules.learning_rate`,
+    the one pure function every engine's rate comes from (``plateau``: the state of that schedule).
 
     constant: lr; step: lr * gamma^(number of milestones m with m < e); cosine (T = epochs):
-    lr_final + (lr - lr_final) * (1 + cos(pi (e - 1) / T)) / 2. The optimizers of :func:`make_optimizer` step
-    torch's schedulers of the same rule once per epoch (``tests/test_training_package.py`` checks they agree).
+    lr_final + (lr - lr_final) * (1 + cos(pi (e - 1) / T)) / 2; burda: lr * 10^(-i/7) in stage i (3^i epochs);
+    plateau: the rate of its state. Every schedule starts at lr in epoch 1.
     """
-    if config.lr_schedule == "cosine":
-        progress = (epoch - 1) / config.epochs
-        return config.lr_final + (config.learning_rate - config.lr_final) * (1 + math.cos(math.pi * progress)) / 2
-    passed = sum(1 for m in config.lr_milestones if m < epoch) if config.lr_schedule == "step" else 0
-    return config.learning_rate * config.lr_gamma**passed
+    return schedule_learning_rate(config.lr_schedule, epoch, config.learning_rate, config.epochs,
+                                  milestones=config.lr_milestones, gamma=config.lr_gamma, final=config.lr_final,
+                                  plateau=plateau)
 
 
-def _schedule(config: TrainConfig) -> tuple[type, dict[str, Any]]:
-    """The torch scheduler class and arguments of :func:`learning_rate_at`: written once, for both optimizer kinds."""
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR, {"T_max": config.epochs, "eta_min": config.lr_final}
-    milestones = list(config.lr_milestones) if config.lr_schedule == "step" else []
-    return torch.optim.lr_scheduler.MultiStepLR, {"milestones": milestones, "gamma": config.lr_gamma}
+def _constant_scheduler() -> tuple[type, dict[str, Any]]:
+    """A scheduler that never changes the rate: kept only so that checkpoints keep their format (a "scheduler"
+    entry); the rate is set each epoch from :func:`learning_rate_at` (:func:`set_learning_rate`), never stepped."""
+    return torch.optim.lr_scheduler.MultiStepLR, {"milestones": [], "gamma": 1.0}
 
 
 def make_optimizer(config: TrainConfig, params: Iterable[torch.Tensor] | None = None) -> Any:
-    """Adam with the per-epoch schedule of ``config``, of either kind.
+    """Adam at the first epoch's rate, of either kind; :func:`set_learning_rate` then sets each epoch's rate.
 
-    Without ``params``: Pyro's ``PyroLRScheduler`` (one torch Adam and scheduler per parameter, made when
-    ``SVI`` first meets it; format "pyro"). With ``params``: ``(torch.optim.Adam, scheduler)`` over them
-    (format "torch"); Adam works elementwise, so one instance over all parameters updates them as Pyro's
-    per-parameter instances do. On the CPU, torch's fused Adam (the same update to float rounding:
-    ``tests/test_engine_choice.py`` checks it against Pyro's Adam) takes about 0.3 ms a step of the
+    Without ``params``: Pyro's ``PyroLRScheduler`` (one torch Adam per parameter, made when ``SVI`` first meets
+    it; format "pyro"). With ``params``: ``(torch.optim.Adam, scheduler)`` over them (format "torch"); Adam works
+    elementwise, so one instance over all parameters updates them as Pyro's per-parameter instances do. The
+    schedulers never step (:func:`_constant_scheduler`). On the CPU, torch's fused Adam (the same update to float
+    rounding: ``tests/test_engine_choice.py`` checks it against Pyro's Adam) takes about 0.3 ms a step of the
     default VAE against 0.9 ms for the default implementation; elsewhere (CUDA: not measured here) torch's
     default implementation.
     """
-    scheduler_class, schedule_args = _schedule(config)
+    scheduler_class, schedule_args = _constant_scheduler()
     if params is None:
         return pyro.optim.PyroLRScheduler(scheduler_class, {
             "optimizer": torch.optim.Adam, "optim_args": {"lr": config.learning_rate}, **schedule_args})
@@ -154,6 +207,21 @@ def make_optimizer(config: TrainConfig, params: Iterable[torch.Tensor] | None = 
     fused = bool(params) and all(p.device.type == "cpu" for p in params)
     optimizer = torch.optim.Adam(params, lr=config.learning_rate, **({"fused": True} if fused else {}))
     return optimizer, scheduler_class(optimizer, **schedule_args)
+
+
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """Set the rate of a :func:`make_optimizer` optimizer of either kind, for the steps that follow.
+
+    Pyro's: every per-parameter Adam made so far, and those it makes later (its arguments); a checkpoint's Adam
+    state, which Pyro loads when it first meets the parameter, holds the rate set before it was saved.
+    """
+    if isinstance(optimizer, pyro.optim.PyroOptim):
+        optimizer.pt_optim_args["lr"] = lr
+        groups = [group for scheduler in optimizer.optim_objs.values() for group in scheduler.optimizer.param_groups]
+    else:
+        groups = optimizer.param_groups
+    for group in groups:
+        group["lr"] = lr
 
 
 def make_torch_optimizer(
@@ -167,7 +235,7 @@ def current_learning_rate(optimizer: pyro.optim.PyroLRScheduler, config: TrainCo
     """The rate Pyro's optimizer applies now (the configured rate before its first step made an instance)."""
     for scheduler in optimizer.optim_objs.values():
         return scheduler.optimizer.param_groups[0]["lr"]
-    return config.learning_rate
+    return optimizer.pt_optim_args["lr"]
 
 
 def describe_objective(config: TrainConfig) -> str:

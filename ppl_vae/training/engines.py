@@ -26,19 +26,36 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ModelStructureError, PplVaeError, RunDirectoryError
 from ..evaluate import ProgramStructure, inspect_program
+from ..gradient_estimators import make_gradient_objective
 from ..modes import running_statistics_problem
 from ..objectives import (
     COMPILED_OBJECTIVES,
     UnfaithfulTrace,
     compiled_loss_problem,
     make_loss_module,
+    ProgramLoss,
     make_objective,
     site_kind_problem,
 )
 from ..process_group import ProcessGroup, agree_to_stop
-from .config import OPTIMIZER_FORMAT_PYRO, OPTIMIZER_FORMAT_TORCH, TrainConfig, current_learning_rate, make_optimizer
+from .config import (
+    OPTIMIZER_FORMAT_PYRO,
+    OPTIMIZER_FORMAT_TORCH,
+    TrainConfig,
+    current_learning_rate,
+    make_optimizer,
+    set_learning_rate,
+)
 from .interrupts import StopRequest
 from .steps import checked_module_step, checked_svi_step
+
+
+def training_objective(config: TrainConfig, max_plate_nesting: int = 1) -> Any:
+    """The Pyro ELBO a run trains with: ``--objective`` with the ``--gradient`` estimator (STL, DReG: see
+    :mod:`ppl_vae.gradient_estimators`; standard: :func:`ppl_vae.objectives.make_objective`)."""
+    if config.gradient != "standard":
+        return make_gradient_objective(config.gradient, config.objective, config.particles, max_plate_nesting)
+    return make_objective(config.objective, config.particles, max_plate_nesting)
 
 
 class Engine(Protocol):
@@ -46,7 +63,8 @@ class Engine(Protocol):
 
     ``step(batch)`` returns the loss (nats summed over the minibatch) after a checked update;
     ``stop_requested()`` says, before a step, whether to stop (Ctrl-C) -- on several processes,
-    what all of them agreed on. ``end_epoch()`` steps the learning-rate schedule;
+    what all of them agreed on. ``set_learning_rate(lr)`` sets the rate of the steps that follow (the loop's
+    :func:`ppl_vae.training.config.learning_rate_at`, before each epoch and before each checkpoint);
     ``state_dict()`` is the optimizer's part of a checkpoint, in ``optimizer_format``.
     """
 
@@ -56,7 +74,7 @@ class Engine(Protocol):
     def stop_requested(self) -> bool: ...
     def step(self, batch: torch.Tensor | tuple) -> float: ...
     def learning_rate(self) -> float: ...
-    def end_epoch(self) -> None: ...
+    def set_learning_rate(self, lr: float) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None: ...
 
@@ -83,8 +101,8 @@ class SviEngine(_LocalStop):
     def __init__(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1):
         self.config = config
         self.optimizer = make_optimizer(config)
-        objective = make_objective(config.objective, config.particles, max_plate_nesting)
-        self.svi = SVI(program.model, program.guide, self.optimizer, loss=objective)
+        self.svi = SVI(program.model, program.guide, self.optimizer, loss=training_objective(config, max_plate_nesting))
+        self.restored: dict[str, Any] | None = None  # a checkpoint's optimizer state, until Pyro takes it
 
     def step(self, batch: torch.Tensor | tuple) -> float:
         return checked_svi_step(self.svi, batch, self.config.clip_norm)
@@ -92,8 +110,13 @@ class SviEngine(_LocalStop):
     def learning_rate(self) -> float:
         return current_learning_rate(self.optimizer, self.config)
 
-    def end_epoch(self) -> None:
-        self.optimizer.step()
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+        if self.restored is not None:
+            # Pyro loads a checkpoint's Adam state (rate included) when it first meets each parameter, after this
+            # call: the rate goes into that state too, so the rate of the schedule applies from the first step.
+            self.optimizer.set_state({name: _with_rate(state, lr) for name, state in self.restored.items()})
+            self.restored = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.get_state(), "optimizer_format": self.optimizer_format}
@@ -108,6 +131,14 @@ class SviEngine(_LocalStop):
                 f"(e.g. {names[0]!r}): resume it with the version that wrote it, or start a new run"
             )
         self.optimizer.set_state(checkpoint["optimizer"])
+        self.restored = checkpoint["optimizer"]
+
+
+def _with_rate(state: dict[str, Any], lr: float) -> dict[str, Any]:
+    """A Pyro optimizer state of one parameter (its Adam's under "optimizer", beside its scheduler's) at rate ``lr``."""
+    adam = state.get("optimizer", state)
+    adam = {**adam, "param_groups": [{**group, "lr": lr} for group in adam["param_groups"]]}
+    return {**state, "optimizer": adam} if "optimizer" in state else adam
 
 
 class ModuleEngine(_LocalStop):
@@ -125,8 +156,11 @@ class ModuleEngine(_LocalStop):
     def __init__(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1,
                  compiled: bool = True):
         self.config = config
-        self.loss = make_loss_module(program, config.objective, config.particles, compiled=compiled,
-                                     max_plate_nesting=max_plate_nesting)
+        if config.gradient != "standard":  # STL/DReG: Pyro ELBO classes with a differentiable_loss, not compiled
+            self.loss = ProgramLoss(program, training_objective(config, max_plate_nesting))
+        else:
+            self.loss = make_loss_module(program, config.objective, config.particles, compiled=compiled,
+                                         max_plate_nesting=max_plate_nesting)
         self.optimizer, self.scheduler = make_optimizer(config, program.parameters())
         self.params = [p for p in self.loss.parameters() if p.requires_grad]
 
@@ -136,16 +170,16 @@ class ModuleEngine(_LocalStop):
     def learning_rate(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def end_epoch(self) -> None:
-        self.scheduler.step()
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
 
     def state_dict(self) -> dict[str, Any]:
+        # "scheduler": the never-stepped scheduler's state, kept so that earlier versions can read the checkpoint
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "optimizer_format": self.optimizer_format}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])  # its param groups hold the next epoch's rate
 
 
 def CompiledEngine(program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int = 1) -> ModuleEngine:  # noqa: N802
@@ -205,6 +239,9 @@ def choose_engine(
     requested = config.engine
     if requested == "svi":
         return EngineChoice(requested, "svi", "as asked")
+    if requested == "auto" and config.gradient != "standard":
+        return EngineChoice(requested, "svi", f"--gradient {config.gradient}: the compiled loss (JitTrace_ELBO) has no "
+                                              f"{config.gradient.upper()} estimator, SVI runs it")
     if requested == "auto":
         if config.objective not in COMPILED_OBJECTIVES:
             return EngineChoice(requested, "svi", f"--objective {config.objective} has no working compiled loss in "
@@ -249,7 +286,7 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
 
 def check_trainable_on_processes(config: TrainConfig) -> None:
     """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
-    objective = make_objective(config.objective, config.particles)
+    objective = training_objective(config)
     if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
             f"--objective {config.objective} cannot be trained on several processes: Pyro's {type(objective).__name__} "

@@ -13,6 +13,7 @@ from ..data import ImageData
 from ..errors import NumericalFaultError
 from ..evaluate import mean_and_stderr
 from ..process_group import derive_seed
+from ..trackers import kl_per_site
 from .checks import conditioning
 from .config import TrainConfig
 from .steps import fault_message
@@ -37,6 +38,7 @@ def epoch_record(
         "val_elbo_stderr": val_elbo_se,
         "val_reconstruction": mean_and_stderr(val["reconstruction"])[0],
         "val_kl": mean_and_stderr(sum(val["kl"].values()))[0],
+        "val_kl_site": kl_per_site(val["kl"]),  # nats/image by the program's own latent site names
         "learning_rate": lr,
         "kl_weight": kl_weight,
         "epoch_seconds": epoch_seconds,

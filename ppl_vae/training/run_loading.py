@@ -76,38 +76,44 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu", program: torch.nn.Module | None = None,
-    trust_program: bool = False,
+    trust_program: bool = False, checkpoint: str | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """The trained program of a run directory (in eval mode) and its configuration, plus ``"epoch"``,
-    ``"checkpoint_id"`` and ``"description"``.
+    ``"checkpoint"`` (which: "last" or "best"), ``"checkpoint_id"`` and ``"description"``.
 
-    A run with a program file of its own is refused unless this user's key signed it (runs made by this user
-    are) or ``trust_program`` is given: importing the file runs its code (:mod:`ppl_vae.trust`)."""
+    ``checkpoint``: "last" (the latest), "best" (``checkpoint.best.pt``, kept with --early-stopping), or None: the
+    best when the run kept one, else the last. A run with a program file of its own is refused unless this user's
+    key signed it (runs made by this user are) or ``trust_program`` is given: importing the file runs its code
+    (:mod:`ppl_vae.trust`)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)  # checked: a config.json handed over may hold anything
-    checkpoint = runs.load_checkpoint(run_dir, map_location=device)
+    which = runs.which_checkpoint(run_dir, checkpoint)
+    state = runs.load_checkpoint(run_dir, map_location=device, which=which)
     vae, description = build_run_program(run_dir, config, program, trust_program)
     vae = vae.to(device)
-    vae.load_state_dict(checkpoint["model"])
+    vae.load_state_dict(state["model"])
     vae.eval()
-    return vae, {**config, "epoch": checkpoint["epoch"], "checkpoint_id": checkpoint.get("id"), "description": description}
+    return vae, {**config, "epoch": state["epoch"], "checkpoint": which, "checkpoint_id": state.get("id"),
+                 "description": description}
 
 
 
 def load_run_everywhere(
-    run_dir: str | Path, device: torch.device, trust_program: bool = False
+    run_dir: str | Path, device: torch.device, trust_program: bool = False, checkpoint: str | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """:func:`ppl_vae.train.load_run` with the files read by rank 0 only and sent to every process."""
-    def read() -> tuple[dict, dict, int, str | None]:
+    def read() -> tuple[dict, dict, int, str, str | None]:
         config = read_run_config(Path(run_dir))  # checked: a config.json handed over may hold anything
-        checkpoint = runs.load_checkpoint(run_dir, map_location="cpu")
-        return config, checkpoint["model"], checkpoint["epoch"], checkpoint.get("id")
+        which = runs.which_checkpoint(run_dir, checkpoint)
+        state = runs.load_checkpoint(run_dir, map_location="cpu", which=which)
+        return config, state["model"], state["epoch"], which, state.get("id")
 
-    config, state, epoch, checkpoint_id = process_group.on_main(read)
+    config, state, epoch, which, checkpoint_id = process_group.on_main(read)
     # The program's record (program.json and the copy of its file) is read on every process: with a program
     # other than the built-in VAE, every process needs the run directory (one machine).
     vae, description = build_run_program(run_dir, config, trust_program=trust_program)
     vae = vae.to(device)
     vae.load_state_dict(state)
     vae.eval()
-    return vae, {**config, "epoch": epoch, "checkpoint_id": checkpoint_id, "description": description}
+    return vae, {**config, "epoch": epoch, "checkpoint": which, "checkpoint_id": checkpoint_id,
+                 "description": description}

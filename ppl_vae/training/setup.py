@@ -25,6 +25,7 @@ from ..data import DATA_RECORD_FILE, ImageData, dataset_image_shape, is_npz, sha
 from ..errors import PplVaeError, PplVaeWarning
 from ..evaluate import ProgramStructure
 from ..model import VAEConfig, build_vae
+from ..gradient_estimators import check_gradient_program, check_gradient_sites
 from ..objectives import check_meanfield, check_objective_sites
 from ..programs import (
     ProgramSpec,
@@ -36,6 +37,8 @@ from ..programs import (
     record_spec,
     vae_config_with,
 )
+from ..schedules import early_stopping_start, plateau_start
+from ..trackers import check_trackers
 from ..trust import verified_source
 from .checks import check_batches, check_first_batch, check_split_labels, load_data
 from .config import TrainConfig
@@ -89,10 +92,23 @@ class TrainingRun:
     elapsed: float = 0.0  # training seconds so far, over every resume
     checkpoint_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # this call's epoch records
+    # The states of the schedules that depend on what training measured (ppl_vae.schedules), in every checkpoint.
+    plateau: dict[str, Any] = field(default_factory=dict)
+    stopping: dict[str, Any] = field(default_factory=early_stopping_start)
+    trackers: list[Any] = field(default_factory=list)  # --log: started by the loop on the main process
+    best_weights: dict[str, Any] | None = None  # in memory, with --early-stopping: the best epoch's state_dict
+
+    def __post_init__(self) -> None:
+        self.plateau = self.plateau or plateau_start(self.config.learning_rate)
 
     @property
     def main(self) -> bool:
         return self.strategy.is_main
+
+    @property
+    def trained_epochs(self) -> int:
+        """The last epoch trained (by this call, or before it was resumed)."""
+        return self.history[-1]["epoch"] if self.history else self.start_epoch
 
     def last_good(self, epoch: int) -> str:
         """Where the state after ``epoch`` is kept, for messages: its checkpoint, or (in memory) the program."""
@@ -178,6 +194,7 @@ def read_settings(request: TrainRequest, strategy: Strategy) -> Settings:
     # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
     config, model_config = fit_to_dataset(config or TrainConfig(), model_config or VAEConfig())
     strategy.check_config(config)
+    check_trackers(config.log)  # a missing extra: one line with its install command, before anything is written
     # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
     # one); load_state_dict moves weights and optimizer state.
     checkpoint = runs.load_checkpoint_for_resume(request.run_dir, map_location="cpu") if request.resume else None
@@ -211,6 +228,8 @@ def check_program_on_data(
     first, second = check_batches(data, config, probe)
     structure = check_first_batch(program, first)
     check_objective_sites(config.objective, structure)  # refused where the program's sites break its gradient
+    check_gradient_sites(config.gradient, structure)  # STL/DReG: every guide site reparameterized, none enumerated
+    check_gradient_program(config.gradient, program)  # and no BatchNorm, whose statistics the second guide run moves
     if config.labels:
         check_split_labels(program, data)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
@@ -264,6 +283,9 @@ def setup_in_memory(program: torch.nn.Module, data: ImageData, config: TrainConf
                     progress: bool = True) -> TrainingRun:
     """:func:`setup_run` for a program object and data in memory: the same checks and engine choice, one process,
     no run directory (nothing is written; the records stay in ``TrainingRun.history``)."""
+    if config.log:
+        raise PplVaeError("--log writes into a run directory: train with ppl_vae.train.train(run_dir, ...) to use "
+                          "trackers (fit keeps its records in memory)")
     strategy = OneProcess()
     device = data.train.device
     seed_and_validation(config)
@@ -287,7 +309,8 @@ def seed_and_validation(config: TrainConfig) -> None:
 def save_checkpoint(run: TrainingRun, epoch: int) -> str:
     """Rank 0: the checkpoint of ``epoch`` (program, optimizer, the strategy's RNG record, configuration); its id."""
     state = {"epoch": epoch, "model": run.program.state_dict(), **run.engine.state_dict(),
-             **run.strategy.checkpoint_extra(run.device), "config": run.saved_config, "train_seconds": run.elapsed}
+             **run.strategy.checkpoint_extra(run.device), "config": run.saved_config, "train_seconds": run.elapsed,
+             "schedules": {"plateau": run.plateau, "stopping": run.stopping}}
     return runs.save_checkpoint(run.run_dir, state)
 
 
@@ -318,7 +341,12 @@ def restore_checkpoint(run: TrainingRun, checkpoint: dict[str, Any]) -> None:
     run.strategy.restore(checkpoint, run.device)
     run.start_epoch, run.elapsed = checkpoint["epoch"], checkpoint.get("train_seconds", 0.0)
     run.checkpoint_id = checkpoint.get("id")
+    saved = checkpoint.get("schedules") or {}  # none in checkpoints of earlier versions: the schedules start afresh
+    run.plateau = saved.get("plateau") or plateau_start(run.config.learning_rate)
+    run.stopping = saved.get("stopping") or early_stopping_start()
     if run.main:
+        if run.config.early_stopping is not None and run.stopping["best_epoch"] == run.start_epoch > 0:
+            runs.keep_as_best(run.run_dir)  # a run killed between the checkpoint and its best copy
         runs.record_written(run.run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE, *runs.CHECKPOINT_FILES)
         runs.write_json(run.run_dir / runs.CONFIG_FILE, run.saved_config)
         runs.write_json(run.run_dir / DATA_RECORD_FILE, run.data.record)
