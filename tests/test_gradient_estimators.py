@@ -294,7 +294,8 @@ def test_the_built_in_vae_trains_with_them_as_a_torch_module(guide):
     on the same draws, with the KL weight too, and the gradients reach every parameter. The IAF guide's density at a
     detached draw needs the flow's inverse: the check of the second run covers it."""
     from ppl_vae.model import VAE, VAEConfig
-    from ppl_vae.objectives import VAELoss
+    from ppl_vae.objectives import ProgramLoss
+    from ppl_vae.programs import Weighted
 
     vae = VAE(VAEConfig(data_dim=12, latent_dim=3, hidden_sizes=(8,), guide=guide))
     x = torch.bernoulli(torch.full((9, 12), 0.4))
@@ -302,11 +303,12 @@ def test_the_built_in_vae_trains_with_them_as_a_torch_module(guide):
                                  (make_gradient_objective("dreg", "iwae", particles=4),
                                   RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True, max_plate_nesting=1),
                                   1.0)):
-        vae.kl_weight = beta
+        program = Weighted(vae, kl_weight=beta)  # the one KL-weight mechanism, for any program
         pyro.clear_param_store()
         pyro.set_rng_seed(1)
-        want = standard.loss(vae.model, vae.guide, x)
-        loss = VAELoss(vae, ours)
+        want = standard.loss(program.model, program.guide, x)
+        program.register_params = False  # a torch-module loss takes the parameters from the module
+        loss = ProgramLoss(program, ours)
         pyro.set_rng_seed(1)
         value = loss(x)
         assert float(value.detach()) == pytest.approx(want, rel=1e-5)
@@ -315,7 +317,6 @@ def test_the_built_in_vae_trains_with_them_as_a_torch_module(guide):
         grads = [p.grad for p in vae.parameters() if p.requires_grad]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
-        vae.register_params = True
 
 
 def test_batchnorm_with_running_statistics_is_refused_up_front():
