@@ -1,0 +1,63 @@
+"""``ppl-vae evaluate --estimator ais`` on a tiny run: the table, evaluation.json and the per-image file say AIS."""
+
+import json
+from pathlib import Path
+
+import numpy
+import pytest
+
+from ppl_vae import cli
+from ppl_vae.evaluation_files import read_per_datapoint
+
+TINY = ["--train-examples", "200", "--batch-size", "50", "--eval-examples", "50", "--latent-dim", "4",
+        "--hidden-sizes", "16", "--test-samples", "5", "--device", "cpu", "--no-progress"]
+AIS = ["--estimator", "ais", "--ais-steps", "6", "--ais-chains", "3", "--leapfrog-steps", "2", "--examples", "12"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, small_data_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("ais_cli") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
+        assert cli.main(["train", "--run-dir", str(run_dir), "--epochs", "1", *TINY]) == 0
+    return run_dir
+
+
+def test_evaluate_with_ais_records_the_estimator_its_settings_and_the_checkpoint(tiny_run, small_data_root, cli_main):
+    ran = cli_main("evaluate", tiny_run, *AIS, "--ais-schedule", "geometric", data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
+    assert "AIS (T=6, L=2, C=3, geometric)" in ran.stdout and "importance sampled" not in ran.stdout
+    assert "effective number of chains" in ran.stdout and "HMC acceptance" in ran.stdout
+    assert "AIS, images 0-11" in ran.stderr  # its own progress bar (with tqdm's time left)
+    result = json.loads((tiny_run / "evaluation.json").read_text())
+    estimator = result["estimator"]
+    assert estimator["name"] == "ais" and (estimator["steps"], estimator["chains"], estimator["leapfrog_steps"]) == (6, 3, 2)
+    assert estimator["schedule"] == "geometric" and result["log_evidence"]["estimator"] == estimator
+    assert result["log_evidence"]["num_samples"] == 3 and 0 < result["log_evidence"]["mean_acceptance"] <= 1
+    assert result["checkpoint_id"] is not None and result["epoch"] == 1
+    assert "AIS" in result["diagnostics"]["psis"]["unavailable"]
+    arrays = read_per_datapoint(tiny_run, result)
+    assert arrays["log_evidence"].shape == arrays["acceptance"].shape == (12,)
+    assert numpy.all((arrays["acceptance"] > 0) & (arrays["acceptance"] <= 1))
+    assert arrays["log_evidence"].mean() == pytest.approx(result["log_evidence"]["mean"])
+
+
+def test_ais_evaluation_is_reproducible_from_its_seed_and_importance_sampling_says_so(tiny_run, small_data_root, cli_main):
+    means = []
+    for seed in ("1", "1", "2"):
+        assert cli_main("evaluate", tiny_run, *AIS, "--seed", seed, "--no-progress",
+                        data_root=small_data_root).returncode == 0
+        means.append(json.loads((tiny_run / "evaluation.json").read_text())["log_evidence"]["mean"])
+    assert means[0] == means[1] != means[2]
+    ran = cli_main("evaluate", tiny_run, "--examples", "12", "-k", "20", "--no-progress", data_root=small_data_root)
+    assert ran.returncode == 0 and "importance sampled (K=20)" in ran.stdout and "AIS" not in ran.stdout
+    result = json.loads((tiny_run / "evaluation.json").read_text())
+    assert result["estimator"] == {"name": "is", "num_samples": 20}
+    assert "acceptance" not in read_per_datapoint(tiny_run, result)
+
+
+@pytest.mark.parametrize("option, value", [("--ais-steps", "0"), ("--ais-chains", "-1"), ("--ais-schedule", "linear"),
+                                           ("--estimator", "hmc")])
+def test_bad_ais_options_are_one_line(tiny_run, cli_main, option, value):
+    ran = cli_main("evaluate", tiny_run, "--estimator", "ais", option, value)
+    assert ran.returncode == 2 and option in ran.stderr and "Traceback" not in ran.stderr
