@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .commands import bench, compare, diagnose, evaluate, plot, train, trust
+from .commands import audit, bench, compare, diagnose, evaluate, plot, train, trust
 from .commands.options import ConfigFileError, OptionTable, positive_float, positive_int, read_config_file, seed
 from .errors import PplVaeError, PplVaeWarning, TrainingInterrupted
 
@@ -252,6 +252,40 @@ def _add_estimator_options(p: argparse.ArgumentParser) -> None:
     _add_ais_options(g)
 
 
+def _add_audit_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit",
+        help="check a run's log p(x): importance sampling against AIS, and the BDMC sandwich",
+        description="Audit a run's evidence. (1) IS against AIS: the importance-sampled log p(x) (K = --num-samples, "
+        "with PSIS k-hat) on the first --examples images of --split, and AIS on the --ais-examples of them with the "
+        "highest k-hat (where IS is least reliable), highest first; IS - AIS estimates how much IS misses there. "
+        "(2) BDMC (Grosse et al. 2015): --simulated images are drawn from the model, with their latents; forward AIS "
+        "bounds their log p(x) from below and reverse AIS, started at the exact posterior sample, from above (both "
+        "stochastically, in expectation), at each --bdmc-steps. What the gap certifies: on data from the model, AIS "
+        "with these settings is within the gap of log p(x). What it does not: it is not a certificate on the real "
+        "images (their posteriors can be harder than those of the model's own samples; compare IS - AIS there), nor "
+        "a statement about how good the model is. Writes RUN_DIR/audit.json (estimators, settings, checkpoint) and "
+        "RUN_DIR/plots/audit.png (IS - AIS against k-hat; the BDMC bracket against steps).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ppl-vae train`")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--examples", type=positive_int, default=200, help="images of the split given IS with PSIS k-hat")
+    p.add_argument("--ais-examples", type=positive_int, default=20, help="of those, the highest-k-hat images given AIS")
+    p.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="K, importance samples per image")
+    p.add_argument("--simulated", type=positive_int, default=100, help="images simulated from the model for BDMC")
+    p.add_argument("--bdmc-steps", type=positive_int, nargs="+", default=None, metavar="T",
+                   help="annealing steps of each BDMC bracket (default: T/10, T/3 and T, T = --ais-steps)")
+    _add_ais_options(p.add_argument_group("AIS", "The settings of AIS on the test images and of BDMC's chains."))
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="images per chunk (default: sized from a memory budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws and of the simulated images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_trust_option(p, "audit imports")
+    p.set_defaults(handler=audit.run)
+
+
 def _add_compare_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "compare",
@@ -359,6 +393,7 @@ def _build_parsers(train_options: OptionTable) -> tuple[argparse.ArgumentParser,
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train_parser = _add_train_parser(subparsers, train_options)
     _add_evaluate_parser(subparsers)
+    _add_audit_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_plot_parser(subparsers)
     _add_diagnose_parser(subparsers)

@@ -61,3 +61,24 @@ def test_ais_evaluation_is_reproducible_from_its_seed_and_importance_sampling_sa
 def test_bad_ais_options_are_one_line(tiny_run, cli_main, option, value):
     ran = cli_main("evaluate", tiny_run, "--estimator", "ais", option, value)
     assert ran.returncode == 2 and option in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_audit_command_prints_the_tables_and_writes_audit_json(tiny_run, small_data_root, cli_main, tmp_path):
+    ran = cli_main("audit", tiny_run, "--examples", "20", "--ais-examples", "3", "-k", "50", "--simulated", "6",
+                   "--ais-steps", "8", "--ais-chains", "3", "--leapfrog-steps", "2", "--bdmc-steps", "2", "8",
+                   "--no-progress", data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
+    assert "IS (K=50) against AIS (T=8, L=2, C=3, sigmoid)" in ran.stdout and "BDMC on 6 images" in ran.stdout
+    payload = json.loads((tiny_run / "audit.json").read_text())
+    assert payload["ais"]["steps"] == 8 and payload["is"]["num_samples"] == 50 and len(payload["images"]) == 3
+    assert [row["steps"] for row in payload["bdmc"]["rows"]] == [2, 8] and payload["checkpoint_id"] is not None
+    assert (tiny_run / "plots" / "audit.png").is_file() and "written to" in ran.stdout
+    missing = cli_main("audit", tmp_path / "nothing")
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "nothing").exists()  # nothing made in its place
+
+
+def test_audit_help_says_what_the_bdmc_gap_certifies_and_what_not(cli_main):
+    text = " ".join(cli_main("audit", "--help").stdout.split())
+    assert "on data from the model, AIS with these settings is within the gap of log p(x)" in text
+    assert "not a certificate on the real images" in text and "--ais-steps" in text and "--bdmc-steps" in text
