@@ -379,7 +379,21 @@ def _add_bench_parser(subparsers) -> None:
                    "with --repeats interleaved repeats")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw, for the epoch timing")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
+    _add_bench_ais_options(p)
     p.set_defaults(handler=bench.run)
+
+
+def _add_bench_ais_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "AIS", "AIS (evaluate --estimator ais) on the default VAE against its floor: as many bare decoder "
+        "forward+backward passes to z at the same shapes as AIS makes gradient evaluations (T L per chain, pilot "
+        "included); the table gives the floor's time as a share of AIS's.")
+    g.add_argument("--no-ais", action="store_true", help="skip the AIS timing")
+    g.add_argument("--ais-examples", type=positive_int, default=100, help="random binary images, one chunk")
+    g.add_argument("--ais-steps", type=positive_int, default=30, metavar="T", help="annealing steps")
+    g.add_argument("--ais-chains", type=positive_int, default=CLI_AIS_CHAINS, metavar="C", help="chains per image")
+    g.add_argument("--leapfrog-steps", type=positive_int, default=CLI_AIS_LEAPFROG_STEPS, metavar="L",
+                   help="leapfrog steps per transition")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,3 +82,17 @@ def test_audit_help_says_what_the_bdmc_gap_certifies_and_what_not(cli_main):
     text = " ".join(cli_main("audit", "--help").stdout.split())
     assert "on data from the model, AIS with these settings is within the gap of log p(x)" in text
     assert "not a certificate on the real images" in text and "--ais-steps" in text and "--bdmc-steps" in text
+
+
+def test_bench_times_ais_against_its_floor_unless_told_not_to(tmp_path, cli_main):
+    tiny = ["bench", "--device", "cpu", "--evidence-only", "--repeats", "1", "--evidence-examples", "4",
+            "--evidence-samples", "4"]
+    ran = cli_main(*tiny, "--ais-examples", "2", "--ais-steps", "2", "--ais-chains", "2", "--leapfrog-steps", "1",
+                   "--out", tmp_path / "with.json")
+    assert ran.returncode == 0, ran.stderr
+    ais = json.loads((tmp_path / "with.json").read_text())["ais"]
+    assert ais["settings"]["chains"] == 2 and ais["decoder_passes"] > 0 and ais["seconds"]["ais"] > 0
+    assert "AIS, T=2 L=1 C=2" in ran.stdout and "of the floor" in ran.stdout
+    skipped = cli_main(*tiny, "--no-ais", "--out", tmp_path / "without.json")
+    assert skipped.returncode == 0 and "AIS" not in skipped.stdout
+    assert json.loads((tmp_path / "without.json").read_text())["ais"] is None
