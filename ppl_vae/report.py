@@ -50,7 +50,8 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     if "bits_per_dim" in result:
         bpd = result["bits_per_dim"]
         lines.append(_row("ELBO in bits/dim", bpd["elbo"], width))
-        lines.append(_row(f"{estimate} in bits/dim ({method})", bpd["log_evidence"], width))
+        short = "AIS" if (result.get("estimator") or {}).get("name") == "ais" else f"K={k}"
+        lines.append(_row(f"{estimate} in bits/dim ({short})", bpd["log_evidence"], width))
     lines.append("-" * (width + 22))
     if "bits_per_dim" in result:
         lines.append(f"bits/dim: {result['bits_per_dim']['method']} (lower is better).")
