@@ -198,7 +198,8 @@ def _add_evaluate_parser(subparsers) -> None:
         "evaluate",
         help="evaluate a trained run: ELBO, decomposition, log p(x)",
         description="Evaluate a run: the ELBO and its decomposition (reconstruction, KL per latent site) and the "
-        "importance-sampled log p(x) with K samples, in nats per image with standard errors; then diagnostics: "
+        "log p(x), importance sampled with K samples (or annealed importance sampling: --estimator ais), in nats per "
+        "image with standard errors; then diagnostics: "
         "PSIS k-hat of the importance weights, active units, KL per dimension, ELBO surgery (mutual information "
         "and marginal KL) and total correlation. Prints two tables and writes them to RUN_DIR/evaluation.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
