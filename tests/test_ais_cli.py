@@ -97,3 +97,13 @@ def test_bench_times_ais_against_its_floor_unless_told_not_to(tmp_path, cli_main
     skipped = cli_main(*tiny, "--no-ais", "--out", tmp_path / "without.json")
     assert skipped.returncode == 0 and "AIS" not in skipped.stdout
     assert json.loads((tmp_path / "without.json").read_text())["ais"] is None
+
+
+@pytest.mark.parametrize("typed, estimator, named", [(["-k", "100"], "ais", "-k"), (["--num-samples=100"], "ais", "--num-samples"),
+                                                     (["--ais-steps", "7"], "is", "--ais-steps")])
+def test_an_option_of_the_other_estimator_is_named_as_unused(tiny_run, small_data_root, cli_main, typed, estimator, named):
+    ais = ["--ais-steps", "3", "--ais-chains", "2", "--leapfrog-steps", "1"] if estimator == "ais" else []
+    ran = cli_main("evaluate", tiny_run, "--estimator", estimator, *ais, *typed, "--examples", "4", "--no-progress",
+                   data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
+    assert f"warning: {named} does nothing with --estimator {estimator}" in ran.stderr

@@ -82,6 +82,8 @@ def evaluate(args: argparse.Namespace, context) -> int:
 
     main = context is None or context.is_main
     ais = ais_options(args)  # None: importance sampling
+    if main:
+        _warn_unused_estimator_options(args, ais is not None)
     loaded = _load(args, context)
     program, x, cond = loaded.program, loaded.x, loaded.cond
     started = time.perf_counter()
@@ -119,6 +121,29 @@ def ais_options(args: argparse.Namespace) -> dict[str, Any] | None:
                    schedule=args.ais_schedule)
     ais_settings(**options)  # a bad value is one line now, not after the run and its data are loaded
     return options
+
+
+IS_ONLY, AIS_ONLY = ("--num-samples", "-k"), ("--ais-steps", "--ais-chains", "--leapfrog-steps", "--ais-schedule")
+
+
+def _typed(argv: list[str], option: str) -> bool:
+    """Whether ``option`` was typed in ``argv`` (also as ``--opt=value``, a unique prefix, or ``-kVALUE``)."""
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if option.startswith("--") and len(name) > 2 and name.startswith("--") and option.startswith(name):
+            return True
+        if not option.startswith("--") and token.startswith(option):
+            return True
+    return False
+
+
+def _warn_unused_estimator_options(args: argparse.Namespace, ais: bool) -> None:
+    """A typed option of the other estimator changes nothing: say so, rather than let it pass as if it had."""
+    unused = [o for o in (IS_ONLY if ais else AIS_ONLY) if _typed(getattr(args, "argv", []), o)]
+    if unused:
+        other = "ais (its chains, --ais-chains, take the place of K)" if ais else "is (give --estimator ais for AIS)"
+        warnings.warn(f"{' and '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing with --estimator {other}",
+                      PplVaeWarning, stacklevel=2)
 
 
 def _record_ais(result: dict[str, Any], ais: dict[str, Any], acceptance) -> None:
