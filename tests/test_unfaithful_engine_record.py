@@ -18,3 +18,9 @@ def test_a_program_trained_with_svi_for_an_unfaithful_trace_evaluates(tmp_path, 
                    data_root=small_data_root)
     assert ran.returncode == 0, ran.stderr
     assert "importance sampled (K=5)" in ran.stdout
+    # Its discrete site y cannot be moved by HMC: AIS refuses in one line, naming the site and the alternative.
+    refused = cli_main("evaluate", run_dir, "--estimator", "ais", "--examples", "4", "--ais-steps", "3", "--no-progress",
+                       data_root=small_data_root)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "site 'y' is discrete" in refused.stderr and "--estimator is" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
