@@ -65,10 +65,17 @@ def ais_summary(
     evidence = EvidenceEstimate(estimate.log_evidence, estimate.stderr, estimate.ess, estimate.settings["chains"])
     result = evaluation_summary(model, guide, x, *cond, elbo_samples=elbo_samples, chunk_size=chunk_size, levels=levels,
                                 evidence=evidence, decomposition=decomposition, progress=progress)
-    record = estimator_record(estimate.settings)
-    result["estimator"] = record
-    result["log_evidence"].update(estimator=record, mean_acceptance=estimate.acceptance.mean().item())
+    record_ais_estimator(result, estimate.settings, estimate.acceptance)
     return result, estimate
+
+
+def record_ais_estimator(result: dict[str, Any], settings: dict[str, Any], acceptance: torch.Tensor) -> dict[str, Any]:
+    """Record in an evaluation summary that its log p̂ is AIS's: ``estimator`` (also in ``log_evidence``) with the
+    settings, and the mean HMC acceptance over datapoints. Returns ``result``."""
+    record = estimator_record(settings)
+    result["estimator"] = record
+    result["log_evidence"].update(estimator=record, mean_acceptance=acceptance.double().mean().item())
+    return result
 
 
 def estimator_record(settings: dict[str, Any]) -> dict[str, Any]:

@@ -535,8 +535,12 @@ def run_benchmark(
     data_dir: str | None = None,
     evidence_only: bool = False,
     epoch_examples: int | None = None,
+    ais: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """All measurements as one JSON-ready dict (seconds, steps/s, ratios to the plain-PyTorch reference).
+
+    ``ais``: keyword arguments of :func:`time_ais` (num_examples, steps, chains, leapfrog_steps); given, AIS is
+    timed against its decoder forward+backward floor under ``"ais"`` (None there otherwise).
 
     ``evidence_only`` skips the SVI steps and the epochs: only evidence estimation is timed.
     ``epoch_examples`` limits the epochs (of bare steps, and of default training) to the first
@@ -544,8 +548,12 @@ def run_benchmark(
     with warnings.catch_warnings():
         # torch 2.15 marks torch.jit.trace deprecated; Pyro 1.9's JIT ELBOs (svi-jit) are built on it.
         warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated", category=FutureWarning)
-        return _run_benchmark(device, batch_sizes, repeats, steps, evidence_examples, evidence_samples, epoch,
-                              data_dir, evidence_only, epoch_examples)
+        result = _run_benchmark(device, batch_sizes, repeats, steps, evidence_examples, evidence_samples, epoch,
+                                data_dir, evidence_only, epoch_examples)
+    # Whole AIS runs (seconds each) as the evidence repeats are: at most 3 unless only evidence is measured.
+    result["ais"] = (time_ais(device, repeats=repeats if evidence_only else max(1, min(3, repeats)), **ais)
+                     if ais is not None else None)
+    return result
 
 
 def _run_benchmark(device, batch_sizes, repeats, steps, evidence_examples, evidence_samples, epoch, data_dir,
@@ -623,6 +631,8 @@ def format_benchmark(result: dict[str, Any]) -> str:
             f"{dt['repeats']} interleaved epochs; the run's own epochs: "
             f"{', '.join(f'{s:.2f}' for s in dt['run_epoch_seconds'])} s, the first compiling)"
         )
+    if result.get("ais"):
+        lines.append(format_ais_benchmark(result["ais"]))
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ class PerDatapointEvaluation:
     decomposition: dict | None
     evidence: EvidenceEstimate | None
     psis: dict | None
+    acceptance: torch.Tensor | None = None  # AIS's mean HMC acceptance probability per datapoint (``ais`` only)
 
 
 PSIS_PER_DATAPOINT = ("khat", "unreliable", "ess", "log_evidence", "psis_log_evidence")
@@ -59,6 +60,7 @@ def evaluate_per_datapoint(
     chunk_size: int | None = None,
     block_size: int = EVALUATION_BLOCK_SIZE,
     progress: bool = False,
+    ais: dict[str, Any] | None = None,
 ) -> PerDatapointEvaluation:
     """Importance-sampled log p(x) with ``num_samples`` draws and the ELBO decomposition with ``elbo_samples``, per datapoint.
 
@@ -74,11 +76,17 @@ def evaluate_per_datapoint(
     (on GPUs, up to the determinism of CUDA kernels). The caller's random streams are
     restored afterwards. An error in any block (say, a non-finite evidence estimate) is
     raised on every process.
+
+    ``ais``: keyword arguments of :func:`ppl_vae.ais.ais_log_evidence` (steps, chains, ...); given, the evidence of
+    each block is AIS's (its chains as ``num_samples``, its acceptance in ``acceptance``) instead of importance
+    sampling's, seeded per block the same way, and ``num_samples`` and ``psis`` must not be given.
     """
     from .diagnostics import evidence_with_psis
 
-    if num_samples is None and elbo_samples is None:
+    if num_samples is None and elbo_samples is None and ais is None:
         raise PplVaeError("evaluate_per_datapoint needs num_samples (log p(x)) or elbo_samples (the ELBO), or both")
+    if ais is not None and (num_samples is not None or psis):
+        raise PplVaeError("evaluate_per_datapoint: ais replaces importance sampling; give no num_samples and no psis")
     if not isinstance(block_size, int) or block_size < 1:
         raise PplVaeError(f"block_size must be a positive integer, got {block_size!r}")
     data = check_data(x, cond)
@@ -93,7 +101,10 @@ def evaluate_per_datapoint(
         result: dict[str, Any] = {}
         try:
             with seeded(derive_seed(seed, "block", block)):
-                if num_samples is not None and psis:
+                if ais is not None:
+                    result["evidence"], result["acceptance"] = _ais_block(model, guide, block_data, ais, chunk_size,
+                                                                          progress and f"AIS, images {rows.start}-{rows.stop - 1}")
+                elif num_samples is not None and psis:
                     result["evidence"], result["psis"] = evidence_with_psis(
                         model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
                 elif num_samples is not None:
@@ -117,9 +128,20 @@ def evaluate_per_datapoint(
     parts = [result for _, result in blocks]
     return PerDatapointEvaluation(
         decomposition=_join_decompositions([p["decomposition"] for p in parts]) if elbo_samples is not None else None,
-        evidence=_join_evidence([p["evidence"] for p in parts]) if num_samples is not None else None,
+        evidence=_join_evidence([p["evidence"] for p in parts]) if num_samples is not None or ais is not None else None,
         psis=_join_psis([p["psis"] for p in parts]) if num_samples is not None and psis else None,
+        acceptance=torch.cat([p["acceptance"] for p in parts]) if ais is not None else None,
     )
+
+
+def _ais_block(model: Callable, guide: Callable, block_data: tuple, ais: dict[str, Any], chunk_size: int | None,
+               progress: bool | str) -> tuple[EvidenceEstimate, torch.Tensor]:
+    """One block's AIS log p(x) as an :class:`EvidenceEstimate` (chains as its K), and its acceptance per datapoint."""
+    from .ais import ais_log_evidence
+
+    estimate = ais_log_evidence(model, guide, *block_data, chunk_size=chunk_size, progress=progress, **ais)
+    evidence = EvidenceEstimate(estimate.log_evidence, estimate.stderr, estimate.ess, estimate.settings["chains"])
+    return evidence, estimate.acceptance
 
 
 def _progress_bar(progress: bool, total: int):

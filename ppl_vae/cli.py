@@ -15,7 +15,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .commands import bench, compare, diagnose, evaluate, plot, train, trust
+from .commands import audit, bench, compare, diagnose, evaluate, plot, train, trust
 from .commands.options import (
     ConfigFileError,
     OptionTable,
@@ -262,7 +262,8 @@ def _add_evaluate_parser(subparsers) -> None:
         "evaluate",
         help="evaluate a trained run: ELBO, decomposition, log p(x)",
         description="Evaluate a run: the ELBO and its decomposition (reconstruction, KL per latent site) and the "
-        "importance-sampled log p(x) with K samples, in nats per image with standard errors; then diagnostics: "
+        "log p(x), importance sampled with K samples (or annealed importance sampling: --estimator ais), in nats per "
+        "image with standard errors; then diagnostics: "
         "PSIS k-hat of the importance weights, active units, KL per dimension, ELBO surgery (mutual information "
         "and marginal KL) and total correlation. Prints two tables and writes them to RUN_DIR/evaluation.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -280,8 +281,75 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_checkpoint_option(p, "to evaluate")
     _add_trust_option(p, "evaluate imports")
+    _add_estimator_options(p)
     _add_scale_out_options(p, "Evaluate (the images are shared between the processes; the numbers do not change)")
     p.set_defaults(handler=evaluate.run)
+
+
+# AIS's command-line defaults, sized for a 2-core CPU: T L C (T - 1 + pilot) ~ 4,300 decoder forward+backward
+# passes per image, about 0.15 s per image of the default VAE on one core (ppl_vae.ais's library default is T = 200).
+CLI_AIS_STEPS, CLI_AIS_CHAINS, CLI_AIS_LEAPFROG_STEPS = 100, 8, 5
+
+
+def _add_ais_options(g) -> None:
+    """AIS's settings (``ppl-vae evaluate --estimator ais`` and ``ppl-vae audit``)."""
+    from .ais import SCHEDULES
+
+    g.add_argument("--ais-steps", type=positive_int, default=CLI_AIS_STEPS, metavar="T",
+                   help="annealing steps from the guide to the posterior (the bias falls as T grows)")
+    g.add_argument("--ais-chains", type=positive_int, default=CLI_AIS_CHAINS, metavar="C",
+                   help="independent AIS chains per image: log p̂ = log of their mean weight, s.e. over chains")
+    g.add_argument("--leapfrog-steps", type=positive_int, default=CLI_AIS_LEAPFROG_STEPS, metavar="L",
+                   help="leapfrog steps of each HMC transition (step sizes adapted per image to 65%% acceptance)")
+    g.add_argument("--ais-schedule", choices=SCHEDULES, default="sigmoid", help="the annealing schedule of beta")
+
+
+def _add_estimator_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "estimator",
+        "How log p(x) is estimated. is: importance sampling from the guide with K = --num-samples draws (fast; a "
+        "stochastic lower bound whose bias grows as the guide misses the posterior; PSIS k-hat flags the images "
+        "where it does). ais: annealed importance sampling (Wu et al. 2017), from the guide to the posterior in T "
+        "steps of HMC on all latent sites, C chains per image: a tighter stochastic lower bound, at about "
+        "T x L x C decoder forward+backward passes per image (continuous latent sites only). A progress bar shows "
+        "the time left. `ppl-vae audit` compares the two and certifies AIS on simulated data (BDMC).",
+    )
+    g.add_argument("--estimator", choices=("is", "ais"), default="is", help="the log p(x) estimator")
+    _add_ais_options(g)
+
+
+def _add_audit_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit",
+        help="check a run's log p(x): importance sampling against AIS, and the BDMC sandwich",
+        description="Audit a run's evidence. (1) IS against AIS: the importance-sampled log p(x) (K = --num-samples, "
+        "with PSIS k-hat) on the first --examples images of --split, and AIS on the --ais-examples of them with the "
+        "highest k-hat (where IS is least reliable), highest first; IS - AIS estimates how much IS misses there. "
+        "(2) BDMC (Grosse et al. 2015): --simulated images are drawn from the model, with their latents; forward AIS "
+        "bounds their log p(x) from below and reverse AIS, started at the exact posterior sample, from above (both "
+        "stochastically, in expectation), at each --bdmc-steps. What the gap certifies: on data from the model, AIS "
+        "with these settings is within the gap of log p(x). What it does not: it is not a certificate on the real "
+        "images (their posteriors can be harder than those of the model's own samples; compare IS - AIS there), nor "
+        "a statement about how good the model is. Writes RUN_DIR/audit.json (estimators, settings, checkpoint) and "
+        "RUN_DIR/plots/audit.png (IS - AIS against k-hat; the BDMC bracket against steps).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ppl-vae train`")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--examples", type=positive_int, default=200, help="images of the split given IS with PSIS k-hat")
+    p.add_argument("--ais-examples", type=positive_int, default=20, help="of those, the highest-k-hat images given AIS")
+    p.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="K, importance samples per image")
+    p.add_argument("--simulated", type=positive_int, default=100, help="images simulated from the model for BDMC")
+    p.add_argument("--bdmc-steps", type=positive_int, nargs="+", default=None, metavar="T",
+                   help="annealing steps of each BDMC bracket (default: T/10, T/3 and T, T = --ais-steps)")
+    _add_ais_options(p.add_argument_group("AIS", "The settings of AIS on the test images and of BDMC's chains."))
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--chunk-size", type=positive_int, default=None, help="images per chunk (default: sized from a memory budget)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws and of the simulated images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_trust_option(p, "audit imports")
+    p.set_defaults(handler=audit.run)
 
 
 def _add_compare_parser(subparsers) -> None:
@@ -387,7 +455,21 @@ def _add_bench_parser(subparsers) -> None:
                    "with --repeats interleaved repeats")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw, for the epoch timing")
     p.add_argument("--out", default="bench.json", help="JSON file for the results")
+    _add_bench_ais_options(p)
     p.set_defaults(handler=bench.run)
+
+
+def _add_bench_ais_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "AIS", "AIS (evaluate --estimator ais) on the default VAE against its floor: as many bare decoder "
+        "forward+backward passes to z at the same shapes as AIS makes gradient evaluations (T L per chain, pilot "
+        "included); the table gives the floor's time as a share of AIS's.")
+    g.add_argument("--no-ais", action="store_true", help="skip the AIS timing")
+    g.add_argument("--ais-examples", type=positive_int, default=100, help="random binary images, one chunk")
+    g.add_argument("--ais-steps", type=positive_int, default=30, metavar="T", help="annealing steps")
+    g.add_argument("--ais-chains", type=positive_int, default=CLI_AIS_CHAINS, metavar="C", help="chains per image")
+    g.add_argument("--leapfrog-steps", type=positive_int, default=CLI_AIS_LEAPFROG_STEPS, metavar="L",
+                   help="leapfrog steps per transition")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,6 +483,7 @@ def _build_parsers(train_options: OptionTable) -> tuple[argparse.ArgumentParser,
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train_parser = _add_train_parser(subparsers, train_options)
     _add_evaluate_parser(subparsers)
+    _add_audit_parser(subparsers)
     _add_compare_parser(subparsers)
     _add_plot_parser(subparsers)
     _add_diagnose_parser(subparsers)

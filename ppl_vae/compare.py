@@ -20,6 +20,13 @@ for each run's quantity and a note naming the runs left unpaired, and why
 The per-image values are read with :func:`ppl_vae.evaluation_files.read_per_datapoint`, which
 refuses an npz from another evaluation than the evaluation.json beside it.
 
+Nor are runs whose log p̂ came from different estimators (:func:`result_estimator`): importance
+sampling and AIS have different biases (both are stochastic lower bounds, AIS usually the tighter),
+so their difference would mix the estimators' bias into the models' difference; nor two AIS results
+with different settings (steps, chains, leapfrog steps, schedule), for the same reason. The table
+says which estimator each number came from; importance-sampled results with different K are still
+paired, as before (K is shown).
+
 Each result file records the epoch (and the id of the checkpoint) it was computed
 from; the newer of ``evaluation.json`` and ``test.json`` is used, and the table marks a
 result computed before the run's latest checkpoint (``4 (run at 6)``).
@@ -46,7 +53,7 @@ from .training.run_loading import read_run_config
 
 COLUMNS = (
     "run", "model", "objective", "epochs", "split", "images", "quantity", "elbo", "elbo_se", "reconstruction", "kl",
-    "log_px", "log_px_se", "k", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
+    "log_px", "log_px_se", "k", "estimator", "gap", "bits_per_dim", "active_units", "train_seconds", "device",
     "log_px_minus_first", "log_px_minus_first_se", "not_paired", "result_file", "run_epoch", "stale", "checkpoint",
 )
 UNKNOWN_QUANTITY = "?"  # shown for a result whose quantity cannot be told (evaluation_files.result_quantity)
@@ -131,6 +138,7 @@ def load_run_summary(run_dir: str | Path, checkpoint: str | None = None) -> dict
         "log_px": result["log_evidence"]["mean"],
         "log_px_se": result["log_evidence"]["stderr"],
         "k": result["log_evidence"]["num_samples"],
+        "estimator": estimator_text(result_estimator(result)),
         "gap": result["gap"]["mean"],
         "bits_per_dim": bpd,
         "active_units": _active_units(diagnostics),
@@ -146,7 +154,52 @@ def load_run_summary(run_dir: str | Path, checkpoint: str | None = None) -> dict
         # Not a table column: what the paired differences need.
         "_per_image_log_px": _per_image_log_px(run_dir, name, result),
         "_binarize": train_config.binarize,
+        "_estimator": result_estimator(result),
     }
+
+
+IS_DEFAULT: dict[str, Any] = {"name": "is"}  # a row without an estimator record (built by hand): importance sampled
+# The settings that make two AIS results the same estimator (what is recorded besides them is derived from them).
+AIS_IDENTITY = ("steps", "chains", "leapfrog_steps", "schedule", "target_accept", "pilot_steps")
+
+
+def result_estimator(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The estimator a result's log p̂ came from: its ``estimator`` record (``{"name": "ais", ...settings}`` or
+    ``{"name": "is", "num_samples": K}``); a file without one (before AIS, and train's test.json) is importance
+    sampled with its K. A record that is not an estimator's (a handed-over file) is unknown: None."""
+    record = result.get("estimator", result.get("log_evidence", {}).get("estimator"))
+    if record is None:
+        return {"name": "is", "num_samples": result.get("log_evidence", {}).get("num_samples")}
+    if not isinstance(record, dict) or record.get("name") not in ("is", "ais"):
+        return None
+    return record
+
+
+def estimator_text(estimator: dict[str, Any] | None) -> str:
+    """``IS, K=5000``, ``AIS, T=100 L=5 C=8 sigmoid``, or ``?`` (an unknown record)."""
+    if estimator is None:
+        return UNKNOWN_QUANTITY
+    if estimator["name"] == "ais":
+        return (f"AIS, T={estimator.get('steps')} L={estimator.get('leapfrog_steps')} C={estimator.get('chains')} "
+                f"{estimator.get('schedule')}")
+    return f"IS, K={estimator.get('num_samples')}"
+
+
+def _same_estimator(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two results' log p̂ came from one estimator: both IS (any K), or AIS with the same settings."""
+    if a is None or b is None or a["name"] != b["name"]:
+        return False
+    return a["name"] == "is" or all(a.get(key) == b.get(key) for key in AIS_IDENTITY)
+
+
+def _why_other_estimator(row: dict[str, Any], first: dict[str, Any]) -> str:
+    def text(r: dict[str, Any]) -> str:
+        if "_estimator" in r and r["_estimator"] is None:
+            return "an unknown estimator (a record ppl-vae does not write)"
+        return r.get("estimator") or f"IS, K={r['k']}"
+
+    return (f"its log p̂ is from {text(row)}, the first run's from {text(first)}: a difference of different "
+            "estimators (different biases); evaluate both with the same --estimator and settings")
 
 
 def _per_image_log_px(run_dir: Path, result_file: str, result: dict) -> numpy.ndarray | None:
@@ -175,6 +228,9 @@ def add_paired_differences(rows: list[dict[str, Any]]) -> None:
         quantity, first_quantity = row.get("quantity"), first.get("quantity")
         if quantity is None or first_quantity is None or quantity != first_quantity:
             row["not_paired"] = _why_not_paired(quantity, first_quantity)
+            continue
+        if not _same_estimator(row.get("_estimator", IS_DEFAULT), first.get("_estimator", IS_DEFAULT)):
+            row["not_paired"] = _why_other_estimator(row, first)
             continue
         row["log_px_minus_first"], row["log_px_minus_first_se"] = paired_difference(
             first["_per_image_log_px"], row["_per_image_log_px"])
@@ -205,14 +261,14 @@ def _format(value: Any, digits: int = 2) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ("run", "model", "objective", "epochs", "evidence of", "ELBO", "reconstruction", "KL", "log p̂", "K",
+    header = ("run", "model", "objective", "epochs", "evidence of", "ELBO", "reconstruction", "KL", "log p̂", "estimator",
               "minus first run (paired)", "gap", "bits/dim", "active units", "train time", "device")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = (
             Path(r["run"]).name, r["model"], r["objective"], _epochs(r), _markdown(r.get("quantity") or UNKNOWN_QUANTITY),
             f"{r['elbo']:.2f} ± {r['elbo_se']:.2f}", _format(r["reconstruction"]), _format(r["kl"]),
-            f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r["k"], _paired(r), _format(r["gap"]),
+            f"{r['log_px']:.2f} ± {r['log_px_se']:.2f}", r.get("estimator", f"IS, K={r['k']}"), _paired(r), _format(r["gap"]),
             _format(r["bits_per_dim"], 3), _format_active_units(r["active_units"]), f"{r['train_seconds']:.0f} s" if r["train_seconds"] else "–", r["device"],
         )
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -223,7 +279,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         f"({', '.join(str(i) for i in sorted(images))} images), ± standard error over images. "
         "Paired: the mean over the same images of log p̂ minus the first run's, ± its standard error "
         "(– where the runs were not evaluated on the same images by `ppl-vae evaluate`, or their evidence is "
-        "of different quantities)."
+        "of different quantities or from different estimators). Estimator: IS, importance sampling from the guide "
+        "with K draws; AIS, annealed importance sampling with T steps, L leapfrog steps, C chains."
     )
     unpaired = [r for r in rows if r.get("not_paired")]
     if unpaired:

@@ -25,6 +25,7 @@ def reconstruction_label(quantity: str) -> str:
 def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     """A fixed-width table of an :func:`ppl_vae.summary.evaluation_summary` result, in nats per datapoint."""
     k = result["log_evidence"]["num_samples"]
+    method, draws = estimator_label(result), estimator_draws(result)
     quantity = result.get("quantity", "log p(x)")
     estimate = estimate_label(quantity)
     rows: list[tuple[str, dict]] = [
@@ -38,7 +39,7 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     rows.append(("  KL(q || p), total", result["kl"]["total"]))
     for name, stat in result["kl"]["sites"].items():
         rows.append((f"    KL at site '{name}' ({stat['method']})", stat))
-    rows += [(f"{estimate}, importance sampled (K={k})", result["log_evidence"]), (f"gap {estimate} - ELBO", result["gap"])]
+    rows += [(f"{estimate}, {method}", result["log_evidence"]), (f"gap {estimate} - ELBO", result["gap"])]
     width = max(len(label) for label, _ in rows)
     lines = []
     if title:
@@ -49,7 +50,8 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     if "bits_per_dim" in result:
         bpd = result["bits_per_dim"]
         lines.append(_row("ELBO in bits/dim", bpd["elbo"], width))
-        lines.append(_row(f"{estimate} in bits/dim (K={k})", bpd["log_evidence"], width))
+        short = "AIS" if (result.get("estimator") or {}).get("name") == "ais" else f"K={k}"
+        lines.append(_row(f"{estimate} in bits/dim ({short})", bpd["log_evidence"], width))
     lines.append("-" * (width + 22))
     if "bits_per_dim" in result:
         lines.append(f"bits/dim: {result['bits_per_dim']['method']} (lower is better).")
@@ -59,13 +61,34 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
     lines.append(
         f"N = {result['num_datapoints']} datapoints; s.e. = standard error of the mean over datapoints. "
         f"Per-datapoint Monte Carlo s.e. of {estimate}: {mc_text}; "
-        f"mean effective sample size {result['log_evidence']['mean_ess']:.0f} of {k}."
+        f"mean effective {draws} {result['log_evidence']['mean_ess']:.0f} of {k}{_acceptance(result)}."
     )
     lines.append(quantity_note(quantity, result.get("observed_sites", {})))
     reasons = [(name, stat["reason"]) for name, stat in result["kl"]["sites"].items() if stat.get("reason")]
     for name, reason in reasons:
         lines.append(f"KL at site '{name}' is Monte Carlo: {reason}.")
     return "\n".join(lines)
+
+
+def estimator_label(result: dict[str, Any]) -> str:
+    """How a summary's log p̂ was estimated: ``importance sampled (K=5000)`` or ``AIS (T=200, L=5, C=8, sigmoid)``.
+
+    A summary without an ``estimator`` record (every file before AIS) is importance sampled."""
+    estimator = result.get("estimator") or {"name": "is"}
+    if estimator.get("name") == "ais":
+        return (f"AIS (T={estimator.get('steps')}, L={estimator.get('leapfrog_steps')}, C={estimator.get('chains')}, "
+                f"{estimator.get('schedule')})")
+    return f"importance sampled (K={result['log_evidence']['num_samples']})"
+
+
+def estimator_draws(result: dict[str, Any]) -> str:
+    """What the effective sample size of a summary's log p̂ counts: importance samples, or AIS chains."""
+    return "number of chains" if (result.get("estimator") or {}).get("name") == "ais" else "sample size"
+
+
+def _acceptance(result: dict[str, Any]) -> str:
+    accept = result["log_evidence"].get("mean_acceptance")
+    return f"; mean HMC acceptance {accept:.2f}" if isinstance(accept, (int, float)) else ""
 
 
 def quantity_note(quantity: str, observed_sites: dict[str, str]) -> str:

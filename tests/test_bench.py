@@ -100,7 +100,7 @@ def test_bench_command_at_tiny_sizes(tmp_path, small_data_root, cli_main):
     out = tmp_path / "bench.json"
     result = cli_main("bench", "--device", "cpu", "--batch-sizes", "8", "--repeats", "1", "--steps", "2",
                       "--evidence-examples", "10", "--evidence-samples", "10", "--epoch-examples", "200",
-                      "--data-dir", small_data_root, "--out", out)
+                      "--data-dir", small_data_root, "--out", out, "--ais-examples", "3", "--ais-steps", "3")
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert {row["variant"] for row in data["svi_step"]} == set(STEP_VARIANTS)
@@ -118,6 +118,8 @@ def test_bench_command_at_tiny_sizes(tmp_path, small_data_root, cli_main):
     assert default["engine"]["requested"] == "auto" and default["engine"]["engine"] == "jit"
     assert "ppl-vae train with its defaults: --engine auto ran jit" in result.stdout
     assert data["epoch"]["images"] == 200
+    assert data["ais"]["num_examples"] == 3 and data["ais"]["settings"]["steps"] == 3 and data["ais"]["fraction_of_floor"] > 0
+    assert "AIS, T=3 L=5 C=8" in result.stdout and "of the floor" in result.stdout
 
 
 def test_decoder_matmul_floor_has_the_decoders_shapes_and_flops():

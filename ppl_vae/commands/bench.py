@@ -17,9 +17,17 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(
         resolve_device(args.device), args.batch_sizes, args.repeats, args.steps, args.evidence_examples,
         args.evidence_samples, epoch=not args.no_epoch, data_dir=args.data_dir, evidence_only=args.evidence_only,
-        epoch_examples=args.epoch_examples,
+        epoch_examples=args.epoch_examples, ais=_ais_options(args),
     )
     runs.write_json(args.out, result)
     print(format_benchmark(result))
     print(f"written to {args.out}")
     return 0
+
+
+def _ais_options(args: argparse.Namespace) -> dict[str, int] | None:
+    """What ``--ais-*`` ask :func:`ppl_vae.bench.time_ais` to time; None with ``--no-ais``."""
+    if args.no_ais:
+        return None
+    return dict(num_examples=args.ais_examples, steps=args.ais_steps, chains=args.ais_chains,
+                leapfrog_steps=args.leapfrog_steps)

@@ -81,13 +81,16 @@ def evaluate(args: argparse.Namespace, context) -> int:
     from ..evaluate import evaluation_summary
 
     main = context is None or context.is_main
+    ais = ais_options(args)  # None: importance sampling
+    if main:
+        _warn_unused_estimator_options(args, ais is not None)
     loaded = _load(args, context)
     program, x, cond = loaded.program, loaded.x, loaded.cond
     started = time.perf_counter()
     per_datapoint = evaluate_per_datapoint(
-        program.model, program.guide, x, *cond, num_samples=args.num_samples, elbo_samples=args.elbo_samples,
-        seed=args.seed, psis=args.num_samples >= MIN_PSIS_SAMPLES, chunk_size=args.chunk_size,
-        progress=not args.no_progress and main,
+        program.model, program.guide, x, *cond, num_samples=args.num_samples if ais is None else None,
+        elbo_samples=args.elbo_samples, seed=args.seed, psis=ais is None and args.num_samples >= MIN_PSIS_SAMPLES,
+        chunk_size=args.chunk_size, progress=not args.no_progress and main, ais=ais,
     )
     if not main:
         return 0
@@ -98,9 +101,60 @@ def evaluate(args: argparse.Namespace, context) -> int:
     with seeded(derive_seed(args.seed, "diagnostics")):
         result["diagnostics"] = diagnostics_summary(program.model, program.guide, x, *cond, psis=per_datapoint.psis,
                                                     chunk_size=args.chunk_size)
+    if ais is not None:
+        _record_ais(result, ais, per_datapoint.acceptance)
+    else:
+        result["estimator"] = {"name": "is", "num_samples": args.num_samples}
     result.update(_provenance(args, context, loaded, time.perf_counter() - started))
     _report(args, result, per_datapoint)
     return 0
+
+
+def ais_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The keyword arguments of :func:`ppl_vae.ais.ais_log_evidence` that ``--estimator ais`` and its options ask
+    for, checked now (before the run is loaded); None for ``--estimator is``."""
+    from ..ais import ais_settings
+
+    if getattr(args, "estimator", "is") != "ais":
+        return None
+    options = dict(steps=args.ais_steps, chains=args.ais_chains, leapfrog_steps=args.leapfrog_steps,
+                   schedule=args.ais_schedule)
+    ais_settings(**options)  # a bad value is one line now, not after the run and its data are loaded
+    return options
+
+
+IS_ONLY, AIS_ONLY = ("--num-samples", "-k"), ("--ais-steps", "--ais-chains", "--leapfrog-steps", "--ais-schedule")
+
+
+def _typed(argv: list[str], option: str) -> bool:
+    """Whether ``option`` was typed in ``argv`` (also as ``--opt=value``, a unique prefix, or ``-kVALUE``)."""
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if option.startswith("--") and len(name) > 2 and name.startswith("--") and option.startswith(name):
+            return True
+        if not option.startswith("--") and token.startswith(option):
+            return True
+    return False
+
+
+def _warn_unused_estimator_options(args: argparse.Namespace, ais: bool) -> None:
+    """A typed option of the other estimator changes nothing: say so, rather than let it pass as if it had."""
+    unused = [o for o in (IS_ONLY if ais else AIS_ONLY) if _typed(getattr(args, "argv", []), o)]
+    if unused:
+        other = "ais (its chains, --ais-chains, take the place of K)" if ais else "is (give --estimator ais for AIS)"
+        warnings.warn(f"{' and '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing with --estimator {other}",
+                      PplVaeWarning, stacklevel=2)
+
+
+def _record_ais(result: dict[str, Any], ais: dict[str, Any], acceptance) -> None:
+    """Record AIS as the estimator of ``result``'s log p̂; PSIS k-hat (a diagnostic of importance weights) is not
+    computed by an AIS evaluation, and says so."""
+    from ..ais import ais_settings
+    from ..audit import record_ais_estimator
+
+    record_ais_estimator(result, ais_settings(**ais), acceptance)
+    result["diagnostics"]["psis"] = {"unavailable": "PSIS k-hat diagnoses importance weights; this evaluation's "
+                                     "log p(x) is AIS's (run `ppl-vae evaluate --estimator is` or `ppl-vae audit`)"}
 
 
 def _load(args: argparse.Namespace, context) -> Evaluated:
@@ -174,6 +228,8 @@ def _report(args: argparse.Namespace, result: dict[str, Any], per_datapoint) -> 
     print(format_diagnostics(result["diagnostics"]), flush=True)
     evidence, psis = per_datapoint.evidence, per_datapoint.psis
     arrays = {"log_evidence": evidence.log_evidence, "stderr": evidence.stderr, "ess": evidence.ess}
+    if per_datapoint.acceptance is not None:  # AIS: its mean HMC acceptance per image
+        arrays["acceptance"] = per_datapoint.acceptance
     if psis is not None:
         arrays.update(khat=psis["khat"], psis_log_evidence=psis["psis_log_evidence"])
     try:  # the npz, then the summary that records its id and sha256: committed as one (ppl_vae.evaluation_files)

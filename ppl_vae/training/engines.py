@@ -263,7 +263,7 @@ def choose_engine(
         raise ModelStructureError(f"--engine jit cannot train this program faithfully: {problem}. Train it with "
                                   "--engine svi (or auto, which chooses svi for it)")
     if problem:
-        return EngineChoice(requested, "svi", problem, seconds)
+        return EngineChoice(requested, "svi", str(problem), seconds)  # text: checkpoints hold plain data only
     second = ", and on a second batch through the same graph" if second_batch is not None else ""
     return EngineChoice(requested, "jit", f"the compiled loss and its gradients equal Trace_ELBO's on the first batch "
                                           f"with the same draws, to rtol {COMPILED_LOSS_RTOL:g}{second}", seconds)
