@@ -362,20 +362,11 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
                 time_reference_evidence(vae, x[s : s + chunk], num_samples, particles_per_chunk)
         return run
 
-    sweep: dict[int, float] = {}
     time_reference_evidence(vae, x[:2], 2, 2)  # its one-time set-up, outside the sweep
-    with torch.no_grad():
-        for k in sorted({max(1, particles // d) for d in (1, 2, 4, 8, 16)}):
-            _sync(device)
-            started = time.perf_counter()
-            reference_with(k)()
-            _sync(device)
-            sweep[k] = time.perf_counter() - started
+    sweep = _reference_chunk_sweep(device, reference_with, particles)
     best_particles = min(sweep, key=sweep.get)
     variants = {"pytorch": reference_with(particles), "pytorch-best-chunk": reference_with(best_particles),
                 "ppl_vae": estimate(True), "ppl_vae-unfused": estimate(False), "matmul-floor": floor}
-    runs: dict[str, list[float]] = {name: [] for name in variants}
-    peaks: dict[str, int | None] = {}
     with pyro.validation_enabled(False):
         log_density = plan_evaluation(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk,
                                       particles_per_chunk=particles).structure.log_density
@@ -384,28 +375,51 @@ def time_evidence(device: torch.device, num_examples: int, num_samples: int, rep
             with fused.fusion(fusion):
                 evidence_estimate(vae.model, vae.guide, x[:2], num_samples=2)
         time_reference_evidence(vae, x[:2], 2, 2)
-        for _ in range(repeats):
-            for name, run in variants.items():
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                _sync(device)
-                started = time.perf_counter()
-                run()
-                _sync(device)
-                runs[name].append(time.perf_counter() - started)
-                peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    weights = num_examples * num_samples
+        runs, peaks = _interleaved_seconds(device, variants, repeats)
+    settings = {"num_examples": num_examples, "num_samples": num_samples, "chunk_size": chunk,
+                "particles_per_chunk": particles, "reference_best_particles_per_chunk": best_particles,
+                "reference_chunk_sweep_seconds": sweep, "repeats": repeats, "log_density": log_density}
+    return _evidence_record(settings, runs, peaks, num_examples * num_samples, mlp_multiply_adds(vae)[1])
+
+
+def _reference_chunk_sweep(device: torch.device, reference_with: Callable[[int], Callable[[], None]],
+                           particles: int) -> dict[int, float]:
+    """Seconds of the plain reference with 1, 1/2, ... 1/16 of the package's particles per chunk, once each."""
+    sweep: dict[int, float] = {}
+    with torch.no_grad():
+        for k in sorted({max(1, particles // d) for d in (1, 2, 4, 8, 16)}):
+            _sync(device)
+            started = time.perf_counter()
+            reference_with(k)()
+            _sync(device)
+            sweep[k] = time.perf_counter() - started
+    return sweep
+
+
+def _interleaved_seconds(device: torch.device, variants: dict[str, Callable[[], None]],
+                         repeats: int) -> tuple[dict[str, list[float]], dict[str, int | None]]:
+    """Each variant once per repeat, interleaved (so the machine's drift hits them alike); seconds and peak CUDA memory."""
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, int | None] = {}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            started = time.perf_counter()
+            run()
+            _sync(device)
+            runs[name].append(time.perf_counter() - started)
+            peaks[name] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return runs, peaks
+
+
+def _evidence_record(settings: dict[str, Any], runs: dict[str, list[float]], peaks: dict[str, int | None],
+                     weights: int, decoder_macs: int) -> dict[str, Any]:
+    """The evidence benchmark's JSON record: medians, spreads, throughputs and ratios of the timed variants."""
     medians = {name: statistics.median(values) for name, values in runs.items()}
-    decoder_macs = mlp_multiply_adds(vae)[1]
     return {
-        "num_examples": num_examples,
-        "num_samples": num_samples,
-        "chunk_size": chunk,
-        "particles_per_chunk": particles,
-        "reference_best_particles_per_chunk": best_particles,
-        "reference_chunk_sweep_seconds": sweep,
-        "repeats": repeats,
-        "log_density": log_density,
+        **settings,
         "seconds": medians,
         "all_seconds": runs,
         "spread": {name: (max(v) - min(v)) / statistics.median(v) for name, v in runs.items()},
