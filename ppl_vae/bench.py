@@ -10,7 +10,7 @@
   as a torch module with one ``torch.optim.Adam`` over all parameters), ``elbo-module-noreg``
   (the same, with the programs' ``pyro.module`` registration turned off, since the torch
   optimizer does not need it) and ``module-jit`` (the compiled loss
-  :class:`~ppl_vae.objectives.CompiledVAELoss` with one torch Adam: ``ppl-vae train --engine jit``);
+  :class:`~ppl_vae.objectives.CompiledProgramLoss` with one torch Adam: ``ppl-vae train --engine jit``);
 * an epoch over the 50,000 MNIST training images (when the data are available) of bare steps,
   and two epochs of ``ppl-vae train`` with its defaults through the real training loop
   (:func:`time_default_training`: the engine ``--engine auto`` chose, why, and its time per
@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from .evaluate import chunk_element_budget, evidence_estimate
 from .model import VAE, VAEConfig
-from .objectives import CompiledVAELoss
+from .objectives import CompiledProgramLoss
 
 # Dense fp32 peaks (no sparsity, no tensor cores; NVIDIA's data sheets) for the GPUs this project meets,
 # matched against torch.cuda.get_device_name in this order (the PCIe H100 before the SXM one); None elsewhere.
@@ -164,11 +164,11 @@ class ElboModuleStep:
 
 
 class CompiledModuleStep(ElboModuleStep):
-    """The compiled loss of ``ppl-vae train --engine jit`` (:class:`~ppl_vae.objectives.CompiledVAELoss`), one torch Adam."""
+    """The compiled loss of ``ppl-vae train --engine jit`` (:class:`~ppl_vae.objectives.CompiledProgramLoss`), one torch Adam."""
 
     def __init__(self, vae: VAE, lr: float = 1e-3):
         self.param_state = None
-        self.loss_module = CompiledVAELoss(vae)  # its graph reads the parameters from this variant's param store
+        self.loss_module = CompiledProgramLoss(vae)  # its graph reads the parameters from this variant's param store
         self.optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
 
 

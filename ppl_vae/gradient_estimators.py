@@ -1,7 +1,7 @@
 r"""Lower-variance gradient estimators for reparameterized guides: STL for the ELBO, DReG for the IWAE bound.
 
 Both are Pyro ``ELBO`` classes (``loss``, ``loss_and_grads`` for ``SVI``, ``differentiable_loss`` for a torch
-optimizer or :class:`ppl_vae.objectives.VAELoss`), for any program whose guide sample sites are all reparameterized.
+optimizer or :class:`ppl_vae.objectives.ProgramLoss`), for any program whose guide sample sites are all reparameterized.
 Their loss *values* are exactly those of ``Trace_ELBO`` and ``RenyiELBO(alpha=0)`` on the same draws; only the
 gradients change, and they keep the same expectation.
 
