@@ -99,7 +99,7 @@ def faulty_step(path: Path, batch: torch.Tensor) -> None:
     from ppl_vae import distributed
     from ppl_vae.errors import NumericalFaultError
     from ppl_vae.model import VAEConfig, build_vae
-    from ppl_vae.objectives import VAELoss, make_objective
+    from ppl_vae.objectives import ProgramLoss, make_objective
 
     context = distributed.current()
     pyro.set_rng_seed(0)
@@ -107,7 +107,7 @@ def faulty_step(path: Path, batch: torch.Tensor) -> None:
     before = {name: value.clone() for name, value in vae.state_dict().items()}
     if context.rank == context.world_size - 1:
         vae.decoder[0].weight.register_hook(lambda grad: grad * float("nan"))
-    ddp = DistributedDataParallel(VAELoss(vae, make_objective("elbo")))
+    ddp = DistributedDataParallel(ProgramLoss(vae, make_objective("elbo")))
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-2)
     shard = distributed.shard_rows(batch, context.rank, context.world_size)
     try:

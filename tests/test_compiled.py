@@ -10,7 +10,7 @@ from pyro.infer import JitTrace_ELBO, Trace_ELBO
 from ppl_vae import runs
 from ppl_vae.errors import PplVaeError, RunDirectoryError
 from ppl_vae.model import VAE, VAEConfig
-from ppl_vae.objectives import CompiledVAELoss, VAELoss, make_objective
+from ppl_vae.objectives import CompiledProgramLoss, ProgramLoss, make_objective
 from ppl_vae.programs import Weighted
 from ppl_vae.train import TrainConfig, train
 
@@ -50,8 +50,8 @@ def test_compiled_loss_and_gradients_equal_trace_elbo_for_every_variant(fixed_dr
     vae = VAE(VAEConfig(**SMALL, **variant))
     reference_vae = copy.deepcopy(vae)
     weighted, reference_weighted = Weighted(vae), Weighted(reference_vae)  # the KL weight, as training applies it
-    compiled = CompiledVAELoss(weighted)
-    reference = VAELoss(reference_weighted, make_objective("elbo"))
+    compiled = CompiledProgramLoss(weighted)
+    reference = ProgramLoss(reference_weighted, make_objective("elbo"))
     # New batch sizes and KL weights compile new graphs; a key seen before replays its graph on new data.
     for batch_size, beta in [(16, 1.0), (16, 0.5), (7, 0.5), (16, 1.0)]:
         x = torch.rand(batch_size, 784) if variant.get("likelihood") == "gaussian" else torch.bernoulli(
@@ -65,9 +65,9 @@ def test_compiled_loss_and_gradients_equal_trace_elbo_for_every_variant(fixed_dr
 
 
 def test_pyro_jit_differentiable_loss_doubles_reparameterized_gradients(fixed_draws):
-    # Why CompiledVAELoss does not use JitTrace_ELBO.differentiable_loss (Pyro 1.9): its loss term is not
+    # Why CompiledProgramLoss does not use JitTrace_ELBO.differentiable_loss (Pyro 1.9): its loss term is not
     # detached, so the gradient is that of loss + surrogate, twice the right one here. If this starts failing,
-    # Pyro has fixed it and CompiledVAELoss could call differentiable_loss directly.
+    # Pyro has fixed it and CompiledProgramLoss could call differentiable_loss directly.
     torch.manual_seed(0)
     pyro.clear_param_store()
     vae = VAE(VAEConfig(**SMALL))
@@ -88,10 +88,10 @@ def test_compiling_does_not_consume_random_draws():
     pyro.clear_param_store()
     vae = VAE(VAEConfig(**SMALL))
     x = torch.bernoulli(torch.full((8, 784), 0.3))
-    cold = CompiledVAELoss(vae)
+    cold = CompiledProgramLoss(vae)
     pyro.set_rng_seed(5)
     first = float(cold(x))  # compiles, then steps
-    warm = CompiledVAELoss(vae)
+    warm = CompiledProgramLoss(vae)
     warm(x)  # compiled before the seed is set
     pyro.set_rng_seed(5)
     assert float(warm(x)) == first
@@ -125,12 +125,12 @@ def test_a_param_store_holding_another_models_tensors_is_refused():
     torch.manual_seed(0)
     pyro.clear_param_store()
     x = torch.bernoulli(torch.full((8, 784), 0.3))
-    CompiledVAELoss(VAE(VAEConfig(**SMALL)))(x)
+    CompiledProgramLoss(VAE(VAEConfig(**SMALL)))(x)
     # A second VAE with the same parameter names: pyro.module would keep the first one's tensors.
     with pytest.raises(PplVaeError, match=r"Call pyro.clear_param_store\(\) before building"):
-        CompiledVAELoss(VAE(VAEConfig(**SMALL)))(x)
+        CompiledProgramLoss(VAE(VAEConfig(**SMALL)))(x)
     pyro.clear_param_store()
-    assert torch.isfinite(CompiledVAELoss(VAE(VAEConfig(**SMALL)))(x))
+    assert torch.isfinite(CompiledProgramLoss(VAE(VAEConfig(**SMALL)))(x))
 
 
 def test_train_engine_jit_from_the_command_line(tmp_path, data_root):
@@ -150,8 +150,8 @@ def test_compiled_loss_with_vectorized_particles_equals_trace_elbo(fixed_draws):
     torch.manual_seed(0)
     pyro.clear_param_store()
     vae = VAE(VAEConfig(**SMALL))
-    compiled = CompiledVAELoss(vae, particles=3)
-    reference = VAELoss(copy.deepcopy(vae), make_objective("elbo", particles=3))
+    compiled = CompiledProgramLoss(vae, particles=3)
+    reference = ProgramLoss(copy.deepcopy(vae), make_objective("elbo", particles=3))
     x = torch.bernoulli(torch.full((10, 784), 0.3))
     loss, grads = loss_and_gradients(compiled, vae, x)
     expected_loss, expected_grads = loss_and_gradients(reference, reference.vae, x)

@@ -94,7 +94,7 @@ def test_auto_falls_back_to_svi_where_the_compiled_loss_fails(tmp_path, data_roo
     def fail(self, *data):
         raise RuntimeError("tracer cannot follow this program")
 
-    monkeypatch.setattr(objectives.CompiledVAELoss, "forward", fail)
+    monkeypatch.setattr(objectives.CompiledProgramLoss, "forward", fail)
     train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
     record = runs.read_json(tmp_path / "run" / "config.json")["engine"]
     assert record["engine"] == "svi"

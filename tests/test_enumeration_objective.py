@@ -120,8 +120,8 @@ def test_the_compiled_enumerated_loss_is_checked_equal_to_trace_enum_elbo_and_us
 
 def test_a_compiled_enumerated_loss_that_differs_is_reported(monkeypatch):
     program, x = Weighted(M2(data_dim=12, enumerate=True)), batch()
-    real = objectives.CompiledVAELoss._loss
-    monkeypatch.setattr(objectives.CompiledVAELoss, "_loss", lambda self, *data, **key: 1.01 * real(self, *data, **key))
+    real = objectives.CompiledProgramLoss._loss
+    monkeypatch.setattr(objectives.CompiledProgramLoss, "_loss", lambda self, *data, **key: 1.01 * real(self, *data, **key))
     pyro.clear_param_store()
     problem = objectives.compiled_loss_problem(program, (x,), 1, 1, enumerated=True)
     assert problem is not None and "differs from TraceEnum_ELBO's" in problem

@@ -21,7 +21,7 @@ from ppl_vae.distributed import evaluate_per_datapoint
 from ppl_vae.evaluate import elbo_decomposition, evaluation_summary, evidence_estimate
 from ppl_vae.latent2d import program_log_joint
 from ppl_vae.modes import evaluation_mode
-from ppl_vae.objectives import CompiledVAELoss
+from ppl_vae.objectives import CompiledProgramLoss
 from ppl_vae.programs import Weighted, check_parameters_belong
 from ppl_vae.train import TrainConfig, check_first_batch, choose_engine, load_run, train
 
@@ -240,7 +240,7 @@ def test_the_compiled_loss_is_not_chosen_where_it_would_keep_running_statistics_
     compiled_program = CumulativeBatchNormVAE()
     weighted = Weighted(compiled_program)
     weighted.register_params = False
-    loss = CompiledVAELoss(weighted, "elbo", 1, 1)
+    loss = CompiledProgramLoss(weighted, "elbo", 1, 1)
     for x in batches:
         loss(x)
     with torch.no_grad():

@@ -290,7 +290,7 @@ def test_on_a_wrong_hierarchical_guide_stl_and_dreg_keep_the_standard_mean():
 
 @pytest.mark.parametrize("guide", ["diagonal", "iaf"])
 def test_the_built_in_vae_trains_with_them_as_a_torch_module(guide):
-    """Through VAELoss (Pyro's ELBOModule, the torch-optimizer path): the loss values are Trace_ELBO's / RenyiELBO's
+    """Through ProgramLoss (Pyro's ELBOModule, the torch-optimizer path): the loss values are Trace_ELBO's / RenyiELBO's
     on the same draws, with the KL weight too, and the gradients reach every parameter. The IAF guide's density at a
     detached draw needs the flow's inverse: the check of the second run covers it."""
     from ppl_vae.model import VAE, VAEConfig
