@@ -47,7 +47,15 @@ def positive_float(text: str) -> float:
 
 
 INTEGER_TYPES = (int, positive_int, seed)
-NUMBER_TYPES = (float, positive_float)
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+NUMBER_TYPES = (float, positive_float, non_negative_float)
 
 # Train option (its argparse dest) -> the setting it sets: (section, field), "train" a TrainConfig field and
 # "model" a VAEConfig field. The settings without an option (dataset_sha256, data_dim, image_shape) are filled in
@@ -80,6 +88,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "clip_norm": ("train", "clip_norm"),
     "engine": ("train", "engine"),
     "labels": ("train", "labels"),
+    # discrete latents and semi-supervised training (issue 26)
+    "enumerate": ("train", "enumerate"),
+    "labelled": ("train", "labelled"),
+    "alpha": ("train", "alpha"),
+    "label_site": ("train", "label_site"),
+    "labelled_batches": ("train", "labelled_batches"),
     "validate": ("train", "pyro_validation"),
     "latent_dim": ("model", "latent_dim"),
     "hidden_sizes": ("model", "hidden_sizes"),
