@@ -25,7 +25,7 @@ from .interrupts import StopRequest
 from .records import epoch_record, print_epoch, validation_evidence
 from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
 from ..semisupervised import label_error_summary
-from .semi import steps_per_epoch
+from .semi import batch_counts, steps_per_epoch
 from .steps import run_epoch
 from .strategy import OneProcess, Strategy
 
@@ -105,7 +105,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> dict[str
     run.program.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
     train_elbo, steps = run_epoch(batches, run.engine.step, run.engine.stop_requested,
                                   steps_per_epoch(run.data, config), epoch, config.epochs,
-                                  run.progress and run.main, run.last_good(epoch - 1))
+                                  run.progress and run.main, run.last_good(epoch - 1), counts=batch_counts(config))
     lr = run.engine.learning_rate()
     run.engine.end_epoch()  # the learning-rate schedule steps once per epoch
     seconds = time.perf_counter() - started

@@ -19,7 +19,7 @@ seed and the batch order from the run's random stream, so a resumed run continue
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -88,6 +88,16 @@ def steps_per_epoch(data: ImageData, config: TrainConfig) -> int:
     unlabelled = data.train.shape[0] - config.labelled
     return -(-unlabelled // config.batch_size) + labelled_batch_count(config.labelled, config.batch_size,
                                                                        config.labelled_batches)
+
+
+def batch_counts(config: TrainConfig) -> Callable[[tuple], float] | None:
+    """How many images a batch counts for in the epoch's training objective per image: a labelled batch at its
+    weight (:func:`ppl_vae.data.labelled.labelled_scale`, below 1 where the labelled set is cycled), so the mean is
+    over the training images once each, as the objective is; None (its rows) without ``--labelled``."""
+    if config.labelled is None:
+        return None
+    scale = labelled_scale(config.labelled, config.batch_size, config.labelled_batches)
+    return lambda batch: batch[0].shape[0] * (scale if len(batch) > 1 else 1.0)
 
 
 def semi_supervised_epoch(data: ImageData, config: TrainConfig,
