@@ -32,11 +32,11 @@ from ..data.labelled import (
     labelled_scale,
     semi_supervised_batches,
 )
-from ..errors import InvalidDataError, ModelStructureError, PplVaeError
+from ..errors import InvalidDataError, ModelStructureError
 from ..evaluate import ProgramStructure
 from ..objectives import COMPILED_OBJECTIVES, UnfaithfulTrace, check_enumerate_found, compiled_loss_problem, \
     enumerate_discrete_sites
-from ..semisupervised import SemiSupervised, classifier_weight, label_distribution
+from ..semisupervised import SemiSupervised, classifier_weight
 from .config import TrainConfig
 from .engines import COMPILED_LOSS_RTOL, EngineChoice
 
@@ -125,30 +125,6 @@ def labelled_check_batch(data: ImageData, config: TrainConfig) -> tuple[torch.Te
     elif data.dequantized:
         x = dequantize(x, torch.Generator(device=x.device).manual_seed(0))
     return x, data.labels("train")[rows.to(data.labels("train").device)]
-
-
-def check_semi_supervised(program: torch.nn.Module, data: ImageData, config: TrainConfig,
-                          structure: ProgramStructure, first: tuple[torch.Tensor, ...]) -> None:
-    """``--labelled``: the program's guide has the label site, discrete and marked for enumeration on unlabelled
-    data (``structure``, traced on ``first``), and the program runs on a labelled batch ``(x, y)``. One line each."""
-    from .checks import check_first_batch
-
-    site = config.label_site
-    if site not in structure.enumerated:
-        drawn = site in structure.latent_sites
-        raise ModelStructureError(
-            f"--labelled: the guide's label site {site!r} " + (
-                "is not marked for enumeration, so unlabelled batches would draw it instead of summing it out: give "
-                "--enumerate (or mark it infer={'enumerate': 'parallel'})" if drawn else
-                f"is not among its latent sites ({', '.join(structure.latent_sites)}) when run on x alone: name the "
-                "discrete label site with --label-site"))
-    with torch.no_grad():
-        label_distribution(program.guide, first[:1], site)
-    try:
-        check_first_batch(program, labelled_check_batch(data, config))
-    except PplVaeError as error:
-        raise type(error)(f"--labelled: labelled batches pass (x, y), as model(x, y=None) / guide(x, y=None) take "
-                          f"them: {error}") from error
 
 
 def labelled_engine_choice(choice: EngineChoice, config: TrainConfig, trained: torch.nn.Module, data: ImageData,

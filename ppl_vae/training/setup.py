@@ -37,13 +37,12 @@ from ..programs import (
     vae_config_with,
 )
 from ..trust import verified_source
-from .checks import check_batches, check_first_batch, check_split_labels, load_data
+from .checks import check_batches, check_first_batch, check_semi_supervised, check_split_labels, load_data
 from .config import TrainConfig
 from .engines import Engine, EngineChoice, choose_engine, resumed_engine_choice
 from .resume import check_resume_epochs, saved_configs
 from .semi import (
     check_enumeration,
-    check_semi_supervised,
     labelled_engine_choice,
     mark_enumeration,
     trained_program,
