@@ -256,7 +256,11 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
 
 
 def check_trainable_on_processes(config: TrainConfig) -> None:
-    """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
+    """Refuse an objective that cannot be trained as a torch module (iwae), and semi-supervised training (its
+    labelled and unlabelled batches are not yet split between processes), before anything is written."""
+    if config.labelled is not None:
+        raise PplVaeError("--labelled trains in one process for now (its labelled and unlabelled batches are not yet "
+                          "split between processes): train it with --devices 1")
     objective = make_objective(config.objective, config.particles)
     if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(

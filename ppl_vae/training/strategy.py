@@ -145,9 +145,6 @@ class ProcessGroupStrategy(ProcessGroup):
 
     def check_config(self, config: TrainConfig) -> None:
         check_trainable_on_processes(config)
-        if config.labelled is not None:
-            raise PplVaeError("--labelled trains in one process for now (its labelled and unlabelled batches are not "
-                              "yet split between processes): train it with --devices 1")
 
     def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
         check_optimizer_format(checkpoint, OPTIMIZER_FORMAT_TORCH, run_dir)
