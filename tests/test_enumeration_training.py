@@ -70,8 +70,13 @@ def test_enumerate_is_recorded_trains_summed_out_resumes_exactly_and_is_reapplie
     x = torch.bernoulli(torch.full((4, 784), 0.2))
     assert inspect_program(program.model, program.guide, (x,)).enumerated == {"y": "parallel"}
     capsys.readouterr()
-    assert cli.main(["evaluate", str(tmp_path / "straight"), "-k", "2", "--examples", "10", "--no-progress"]) == 0
-    assert runs.read_json(tmp_path / "straight" / "evaluation.json")["kl"]["sites"]["y"]["enumerated"]
+    evaluate = ["evaluate", str(tmp_path / "straight"), "-k", "2", "--examples", "10", "--no-progress"]
+    assert cli.main([*evaluate, "--label-site", "y"]) == 0  # any program with a discrete label site
+    evaluated = runs.read_json(tmp_path / "straight" / "evaluation.json")
+    assert evaluated["kl"]["sites"]["y"]["enumerated"] and 0 <= evaluated["classification_error"] <= 1
+    assert "Classifier error from q(y | x)" in capsys.readouterr().out
+    assert cli.main([*evaluate, "--label-site", "digit"]) == 2
+    assert "the guide has no sample site 'digit' when run on x alone" in capsys.readouterr().err
 
 
 def test_enumerate_without_a_discrete_guide_site_is_one_line(tmp_path, data_root):

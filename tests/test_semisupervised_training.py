@@ -182,3 +182,12 @@ def test_semi_supervised_training_on_several_processes_is_refused_before_any_sta
     with pytest.raises(PplVaeError, match="--labelled trains in one process for now.*--devices 1"):
         check_trainable_on_processes(TrainConfig(labelled=20))
     check_trainable_on_processes(TrainConfig())
+
+
+def test_train_help_names_m2_and_the_semi_supervised_options(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "m2: Kingma et al.'s semi-supervised M2" in text
+    for option in ("--enumerate", "--labelled N", "--alpha", "--label-site", "--labelled-batches"):
+        assert option in text
