@@ -91,3 +91,13 @@ def test_objectives_that_cannot_enumerate_are_refused_naming_elbo(tmp_path, data
     with pytest.raises(ModelStructureError, match=f"--objective {objective} cannot sum it out.*--objective elbo"):
         train(tmp_path / "run", config, program=M2(), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_compiled_enumerated_loss_is_chosen_on_mnist_where_it_equals_trace_enum_to_the_gradients_scale(mnist):
+    # The classifier's gradient under enumeration, sum_y q(y | x) (...), cancels to entries near 0 whose float32
+    # rounding is that of the terms: compared elementwise it "differed" (to 4e-6 of its scale) and auto fell back.
+    program = Weighted(build_program(ProgramSpec("m2", kwargs={"hidden_sizes": [16]}), data_info={"data_dim": 784}))
+    x = mnist.train[:100].round()
+    structure = inspect_program(program.model, program.guide, (x,))
+    choice = choose_engine(TrainConfig(), program, (x,), structure.max_plate_nesting, CPU, structure=structure)
+    assert choice.engine == "jit", choice.reason
