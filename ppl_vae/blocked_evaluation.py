@@ -166,6 +166,7 @@ def _join_decompositions(parts: list[dict]) -> dict:
         "kl_method": dict(first["kl_method"]),
         "kl_reason": dict(first.get("kl_reason", {})),
         "num_samples": first["num_samples"],
+        "enumerated": dict(first.get("enumerated", {})),  # sites summed out exactly: the summary says so per site
     }
 
 

@@ -74,6 +74,7 @@ def add_train_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
               "once every other check has passed)")
     _add_data_options(p, table)
     _add_program_options(p, table)
+    _add_discrete_options(p, table)
     _add_model_options(p, table)
     _add_objective_options(p, table)
     _add_optimization_options(p, table)
@@ -105,7 +106,8 @@ def _add_program_options(p: argparse.ArgumentParser, table: OptionTable) -> None
         "program",
         "What is trained: by default the built-in VAE of the 'model' options; --program NAME for another built-in "
         "program (two-layer: Burda et al.'s two-stochastic-layer VAE; conditional: a VAE given the labels, with "
-        "--labels), or FILE.py:NAME for your own: a class or function in that file that returns an nn.Module with "
+        "--labels; m2: Kingma et al.'s semi-supervised M2, a class y summed out by enumeration and a style z, "
+        "with --labelled), or FILE.py:NAME for your own: a class or function in that file that returns an nn.Module with "
         "model(x, *cond) and guide(x, *cond) methods. The run directory keeps a copy of the file (with its sha256), "
         "so evaluate, --resume, diagnose, plot and compare rebuild it without naming it again. That copy runs only "
         "when it matches its sha256 and the run is yours (signed with your key when made): see `ppl-vae trust`.",
@@ -116,6 +118,29 @@ def _add_program_options(p: argparse.ArgumentParser, table: OptionTable) -> None
               help="keyword arguments for the program, a JSON object, e.g. '{\"latent\": [64, 32]}'")
     table.add(program, "--labels", action="store_true",
               help="condition on the class labels: every batch is (x, y), passed to model and guide")
+
+
+def _add_discrete_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
+    discrete = p.add_argument_group(
+        "discrete latents and semi-supervised training",
+        "A guide site marked infer={'enumerate': 'parallel'} (or by config_enumerate) is summed out exactly: "
+        "--objective elbo is then TraceEnum_ELBO (compiled by JitTraceEnum_ELBO where checked equal). With "
+        "--labelled N a program with model(x, y=None) / guide(x, y=None) trains semi-supervised (Kingma et al. "
+        "2014): labelled batches pass y, unlabelled ones sum it out, plus alpha * log q(y | x) on the labelled ones.",
+    )
+    table.add(discrete, "--enumerate", action="store_true",
+              help="mark every discrete guide site of the program for parallel enumeration (recorded; re-applied "
+              "wherever the run's program is rebuilt)")
+    table.add(discrete, "--labelled", type=positive_int, default=None, metavar="N",
+              help="keep the labels of N training images, N / C per class, chosen with --seed (recorded in "
+              "data.json); the rest are unlabelled")
+    table.add(discrete, "--alpha", type=non_negative_float, default=None,
+              help="weight of the classifier term alpha * E_labelled[log q(y | x)] (default: 0.1 x the training "
+              "images, as Kingma et al.)")
+    table.add(discrete, "--label-site", default="y", help="the guide's discrete site that is the class label")
+    table.add(discrete, "--labelled-batches", type=positive_int, default=None, metavar="B",
+              help="labelled batches per epoch, cycling through the labelled images (each weighted so an epoch "
+              "still counts every labelled image once); default: each labelled image once")
 
 
 def _add_model_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
@@ -272,6 +297,9 @@ def _add_evaluate_parser(subparsers) -> None:
     p.add_argument("--num-samples", "-k", type=positive_int, default=5000, help="K, importance samples per image for log p(x)")
     p.add_argument("--elbo-samples", type=positive_int, default=10, help="draws from q per image for the ELBO decomposition")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--label-site", default=None, metavar="SITE",
+                   help="a discrete guide site that is the class label: report the classifier's error from q(SITE | x) "
+                   "on the split's labels (default: the run's --label-site where it was trained with --labelled)")
     p.add_argument("--examples", type=positive_int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw or the run's named dataset (default: the run's, else $PPL_VAE_DATA)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

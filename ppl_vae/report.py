@@ -64,6 +64,10 @@ def format_evaluation(result: dict[str, Any], title: str = "") -> str:
         f"mean effective {draws} {result['log_evidence']['mean_ess']:.0f} of {k}{_acceptance(result)}."
     )
     lines.append(quantity_note(quantity, result.get("observed_sites", {})))
+    if "classification_error" in result:  # a program with a discrete label site: its classifier q(y | x)
+        lines.append(f"Classifier error from q({result['label_site']} | x): {100 * result['classification_error']:.2f}% "
+                     f"± {100 * result['classification_error_stderr']:.2f}% (most probable class, "
+                     f"{result['num_datapoints']} labelled images).")
     reasons = [(name, stat["reason"]) for name, stat in result["kl"]["sites"].items() if stat.get("reason")]
     for name, reason in reasons:
         lines.append(f"KL at site '{name}' is Monte Carlo: {reason}.")

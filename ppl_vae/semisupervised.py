@@ -130,3 +130,14 @@ def classification_error(
             wrong += int((predicted.to(labels.device).long() != labels[start:start + batch_size].long()).sum())
     error = wrong / x.shape[0]
     return error, math.sqrt(error * (1 - error) / x.shape[0])
+
+
+def label_error_summary(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None,
+                        label_site: str = "y") -> dict[str, Any]:
+    """The classifier's error on ``x`` as the entries of an evaluation result (test.json, evaluation.json):
+    ``classification_error`` and its standard error (fractions, :func:`classification_error`) and the label site."""
+    if labels is None:
+        raise InvalidDataError(f"the classifier's error needs the split's labels, and the data have none (label site "
+                               f"{label_site!r})")
+    error, stderr = classification_error(program, x, labels, label_site)
+    return {"classification_error": error, "classification_error_stderr": stderr, "label_site": label_site}

@@ -65,13 +65,14 @@ def test_elbo_trains_the_categorical_program_with_svi_saying_why_and_jit_is_refu
     assert not (tmp_path / "jit").exists()
 
 
-@pytest.mark.parametrize("objective", ["elbo", "meanfield"])
-def test_a_guide_site_marked_for_enumeration_is_refused_not_silently_drawn(tmp_path, data_root, objective):
+def test_a_guide_site_marked_for_enumeration_trains_summed_out_with_elbo_and_meanfield_is_refused(tmp_path, data_root):
+    result = train(tmp_path / "elbo", tiny(data_root), program=M2(enumerate=True), progress=False)
+    assert result["objective"].startswith("TraceEnum_ELBO") and result["kl"]["sites"]["y"].get("enumerated")
     with pytest.raises(ModelStructureError) as refused:
-        train(tmp_path / "run", tiny(data_root, objective=objective), program=M2(enumerate=True), progress=False)
+        train(tmp_path / "run", tiny(data_root, objective="meanfield"), program=M2(enumerate=True), progress=False)
     message = str(refused.value)
-    assert "guide site 'y' is marked for enumeration" in message and "does not yet train enumerated programs" in message
-    assert "--objective elbo" in message
+    assert "guide site 'y' is marked for enumeration, and --objective meanfield cannot sum it out" in message
+    assert "train it with --objective elbo" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
 
 

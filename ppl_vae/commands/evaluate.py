@@ -105,7 +105,8 @@ def evaluate(args: argparse.Namespace, context) -> int:
         _record_ais(result, ais, per_datapoint.acceptance)
     else:
         result["estimator"] = {"name": "is", "num_samples": args.num_samples}
-    result.update(_provenance(args, context, loaded, time.perf_counter() - started))
+    result.update(label_error(args, loaded))
+    result.update(_provenance(args, context, loaded, time.perf_counter() - started, result["kl"]["sites"].values()))
     _report(args, result, per_datapoint)
     return 0
 
@@ -182,8 +183,24 @@ def _load(args: argparse.Namespace, context) -> Evaluated:
     return Evaluated(program, config, data, x, cond, levels, device)
 
 
-def _provenance(args: argparse.Namespace, context, loaded: Evaluated, seconds: float) -> dict[str, Any]:
-    """What the result is of and how it was computed: split, data, checkpoint, objective, device, versions, seed."""
+def label_error(args: argparse.Namespace, loaded: Evaluated) -> dict[str, Any]:
+    """The classifier's error on the split from q(y | x) at the label site: ``--label-site``, or the run's own
+    (``--labelled`` runs); nothing for a run with neither. One line where the guide has no such discrete site."""
+    from ..semisupervised import label_error_summary
+
+    train_config = loaded.config["train"]
+    site = getattr(args, "label_site", None) or (train_config.get("label_site", "y")
+                                                 if train_config.get("labelled") is not None else None)
+    if site is None:
+        return {}
+    labels = loaded.data.labels(args.split)
+    return label_error_summary(loaded.program, loaded.x, None if labels is None else labels[: loaded.x.shape[0]], site)
+
+
+def _provenance(args: argparse.Namespace, context, loaded: Evaluated, seconds: float,
+                result_sites: Any = ()) -> dict[str, Any]:
+    """What the result is of and how it was computed: split, data, checkpoint, objective, device, versions, seed.
+    ``result_sites``: the KL sites of the result (an enumerated one says the objective was TraceEnum_ELBO)."""
     import pyro
     import torch
 
@@ -191,13 +208,14 @@ def _provenance(args: argparse.Namespace, context, loaded: Evaluated, seconds: f
     from ..train import TrainConfig, describe_objective
 
     config, train_config = loaded.config, loaded.config["train"]
+    enumerated = any(site.get("enumerated") for site in result_sites)  # the guide sums sites out: TraceEnum_ELBO
     return {
         "split": args.split,
         "data": loaded.data.record,
         "epoch": config["epoch"],
         "checkpoint": config["checkpoint"],  # which checkpoint of the run: last, or best (--early-stopping)
         "model": config["description"],
-        "objective": describe_objective(TrainConfig(**train_config)),
+        "objective": describe_objective(TrainConfig(**train_config), enumerated=enumerated or None),
         "epochs": config["epoch"],  # trained so far: the checkpoint's, not the run's planned number
         "epochs_planned": train_config["epochs"],
         "checkpoint_id": config.get("checkpoint_id"),

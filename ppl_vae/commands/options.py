@@ -88,6 +88,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "clip_norm": ("train", "clip_norm"),
     "engine": ("train", "engine"),
     "labels": ("train", "labels"),
+    # discrete latents and semi-supervised training (issue 26)
+    "enumerate": ("train", "enumerate"),
+    "labelled": ("train", "labelled"),
+    "alpha": ("train", "alpha"),
+    "label_site": ("train", "label_site"),
+    "labelled_batches": ("train", "labelled_batches"),
     "validate": ("train", "pyro_validation"),
     # issue 28: early stopping and the plateau schedule
     "monitor": ("train", "monitor"),

@@ -11,10 +11,12 @@ import torch
 from pyro import poutine
 
 from ..data import ImageData, load_dataset, load_mnist
-from ..errors import InvalidDataError, PplVaeError
+from ..errors import InvalidDataError, ModelStructureError, PplVaeError
 from ..evaluate import DEVICE_ERRORS, ProgramStructure, inspect_program
 from ..programs import check_parameters_belong
+from ..semisupervised import label_distribution
 from .config import TrainConfig
+from .semi import labelled_check_batch
 from .steps import as_tuple
 
 
@@ -157,3 +159,25 @@ def labels_source(data: ImageData, split: str) -> str:
     key = record.get("splits", {}).get(split, "")
     array = f"y_{key[2:]}" if key in ("x_train", "x_val", "x_test") else "y_train"
     return f"{array} of {record.get('path')}"
+
+
+def check_semi_supervised(program: torch.nn.Module, data: ImageData, config: TrainConfig,
+                          structure: ProgramStructure, first: tuple[torch.Tensor, ...]) -> None:
+    """``--labelled``: the program's guide has the label site, discrete and marked for enumeration on unlabelled
+    data (``structure``, traced on ``first``), and the program runs on a labelled batch ``(x, y)``. One line each."""
+    site = config.label_site
+    if site not in structure.enumerated:
+        drawn = site in structure.latent_sites
+        raise ModelStructureError(
+            f"--labelled: the guide's label site {site!r} " + (
+                "is not marked for enumeration, so unlabelled batches would draw it instead of summing it out: give "
+                "--enumerate (or mark it infer={'enumerate': 'parallel'})" if drawn else
+                f"is not among its latent sites ({', '.join(structure.latent_sites)}) when run on x alone: name the "
+                "discrete label site with --label-site"))
+    with torch.no_grad():
+        label_distribution(program.guide, first[:1], site)
+    try:
+        check_first_batch(program, labelled_check_batch(data, config))
+    except PplVaeError as error:
+        raise type(error)(f"--labelled: labelled batches pass (x, y), as model(x, y=None) / guide(x, y=None) take "
+                          f"them: {error}") from error

@@ -82,10 +82,17 @@ class TrainConfig:
     log: tuple[str, ...] = ()  # tensorboard and/or mlflow
     tracking_uri: str | None = None  # MLflow's tracking URI (a server); None: mlflow.db and mlruns/ in the run
     log_images_every: int = 0  # every this many epochs (and the last), images of samples and reconstructions; 0: none
+    # Discrete latents and semi-supervised training (issue 26; ppl_vae.training.semi).
+    enumerate: bool = False  # --enumerate: every discrete guide site marked for parallel enumeration (TraceEnum_ELBO)
+    labelled: int | None = None  # --labelled N: N training images keep their labels (balanced per class, seed)
+    alpha: float | None = None  # the classifier term's weight; None: 0.1 x the training images (Kingma et al.)
+    label_site: str = "y"  # the guide's discrete site that is the class label
+    labelled_batches: int | None = None  # labelled batches per epoch; None: each labelled image once
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, bool):
             raise PplVaeError(f"labels must be true or false, got {self.labels!r}")
+        check_semi_supervised(self)
         for name in ("epochs", "batch_size", "seed", "val_samples", "test_samples", "particles", "warmup_epochs",
                      "evidence_every", "evidence_examples", "evidence_samples", "train_examples", "eval_examples"):
             value = getattr(self, name)
@@ -156,6 +163,25 @@ class TrainConfig:
         if self.log_images_every and not self.log:
             raise PplVaeError("--log-images-every sends images to the trackers of --log, and none is given: add "
                               "--log tensorboard or --log mlflow, or leave it out")
+
+
+def check_semi_supervised(config: TrainConfig) -> None:
+    """The enumeration and semi-supervised settings, each refused in one line (see :mod:`ppl_vae.training.semi`)."""
+    if not isinstance(config.enumerate, bool):
+        raise PplVaeError(f"enumerate must be true or false, got {config.enumerate!r}")
+    for name in ("labelled", "labelled_batches"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise PplVaeError(f"{name} must be a positive integer (or None), got {value!r}")
+    if config.alpha is not None and (isinstance(config.alpha, bool) or not isinstance(config.alpha, numbers.Real)
+                                     or not math.isfinite(config.alpha) or config.alpha < 0):
+        raise PplVaeError(f"alpha (the classifier term's weight) must be a finite number >= 0, got {config.alpha!r}")
+    if not isinstance(config.label_site, str) or not config.label_site:
+        raise PplVaeError(f"label_site must be the name of the guide's label site, got {config.label_site!r}")
+    if config.labelled is None and (config.alpha is not None or config.labelled_batches is not None):
+        raise PplVaeError("--alpha and --labelled-batches apply to semi-supervised training: give --labelled N too")
+    if config.labelled is not None and config.labels:
+        raise PplVaeError("--labels passes every image's label and --labelled keeps only N of them: give one of the two")
 
 
 def kl_weight(config: TrainConfig, epoch: int) -> float:
@@ -238,10 +264,18 @@ def current_learning_rate(optimizer: pyro.optim.PyroLRScheduler, config: TrainCo
     return optimizer.pt_optim_args["lr"]
 
 
-def describe_objective(config: TrainConfig) -> str:
-    """The objective of a run in words, e.g. ``Trace_ELBO, 1 particle, beta 4 (warm-up 10 epochs)``."""
-    text = {"elbo": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO", "iwae": "IWAE"}[config.objective]
+def describe_objective(config: TrainConfig, enumerated: bool | None = None) -> str:
+    """The objective of a run in words, e.g. ``Trace_ELBO, 1 particle, beta 4 (warm-up 10 epochs)``.
+
+    ``enumerated``: the program's guide marks sites for enumeration (TraceEnum_ELBO); None: ``config.enumerate``.
+    """
+    enumerated = config.enumerate if enumerated is None else enumerated
+    text = "TraceEnum_ELBO" if enumerated and config.objective == "elbo" else \
+        {"elbo": "Trace_ELBO", "meanfield": "TraceMeanField_ELBO", "iwae": "IWAE"}[config.objective]
     text += f", {config.particles} particle{'s' if config.particles > 1 else ''}"
     if config.beta != 1.0 or config.warmup_epochs:
         text += f", beta {config.beta:g}" + (f" (warm-up {config.warmup_epochs} epochs)" if config.warmup_epochs else "")
+    if config.labelled is not None:
+        alpha = "0.1 N" if config.alpha is None else f"{config.alpha:g}"
+        text += f", semi-supervised: {config.labelled} labels, alpha {alpha}"
     return text

@@ -5,7 +5,6 @@ record and save, then the test evaluation. The same loop for any program, either
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from .monitoring import best_state, keep_best_in_memory, stopped_line, watch
 from .tracking import close_trackers, log_to_trackers, start_trackers
 from .records import epoch_record, print_epoch, validation_evidence
 from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
+from ..semisupervised import label_error_summary
+from .semi import batch_counts, steps_per_epoch
 from .steps import run_epoch
 from .strategy import OneProcess, Strategy
 
@@ -119,8 +120,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, stop: StopRequest) -> dict[str
     run.engine.begin_epoch(stop)
     run.program.train()  # training steps in train mode (Dropout on, BatchNorm on batch statistics); evaluations switch
     train_elbo, steps = run_epoch(batches, run.engine.step, run.engine.stop_requested,
-                                  math.ceil(run.data.train.shape[0] / config.batch_size), epoch, config.epochs,
-                                  run.progress and run.main, run.last_good(epoch - 1))
+                                  steps_per_epoch(run.data, config), epoch, config.epochs,
+                                  run.progress and run.main, run.last_good(epoch - 1), counts=batch_counts(config))
     seconds = time.perf_counter() - started
     run.elapsed += seconds
     return {"train_elbo": train_elbo, "steps": steps, "lr": lr, "epoch_seconds": seconds}
@@ -177,8 +178,11 @@ def test_evaluation(run: TrainingRun) -> dict[str, Any]:
         "split": "test", "epochs": run.trained_epochs, "epoch": epoch, "checkpoint": checkpoint,
         "checkpoint_id": checkpoint_id,
         "train_seconds": run.elapsed, "device": run.strategy.describe(run.device),
-        "world_size": run.strategy.world_size, "model": run.description, "objective": describe_objective(config),
+        "world_size": run.strategy.world_size, "model": run.description,
+        "objective": describe_objective(config, enumerated=run.enumerated),
     })
+    if config.labelled is not None:  # the classifier q(y | x) on the test labels
+        result.update(label_error_summary(program, data.test, data.labels("test"), config.label_site))
     if run.main:
         runs.record_written(run.run_dir, runs.TEST_FILE)
         runs.write_json(run.run_dir / runs.TEST_FILE, result)

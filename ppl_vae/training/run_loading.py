@@ -16,6 +16,7 @@ from .. import process_group, runs
 from ..data import dataset_image_shape
 from ..errors import PplVaeError, PplVaeWarning, RunDirectoryError
 from ..model import VAEConfig, build_vae
+from ..objectives import enumerate_discrete_sites
 from ..programs import build_program, changed_source_note, check_program, load_spec
 from .config import TrainConfig
 
@@ -39,7 +40,7 @@ def build_run_program(
                                     f"({error})") from None
         return build_vae(model_config), model_config.describe()
     if program is not None:
-        return check_program(program), spec.describe()
+        return reapply_enumeration(check_program(program), config), spec.describe()
     if spec.object:
         raise PplVaeError(f"{run_dir} was trained from a Python object ({spec.name}): load it in Python with "
                           "ppl_vae.train.load_run(run_dir, program=a_fresh_instance)")
@@ -47,7 +48,15 @@ def build_run_program(
     built = build_program(spec, run_dir, {"data_dim": math.prod(shape), "image_shape": shape}, trust_program)
     if note := changed_source_note(run_dir, spec):  # once the copy is checked and trusted
         warnings.warn(note, PplVaeWarning, stacklevel=3)
-    return built, spec.describe()
+    return reapply_enumeration(built, config), spec.describe()
+
+
+def reapply_enumeration(program: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:
+    """The program as it was trained: with ``--enumerate`` (recorded in config.json), its discrete guide sites
+    marked for enumeration again, so every evaluation sums them out as training did."""
+    if config.get("train", {}).get("enumerate"):
+        enumerate_discrete_sites(program)
+    return program
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

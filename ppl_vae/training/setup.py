@@ -40,10 +40,17 @@ from ..programs import (
 from ..schedules import early_stopping_start, plateau_start
 from ..trackers import check_trackers
 from ..trust import verified_source
-from .checks import check_batches, check_first_batch, check_split_labels, load_data
+from .checks import check_batches, check_first_batch, check_semi_supervised, check_split_labels, load_data
 from .config import TrainConfig
 from .engines import Engine, EngineChoice, choose_engine, resumed_engine_choice
 from .resume import check_resume_epochs, saved_configs
+from .semi import (
+    check_enumeration,
+    labelled_engine_choice,
+    mark_enumeration,
+    trained_program,
+    with_labelled_record,
+)
 from .strategy import OneProcess, Strategy
 
 
@@ -92,6 +99,7 @@ class TrainingRun:
     elapsed: float = 0.0  # training seconds so far, over every resume
     checkpoint_id: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # this call's epoch records
+    enumerated: bool = False  # the guide marks sites for enumeration: the run trains with TraceEnum_ELBO
     # The states of the schedules that depend on what training measured (ppl_vae.schedules), in every checkpoint.
     plateau: dict[str, Any] = field(default_factory=dict)
     stopping: dict[str, Any] = field(default_factory=early_stopping_start)
@@ -226,10 +234,15 @@ def check_program_on_data(
     Returns the structure and the two batches (the second None when the training set is one batch)."""
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first, second = check_batches(data, config, probe)
+    mark_enumeration(program, config)  # --enumerate: before the program first runs
     structure = check_first_batch(program, first)
-    check_objective_sites(config.objective, structure)  # refused where the program's sites break its gradient
+    check_enumeration(structure, config)
+    # refused where the program's sites break its gradient; enumerated sites train with TraceEnum_ELBO
+    check_objective_sites(config.objective, structure, trains_enumerated=True)
     check_gradient_sites(config.gradient, structure)  # STL/DReG: every guide site reparameterized, none enumerated
     check_gradient_program(config.gradient, program)  # and no BatchNorm, whose statistics the second guide run moves
+    if config.labelled is not None:
+        check_semi_supervised(program, data, config, structure, first)
     if config.labels:
         check_split_labels(program, data)
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
@@ -239,13 +252,18 @@ def check_program_on_data(
 
 def choose_run_engine(
     config: TrainConfig, trained: torch.nn.Module, checked: tuple, strategy: Strategy, device: torch.device,
-    settings: Settings | None = None, run_dir: Path | None = None, progress: bool = True,
+    settings: Settings | None = None, run_dir: Path | None = None, progress: bool = True, data: ImageData | None = None,
 ) -> EngineChoice:
     """The engine of the run, checked, not assumed: rank 0 decides for all processes; a resumed run keeps its own.
     Printed (or, where --engine jit falls back, warned about) and recorded in config.json."""
     structure, first, second = checked
-    choice = strategy.on_main(lambda: choose_engine(config, trained, first, structure.max_plate_nesting, device,
-                                                    structure=structure, second_batch=second))
+
+    def choose() -> EngineChoice:
+        choice = choose_engine(config, trained, first, structure.max_plate_nesting, device, structure=structure,
+                               second_batch=second)
+        return labelled_engine_choice(choice, config, trained, data, structure.max_plate_nesting)
+
+    choice = strategy.on_main(choose)
     if settings is not None and settings.checkpoint is not None:
         choice = resumed_engine_choice(choice, config, settings.engine_record, run_dir)
     if choice.requested == "jit" and choice.engine != "jit":
@@ -262,16 +280,20 @@ def setup_run(request: TrainRequest, strategy: Strategy) -> TrainingRun:
     device = strategy.select_device(config)
     seed_and_validation(config)
     program = build_program_for(settings, request, device)
-    data = load_data(config, program, device)
+    data = with_labelled_record(load_data(config, program, device), config)
     checked = check_program_on_data(program, data, config)
-    trained = Weighted(program)  # the KL weight of every latent site, for any program (the one mechanism)
-    choice = choose_run_engine(config, trained, checked, strategy, device, settings, request.run_dir, request.progress)
+    # the KL weight of every latent site, for any program (the one mechanism); --labelled adds the classifier term
+    trained = Weighted(trained_program(program, data, config))
+    choice = choose_run_engine(config, trained, checked, strategy, device, settings, request.run_dir, request.progress,
+                               data)
     config = dataclasses.replace(config, engine=choice.engine)
+    engine = strategy.make_engine(trained, config, checked[0].max_plate_nesting, enumerated=bool(checked[0].enumerated))
     run = TrainingRun(
-        config, program, trained, data, strategy.make_engine(trained, config, checked[0].max_plate_nesting), strategy,
+        config, program, trained, data, engine, strategy,
         device, settings.model_config.describe() if spec is None else spec.describe(), request.run_dir,
         {"model": settings.model_config.to_dict() if spec is None else None, "train": asdict(config),
          "engine": asdict(choice)}, request.progress)
+    run.enumerated = bool(checked[0].enumerated)
     if settings.checkpoint is not None:
         restore_checkpoint(run, settings.checkpoint)
     else:
@@ -290,13 +312,14 @@ def setup_in_memory(program: torch.nn.Module, data: ImageData, config: TrainConf
     device = data.train.device
     seed_and_validation(config)
     program = check_program(program).to(device).train()
+    data = with_labelled_record(data, config)
     checked = check_program_on_data(program, data, config)
-    trained = Weighted(program)
-    choice = choose_run_engine(config, trained, checked, strategy, device, progress=progress)
+    trained = Weighted(trained_program(program, data, config))
+    choice = choose_run_engine(config, trained, checked, strategy, device, progress=progress, data=data)
     config = dataclasses.replace(config, engine=choice.engine)
-    engine = strategy.make_engine(trained, config, checked[0].max_plate_nesting)
+    engine = strategy.make_engine(trained, config, checked[0].max_plate_nesting, enumerated=bool(checked[0].enumerated))
     return TrainingRun(config, program, trained, data, engine, strategy, device, type(program).__name__,
-                       progress=progress)
+                       progress=progress, enumerated=bool(checked[0].enumerated))
 
 
 def seed_and_validation(config: TrainConfig) -> None:

@@ -50,6 +50,7 @@ def run_epoch(
     epochs: int,
     progress: bool,
     last_good: str,
+    counts: Callable[[torch.Tensor | tuple], float] | None = None,
 ) -> tuple[float, int]:
     """Run ``step`` (returning the loss, nats summed over the minibatch) on every minibatch of one epoch.
 
@@ -57,7 +58,8 @@ def run_epoch(
     number of steps. Raises :class:`TrainingInterrupted` before a step when
     ``stop_requested()``, and re-raises a step's :class:`NumericalFaultError` naming the
     step; both messages name ``last_good``, where the last good state is (a checkpoint).
-    Every engine and strategy runs its epochs through it.
+    Every engine and strategy runs its epochs through it. ``counts(batch)``: how many images a batch counts for
+    in that mean (default: its rows; semi-supervised training counts a labelled batch at its weight).
     """
     from tqdm.auto import tqdm
 
@@ -83,7 +85,7 @@ def run_epoch(
                     raise
                 raise fault from error
             total_loss += loss
-            seen += as_tuple(batch)[0].shape[0]
+            seen += counts(batch) if counts is not None else as_tuple(batch)[0].shape[0]
             if step_number % 10 == 0 or step_number == num_steps:
                 bar.set_postfix_str(f"ELBO {-total_loss / seen:.2f} nats/image")
     finally:

@@ -25,6 +25,7 @@ from ..process_group import ProcessGroup, derive_seed
 from .config import OPTIMIZER_FORMAT_TORCH, TrainConfig
 from .engines import DdpEngine, Engine, check_trainable_on_processes, make_engine, optimizer_format_of
 from .resume import check_optimizer_format, check_single_process_checkpoint
+from .semi import semi_supervised_epoch
 
 T = TypeVar("T")
 
@@ -42,7 +43,8 @@ class Strategy(Protocol):
     def agree_to_stop(self, requested: bool) -> bool: ...
     def check_config(self, config: TrainConfig) -> None: ...
     def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None: ...
-    def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int) -> Engine: ...
+    def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
+                    enumerated: bool = False) -> Engine: ...
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable: ...
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]: ...
     def restore(self, checkpoint: dict[str, Any], device: torch.device) -> None: ...
@@ -111,10 +113,13 @@ class OneProcess:
     def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
         check_single_process_checkpoint(checkpoint, optimizer_format_of(config.engine), run_dir)
 
-    def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int) -> Engine:
-        return make_engine(config.engine, trained, config, max_plate_nesting)
+    def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
+                    enumerated: bool = False) -> Engine:
+        return make_engine(config.engine, trained, config, max_plate_nesting, enumerated=enumerated)
 
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
+        if config.labelled is not None:  # labelled (x, y) and unlabelled (x,) batches, from the same stream
+            return semi_supervised_epoch(data, config)
         return data.train_batches(config.batch_size, labels=config.labels)  # the run's one random stream
 
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
@@ -151,8 +156,9 @@ class ProcessGroupStrategy(ProcessGroup):
                 stacklevel=2,
             )
 
-    def make_engine(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int) -> DdpEngine:
-        return DdpEngine(program, config, max_plate_nesting, self)
+    def make_engine(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
+                    enumerated: bool = False) -> DdpEngine:
+        return DdpEngine(program, config, max_plate_nesting, self, enumerated=enumerated)
 
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
         """The epoch's global minibatches, the same on every process: the data stream is seeded from (seed, epoch),
