@@ -55,7 +55,7 @@ from typing import Any, Callable
 import pyro
 import torch
 from pyro import poutine
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 from . import fused
 from .chunking import chunk_element_budget, per_datapoint
@@ -262,7 +262,7 @@ class _Target:
             )
         batch_ndim = z.dim() - len(fn.event_shape)
         try:
-            transform = biject_to(fn.support)
+            transform = biject_to(_unconstrainable(fn.support))
         except NotImplementedError:
             raise ModelStructureError(
                 f"the model's site {name!r} ({describe_distribution(fn)}) has the support {fn.support}, which torch "
@@ -619,3 +619,11 @@ def bdmc(
         bar.close()
     lower, upper = _estimate(forward, acc_forward, settings), _estimate(reverse, acc_reverse, settings, sign=-1.0)
     return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data), dict(settings))
+
+
+def _unconstrainable(support: constraints.Constraint) -> constraints.Constraint:
+    """The constraint ``biject_to`` maps for ``support``: a mixture of one family (MixtureSameFamily, a mixture
+    prior) has its components' support, which torch's registry does not unwrap by itself."""
+    while isinstance(support, constraints.MixtureSameFamilyConstraint):
+        support = support.base_constraint
+    return support

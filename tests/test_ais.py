@@ -149,6 +149,32 @@ def test_positive_latent_site_is_annealed_in_unconstrained_space_with_its_jacobi
     assert abs(mean) < 4 * stderr + 0.02, (mean, stderr)
 
 
+def test_a_mixture_prior_is_annealed_on_its_components_support():
+    """A Gaussian-mixture prior (MixtureSameFamily, as the mixture and VampPrior priors): z ~ sum_k pi_k N(mu_k, I),
+    x | z ~ N(z, s^2 I), so p(x) = sum_k pi_k N(x; mu_k, (1 + s^2) I) in closed form. Its support constraint is a
+    MixtureSameFamilyConstraint, which biject_to does not know: AIS must anneal it on the components' (real) support."""
+    dims, noise = 2, 0.5
+    pi = torch.tensor([0.3, 0.7])
+    mu = torch.tensor([[-2.0, 0.0], [2.0, 1.0]])
+    prior = dist.MixtureSameFamily(dist.Categorical(pi), dist.Normal(mu, 1.0).to_event(1))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Normal(z, noise).to_event(1), obs=x)
+
+    def guide(x):  # one Gaussian for a bimodal-in-general posterior: poor
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.8 * x, 1.2).to_event(1))
+
+    pyro.set_rng_seed(5)
+    x = torch.randn(12, dims) * 2.0
+    exact = torch.logsumexp(pi.log() + dist.Normal(mu, math.sqrt(1 + noise**2)).to_event(1).log_prob(x[:, None]), 1)
+    result = ais_log_evidence(model, guide, x, steps=100, **FAST)
+    mean, stderr = mean_error(result, exact)
+    assert abs(mean) < 4 * stderr + 0.02, (mean, stderr)
+
+
 def test_two_dimensional_vae_agrees_with_latent2d_quadrature():
     pyro.set_rng_seed(5)
     vae = VAE(VAEConfig(latent_dim=2, hidden_sizes=(16,)))
