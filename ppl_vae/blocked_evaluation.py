@@ -81,8 +81,6 @@ def evaluate_per_datapoint(
     each block is AIS's (its chains as ``num_samples``, its acceptance in ``acceptance``) instead of importance
     sampling's, seeded per block the same way, and ``num_samples`` and ``psis`` must not be given.
     """
-    from .diagnostics import evidence_with_psis
-
     if num_samples is None and elbo_samples is None and ais is None:
         raise PplVaeError("evaluate_per_datapoint needs num_samples (log p(x)) or elbo_samples (the ELBO), or both")
     if ais is not None and (num_samples is not None or psis):
@@ -98,21 +96,10 @@ def evaluate_per_datapoint(
     for block in mine:
         rows = slice(block * block_size, min(n, (block + 1) * block_size))
         block_data = tuple(value[rows] for value in data)
-        result: dict[str, Any] = {}
         try:
             with seeded(derive_seed(seed, "block", block)):
-                if ais is not None:
-                    result["evidence"], result["acceptance"] = _ais_block(model, guide, block_data, ais, chunk_size,
-                                                                          progress and f"AIS, images {rows.start}-{rows.stop - 1}")
-                elif num_samples is not None and psis:
-                    result["evidence"], result["psis"] = evidence_with_psis(
-                        model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
-                elif num_samples is not None:
-                    result["evidence"] = evidence_estimate(
-                        model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
-                if elbo_samples is not None:
-                    result["decomposition"] = elbo_decomposition(
-                        model, guide, *block_data, num_samples=elbo_samples, chunk_size=chunk_size)
+                result = _evaluate_block(model, guide, block_data, num_samples, elbo_samples, psis, chunk_size, ais,
+                                         progress and f"AIS, images {rows.start}-{rows.stop - 1}")
         except PplVaeError as error:
             done.append((block, {"error": type(error)(f"{error} (in datapoints {rows.start} to {rows.stop - 1} of x)")}))
             break
@@ -132,6 +119,27 @@ def evaluate_per_datapoint(
         psis=_join_psis([p["psis"] for p in parts]) if num_samples is not None and psis else None,
         acceptance=torch.cat([p["acceptance"] for p in parts]) if ais is not None else None,
     )
+
+
+def _evaluate_block(model: Callable, guide: Callable, block_data: tuple[torch.Tensor, ...], num_samples: int | None,
+                    elbo_samples: int | None, psis: bool, chunk_size: int | None, ais: dict[str, Any] | None,
+                    ais_label: str | bool) -> dict[str, Any]:
+    """One block's evidence (AIS's, or importance sampling's with PSIS when asked), then its ELBO decomposition,
+    in that order, under the caller's seeded random streams."""
+    from .diagnostics import evidence_with_psis
+
+    result: dict[str, Any] = {}
+    if ais is not None:
+        result["evidence"], result["acceptance"] = _ais_block(model, guide, block_data, ais, chunk_size, ais_label)
+    elif num_samples is not None and psis:
+        result["evidence"], result["psis"] = evidence_with_psis(
+            model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
+    elif num_samples is not None:
+        result["evidence"] = evidence_estimate(model, guide, *block_data, num_samples=num_samples, chunk_size=chunk_size)
+    if elbo_samples is not None:
+        result["decomposition"] = elbo_decomposition(
+            model, guide, *block_data, num_samples=elbo_samples, chunk_size=chunk_size)
+    return result
 
 
 def _ais_block(model: Callable, guide: Callable, block_data: tuple, ais: dict[str, Any], chunk_size: int | None,
