@@ -128,7 +128,7 @@ def audit_run(
     ``simulated`` images from the model at each of ``bdmc_steps`` (default: T/10, T/3 and T, T = ``steps``).
     The run's evaluation lock is held throughout (no evaluation or ``train --overwrite`` meanwhile).
     """
-    from .data import load_run_data
+    from .data import load_run_data, run_conditioning
     from .train import levels_of, load_run, resolve_device
 
     for value, name in ((examples, "examples"), (ais_examples, "ais_examples"), (num_samples, "num_samples"),
@@ -145,7 +145,7 @@ def audit_run(
         levels = levels_of(vae, train_config["binarize"])
         data = load_run_data(train_config, data_dir, resolve_device(device), dequantize_levels=levels == "dequantized")
         x = data.split(split)[:examples]
-        cond = (data.labels(split)[:examples],) if train_config.get("labels") else ()
+        cond = tuple(c[:examples] for c in data.conditioning(split, run_conditioning(train_config)))
         if simulated > x.shape[0] and cond:
             raise InvalidDataError(f"simulated={simulated}: a conditional run simulates images for the labels of "
                                    f"{x.shape[0]} {split} images; ask for at most that many (or more examples)")

@@ -118,6 +118,10 @@ def _add_program_options(p: argparse.ArgumentParser, table: OptionTable) -> None
               help="keyword arguments for the program, a JSON object, e.g. '{\"latent\": [64, 32]}'")
     table.add(program, "--labels", action="store_true",
               help="condition on the class labels: every batch is (x, y), passed to model and guide")
+    table.add(program, "--cond", nargs="+", default=[], metavar="NAME",
+              help="conditioning arrays of the --dataset .npz (NAME_train, NAME_test and, with x_val, NAME_val: "
+              "numeric, one row per image), passed after x (and y) in this order to model and guide in training "
+              "and every evaluation; recorded in the run")
 
 
 def _add_discrete_options(p: argparse.ArgumentParser, table: OptionTable) -> None:

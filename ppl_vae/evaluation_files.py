@@ -27,7 +27,9 @@ its evidence is of (``"quantity"``: ``log p(x)``, ``log p(x | y)``, ``log p(x, y
 ``log p(x)`` when the run was trained without ``--labels`` (the programs were given x alone,
 so every observed site observed x), and as ``log p(x | y)`` when a built-in program was given
 the labels (no built-in program observes them); a user's program given labels may have
-observed them, so there the quantity is unknown (None) and nothing is paired with it.
+observed them, so there the quantity is unknown (None) and nothing is paired with it; so is that of a run
+given ``--cond`` arrays (every such run records its quantity, e.g. ``log p(x | c)``: a file without one was
+altered, and is not read as ``log p(x)``).
 """
 
 from __future__ import annotations
@@ -147,6 +149,8 @@ def result_quantity(result: dict[str, Any], config: dict[str, Any], run_dir: str
     if "quantity" in result:  # present but not a quantity: not trusted
         return None
     train = config.get("train", {}) if isinstance(config, dict) else {}
+    if train.get("cond"):  # given --cond arrays (a file older than its quantity, or one with it removed): unknown
+        return None
     if not train.get("labels", False):
         return "log p(x)"  # the programs were given x alone: every observed site observed x
     from .programs import load_spec

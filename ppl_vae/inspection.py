@@ -343,9 +343,25 @@ def _choose_kl_methods(structure: ProgramStructure, model_sites: dict, guide_sit
             structure.kl_reasons[name] = reason
 
 
-def data_argument_names(count: int) -> list[str]:
-    """The names of the data arguments (x, *cond) in quantities: x, then y (one) or y1, y2, ... (several)."""
+def data_argument_names(count: int, names: Any = None) -> list[str]:
+    """The names of the data arguments (x, *cond) in quantities: x, then ``names`` where the caller knows them
+    (a run's ``--cond`` arrays), else y (one) or y1, y2, ... (several)."""
+    if names is not None:
+        return ["x", *names]
     return ["x"] + (["y"] if count == 2 else [f"y{i}" for i in range(1, count)])
+
+
+def name_data_arguments(result: dict[str, Any], names: Any) -> dict[str, Any]:
+    """``result`` (an evaluation summary) with the data arguments after x called ``names``, in its ``"quantity"``
+    and ``"observed_sites"``: a run given a covariate c estimates log p(x | c), not log p(x | y), so its evidence
+    is never paired with a labelled run's (``ppl-vae compare`` pairs equal quantities only). Labels stay y."""
+    names = tuple(names)
+    if not names or "observed_sites" not in result:
+        return result
+    mapping = dict(zip(data_argument_names(len(names) + 1), data_argument_names(len(names) + 1, names)))
+    observed = {site: mapping.get(argument, argument) for site, argument in result["observed_sites"].items()}
+    return {**result, "observed_sites": observed,
+            "quantity": evidence_quantity(observed.values(), len(names) + 1, names)}
 
 
 def observed_argument(value: Any, data: Data) -> str:
@@ -380,14 +396,15 @@ def _one_hot_of(value: torch.Tensor, argument: torch.Tensor) -> bool:
     return one_hot and bool(torch.equal(flat.argmax(-1), argument.reshape(-1).to(value.device).long()))
 
 
-def evidence_quantity(observed: Any, num_arguments: int) -> str:
+def evidence_quantity(observed: Any, num_arguments: int, names: Any = None) -> str:
     """The quantity the evidence estimates, from the data arguments the observed sites observe.
 
     ``observed`` holds argument names (:func:`data_argument_names`); those observed are the
     joint variables and the rest conditioning inputs, in argument order: ``"log p(x)"``,
-    ``"log p(x | y)"`` (y only an input), ``"log p(x, y)"`` (y observed too).
+    ``"log p(x | y)"`` (y only an input), ``"log p(x, y)"`` (y observed too). ``names``: of the arguments after
+    x (:func:`data_argument_names`).
     """
-    names = data_argument_names(num_arguments)
+    names = data_argument_names(num_arguments, names)
     seen = set(observed)
     variables = [name for name in names if name in seen]
     inputs = [name for name in names if name not in seen]

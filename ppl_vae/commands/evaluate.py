@@ -69,7 +69,7 @@ class Evaluated:
     config: dict[str, Any]  # the run's config.json, with the checkpoint's epoch
     data: Any  # the run's dataset (its record goes into the result)
     x: Any  # [N, ...] the images of the split
-    cond: tuple  # the run's conditioning data for x (its labels), or ()
+    cond: tuple  # the run's conditioning data for x (its labels, then its --cond arrays), or ()
     levels: str | None  # the data's grey levels, for bits/dim
     device: Any  # the torch.device evaluated on, in this process
 
@@ -78,7 +78,9 @@ def evaluate(args: argparse.Namespace, context) -> int:
     """``ppl-vae evaluate`` in this process; with a process group, every process evaluates its share of the images."""
     from ..diagnostics import MIN_PSIS_SAMPLES, diagnostics_summary
     from ..distributed import derive_seed, evaluate_per_datapoint, seeded
+    from ..data import run_conditioning
     from ..evaluate import evaluation_summary
+    from ..inspection import name_data_arguments
 
     main = context is None or context.is_main
     ais = ais_options(args)  # None: importance sampling
@@ -94,10 +96,10 @@ def evaluate(args: argparse.Namespace, context) -> int:
     )
     if not main:
         return 0
-    result = evaluation_summary(
+    result = name_data_arguments(evaluation_summary(
         program.model, program.guide, x, *cond, num_samples=args.num_samples, chunk_size=args.chunk_size,
         levels=loaded.levels, evidence=per_datapoint.evidence, decomposition=per_datapoint.decomposition,
-    )
+    ), run_conditioning(loaded.config["train"]))  # log p(x | c) for a run given c (labels stay y)
     with seeded(derive_seed(args.seed, "diagnostics")):
         result["diagnostics"] = diagnostics_summary(program.model, program.guide, x, *cond, psis=per_datapoint.psis,
                                                     chunk_size=args.chunk_size)
@@ -160,7 +162,7 @@ def _record_ais(result: dict[str, Any], ais: dict[str, Any], acceptance) -> None
 
 def _load(args: argparse.Namespace, context) -> Evaluated:
     """The run's program (on every process), and the images of ``args.split`` it is evaluated on, checked."""
-    from ..data import load_run_data
+    from ..data import load_run_data, run_conditioning
     from ..distributed import load_run_everywhere
     from ..train import levels_of, resolve_device
 
@@ -171,7 +173,7 @@ def _load(args: argparse.Namespace, context) -> Evaluated:
     levels = levels_of(program, train_config["binarize"])
     data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
     x = data.split(args.split)
-    cond = (data.labels(args.split),) if train_config.get("labels") else ()  # the run's conditioning data
+    cond = data.conditioning(args.split, run_conditioning(train_config))  # the run's labels and --cond arrays
     if args.examples is not None:
         if args.examples > x.shape[0] and (context is None or context.is_main):
             warnings.warn(f"--examples {args.examples}: the {args.split} split holds {x.shape[0]} images; all "

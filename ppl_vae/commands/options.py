@@ -88,6 +88,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "clip_norm": ("train", "clip_norm"),
     "engine": ("train", "engine"),
     "labels": ("train", "labels"),
+    "cond": ("train", "cond"),
     # discrete latents and semi-supervised training (issue 26)
     "enumerate": ("train", "enumerate"),
     "labelled": ("train", "labelled"),

@@ -55,7 +55,7 @@ __all__ = [
     "NUM_LEVELS", "NUM_TRAIN", "STATIC_TRAIN_BINARIZATION_SEED", "ImageData", "MNISTData", "binarize_once",
     "check_binarization", "check_dataset", "dataset_image_shape", "default_data_dir", "dequantize", "is_npz",
     "load_cifar10", "load_dataset", "load_run_data", "load_mnist", "load_mnist_family", "load_npz", "make_splits", "sha256_of",
-    "missing_raw_files",
+    "missing_raw_files", "run_conditioning",
 ]
 
 
@@ -83,6 +83,7 @@ def load_dataset(
     download: bool = True,
     dequantize_levels: bool = False,
     expected_sha256: str | None = None,
+    cond: tuple[str, ...] = (),
 ) -> ImageData:
     """Load ``dataset`` (a name of :data:`DATASETS` or a ``.npz`` path) as :class:`ImageData`.
 
@@ -90,8 +91,13 @@ def load_dataset(
     and downloaded there when missing and the internet is reachable; a ``.npz`` path is read
     as given. ``expected_sha256`` (a run's record) refuses a ``.npz`` file whose bytes changed.
     Missing files raise :class:`~ppl_vae.errors.DataNotFoundError` naming the files and their folder.
+    ``cond`` names conditioning arrays of a ``.npz`` file (:mod:`.conditioning`); named datasets have none.
     """
     check_dataset(dataset)
+    if cond and not is_npz(dataset):
+        raise InvalidDataError(f"--cond {' '.join(cond)}: conditioning arrays are read from a .npz file "
+                               f"(NAME_train, NAME_val, NAME_test beside x_train, ...), and {dataset} is a named "
+                               "dataset: give --dataset PATH.npz, or pass tensors from Python (ppl_vae.data.tensor_data)")
     if is_npz(dataset):
         if expected_sha256 is not None:
             found = sha256_of(dataset) if os.path.isfile(dataset) else None
@@ -101,7 +107,7 @@ def load_dataset(
                     f"{expected_sha256[:12]}...): its numbers would not be about the same images. Restore the file, "
                     "or train a new run on it"
                 )
-        return load_npz(dataset, binarize, device, train_examples, eval_examples, dequantize_levels)
+        return load_npz(dataset, binarize, device, train_examples, eval_examples, dequantize_levels, cond=cond)
     if dataset == "cifar10":
         return load_cifar10(data_dir, binarize, device, train_examples, eval_examples, download, dequantize_levels)
     return load_mnist_family(dataset, data_dir, binarize, device, train_examples, eval_examples, download,
@@ -119,10 +125,16 @@ def load_run_data(
 
     Every image of every split (``eval_examples`` keeps the first validation and test images);
     ``data_dir`` overrides the run's folder for named datasets. Runs made before datasets were
-    recorded are MNIST runs. A ``.npz`` file must still have the SHA-256 the run recorded.
+    recorded are MNIST runs. A ``.npz`` file must still have the SHA-256 the run recorded. The run's conditioning
+    arrays (``"cond"``) are read again, checked as in training.
     """
     return load_dataset(
         train_config.get("dataset", "mnist"), data_dir or train_config.get("data_dir"), train_config["binarize"],
         device, eval_examples=eval_examples, dequantize_levels=dequantize_levels,
-        expected_sha256=train_config.get("dataset_sha256"),
+        expected_sha256=train_config.get("dataset_sha256"), cond=tuple(train_config.get("cond") or ()),
     )
+
+
+def run_conditioning(train_config: dict) -> tuple[str, ...]:
+    """The names of the data a run's programs take after x, in order: ``y`` (``--labels``), then its ``--cond``."""
+    return (("y",) if train_config.get("labels") else ()) + tuple(train_config.get("cond") or ())

@@ -37,6 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import InvalidDataError
+from .conditioning import describe_cond
 
 BINARIZATIONS = ("dynamic", "static", "none")
 NUM_LEVELS = 256
@@ -102,6 +103,8 @@ class ImageData:
     dequantized: bool = False
     name: str = "mnist"
     record: dict[str, Any] = field(default_factory=dict)
+    # Per-datapoint conditioning arrays (--cond; ppl_vae.data.conditioning): name -> split -> [N, ...] tensor.
+    cond: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -134,10 +137,28 @@ class ImageData:
             raise InvalidDataError(f"unknown split {name!r}: choose 'train', 'val' or 'test'")
         return getattr(self, f"{name}_labels")
 
+    def conditioning(self, split: str, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        """The data the programs take after x for ``split``, in the order of ``names``: ``"y"`` the labels, any
+        other name a conditioning array (:mod:`ppl_vae.data.conditioning`). One line for a name the data lack."""
+        arrays = []
+        for name in names:
+            if name == "y":
+                if self.labels(split) is None:
+                    raise InvalidDataError(f"these data have no labels for the {split} split to condition on")
+                arrays.append(self.labels(split))
+            elif name not in self.cond:
+                held = ", ".join(self.cond) or "none"
+                raise InvalidDataError(f"these data have no conditioning array {name!r} (they hold {held})")
+            else:
+                arrays.append(self.cond[name][split])
+        return tuple(arrays)
+
     def train_batches(
-        self, batch_size: int, generator: torch.Generator | None = None, labels: bool = False
-    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of minibatches in a fresh random order; with ``labels``, pairs (images, labels).
+        self, batch_size: int, generator: torch.Generator | None = None, labels: bool = False,
+        cond: tuple[str, ...] = (),
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
+        """One epoch of minibatches in a fresh random order; with ``labels`` and/or ``cond`` (names of conditioning
+        arrays), tuples (images, labels, *arrays): each image's rows, in that order.
 
         The order and the per-minibatch draws (dynamic binarization, dequantization)
         come from torch's global RNG, or from ``generator`` (on the device of the
@@ -147,6 +168,7 @@ class ImageData:
         """
         if labels and self.train_labels is None:
             raise InvalidDataError("these data have no labels to condition on")
+        given = self.conditioning("train", (("y",) if labels else ()) + tuple(cond))  # checked once, not per batch
         order = torch.randperm(self.train.shape[0], device=self.train.device, generator=generator)
         for start in range(0, order.numel(), batch_size):
             rows = order[start : start + batch_size]
@@ -155,7 +177,7 @@ class ImageData:
                 batch = torch.bernoulli(batch, generator=generator)
             elif self.dequantized:
                 batch = dequantize(batch, generator)
-            yield (batch, self.train_labels[rows.to(self.train_labels.device)]) if labels else batch
+            yield (batch, *(array[rows.to(array.device)] for array in given)) if given else batch
 
 
 # Deprecated: the name the MNIST-only package used; every dataset now gives an ImageData.
@@ -192,6 +214,7 @@ def make_splits(
     eval_examples: int | None,
     dequantize_levels: bool,
     record: dict[str, Any],
+    cond: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> ImageData:
     """uint8 ``[N, C, H, W]`` splits -> :class:`ImageData` with binarization or dequantization applied.
 
@@ -200,7 +223,8 @@ def make_splits(
     fixed-seed draws take one value per pixel, in order, so those of the first images do not depend
     on how many follow).
     Validation and test get independent draws (seeds differ). ``record`` is completed
-    with the image shape, the binarization and the number of images of each split.
+    with the image shape, the binarization and the number of images of each split. ``cond``: conditioning arrays
+    (name -> (train, val, test), checked by :mod:`ppl_vae.data.conditioning`), kept to the same images.
     """
     for images, what in ((train, "training images"), (val, "validation images"), (test, "test images")):
         check_uint8_images(images, f"{name} {what}")
@@ -223,6 +247,8 @@ def make_splits(
     train, labels_train = first(train, train_examples), first(labels[0], train_examples)
     val, labels_val = first(val, eval_examples), first(labels[1], eval_examples)
     test, labels_test = first(test, eval_examples), first(labels[2], eval_examples)
+    kept = {name: {"train": first(t, train_examples), "val": first(v, eval_examples), "test": first(s, eval_examples)}
+            for name, (t, v, s) in (cond or {}).items()}
     grey_train, grey_val, grey_test = to_float(train), to_float(val), to_float(test)
     if binarize == "none":
         train_x, val_x, test_x = grey_train, grey_val, grey_test
@@ -240,6 +266,7 @@ def make_splits(
         "binarize": binarize,
         "dequantized": dequantized,
         "labels": labels_train is not None,
+        **({"cond": describe_cond(kept)} if kept else {}),
         "images": {"train": int(train_x.shape[0]), "val": int(val_x.shape[0]), "test": int(test_x.shape[0])},
         "train_examples": train_examples,
         "eval_examples": eval_examples,
@@ -249,6 +276,7 @@ def make_splits(
         train=train_x.to(device), val=val_x.to(device), test=test_x.to(device),
         train_labels=_labels_on(labels_train, device), val_labels=_labels_on(labels_val, device),
         test_labels=_labels_on(labels_test, device), binarize=binarize, dequantized=dequantized, name=name, record=record,
+        cond={name: {split: array.to(device) for split, array in splits.items()} for name, splits in kept.items()},
     )
 
 

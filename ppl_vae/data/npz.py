@@ -5,11 +5,15 @@ The file holds uint8 arrays (grey levels 0-255):
 * ``x_train`` and ``x_test`` (required), ``x_val`` (optional): [N, H, W] for grey images or
   [N, H, W, C] for colour (channels last, as NumPy and image tools write them); every array
   has the same image shape;
-* ``y_train``, ``y_val``, ``y_test`` (optional): integer labels [N], one per image.
+* ``y_train``, ``y_val``, ``y_test`` (optional): integer labels [N], one per image;
+* for each conditioning array named with ``--cond NAME`` (``cond``): ``NAME_train``, ``NAME_test`` and, with
+  ``x_val``, ``NAME_val``: numeric [N, ...], one row per image (:mod:`.conditioning`), passed to the programs
+  after x (and the labels).
 
 Without ``x_val``, a fixed share (``VAL_SHARE``, 10%) of ``x_train`` is held out as the
 validation split, chosen by a permutation with a fixed seed (``SPLIT_SEED``), so every run
-and ``ppl-vae evaluate`` get the same split. Images become [N, C, H, W] (C = 1 for grey).
+and ``ppl-vae evaluate`` get the same split; the labels and conditioning arrays of those images go with them (a
+``NAME_val`` without ``x_val`` is refused: it would belong to no images). Images become [N, C, H, W] (C = 1 for grey).
 Anything else (other dtypes, ranks, a channels-first array) is refused with a message saying
 what was found and what is expected.
 """
@@ -25,6 +29,7 @@ import torch
 
 from ..errors import DataNotFoundError, InvalidDataError
 from ..npz_files import check_npz
+from .conditioning import check_cond_names, conditioning_splits
 from .core import ImageData, make_splits, sha256_of
 
 VAL_SHARE = 0.1
@@ -88,12 +93,15 @@ def load_npz(
     train_examples: int | None = None,
     eval_examples: int | None = None,
     dequantize_levels: bool = False,
+    cond: tuple[str, ...] = (),
 ) -> ImageData:
     """Load a user's ``.npz`` file (see the module docstring) as :class:`ImageData` [N, C, H, W].
 
-    ``record`` holds the file's absolute path and SHA-256, and where each split comes from.
+    ``record`` holds the file's absolute path and SHA-256, and where each split comes from. ``cond`` names the
+    conditioning arrays to read (``NAME_train``, ...), each checked and refused in one line naming it.
     """
     path = Path(path).expanduser().resolve()
+    cond = check_cond_names(cond)
     with _open(path) as archive:
         keys = set(archive.files)
         missing = [key for key in ("x_train", "x_test") if key not in keys]
@@ -105,6 +113,8 @@ def load_npz(
             key: _labels(path, key, _read(archive, path, key), images[f"x_{key[2:]}"].shape[0])
             for key in LABEL_KEYS if key in keys and f"x_{key[2:]}" in images
         }
+        arrays = {key: _read(archive, path, key) for key in keys
+                  if any(key == f"{name}_{split}" for name in cond for split in ("train", "val", "test"))}
     shapes = {key: list(x.shape[1:]) for key, x in images.items()}
     if len({tuple(shape) for shape in shapes.values()}) > 1:
         raise InvalidDataError(f"{path}: the arrays hold images of different shapes ({shapes}); expected one shape "
@@ -123,15 +133,38 @@ def load_npz(
         held_out, kept = order[:num_val], order[num_val:]
         x_val, y_val = x_train[held_out], None if y_train is None else y_train[held_out]
         x_train, y_train = x_train[kept], None if y_train is None else y_train[kept]
+        arrays = _hold_out_cond(path, cond, arrays, x_train.shape[0] + num_val, held_out, kept)
         splits["train"] = f"x_train without the validation images ({x_train.shape[0]} images)"
         splits["val"] = (f"{num_val} images of x_train ({VAL_SHARE:.0%}) held out by a permutation with seed "
                          f"{SPLIT_SEED}")
     record = {"dataset": "npz", "path": str(path), "sha256": sha256_of(path), "splits": splits,
               "val_share": None if "x_val" in images else VAL_SHARE, "split_seed": None if "x_val" in images else SPLIT_SEED}
+    counts = {"train": x_train.shape[0], "val": x_val.shape[0], "test": images["x_test"].shape[0]}
+    checked = conditioning_splits(cond, arrays, counts, lambda key: f"{key} of {path}")
     return make_splits(
         path.name, x_train, x_val, images["x_test"], (y_train, y_val, labels.get("y_test")),
         binarize, device, train_examples, eval_examples, dequantize_levels, record,
+        cond={name: (s["train"], s["val"], s["test"]) for name, s in checked.items()},
     )
+
+
+def _hold_out_cond(path: Path, cond: tuple[str, ...], arrays: dict[str, np.ndarray], count: int,
+                   held_out: torch.Tensor, kept: torch.Tensor) -> dict[str, np.ndarray]:
+    """Without x_val: each ``NAME_train`` split as x_train is (its held-out rows become ``NAME_val``)."""
+    arrays = dict(arrays)
+    for name in cond:
+        if f"{name}_val" in arrays:
+            raise InvalidDataError(f"{path}: {name}_val is given but x_val is not, so the validation images are held "
+                                   f"out of x_train and their {name} rows come from {name}_train: remove {name}_val, "
+                                   "or add x_val")
+        train = arrays.get(f"{name}_train")
+        if train is None:
+            continue  # named as missing by conditioning_splits
+        if train.ndim == 0 or train.shape[0] != count:
+            raise InvalidDataError(f"{name}_train of {path} has shape {list(train.shape)}: expected one row per image "
+                                   f"of x_train, [{count}, ...]")
+        arrays[f"{name}_val"], arrays[f"{name}_train"] = train[held_out.numpy()], train[kept.numpy()]
+    return arrays
 
 
 def npz_image_shape(path: str | os.PathLike) -> tuple[int, ...]:

@@ -34,13 +34,13 @@ def levels_of(program: torch.nn.Module, binarize: str) -> str | None:
 
 def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -> ImageData:
     dequantize_levels = levels_of(vae, config.binarize) == "dequantized"
-    if config.dataset == "mnist":  # through the module's name load_mnist, which the tests memoize
+    if config.dataset == "mnist" and not config.cond:  # through the module's name load_mnist, which the tests memoize
         data = load_mnist(config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
                           dequantize_levels=dequantize_levels)
     else:
         data = load_dataset(config.dataset, config.data_dir, config.binarize, device, config.train_examples,
                             config.eval_examples, dequantize_levels=dequantize_levels,
-                            expected_sha256=config.dataset_sha256)
+                            expected_sha256=config.dataset_sha256, cond=config.cond)
     # One check of the whole data against the likelihood's support, instead of one per step (programs without
     # a likelihood module are checked on their first batch, by ppl_vae.evaluate, in check_first_batch).
     check = getattr(getattr(vae, "likelihood", None), "check_data", None)
@@ -51,15 +51,25 @@ def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -
     return data
 
 
+def conditioning_names(config: TrainConfig) -> tuple[str, ...]:
+    """The names of the data the programs take after x, in order: ``y`` with ``--labels``, then the ``--cond``
+    arrays; () for programs given x alone."""
+    return (("y",) if config.labels else ()) + tuple(config.cond)
+
+
 def conditioning(data: ImageData, split: str, config: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """The conditioning data the programs take after x for ``split``: its labels with ``labels``, else nothing."""
-    return (data.labels(split),) if config.labels else ()
+    """The conditioning data the programs take after x for ``split``: its labels with ``labels``, then the
+    ``cond`` arrays, else nothing."""
+    return data.conditioning(split, conditioning_names(config))
 
 
-def check_arity(program: torch.nn.Module, given: int) -> None:
-    """The programs take as many data arguments as the batches give: (x) or, with labels, (x, y)."""
+def check_arity(program: torch.nn.Module, given: int, names: tuple[str, ...] | None = None) -> None:
+    """The programs take as many data arguments as the batches give: x, then the conditioning data ``names``
+    (``y`` for the labels, the ``--cond`` arrays); None: ``y`` for a second argument, as ``--labels`` gives."""
     import inspect
 
+    names = tuple(names) if names is not None else ("y",) * (given - 1)
+    batch = ", ".join(("x", *names))
     for name in ("model", "guide"):
         try:
             parameters = list(inspect.signature(getattr(program, name)).parameters.values())
@@ -69,13 +79,17 @@ def check_arity(program: torch.nn.Module, given: int) -> None:
         required = [p for p in positional if p.default is p.empty]
         varargs = any(p.kind == p.VAR_POSITIONAL for p in parameters)
         if len(required) > given:
-            names = ", ".join(p.name for p in required)
-            raise PplVaeError(f"the program's {name}({names}) takes {len(required)} data arguments, but the training "
-                              f"batches give {given} (x{', y' if given > 1 else ''}): train with --labels to pass the "
-                              "class labels after x")
+            wanted = ", ".join(p.name for p in required)
+            raise PplVaeError(f"the program's {name}({wanted}) takes {len(required)} data arguments, but the training "
+                              f"batches give {given} ({batch}): pass the data it takes after x -- from the command "
+                              "line --labels (the class labels) and/or --cond NAME (arrays NAME_train, NAME_val, "
+                              "NAME_test of a --dataset PATH.npz); from Python, tensors per split "
+                              "(ppl_vae.data.tensor_data(..., cond={'NAME': ...}), to train(data=...) or fit)")
         if not varargs and len(positional) < given:
-            raise PplVaeError(f"--labels gives the programs (x, y), but the program's {name} takes "
-                              f"{len(positional)} data argument(s): leave out --labels, or add y to its arguments")
+            source = " and ".join((["--labels"] if "y" in names else []) + [f"--cond {n}" for n in names if n != "y"])
+            raise PplVaeError(f"the training batches give ({batch}) ({source or 'the data passed'}), but the "
+                              f"program's {name} takes {len(positional)} data argument(s): leave them out, or add "
+                              f"{', '.join(names[len(positional) - 1:])} to its arguments")
 
 
 def check_batches(
@@ -86,7 +100,7 @@ def check_batches(
     The second has the first's shape and other content (the compiled graph is replayed on it): the next batch,
     topped up with rows of the first when it is smaller; None when the training set is one batch.
     """
-    batches = data.train_batches(config.batch_size, generator=probe, labels=config.labels)
+    batches = data.train_batches(config.batch_size, generator=probe, labels=config.labels, cond=config.cond)
     first = as_tuple(next(batches))
     following = next(batches, None)
     if following is None:
@@ -95,13 +109,15 @@ def check_batches(
     return first, second
 
 
-def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> ProgramStructure:
+def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...],
+                      names: tuple[str, ...] | None = None) -> ProgramStructure:
     """Run the program once on a training batch: one-line errors for programs that fail, and their structure.
 
     Checks the structure :mod:`ppl_vae.evaluate` needs (data plate, observed and latent sites,
-    the data within the likelihood's support) and that every parameter belongs to the module.
+    the data within the likelihood's support) and that every parameter belongs to the module. ``names``: of the
+    data after x, for messages (:func:`check_arity`).
     """
-    check_arity(program, len(batch))
+    check_arity(program, len(batch), names)
     try:
         with torch.no_grad():
             structure = inspect_program(program.model, program.guide, batch)

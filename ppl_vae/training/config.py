@@ -18,6 +18,7 @@ import pyro.optim
 import torch
 
 from ..data import check_dataset
+from ..data.conditioning import check_cond_names
 from ..errors import PplVaeError
 from ..gradient_estimators import check_gradient
 from ..objectives import check_objective
@@ -70,6 +71,9 @@ class TrainConfig:
     engine: str = "auto"  # auto: jit where checked equal to Trace_ELBO (choose_engine), else svi; svi: SVI with Pyro's
     # optimizer; jit: the loss compiled by JitTrace_ELBO, one torch Adam. config.json records the engine that ran.
     labels: bool = False  # every batch is (x, y), y the int64 class labels, passed to both programs
+    # Issue 26 item 4: conditioning arrays of a .npz (NAME_train, NAME_val, NAME_test), passed after x (and y) in
+    # this order to both programs in training and every evaluation (ppl_vae.data.conditioning).
+    cond: tuple[str, ...] = ()
     # Issue 28, stage 2: the monitored quantity, early stopping and the plateau schedule (ppl_vae.schedules).
     monitor: str = "elbo"  # what early stopping and "plateau" watch: elbo (validation ELBO) or evidence (val log p̂(x))
     min_delta: float = 0.0  # nats/image: an improvement of the monitored value is more than this
@@ -92,6 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.labels, bool):
             raise PplVaeError(f"labels must be true or false, got {self.labels!r}")
+        self.cond = check_cond_names(self.cond)
         check_semi_supervised(self)
         for name in ("epochs", "batch_size", "seed", "val_samples", "test_samples", "particles", "warmup_epochs",
                      "evidence_every", "evidence_examples", "evidence_samples", "train_examples", "eval_examples"):
@@ -180,6 +185,9 @@ def check_semi_supervised(config: TrainConfig) -> None:
         raise PplVaeError(f"label_site must be the name of the guide's label site, got {config.label_site!r}")
     if config.labelled is None and (config.alpha is not None or config.labelled_batches is not None):
         raise PplVaeError("--alpha and --labelled-batches apply to semi-supervised training: give --labelled N too")
+    if config.labelled is not None and config.cond:
+        raise PplVaeError("--labelled batches are (x, y) and (x,): semi-supervised training takes no --cond arrays; "
+                          "give one of the two")
     if config.labelled is not None and config.labels:
         raise PplVaeError("--labels passes every image's label and --labelled keeps only N of them: give one of the two")
 

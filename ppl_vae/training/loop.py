@@ -19,7 +19,8 @@ from ..evaluate import evaluation_summary
 from ..model import VAEConfig
 from ..process_group import current, derive_seed
 from ..programs import ProgramSpec
-from .checks import conditioning, levels_of
+from ..inspection import name_data_arguments
+from .checks import conditioning, conditioning_names, levels_of
 from .config import TrainConfig, describe_objective, kl_weight, learning_rate_at
 from .interrupts import StopRequest
 from .monitoring import best_state, keep_best_in_memory, stopped_line, watch
@@ -169,11 +170,11 @@ def test_evaluation(run: TrainingRun) -> dict[str, Any]:
         program.model, program.guide, data.test, *cond, num_samples=config.test_samples, elbo_samples=10,
         seed=derive_seed(config.seed, "test"), progress=run.progress and run.main,
     )
-    result = evaluation_summary(
+    result = name_data_arguments(evaluation_summary(
         program.model, program.guide, data.test, *cond, num_samples=config.test_samples,
         levels=levels_of(program, config.binarize), evidence=per_datapoint.evidence,
         decomposition=per_datapoint.decomposition,
-    )
+    ), conditioning_names(config))  # log p(x | c) for a run given c (labels stay y)
     result.update({
         "split": "test", "epochs": run.trained_epochs, "epoch": epoch, "checkpoint": checkpoint,
         "checkpoint_id": checkpoint_id,

@@ -40,7 +40,14 @@ from ..programs import (
 from ..schedules import early_stopping_start, plateau_start
 from ..trackers import check_trackers
 from ..trust import verified_source
-from .checks import check_batches, check_first_batch, check_semi_supervised, check_split_labels, load_data
+from .checks import (
+    check_batches,
+    check_first_batch,
+    check_semi_supervised,
+    check_split_labels,
+    conditioning_names,
+    load_data,
+)
 from .config import TrainConfig
 from .engines import Engine, EngineChoice, choose_engine, resumed_engine_choice
 from .resume import check_resume_epochs, saved_configs
@@ -235,7 +242,7 @@ def check_program_on_data(
     probe = torch.Generator(device=data.train.device).manual_seed(config.seed)  # leaves the random stream alone
     first, second = check_batches(data, config, probe)
     mark_enumeration(program, config)  # --enumerate: before the program first runs
-    structure = check_first_batch(program, first)
+    structure = check_first_batch(program, first, conditioning_names(config))
     check_enumeration(structure, config)
     # refused where the program's sites break its gradient; enumerated sites train with TraceEnum_ELBO
     check_objective_sites(config.objective, structure, trains_enumerated=True)

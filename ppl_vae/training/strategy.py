@@ -120,7 +120,7 @@ class OneProcess:
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
         if config.labelled is not None:  # labelled (x, y) and unlabelled (x,) batches, from the same stream
             return semi_supervised_epoch(data, config)
-        return data.train_batches(config.batch_size, labels=config.labels)  # the run's one random stream
+        return data.train_batches(config.batch_size, labels=config.labels, cond=config.cond)  # the run's one random stream
 
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
         return {"rng": rng_state(device)}
@@ -165,7 +165,7 @@ class ProcessGroupStrategy(ProcessGroup):
         this process's Monte Carlo draws from (seed, epoch, rank), so an epoch runs again exactly after a resume."""
         generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
         pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, self.rank))
-        return data.train_batches(config.batch_size, generator=generator, labels=config.labels)
+        return data.train_batches(config.batch_size, generator=generator, labels=config.labels, cond=config.cond)
 
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
         return {"world_size": self.world_size}  # no RNG state: every epoch seeds its own streams
