@@ -39,7 +39,7 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     data = load_run_data(train_config, args.data_dir, eval_examples=20,
                          dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
     if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
-        written += plot_program(vae, data, out)
+        written += plot_program(vae, data, out, cond=data.conditioning("test", tuple(train_config.get("cond") or ())))
     else:
         written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
         written.append(plots.plot_samples(vae, out / "samples.png"))
@@ -54,11 +54,13 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     return 0
 
 
-def plot_program(program, data, out: Path) -> list[Path]:
+def plot_program(program, data, out: Path, cond: tuple = ()) -> list[Path]:
     """Image figures of a program other than the built-in VAE, from the methods it has; a one-line note for each it lacks.
 
     ``sample_prior(n)``: samples E[x | z], z ~ p(z); ``encode_mean(x)`` with ``decode_mean(z)``:
-    reconstructions; ``sample_digits(labels)``: one row of samples per class (a conditional program).
+    reconstructions; ``sample_digits(labels)``: one row of samples per class (a conditional program). ``cond``:
+    the run's ``--cond`` arrays of the test images, passed after x and z as in training (``encode_mean(x, c)``,
+    ``decode_mean(z, c)``).
     """
     import torch
 
@@ -73,7 +75,8 @@ def plot_program(program, data, out: Path) -> list[Path]:
         print("samples: skipped (the program has no sample_prior(n) method)")
     if callable(getattr(program, "encode_mean", None)) and callable(getattr(program, "decode_mean", None)):
         x = data.test[:10]
-        images = torch.cat([x.reshape(10, -1), program.decode_mean(program.encode_mean(x)).reshape(10, -1)])
+        given = tuple(c[:10] for c in cond)
+        images = torch.cat([x.reshape(10, -1), program.decode_mean(program.encode_mean(x, *given), *given).reshape(10, -1)])
         written.append(plots.plot_image_grid(images, out / "reconstructions.png", nrow=10,
                                              title="test images (top) and E[x | E_q[z|x]] (bottom)", image_shape=shape))
     else:

@@ -31,6 +31,7 @@ from ..errors import DataNotFoundError, InvalidDataError
 from ..npz_files import check_npz
 from .conditioning import check_cond_names, conditioning_splits
 from .core import ImageData, make_splits, sha256_of
+from .tensors import TENSORS_MARKER, load_tensors_npz
 
 VAL_SHARE = 0.1
 SPLIT_SEED = 20240518
@@ -104,6 +105,9 @@ def load_npz(
     cond = check_cond_names(cond)
     with _open(path) as archive:
         keys = set(archive.files)
+        if TENSORS_MARKER in keys:  # a run's own tensors.npz passed from Python
+            return load_tensors_npz(archive, path, cond, binarize=binarize, device=device,
+                                    train_examples=train_examples, eval_examples=eval_examples)
         missing = [key for key in ("x_train", "x_test") if key not in keys]
         if missing:
             raise InvalidDataError(f"{path} lacks {', '.join(missing)} (it holds {', '.join(sorted(keys)) or 'nothing'}); "
@@ -173,4 +177,6 @@ def npz_image_shape(path: str | os.PathLike) -> tuple[int, ...]:
     with _open(path) as archive:
         if "x_train" not in archive.files:
             raise InvalidDataError(f"{path} lacks x_train; expected {EXPECTED}")
+        if TENSORS_MARKER in archive.files:  # a run's tensors.npz: any shape per datapoint
+            return tuple(_read(archive, path, "x_train").shape[1:])
         return tuple(_images(path, "x_train", _read(archive, path, "x_train")).shape[1:])

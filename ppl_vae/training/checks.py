@@ -32,9 +32,14 @@ def levels_of(program: torch.nn.Module, binarize: str) -> str | None:
     return "discrete" if kind == "discrete" else "dequantized"
 
 
-def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -> ImageData:
+def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device,
+              given: ImageData | None = None) -> ImageData:
+    """The run's data on ``device``, checked against the likelihood's support: ``given`` (tensors passed from
+    Python), else the dataset of ``config`` with its ``--cond`` arrays."""
     dequantize_levels = levels_of(vae, config.binarize) == "dequantized"
-    if config.dataset == "mnist" and not config.cond:  # through the module's name load_mnist, which the tests memoize
+    if given is not None:
+        data = on_device(given, device)
+    elif config.dataset == "mnist" and not config.cond:  # through the module's name load_mnist, which the tests memoize
         data = load_mnist(config.data_dir, config.binarize, device, config.train_examples, config.eval_examples,
                           dequantize_levels=dequantize_levels)
     else:
@@ -49,6 +54,19 @@ def load_data(config: TrainConfig, vae: torch.nn.Module, device: torch.device) -
     if config.labels and data.labels("train") is None:
         raise PplVaeError(f"--labels: the dataset {config.dataset} has no labels to condition on")
     return data
+
+
+def on_device(data: ImageData, device: torch.device) -> ImageData:
+    """``data`` with its images, labels and conditioning arrays on ``device``."""
+    import dataclasses
+
+    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device)
+
+    return dataclasses.replace(
+        data, **{name: move(getattr(data, name)) for name in ("train", "val", "test", "train_labels", "val_labels",
+                                                              "test_labels")},
+        cond={name: {split: move(t) for split, t in splits.items()} for name, splits in data.cond.items()})
 
 
 def conditioning_names(config: TrainConfig) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ record and save, then the test evaluation. The same loop for any program, either
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 
 from .. import runs
 from ..blocked_evaluation import evaluate_per_datapoint
-from ..data import ImageData
+from ..data import ImageData, tensor_data
 from ..errors import PplVaeError, TrainingInterrupted
 from ..evaluate import evaluation_summary
 from ..model import VAEConfig
@@ -26,7 +27,7 @@ from .interrupts import StopRequest
 from .monitoring import best_state, keep_best_in_memory, stopped_line, watch
 from .tracking import close_trackers, log_to_trackers, start_trackers
 from .records import epoch_record, print_epoch, validation_evidence
-from .setup import TrainingRun, TrainRequest, save_checkpoint, setup_in_memory, setup_run
+from .setup import TrainingRun, TrainRequest, data_for_run, save_checkpoint, setup_in_memory, setup_run
 from ..semisupervised import label_error_summary
 from .semi import batch_counts, steps_per_epoch
 from .steps import run_epoch
@@ -43,6 +44,7 @@ def train(
     program: ProgramSpec | torch.nn.Module | None = None,
     processes: Strategy | None = None,
     trust_program: bool = False,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Train a program into ``run_dir``; returns the final test evaluation.
 
@@ -60,12 +62,19 @@ def train(
     through :func:`train_distributed`) runs the same loop on several.
     Resuming imports the run's copy of its program file only if this user's key signed it
     (:mod:`ppl_vae.trust`), or with ``trust_program=True`` (for this call; nothing is signed).
+
+    ``data``: what is trained on, where not ``config.dataset``: a dataset name or ``.npz`` path, or tensors per
+    split, ``{"train": (x, *cond), "val": (x, *cond), "test": (x, *cond)}`` with the conditioning tensors named by
+    ``config.cond`` in that order (:func:`ppl_vae.data.tensor_data` checks them, one line naming the tensor). The
+    run keeps tensors as ``tensors.npz``, its recorded dataset, so every command reads them again.
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    config, given, payload = data_for_run(run_dir, config, data, resume)
     lock = runs.RunLock(run_dir)  # held while training (by rank 0): one writer per run
     trackers, finished = [], False
     try:
-        request = TrainRequest(run_dir, lock, config, model_config, resume, overwrite, progress, program, trust_program)
+        request = TrainRequest(run_dir, lock, config, model_config, resume, overwrite, progress, program, trust_program,
+                               given, payload)
         run = setup_run(request, processes or OneProcess())
         run.trackers = trackers = start_trackers(run, resumed=resume)
         train_epochs(run)
@@ -77,13 +86,23 @@ def train(
         lock.release()
 
 
-def fit(program: torch.nn.Module, data: ImageData, config: TrainConfig, progress: bool = True) -> list[dict[str, Any]]:
+def fit(program: torch.nn.Module, data: ImageData | Mapping[str, Any], config: TrainConfig,
+        progress: bool = True) -> list[dict[str, Any]]:
     """Train ``program`` on ``data`` (held in memory) through the same loop, without a run directory.
+
+    ``data``: an :class:`~ppl_vae.data.ImageData`, or tensors per split ``{"train": (x, *cond), "val": ...,
+    "test": ...}`` with the conditioning tensors named by ``config.cond`` (:func:`ppl_vae.data.tensor_data`).
 
     The same checks, engine choice, KL weight, checked steps and per-epoch validation as :func:`train`; nothing
     is written and there is no final test evaluation. Returns the epoch records (``metrics.jsonl``'s fields);
     the program is left in eval mode, with the best epoch's weights under ``config.early_stopping``.
     """
+    if isinstance(data, Mapping):
+        x = data.get("train")
+        x = x[0] if isinstance(x, (tuple, list)) and x else x
+        data = tensor_data(data.get("train"), data.get("val"), data.get("test"), cond=config.cond,
+                           binarize=config.binarize, device=x.device if isinstance(x, torch.Tensor) else "cpu",
+                           train_examples=config.train_examples, eval_examples=config.eval_examples)
     run = setup_in_memory(program, data, config, progress)
     train_epochs(run)
     if run.best_weights is not None:

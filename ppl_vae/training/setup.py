@@ -21,7 +21,7 @@ import pyro
 import torch
 
 from .. import runs
-from ..data import DATA_RECORD_FILE, ImageData, dataset_image_shape, is_npz, sha256_of
+from ..data import DATA_RECORD_FILE, TENSORS_FILE, ImageData, dataset_image_shape, is_npz, sha256_of
 from ..errors import PplVaeError, PplVaeWarning
 from ..evaluate import ProgramStructure
 from ..model import VAEConfig, build_vae
@@ -74,6 +74,8 @@ class TrainRequest:
     progress: bool = True
     program: ProgramSpec | torch.nn.Module | None = None
     trust_program: bool = False
+    data: ImageData | None = None  # tensors passed from Python (train(data=...)): the run keeps them (TENSORS_FILE)
+    data_bytes: bytes | None = None  # their tensors.npz, written into the run directory when it starts
 
 
 @dataclass
@@ -132,15 +134,17 @@ class TrainingRun:
         return f"the checkpoint of epoch {epoch} in {self.run_dir}"
 
 
-def fit_to_dataset(config: TrainConfig, model_config: VAEConfig) -> tuple[TrainConfig, VAEConfig]:
+def fit_to_dataset(config: TrainConfig, model_config: VAEConfig,
+                   shape: tuple[int, ...] | None = None) -> tuple[TrainConfig, VAEConfig]:
     """The configurations completed from the dataset, before anything is built or written.
 
     A ``.npz`` dataset becomes its absolute path and SHA-256 (a run resumed on a changed file
     is refused); the model gets the images' shape (C, H, W), which the conv networks need and
-    which sets data_dim. A model built for another image shape is refused here, with both shapes.
+    which sets data_dim. A model built for another image shape is refused here, with both shapes. ``shape``: of
+    tensors passed from Python (their file is written when the run starts; the configuration already names it).
     """
-    shape = dataset_image_shape(config.dataset)
-    if is_npz(config.dataset):
+    given, shape = shape is not None, shape or dataset_image_shape(config.dataset)
+    if is_npz(config.dataset) and not given:
         path = str(Path(config.dataset).expanduser().resolve())
         digest = sha256_of(path)
         if config.dataset_sha256 is not None and digest != config.dataset_sha256:
@@ -156,6 +160,36 @@ def fit_to_dataset(config: TrainConfig, model_config: VAEConfig) -> tuple[TrainC
         raise PplVaeError(f"the model was built for images {list(model_config.image_shape)}, but {config.dataset} holds "
                           f"images {list(shape)}")
     return config, model_config
+
+
+def data_for_run(run_dir: Path, config: TrainConfig | None, data: Any,
+                 resume: bool) -> tuple[TrainConfig | None, ImageData | None, bytes | None]:
+    """What ``train(data=...)`` trains on: a dataset name or ``.npz`` path (it becomes ``config.dataset``), or
+    tensors per split (``{"train": (x, *cond), "val": ..., "test": ...}``, :func:`ppl_vae.data.tensor_data`), kept
+    in the run as ``tensors.npz`` and recorded as its dataset with the SHA-256 of those bytes. Returns the
+    configuration, the checked data and the file's bytes (None, None for a dataset)."""
+    import hashlib
+    from collections.abc import Mapping
+
+    from ..data import tensor_data, tensors_npz_bytes
+
+    if data is None:
+        return config, None, None
+    if resume:
+        raise PplVaeError(f"resume=True continues {run_dir} on the data it recorded: leave data= out")
+    config = config or TrainConfig()
+    if isinstance(data, (str, Path)):
+        return dataclasses.replace(config, dataset=str(data)), None, None
+    if not isinstance(data, Mapping):
+        raise PplVaeError(f"data= is a dataset name, a .npz path, or tensors per split {{'train': (x, *cond), "
+                          f"'val': ..., 'test': ...}}; got {type(data).__name__}")
+    given = tensor_data(data.get("train"), data.get("val"), data.get("test"), cond=config.cond,
+                        binarize=config.binarize, train_examples=config.train_examples,
+                        eval_examples=config.eval_examples, record={"path": str(run_dir.resolve() / TENSORS_FILE)})
+    payload = tensors_npz_bytes(data, config.cond)
+    config = dataclasses.replace(config, dataset=str(run_dir.resolve() / TENSORS_FILE),
+                                 dataset_sha256=hashlib.sha256(payload).hexdigest())
+    return config, given, payload
 
 
 def resolve_program(
@@ -207,7 +241,8 @@ def read_settings(request: TrainRequest, strategy: Strategy) -> Settings:
     if not request.resume and is_builtin_vae(request.program) and request.program.kwargs:  # recorded in config.json
         model_config = vae_config_with(model_config or VAEConfig(), request.program.kwargs)
     # A program other than the built-in VAE takes from the VAE's configuration only the data's shape.
-    config, model_config = fit_to_dataset(config or TrainConfig(), model_config or VAEConfig())
+    config, model_config = fit_to_dataset(config or TrainConfig(), model_config or VAEConfig(),
+                                          request.data.image_shape if request.data is not None else None)
     strategy.check_config(config)
     check_trackers(config.log)  # a missing extra: one line with its install command, before anything is written
     # Read onto the CPU: the saved RNG states must stay CPU byte tensors (torch.set_rng_state refuses a CUDA
@@ -287,7 +322,7 @@ def setup_run(request: TrainRequest, strategy: Strategy) -> TrainingRun:
     device = strategy.select_device(config)
     seed_and_validation(config)
     program = build_program_for(settings, request, device)
-    data = with_labelled_record(load_data(config, program, device), config)
+    data = with_labelled_record(load_data(config, program, device, request.data), config)
     checked = check_program_on_data(program, data, config)
     # the KL weight of every latent site, for any program (the one mechanism); --labelled adds the classifier term
     trained = Weighted(trained_program(program, data, config))
@@ -352,6 +387,8 @@ def start_run_directory(run: TrainingRun, request: TrainRequest, spec: ProgramSp
     try:
         runs.record_written(run.run_dir, runs.CONFIG_FILE, DATA_RECORD_FILE, runs.METRICS_FILE,
                             *runs.CHECKPOINT_FILES, *program_entries(spec))  # before they are written
+        if request.data_bytes is not None:  # tensors from Python: the run's dataset, read again by every command
+            runs.write_bytes(runs.record_written(run.run_dir, TENSORS_FILE)[0], request.data_bytes)
         runs.write_json(run.run_dir / runs.CONFIG_FILE, run.saved_config)
         runs.write_json(run.run_dir / DATA_RECORD_FILE, run.data.record)
         if spec is not None:
