@@ -99,10 +99,10 @@ def check_arity(program: torch.nn.Module, given: int, names: tuple[str, ...] | N
         if len(required) > given:
             wanted = ", ".join(p.name for p in required)
             raise PplVaeError(f"the program's {name}({wanted}) takes {len(required)} data arguments, but the training "
-                              f"batches give {given} ({batch}): pass the data it takes after x -- from the command "
-                              "line --labels (the class labels) and/or --cond NAME (arrays NAME_train, NAME_val, "
-                              "NAME_test of a --dataset PATH.npz); from Python, tensors per split "
-                              "(ppl_vae.data.tensor_data(..., cond={'NAME': ...}), to train(data=...) or fit)")
+                              f"batches give {given} ({batch}): train with --labels to pass the class labels after x, "
+                              "and/or --cond NAME for arrays NAME_train, NAME_val, NAME_test of a --dataset PATH.npz; "
+                              "from Python, pass tensors per split {'train': (x, *cond), ...} with "
+                              "TrainConfig(cond=('NAME',)) to train(data=...) or fit (ppl_vae.data.tensor_data)")
         if not varargs and len(positional) < given:
             source = " and ".join((["--labels"] if "y" in names else []) + [f"--cond {n}" for n in names if n != "y"])
             raise PplVaeError(f"the training batches give ({batch}) ({source or 'the data passed'}), but the "
