@@ -55,6 +55,18 @@ class CovariateVAE(nn.Module):
             pyro.sample("z", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
+class LabelledCovariateVAE(CovariateVAE):
+    """model(x, y, c): the labels (--labels), then the covariate (--cond c), in that order."""
+
+    def model(self, x, y, c):
+        assert y.dtype == torch.int64 and y.shape == (x.shape[0],), (y.dtype, y.shape)
+        super().model(x, c + y[:, None])
+
+    def guide(self, x, y, c):
+        assert y.dtype == torch.int64 and y.shape == (x.shape[0],), (y.dtype, y.shape)
+        super().guide(x, c + y[:, None])
+
+
 class PlainVAE(CovariateVAE):
     """The same networks given x alone (c = 0): its evidence is log p(x)."""
 
@@ -82,6 +94,7 @@ def covariate_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def write_npz(path, drop=(), **replace) -> str:
     arrays = {f"{name}_{split}": array for split, pair in covariate_splits().items() for name, array in zip("xc", pair)}
+    arrays.update({f"y_{split}": np.arange(n) % 2 for split, n in SIZES.items()})  # labels, for --labels --cond c
     arrays.update(replace)
     np.savez(path, **{key: value for key, value in arrays.items() if key not in drop})
     return str(path)
@@ -136,6 +149,14 @@ def test_the_covariate_program_trains_from_a_npz_and_every_command_reapplies_c(t
     assert compared.returncode == 0, compared.stderr
     table = (tmp_path / "comparison" / "comparison.md").read_text()
     assert "its evidence is log p(x | c), the first run's log p(x)" in table
+
+
+def test_labels_and_cond_arrays_are_passed_in_that_order(tmp_path, program_file, cli_main):
+    run_dir = tmp_path / "both"
+    trained = cli_main("train", "--program", f"{program_file}:LabelledCovariateVAE", "--dataset",
+                       write_npz(tmp_path / "cov.npz"), "--labels", "--cond", "c", "--run-dir", run_dir, *SMALL)
+    assert trained.returncode == 0, trained.stderr  # the labels' up-front check runs the program on (x, y, c) too
+    assert json.loads((run_dir / "test.json").read_text())["quantity"] == "log p(x | y, c)"
 
 
 def test_the_covariate_program_trains_from_tensors(tmp_path, program_file, cli_main):

@@ -146,12 +146,13 @@ def check_first_batch(program: torch.nn.Module, batch: tuple[torch.Tensor, ...],
     return structure
 
 
-def check_split_labels(program: torch.nn.Module, data: ImageData) -> None:
+def check_split_labels(program: torch.nn.Module, data: ImageData, names: tuple[str, ...] = ("y",)) -> None:
     """Before training: every split has labels, within the program's ``num_classes`` where it has one, and the
     program runs on the datapoints with the smallest and the largest label of each split (two per split).
 
     Labels out of range only in the validation or test split would otherwise be met after an
-    epoch, or after the whole training; the message names the split and the file they come from.
+    epoch, or after the whole training; the message names the split and the file they come from. ``names``: the
+    data the programs take after x (the labels ``y`` and any ``--cond`` arrays), given to them with the labels.
     """
     from ..data.core import dequantize
     from ..user_code import describe_user_error, first_line
@@ -174,8 +175,9 @@ def check_split_labels(program: torch.nn.Module, data: ImageData) -> None:
         try:
             devices = [x.device.index or 0] if x.device.type == "cuda" else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices):  # leaves the run's random streams alone
-                guide_trace = poutine.trace(program.guide).get_trace(x, labels[rows])
-                poutine.replay(program.model, trace=guide_trace)(x, labels[rows])
+                given = tuple(t[rows.to(t.device)] for t in data.conditioning(split, names))
+                guide_trace = poutine.trace(program.guide).get_trace(x, *given)
+                poutine.replay(program.model, trace=guide_trace)(x, *given)
         except DEVICE_ERRORS:
             raise
         except Exception as error:  # the program's refusal of a label, in whatever words

@@ -286,7 +286,7 @@ def check_program_on_data(
     if config.labelled is not None:
         check_semi_supervised(program, data, config, structure, first)
     if config.labels:
-        check_split_labels(program, data)
+        check_split_labels(program, data, conditioning_names(config))
     if config.objective == "meanfield":  # refused where its analytic KL terms would not be the ELBO's
         check_meanfield(program.model, program.guide, *first)
     return structure, first, second
