@@ -165,13 +165,15 @@ def test_the_covariate_program_trains_from_tensors(tmp_path, program_file, cli_m
     result = train(run_dir, config, program=ProgramSpec.parse(f"{program_file}:CovariateVAE"), data=tensors(),
                    progress=False)
     assert result["quantity"] == "log p(x | c)" and (run_dir / "tensors.npz").is_file()
+    assert "bits_per_dim" not in result  # tensors are no 8-bit grey levels: bits/dim would be a wrong number
     recorded = json.loads((run_dir / "config.json").read_text())["train"]
     assert recorded["dataset"] == str((run_dir / "tensors.npz").resolve()) and recorded["cond"] == ["c"]
     # every command reads the run's tensors again, with c
     assert cli_main("train", "--resume", "--run-dir", run_dir, "--epochs", "2", "--no-progress").returncode == 0
     evaluated = cli_main("evaluate", run_dir, "--num-samples", "10", "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((run_dir / "evaluation.json").read_text())["quantity"] == "log p(x | c)"
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["quantity"] == "log p(x | c)" and "bits_per_dim" not in evaluation
     # in memory, with the program object
     covariate, _ = program_classes()
     history = fit(covariate(), tensors(), config, progress=False)

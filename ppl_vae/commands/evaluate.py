@@ -173,6 +173,7 @@ def _load(args: argparse.Namespace, context) -> Evaluated:
     levels = levels_of(program, train_config["binarize"])
     data = load_run_data(train_config, args.data_dir, device, dequantize_levels=levels == "dequantized")
     x = data.split(args.split)
+    levels = levels if data.grey_levels else None  # tensors from Python: no 8-bit levels, no bits/dim
     cond = data.conditioning(args.split, run_conditioning(train_config))  # the run's labels and --cond arrays
     if args.examples is not None:
         if args.examples > x.shape[0] and (context is None or context.is_main):

@@ -107,6 +107,12 @@ class ImageData:
     cond: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
+    def grey_levels(self) -> bool:
+        """Whether the images are 8-bit grey levels (k/255, binarized or dequantized), which bits/dim presume; not
+        tensors passed from Python (:mod:`ppl_vae.data.tensors`), whose values are used as given."""
+        return self.record.get("dataset") != "tensors"
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one image."""
         return tuple(self.train.shape[1:])

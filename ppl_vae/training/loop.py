@@ -191,7 +191,7 @@ def test_evaluation(run: TrainingRun) -> dict[str, Any]:
     )
     result = name_data_arguments(evaluation_summary(
         program.model, program.guide, data.test, *cond, num_samples=config.test_samples,
-        levels=levels_of(program, config.binarize), evidence=per_datapoint.evidence,
+        levels=levels_of(program, config.binarize) if data.grey_levels else None, evidence=per_datapoint.evidence,
         decomposition=per_datapoint.decomposition,
     ), conditioning_names(config))  # log p(x | c) for a run given c (labels stay y)
     result.update({
