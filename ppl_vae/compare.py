@@ -244,8 +244,8 @@ def paired_difference(first: numpy.ndarray, other: numpy.ndarray) -> tuple[float
 
 
 def _why_not_paired(quantity: str | None, first_quantity: str | None) -> str:
-    unknown = "an unknown quantity (a result file older than the quantity's record, of a program given labels it may " \
-              "observe: run `ppl-vae evaluate` again)"
+    unknown = "an unknown quantity (a result file without the quantity's record, of a program given labels or --cond " \
+              "arrays it may observe: run `ppl-vae evaluate` again)"
     if quantity is None or first_quantity is None:
         return f"its evidence is of {unknown if quantity is None else quantity}, the first run's of " \
                f"{unknown if first_quantity is None else first_quantity}"

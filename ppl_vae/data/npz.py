@@ -106,7 +106,8 @@ def load_npz(
     with _open(path) as archive:
         keys = set(archive.files)
         if TENSORS_MARKER in keys:  # a run's own tensors.npz passed from Python
-            return load_tensors_npz(archive, path, cond, binarize=binarize, device=device,
+            arrays = {key: _read(archive, path, key) for key in keys}  # a damaged member: one line naming it
+            return load_tensors_npz(arrays, path, cond, binarize=binarize, device=device,
                                     train_examples=train_examples, eval_examples=eval_examples)
         missing = [key for key in ("x_train", "x_test") if key not in keys]
         if missing:

@@ -109,18 +109,14 @@ def tensors_npz_bytes(splits: Mapping[str, Any], cond: tuple[str, ...]) -> bytes
     return stream.getvalue()
 
 
-def load_tensors_npz(archive: Any, path: Any, cond: tuple[str, ...], **options: Any) -> ImageData:
-    """A run's ``tensors.npz`` of tensors (read by :func:`ppl_vae.data.npz.load_npz`) as :class:`ImageData`."""
-    keys = set(archive.files)
-    missing = [f"x_{split}" for split in SPLITS if f"x_{split}" not in keys]
+def load_tensors_npz(arrays: Mapping[str, np.ndarray], path: Any, cond: tuple[str, ...], **options: Any) -> ImageData:
+    """The arrays of a run's ``tensors.npz`` (read by :func:`ppl_vae.data.npz.load_npz`) as :class:`ImageData`,
+    checked as the tensors were when the run started (``options``: of :func:`tensor_data`)."""
+    wanted = [f"{name}_{split}" for split in SPLITS for name in ("x", *cond)]
+    missing = [key for key in wanted if key not in arrays]
     if missing:
-        raise InvalidDataError(f"{path} (tensors saved by a run) lacks {', '.join(missing)}")
-    splits = {split: (torch.from_numpy(archive[f"x_{split}"]),
-                      *(archive[f"{name}_{split}"] if f"{name}_{split}" in keys else None for name in cond))
+        raise InvalidDataError(f"{path} (the tensors a run was trained on) lacks {', '.join(missing)}")
+    splits = {split: tuple(torch.from_numpy(np.ascontiguousarray(arrays[f"{name}_{split}"])) for name in ("x", *cond))
               for split in SPLITS}
-    for split in SPLITS:
-        for name, value in zip(cond, splits[split][1:]):
-            if value is None:
-                raise InvalidDataError(f"--cond {name}: {name}_{split} of {path} is missing")
     return tensor_data(splits["train"], splits["val"], splits["test"], cond=cond, record={"path": str(path)},
                        **options)
