@@ -94,7 +94,8 @@ def _add_data_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     data = p.add_argument_group("data")
     table.add(data, "--dataset", default=t.dataset, metavar="NAME|PATH.npz",
               help=f"{', '.join(DATASETS)} (read from --data-dir, downloaded there when missing), or a .npz file "
-              "of uint8 x_train, x_test (optional x_val, y_*), [N,H,W] grey or [N,H,W,C] colour")
+              "of uint8 x_train, x_test (optional x_val, y_*, and the NAME_* of --cond), [N,H,W] grey or [N,H,W,C] "
+              "colour")
     table.add(data, "--data-dir", default=None, help="folder holding MNIST/raw (and the other named datasets' folders; default: $PPL_VAE_DATA, else ~/.cache/ppl_vae)")
     table.add(data, "--binarize", choices=BINARIZATIONS, default=t.binarize, help="dynamic: fresh Bernoulli draw per minibatch; static: one fixed draw; none: grey levels")
     table.add(data, "--train-examples", type=positive_int, default=None, help="use only the first N training images (quick runs)")

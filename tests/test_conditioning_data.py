@@ -237,6 +237,7 @@ def test_bad_conditioning_tensors_are_one_line_naming_the_tensor():
         (with_split("train", (good["train"][0], torch.zeros(60, 3, dtype=torch.complex64))), ("c",),
          "the tensor c_train is torch.complex64, not real"),
         (with_split("val", (good["val"][0].long(), good["val"][1])), ("c",), "the val x is torch.int64"),
+        (good, (), r"the train split gives x and 1 more tensor\(s\), but cond names 0 \(\[\]\): name every tensor"),
     ]
     for splits, cond, message in cases:
         with pytest.raises(InvalidDataError, match=message) as refused:

@@ -39,6 +39,10 @@ def split_tensors(splits: Mapping[str, Any], cond: tuple[str, ...]) -> dict[str,
     for split in SPLITS:
         given = splits[split]
         parts = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+        if len(parts) > 1 + len(cond):
+            raise InvalidDataError(f"the {split} split gives x and {len(parts) - 1} more tensor(s), but cond names "
+                                   f"{len(cond)} ({list(cond)}): name every tensor after x, in order, e.g. "
+                                   "TrainConfig(cond=('c',)) or tensor_data(..., cond=('c',))")
         if len(parts) != 1 + len(cond):
             names = ", ".join(("x", *cond))
             raise InvalidDataError(f"the {split} split gives {len(parts)} tensor(s), but the programs take ({names}) "
