@@ -9,6 +9,8 @@
 
 :func:`load_dataset` reads any of them; images are float tensors [N, C, H, W] of grey levels
 k/255, with the binarization (grey images only) or dequantization of :mod:`.core`.
+Per-datapoint conditioning arrays (``--cond NAME``: ``NAME_train``, ... of a ``.npz``) are read and checked
+by :mod:`.conditioning`; :func:`tensor_data` (:mod:`.tensors`) takes images and conditioning tensors from Python.
 ``ImageData.record`` describes what was read (name, or path and SHA-256; the splits), and
 training writes it into the run directory as ``data.json``.
 """

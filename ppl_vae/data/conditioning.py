@@ -55,7 +55,7 @@ def conditioning_tensor(value: Any, where: str, count: int, row_shape: tuple[int
         if array.dtype.kind not in "biuf":
             raise InvalidDataError(f"{where} is {array.dtype}, not numeric: conditioning data must be integers, "
                                    "floats or booleans")
-        array = torch.from_numpy(np.ascontiguousarray(array))
+        array = torch.from_numpy(np.ascontiguousarray(array)).reshape(array.shape)  # keeps a 0-d array 0-d
     elif array.is_complex():
         raise InvalidDataError(f"{where} is {array.dtype}, not real: conditioning data must be integers, floats or "
                                "booleans")
