@@ -14,7 +14,7 @@ import torch
 
 from .. import runs
 from ..blocked_evaluation import evaluate_per_datapoint
-from ..data import ImageData, tensor_data
+from ..data import ImageData
 from ..errors import PplVaeError, TrainingInterrupted
 from ..evaluate import evaluation_summary
 from ..model import VAEConfig
@@ -27,7 +27,15 @@ from .interrupts import StopRequest
 from .monitoring import best_state, keep_best_in_memory, stopped_line, watch
 from .tracking import close_trackers, log_to_trackers, start_trackers
 from .records import epoch_record, print_epoch, validation_evidence
-from .setup import TrainingRun, TrainRequest, data_for_run, save_checkpoint, setup_in_memory, setup_run
+from .setup import (
+    TrainingRun,
+    TrainRequest,
+    data_for_run,
+    data_in_memory,
+    save_checkpoint,
+    setup_in_memory,
+    setup_run,
+)
 from ..semisupervised import label_error_summary
 from .semi import batch_counts, steps_per_epoch
 from .steps import run_epoch
@@ -97,13 +105,7 @@ def fit(program: torch.nn.Module, data: ImageData | Mapping[str, Any], config: T
     is written and there is no final test evaluation. Returns the epoch records (``metrics.jsonl``'s fields);
     the program is left in eval mode, with the best epoch's weights under ``config.early_stopping``.
     """
-    if isinstance(data, Mapping):
-        x = data.get("train")
-        x = x[0] if isinstance(x, (tuple, list)) and x else x
-        data = tensor_data(data.get("train"), data.get("val"), data.get("test"), cond=config.cond,
-                           binarize=config.binarize, device=x.device if isinstance(x, torch.Tensor) else "cpu",
-                           train_examples=config.train_examples, eval_examples=config.eval_examples)
-    run = setup_in_memory(program, data, config, progress)
+    run = setup_in_memory(program, data_in_memory(data, config), config, progress)
     train_epochs(run)
     if run.best_weights is not None:
         run.program.load_state_dict(run.best_weights)

@@ -192,6 +192,22 @@ def data_for_run(run_dir: Path, config: TrainConfig | None, data: Any,
     return config, given, payload
 
 
+def data_in_memory(data: ImageData | Any, config: TrainConfig) -> ImageData:
+    """What :func:`ppl_vae.training.loop.fit` trains on: ``data`` itself, or tensors per split ``{"train": (x,
+    *cond), ...}`` checked by :func:`ppl_vae.data.tensor_data` on the device of the training x."""
+    from collections.abc import Mapping
+
+    from ..data import tensor_data
+
+    if not isinstance(data, Mapping):
+        return data
+    x = data.get("train")
+    x = x[0] if isinstance(x, (tuple, list)) and x else x
+    return tensor_data(data.get("train"), data.get("val"), data.get("test"), cond=config.cond,
+                       binarize=config.binarize, device=x.device if isinstance(x, torch.Tensor) else "cpu",
+                       train_examples=config.train_examples, eval_examples=config.eval_examples)
+
+
 def resolve_program(
     run_dir: Path, resume: bool, program: "ProgramSpec | torch.nn.Module | None", trust_program: bool = False,
 ) -> ProgramSpec | None:
