@@ -40,6 +40,7 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
                          dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
     if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
         written += plot_program(vae, data, out)
+        written += plot_style_grid(vae, data, out, train_config.get("label_site", "y"))
     else:
         written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
         written.append(plots.plot_samples(vae, out / "samples.png"))
@@ -84,3 +85,26 @@ def plot_program(program, data, out: Path) -> list[Path]:
         written.append(plots.plot_image_grid(program.sample_digits(labels), out / "samples_by_class.png", nrow=8,
                                              title="E[x|z,y], z ~ p(z): one row per class y", image_shape=shape))
     return written
+
+
+STYLE_ROWS = 10  # test images, one style z each: the rows of the style/class grid
+
+
+def plot_style_grid(program, data, out: Path, label_site: str = "y") -> list[Path]:
+    """Kingma et al.'s (2014) style/class grid (:mod:`ppl_vae.style_grid`) of a program with a class label: each row
+    a test image and its style z = E_q[z | x, y] decoded with every class; a one-line note where it does not apply."""
+    from .. import plots
+    from ..errors import ModelStructureError
+    from ..style_grid import style_grid
+
+    x, labels = data.test[:STYLE_ROWS], data.labels("test")
+    try:
+        grid = style_grid(program, x, None if labels is None else labels[:STYLE_ROWS], label_site)
+    except (ModelStructureError, TypeError) as error:  # TypeError: a program that takes no labels, guide(x) only
+        print(f"style/class grid: skipped ({str(error).splitlines()[0]})")
+        return []
+    rows, columns = grid.images.shape[:2]
+    z, y = grid.style_site, label_site
+    title = f"test image x, then E[x | {z}, {y}] for {y} = 0..{columns - 2}, {z} = E_q[{z} | x, {y}(x)]"
+    return [plots.plot_image_grid(grid.images.reshape(rows * columns, -1), out / "style_grid.png", nrow=columns,
+                                  title=title, image_shape=tuple(data.record["image_shape"]))]
