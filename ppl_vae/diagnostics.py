@@ -92,6 +92,15 @@ the per-dimension collapse report count continuous dimensions and say so; a coll
 given when I(x; y) < 0.1 nats (q(y | x) barely depends on x). A vector of discrete variables gets
 the Monte Carlo ELBO surgery of continuous sites (a mass function in place of a density) and the
 active units of its means E_q[y_d | x].
+
+**Enumerated sites** (a guide marking discrete sites for enumeration, :mod:`ppl_vae.enumerated`). The
+diagnostics sum them exactly, as the evaluation does, instead of drawing them: PSIS is of the evaluation's
+weights W_k = sum_y p(x, y, z_k^(y)) / q(z_k^(y) | x, y) (so k-hat is of the log p̂(x) reported); a site's
+KL per dimension is sum_y q(y | x) KL(q(z_d | x, y) || p(z_d | y)), and sums to the site's KL term; the active
+units of a site whose guide depends on enumerated sites only are those of the exact mixture mean
+E_q[z | x] = sum_y q(y | x) E_q[z | x, y]; a discrete site's KL with enumerated parents is its expectation under
+their q. ELBO surgery and total correlation of such a site (its q(z | x) the mixture sum_y q(y | x) q(z | x, y))
+are not computed, and say so.
 """
 
 from __future__ import annotations
