@@ -7,7 +7,8 @@ data has no labels), and decodes that one z with every class c:
 
 .. math:: \text{grid}[r, c] = E[x \mid z_r, y = c], \qquad z_r = E_{q(z | x_r, y_r)}[z].
 
-Column 0 shows x_r itself. Nothing here is specific to M2: the guide is run as ``guide(x, y)`` (the labels as its
+Column 0 shows x_r itself. With ``prior=True`` each row's z is drawn from the model's prior instead (the
+model's own draw of the style site given y_r), with no source column. Nothing here is specific to M2: the guide is run as ``guide(x, y)`` (the labels as its
 second argument, as every program with the ``model(x, y=None)`` convention takes them) and must then draw exactly
 one latent site (the style); the decoder is the model itself, replayed with that site held at z_r
 (``poutine.condition``) and y = c, and E[x | z, y] is the mean of its one observed image site. A program that does
@@ -61,6 +62,18 @@ def infer_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, labe
     return name, mean
 
 
+def prior_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, label_site: str = "y"
+                 ) -> tuple[str, torch.Tensor]:
+    """(the style site's name, z ~ p(z | y) [N, ...]): the model's own draw of its one latent site given the labels."""
+    trace = poutine.trace(program.model).get_trace(x, labels)
+    sites = _latent_sites(trace, label_site)
+    if len(sites) != 1:
+        raise ModelStructureError(f"given x and y the model draws the latent sites {sorted(sites)}; the style/class "
+                                  "grid needs exactly one (the style z)")
+    name, site = next(iter(sites.items()))
+    return name, site["value"]
+
+
 def decode_classes(program: nn.Module, styles: torch.Tensor, style_site: str, num_classes: int,
                    like: torch.Tensor, label_site: str = "y") -> torch.Tensor:
     """E[x | z_r, y = c] for every row's style z_r and every class c: [R, C, D] (the model replayed at z = z_r).
@@ -102,15 +115,21 @@ def number_of_classes(program: nn.Module, x: torch.Tensor, label_site: str = "y"
 
 
 @torch.no_grad()
-def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, label_site: str = "y"
-               ) -> StyleGrid:
+def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, label_site: str = "y",
+               prior: bool = False) -> StyleGrid:
     """The style/class grid of the test images ``x`` [R, ...] (module docstring); ``labels`` [R] int64 are the
-    classes their styles are inferred with (None: the most probable class under q(y | x))."""
+    classes their styles are inferred with (None: the most probable class under q(y | x)).
+
+    ``prior``: each row's z drawn from the model's prior p(z | y) given the row's label instead (p(z) for M2),
+    and no source column: ``images`` [R, C, D].
+    """
     classes = number_of_classes(program, x, label_site)
     if labels is None:
         q = label_distribution(program.guide, (x,), label_site)
         labels = q.probs.argmax(-1) if hasattr(q, "probs") else q.mean.round().long()
-    name, styles = infer_styles(program, x, labels, label_site)
+    name, styles = prior_styles(program, x, labels, label_site) if prior else infer_styles(program, x, labels, label_site)
     decoded = decode_classes(program, styles, name, classes, x, label_site)
+    if prior:
+        return StyleGrid(decoded, styles, labels, name)
     images = torch.cat([x.reshape(x.shape[0], 1, -1).to(decoded.dtype), decoded], 1)
     return StyleGrid(images, styles, labels, name)

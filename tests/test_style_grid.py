@@ -73,6 +73,21 @@ def test_each_row_decodes_its_images_style_with_every_class_and_the_same_z():
     assert torch.allclose(grid.images[:, 1:], expected)  # decoded means E[x | z, y]
 
 
+def test_prior_rows_decode_one_draw_of_the_prior_per_row_with_every_class():
+    program = M2(hidden_sizes=(8,), latent_dim=3, num_classes=4).eval()
+    x, labels = torch.bernoulli(torch.full((5, 784), 0.3)), torch.tensor([0, 3, 1, 2, 3])
+    seen = decoder_inputs(program.decoder)
+    pyro.set_rng_seed(3)
+    grid = style_grid(program, x, labels, prior=True)
+    decoded = seen[-1]  # the grid's decoder call
+    pyro.set_rng_seed(3)
+    drawn = pyro.poutine.trace(program.model).get_trace(x, labels).nodes["z"]["value"]  # the model's own z ~ p(z)
+    assert grid.images.shape == (5, 4, 784) and torch.equal(grid.styles, drawn)  # no source column
+    z = decoded[:, :3].reshape(5, 4, 3)
+    assert torch.equal(z, drawn[:, None].expand(5, 4, 3))  # one z for the whole row
+    assert torch.allclose(grid.images, torch.sigmoid(program.decoder(decoded)).reshape(5, 4, 784))
+
+
 def test_a_users_program_with_another_label_site_gets_the_grid_and_without_labels_the_classifiers_class():
     torch.manual_seed(1)
     program = DigitM2()
@@ -105,8 +120,10 @@ def test_plot_of_a_tiny_m2_run_writes_the_style_grid_and_samples_per_class(tmp_p
     assert cli.main(["plot", str(run)]) == 0
     out = capsys.readouterr().out
     grid, by_class = run / "plots" / "style_grid.png", run / "plots" / "samples_by_class.png"
-    assert str(grid) in out and str(by_class) in out
+    prior = run / "plots" / "style_grid_prior.png"
+    assert str(grid) in out and str(by_class) in out and str(prior) in out
     # plot_image_grid: (0.6 nrow) x (0.6 rows + 0.4) inches; rows: the test images, columns: the image and 10 classes
     height, width = imread(grid).shape[:2]
     assert (height, width) == pytest.approx(((0.6 * STYLE_ROWS + 0.4) * plots.DPI, 0.6 * 11 * plots.DPI), abs=1)
+    assert imread(prior).shape[:2] == pytest.approx(((0.6 * STYLE_ROWS + 0.4) * plots.DPI, 0.6 * 10 * plots.DPI), abs=1)
     assert imread(by_class).shape[:2] == pytest.approx(((0.6 * 10 + 0.4) * plots.DPI, 0.6 * 8 * plots.DPI), abs=1)

@@ -92,19 +92,26 @@ STYLE_ROWS = 10  # test images, one style z each: the rows of the style/class gr
 
 def plot_style_grid(program, data, out: Path, label_site: str = "y") -> list[Path]:
     """Kingma et al.'s (2014) style/class grid (:mod:`ppl_vae.style_grid`) of a program with a class label: each row
-    a test image and its style z = E_q[z | x, y] decoded with every class; a one-line note where it does not apply."""
+    a test image and its style z = E_q[z | x, y] decoded with every class (``style_grid.png``), and the same with
+    each row's z drawn from the prior (``style_grid_prior.png``); a one-line note where it does not apply."""
     from .. import plots
     from ..errors import ModelStructureError
     from ..style_grid import style_grid
 
     x, labels = data.test[:STYLE_ROWS], data.labels("test")
-    try:
-        grid = style_grid(program, x, None if labels is None else labels[:STYLE_ROWS], label_site)
-    except (ModelStructureError, TypeError) as error:  # TypeError: a program that takes no labels, guide(x) only
-        print(f"style/class grid: skipped ({str(error).splitlines()[0]})")
-        return []
-    rows, columns = grid.images.shape[:2]
-    z, y = grid.style_site, label_site
-    title = f"test image x, then E[x | {z}, {y}] for {y} = 0..{columns - 2}, {z} = E_q[{z} | x, {y}(x)]"
-    return [plots.plot_image_grid(grid.images.reshape(rows * columns, -1), out / "style_grid.png", nrow=columns,
-                                  title=title, image_shape=tuple(data.record["image_shape"]))]
+    labels = None if labels is None else labels[:STYLE_ROWS]
+    shape = tuple(data.record["image_shape"])
+    written = []
+    for prior, name in ((False, "style_grid.png"), (True, "style_grid_prior.png")):
+        try:
+            grid = style_grid(program, x, labels, label_site, prior=prior)
+        except (ModelStructureError, TypeError) as error:  # TypeError: a program that takes no labels, guide(x) only
+            print(f"style/class grid: skipped ({str(error).splitlines()[0]})")
+            return written
+        rows, columns = grid.images.shape[:2]
+        z, y = grid.style_site, label_site
+        title = (f"E[x | {z}, {y}] for {y} = 0..{columns - 1}, one {z} from the prior per row" if prior else
+                 f"test image x, then E[x | {z}, {y}] for {y} = 0..{columns - 2}, {z} = E_q[{z} | x, {y}(x)]")
+        written.append(plots.plot_image_grid(grid.images.reshape(rows * columns, -1), out / name, nrow=columns,
+                                             title=title, image_shape=shape))
+    return written
