@@ -109,6 +109,14 @@ def test_a_program_without_a_label_is_one_skipped_line(tmp_path, capsys):
     assert out == ("style/class grid: skipped (the guide draws no discrete label site 'y' on x alone and the program "
                    "has no num_classes attribute: the style/class grid needs the classes)")
     assert not (tmp_path / "style_grid.png").exists()
+    data.labels = lambda split: torch.arange(4)
+    assert plot_style_grid(NumberedVAE().eval(), data, tmp_path) == []  # classes, but a guide(x) without labels
+    assert capsys.readouterr().out.startswith("style/class grid: skipped (the program run as guide(x, y) and model(x, "
+                                              "y) failed: TypeError: ")
+
+
+class NumberedVAE(SmallVAE):
+    num_classes = 10
 
 
 def test_plot_of_a_tiny_m2_run_writes_the_style_grid_and_samples_per_class(tmp_path, data_root, capsys):

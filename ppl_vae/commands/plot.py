@@ -105,8 +105,12 @@ def plot_style_grid(program, data, out: Path, label_site: str = "y") -> list[Pat
     for prior, name in ((False, "style_grid.png"), (True, "style_grid_prior.png")):
         try:
             grid = style_grid(program, x, labels, label_site, prior=prior)
-        except (ModelStructureError, TypeError) as error:  # TypeError: a program that takes no labels, guide(x) only
+        except ModelStructureError as error:
             print(f"style/class grid: skipped ({str(error).splitlines()[0]})")
+            return written
+        except (TypeError, ValueError, RuntimeError) as error:  # e.g. a program that takes no labels, guide(x) only
+            print(f"style/class grid: skipped (the program run as guide(x, {label_site}) and model(x, {label_site}) "
+                  f"failed: {type(error).__name__}: {str(error).splitlines()[0]})")
             return written
         rows, columns = grid.images.shape[:2]
         z, y = grid.style_site, label_site
