@@ -366,7 +366,7 @@ class _SiteChunk:
     weight: torch.Tensor | None = None
 
     def expected(self, value: torch.Tensor, name: str, event_dims: int = 0) -> torch.Tensor:
-        """sum_y q(y | x) value(y): per-datapoint ``value`` [batch..., event...] -> [n, event...] (see :func:`_expected`)."""
+        """sum_y q(y | x) value(y): per-datapoint ``value`` [batch..., event...] -> [n, event...] (:func:`_expected`)."""
         return _expected(self, value, name, event_dims)
 
 
@@ -421,9 +421,9 @@ class _Site:
             return
         if self.guide_parents and set(self.guide_parents) <= self.enumerated:
             raise ModelStructureError(
-                f"site {self.name!r}: its guide depends on the enumerated site(s) {self.guide_parents}, so q({self.name}"
-                " | x) is the mixture sum_y q(y | x) q(z | x, y); the aggregate posterior of these diagnostics is "
-                "computed for one distribution per datapoint"
+                f"site {self.name!r}: its guide depends on the enumerated site(s) {self.guide_parents}, so "
+                f"q({self.name} | x) is the mixture sum_y q(y | x) q(z | x, y); the aggregate posterior of these "
+                "diagnostics is computed for one distribution per datapoint"
             )
         if self.guide_parents:
             raise ModelStructureError(
@@ -466,7 +466,8 @@ def _collect_sites(
     n = data[0].shape[0]
     chunks: dict[str, list[_SiteChunk]] = {name: [] for name in names}
     # Enumerated sites are summed here as in the evaluation (not drawn), so each diagnostic is of the quantity the
-    # evaluation reports: e.g. a site's KL per dimension sums to its KL term, sum_y q(y | x) KL(q(z | x, y) || p(z | y)).
+    # evaluation reports: e.g. a site's KL per dimension sums to its KL term,
+    # sum_y q(y | x) KL(q(z | x, y) || p(z | y)).
     trace = enumerated_trace_pair if structure.enumerated else trace_pair
     with torch.no_grad():
         for start in range(0, n, plan.chunk_size):
@@ -512,8 +513,8 @@ def _expected(chunk: _SiteChunk, value: torch.Tensor, name: str, event_dims: int
         return value.reshape(n, *event)
     weight = chunk.weight.to(device=value.device, dtype=value.dtype)
     if batch[-1:] not in ((n,), (1,), ()) or not _enumeration_batch(chunk, batch):
-        raise ModelStructureError(f"site {name!r}: batch shape {list(batch)} is not the enumerated sites' values and the "
-                                  f"data plate {list(weight.shape)}")
+        raise ModelStructureError(f"site {name!r}: batch shape {list(batch)} is not the enumerated sites' values and "
+                                  f"the data plate {list(weight.shape)}")
     padded = (1,) * (weight.dim() - len(batch)) + batch
     absent = [d for d in range(weight.dim() - 1) if padded[d] == 1 and weight.shape[d] > 1]
     weight = weight.sum(absent, keepdim=True) if absent else weight

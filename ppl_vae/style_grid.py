@@ -8,9 +8,11 @@ data has no labels), and decodes that one z with every class c:
 .. math:: \text{grid}[r, c] = E[x \mid z_r, y = c], \qquad z_r = E_{q(z | x_r, y_r)}[z].
 
 Column 0 shows x_r itself. With ``prior=True`` each row's z is drawn from the model's prior instead (the
-model's own draw of the style site given y_r), with no source column. Nothing here is specific to M2: the guide is run as ``guide(x, y)`` (the labels as its
-second argument, as every program with the ``model(x, y=None)`` convention takes them) and must then draw exactly
-one latent site (the style); the decoder is the model itself, replayed with that site held at z_r
+model's own draw of the style site given y_r), with no source column.
+
+Nothing here is specific to M2: the guide is run as ``guide(x, y)`` (the labels as its second argument, as every
+program with the ``model(x, y=None)`` convention takes them) and must then draw exactly one latent site (the
+style); the decoder is the model itself, replayed with that site held at z_r
 (``poutine.condition``) and y = c, and E[x | z, y] is the mean of its one observed image site. A program that does
 not fit is one :class:`~ppl_vae.errors.ModelStructureError` line saying why.
 """
@@ -31,8 +33,9 @@ from .semisupervised import label_distribution
 
 @dataclass
 class StyleGrid:
-    """A style/class grid: ``images`` [R, 1 + C, D] in [0, 1] (column 0 the source image), ``styles`` [R, Z] (the z of
-    each row, [R, ...]), ``labels`` [R] (the class each row's z was inferred with), ``style_site`` (the guide's site name)."""
+    """A style/class grid: ``images`` [R, 1 + C, D] in [0, 1] (column 0 the source image; [R, C, D] for prior rows),
+    ``styles`` [R, ...] (the z of each row), ``labels`` [R] (the class each row's z was inferred or drawn with),
+    ``style_site`` (the style site's name)."""
 
     images: torch.Tensor
     styles: torch.Tensor
@@ -127,7 +130,8 @@ def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None 
     if labels is None:
         q = label_distribution(program.guide, (x,), label_site)
         labels = q.probs.argmax(-1) if hasattr(q, "probs") else q.mean.round().long()
-    name, styles = prior_styles(program, x, labels, label_site) if prior else infer_styles(program, x, labels, label_site)
+    styles_of = prior_styles if prior else infer_styles
+    name, styles = styles_of(program, x, labels, label_site)
     decoded = decode_classes(program, styles, name, classes, x, label_site)
     if prior:
         return StyleGrid(decoded, styles, labels, name)
