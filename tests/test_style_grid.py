@@ -135,3 +135,11 @@ def test_plot_of_a_tiny_m2_run_writes_the_style_grid_and_samples_per_class(tmp_p
     assert (height, width) == pytest.approx(((0.6 * STYLE_ROWS + 0.4) * plots.DPI, 0.6 * 11 * plots.DPI), abs=1)
     assert imread(prior).shape[:2] == pytest.approx(((0.6 * STYLE_ROWS + 0.4) * plots.DPI, 0.6 * 10 * plots.DPI), abs=1)
     assert imread(by_class).shape[:2] == pytest.approx(((0.6 * 10 + 0.4) * plots.DPI, 0.6 * 8 * plots.DPI), abs=1)
+
+
+def test_a_conditional_vae_given_the_labels_gets_the_grid_of_its_classes():
+    from ppl_vae.models.conditional import ConditionalVAE
+
+    program = ConditionalVAE(latent_dim=2, hidden_sizes=(8,)).eval()  # no label site: y is data; num_classes = 10
+    grid = style_grid(program, torch.bernoulli(torch.full((3, 784), 0.3)), torch.tensor([1, 2, 3]))
+    assert grid.images.shape == (3, 1 + 10, 784) and grid.style_site == "z" and grid.styles.shape == (3, 2)
