@@ -90,10 +90,11 @@ def plot_program(program, data, out: Path) -> list[Path]:
 STYLE_ROWS = 10  # test images, one style z each: the rows of the style/class grid
 
 
-def plot_style_grid(program, data, out: Path, label_site: str = "y") -> list[Path]:
+def plot_style_grid(program, data, out: Path, label_site: str = "y", dpi: int | None = None) -> list[Path]:
     """Kingma et al.'s (2014) style/class grid (:mod:`ppl_vae.style_grid`) of a program with a class label: each row
     a test image and its style z = E_q[z | x, y] decoded with every class (``style_grid.png``), and the same with
-    each row's z drawn from the prior (``style_grid_prior.png``); a one-line note where it does not apply."""
+    each row's z drawn from the prior (``style_grid_prior.png``); a one-line note where it does not apply.
+    ``dpi``: pixels per inch of the PNGs (default :data:`ppl_vae.plots.DPI`; 50 draws each image at about its 28 pixels)."""
     from .. import plots
     from ..errors import ModelStructureError
     from ..style_grid import style_grid
@@ -117,5 +118,5 @@ def plot_style_grid(program, data, out: Path, label_site: str = "y") -> list[Pat
         title = (f"E[x | {z}, {y}] for {y} = 0..{columns - 1}, one {z} from the prior per row" if prior else
                  f"test image x, then E[x | {z}, {y}] for {y} = 0..{columns - 2}, {z} = E_q[{z} | x, {y}(x)]")
         written.append(plots.plot_image_grid(grid.images.reshape(rows * columns, -1), out / name, nrow=columns,
-                                             title=title, image_shape=shape))
+                                             title=title, image_shape=shape, dpi=dpi or plots.DPI))
     return written
