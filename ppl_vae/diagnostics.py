@@ -92,13 +92,22 @@ the per-dimension collapse report count continuous dimensions and say so; a coll
 given when I(x; y) < 0.1 nats (q(y | x) barely depends on x). A vector of discrete variables gets
 the Monte Carlo ELBO surgery of continuous sites (a mass function in place of a density) and the
 active units of its means E_q[y_d | x].
+
+**Enumerated sites** (a guide marking discrete sites for enumeration, :mod:`ppl_vae.enumerated`). The
+diagnostics sum them exactly, as the evaluation does, instead of drawing them: PSIS is of the evaluation's
+weights W_k = sum_y p(x, y, z_k^(y)) / q(z_k^(y) | x, y) (so k-hat is of the log p̂(x) reported); a site's
+KL per dimension is sum_y q(y | x) KL(q(z_d | x, y) || p(z_d | y)), and sums to the site's KL term; the active
+units of a site whose guide depends on enumerated sites only are those of the exact mixture mean
+E_q[z | x] = sum_y q(y | x) E_q[z | x, y]; a discrete site's KL with enumerated parents is its expectation under
+their q. ELBO surgery and total correlation of such a site (its q(z | x) the mixture sum_y q(y | x) q(z | x, y))
+are not computed, and say so.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -114,6 +123,7 @@ from torch.distributions import (
 )
 
 from .chunking import DEFAULT_CHUNK_ELEMENTS, iter_chunk_terms, plan_evaluation
+from .enumerated import enumerated_trace_pair
 from .errors import InvalidDataError, ModelStructureError
 from .estimators import EvidenceEstimate, evidence_from_weight_sums
 from .inspection import (
@@ -342,11 +352,22 @@ def _fit_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class _SiteChunk:
-    """A latent site for one chunk of datapoints: q(z | x_rows) and the prior p(z), batch [n]."""
+    """A latent site for one chunk of datapoints: q(z | x_rows) and the prior p(z), batch [n].
+
+    In a program whose guide marks discrete sites for enumeration, the chunk is traced with them enumerated
+    (:func:`ppl_vae.enumerated.enumerated_trace_pair`), as the evaluation sums them: a site that depends on them has
+    their values in its batch dims left of the data plate, and ``weight`` is q(y | x) of every configuration y of
+    the enumerated sites (batch [E..., n]), by which :func:`_expected` takes its exact expectation.
+    """
 
     rows: slice
     q: Distribution
     p: Distribution
+    weight: torch.Tensor | None = None
+
+    def expected(self, value: torch.Tensor, name: str, event_dims: int = 0) -> torch.Tensor:
+        """sum_y q(y | x) value(y): per-datapoint ``value`` [batch..., event...] -> [n, event...] (:func:`_expected`)."""
+        return _expected(self, value, name, event_dims)
 
 
 @dataclass
@@ -359,16 +380,21 @@ class _Site:
     model_parents: list[str]  # latent sites its prior depends on
     guide_parents: list[str]  # latent sites its guide depends on
     conflicts: list[str]  # model parents drawn after it in the guide, from its value
+    enumerated: set[str] = field(default_factory=set)  # the guide's sites the evaluation sums out (ppl_vae.enumerated)
 
     @property
     def latent_dim(self) -> int:
         return int(self.chunks[0].q.event_shape[0])
 
     def require_shape(self) -> None:
-        """Batch shape [n] (the data plate only) and one event dimension, in the guide and the prior."""
-        for role, fn in (("guide", self.chunks[0].q), ("model", self.chunks[0].p)):
-            n = self.chunks[0].rows.stop - self.chunks[0].rows.start
-            if tuple(fn.batch_shape) != (n,) or len(fn.event_shape) != 1:
+        """Batch shape [n] (the data plate only; in an enumerated program, its enumerated sites' values left of it)
+        and one event dimension, in the guide and the prior."""
+        chunk = self.chunks[0]
+        for role, fn in (("guide", chunk.q), ("model", chunk.p)):
+            n = chunk.rows.stop - chunk.rows.start
+            batch = tuple(fn.batch_shape)
+            enumerated = chunk.weight is not None and batch[-1:] == (n,) and _enumeration_batch(chunk, batch)
+            if (batch != (n,) and not enumerated) or len(fn.event_shape) != 1:
                 raise ModelStructureError(
                     f"site {self.name!r}: the {role}'s distribution has batch shape {list(fn.batch_shape)} and event "
                     f"shape {list(fn.event_shape)}; these diagnostics need batch shape [N] (the data plate only, at "
@@ -385,11 +411,20 @@ class _Site:
                 "KL(q || p) per dimension at fixed parents is not its KL term"
             )
 
-    def require_guide_of_x_alone(self, shape: bool = True) -> None:
+    def require_guide_of_x_alone(self, shape: bool = True, mixture: bool = False) -> None:
         """q(z | x) is one distribution per datapoint: the site's guide has no latent parents (and, with ``shape``,
-        :meth:`require_shape`)."""
+        :meth:`require_shape`). ``mixture``: parents that are all enumerated are allowed (q(z | x) is then the exact
+        mixture sum_y q(y | x) q(z | x, y), whose mean is taken exactly)."""
         if shape:
             self.require_shape()
+        if mixture and self.chunks[0].weight is not None and set(self.guide_parents) <= self.enumerated:
+            return
+        if self.guide_parents and set(self.guide_parents) <= self.enumerated:
+            raise ModelStructureError(
+                f"site {self.name!r}: its guide depends on the enumerated site(s) {self.guide_parents}, so "
+                f"q({self.name} | x) is the mixture sum_y q(y | x) q(z | x, y); the aggregate posterior of these "
+                "diagnostics is computed for one distribution per datapoint"
+            )
         if self.guide_parents:
             raise ModelStructureError(
                 f"site {self.name!r}: its guide depends on latent site(s) {self.guide_parents}, so q({self.name} | x) "
@@ -430,21 +465,69 @@ def _collect_sites(
     names = structure.latent_sites if names is None else names
     n = data[0].shape[0]
     chunks: dict[str, list[_SiteChunk]] = {name: [] for name in names}
+    # Enumerated sites are summed here as in the evaluation (not drawn), so each diagnostic is of the quantity the
+    # evaluation reports: e.g. a site's KL per dimension sums to its KL term,
+    # sum_y q(y | x) KL(q(z | x, y) || p(z | y)).
+    trace = enumerated_trace_pair if structure.enumerated else trace_pair
     with torch.no_grad():
         for start in range(0, n, plan.chunk_size):
             rows = slice(start, min(start + plan.chunk_size, n))
-            model_trace, guide_trace = trace_pair(
+            model_trace, guide_trace = trace(
                 model, guide, tuple(value[rows] for value in data), None, structure.max_plate_nesting
             )
+            weight = _enumeration_weight(guide_trace, structure) if structure.enumerated else None
             for name in names:
-                chunks[name].append(_SiteChunk(rows, guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"]))
+                chunks[name].append(_SiteChunk(rows, guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"],
+                                               weight))
     return {name: _site(name, chunks[name], n, structure) for name in names}
+
+
+def _enumeration_weight(guide_trace: Any, structure: ProgramStructure) -> torch.Tensor:
+    """q(y | x) of every configuration of the enumerated guide sites: the product of their probabilities at their
+    enumerated values, broadcast to one tensor [E..., n] (their dims left of the data plate)."""
+    log_q = [guide_trace.nodes[name]["fn"].log_prob(guide_trace.nodes[name]["value"]) for name in structure.enumerated]
+    shape = torch.broadcast_shapes(*(value.shape for value in log_q))
+    return sum(value.expand(shape) for value in log_q).exp()
+
+
+def _enumeration_batch(chunk: _SiteChunk, batch: tuple[int, ...]) -> bool:
+    """Whether a batch shape is made of the enumeration's dims and the data plate: it broadcasts into the weight's."""
+    try:
+        return torch.broadcast_shapes(batch, chunk.weight.shape) == chunk.weight.shape
+    except RuntimeError:
+        return False
+
+
+def _expected(chunk: _SiteChunk, value: torch.Tensor, name: str, event_dims: int = 0) -> torch.Tensor:
+    """The exact expectation over the enumerated sites of a per-datapoint ``value`` [batch..., event...]:
+    sum_y q(y | x) value(y), [n, event...]. Without enumeration, ``value`` reshaped to [n, event...].
+
+    The weight is first summed over the enumeration dims ``value`` does not vary along (it does not depend on those
+    sites, or it is the term of one of them, e.g. KL(q(y2 | x, y1) || p(y2 | y1)) has no y2 dim): the marginal q of
+    the configurations it does depend on. 0 * anything = 0 (a configuration q gives no mass).
+    """
+    n = chunk.rows.stop - chunk.rows.start
+    event = tuple(value.shape[value.dim() - event_dims:])
+    batch = tuple(value.shape[:value.dim() - event_dims])
+    if chunk.weight is None:
+        return value.reshape(n, *event)
+    weight = chunk.weight.to(device=value.device, dtype=value.dtype)
+    if batch[-1:] not in ((n,), (1,), ()) or not _enumeration_batch(chunk, batch):
+        raise ModelStructureError(f"site {name!r}: batch shape {list(batch)} is not the enumerated sites' values and "
+                                  f"the data plate {list(weight.shape)}")
+    padded = (1,) * (weight.dim() - len(batch)) + batch
+    absent = [d for d in range(weight.dim() - 1) if padded[d] == 1 and weight.shape[d] > 1]
+    weight = weight.sum(absent, keepdim=True) if absent else weight
+    weight = weight.reshape(*weight.shape, *(1,) * event_dims)
+    value = value.reshape(*padded, *event)
+    product = torch.where(weight > 0, weight * value, torch.zeros((), dtype=value.dtype))
+    return product.sum(tuple(range(weight.dim() - event_dims - 1))).expand(n, *event)
 
 
 def _site(name: str, chunks: list[_SiteChunk], n: int, structure: ProgramStructure) -> _Site:
     return _Site(
         name, chunks, n, sorted(structure.model_parents.get(name, ())), sorted(structure.guide_parents.get(name, ())),
-        list(structure.order_conflicts.get(name, [])),
+        list(structure.order_conflicts.get(name, [])), set(structure.enumerated),
     )
 
 
@@ -479,13 +562,15 @@ def _kl_per_dimension(site: _Site) -> torch.Tensor:
     for chunk in site.chunks:
         q = _diagonal_normal(chunk.q, site.name, "guide")
         p = _diagonal_normal(chunk.p, site.name, "model (prior)")
-        total += kl_divergence(q, p).double().sum(0).cpu()
+        kl = kl_divergence(q, p).double()  # [batch..., D]: the enumerated sites' values (if any) and the datapoints
+        total += chunk.expected(kl, site.name, event_dims=1).sum(0).cpu()
     return total / site.num_datapoints
 
 
 def _activity(site: _Site) -> torch.Tensor:
-    site.require_guide_of_x_alone()
-    means = torch.cat([_diagonal_normal(c.q, site.name, "guide").loc.double().cpu() for c in site.chunks])
+    site.require_guide_of_x_alone(mixture=True)  # E_q[z | x] = sum_y q(y | x) E_q[z | x, y] over enumerated parents
+    means = torch.cat([c.expected(_diagonal_normal(c.q, site.name, "guide").loc.double(), site.name, event_dims=1).cpu()
+                       for c in site.chunks])
     return means.var(0, correction=1 if site.num_datapoints > 1 else 0)
 
 
@@ -816,7 +901,8 @@ def _discrete_kl(site: _Site, num_samples: int = DISCRETE_KL_SAMPLES) -> dict[st
                                   "guide, so KL(q || p) at fixed parents is not its KL term")
     n = site.chunks[0].rows.stop - site.chunks[0].rows.start
     for role, fn in (("guide", site.chunks[0].q), ("model", site.chunks[0].p)):
-        if tuple(fn.batch_shape) != (n,):
+        enumerated = site.chunks[0].weight is not None and _enumeration_batch(site.chunks[0], tuple(fn.batch_shape))
+        if tuple(fn.batch_shape) != (n,) and not enumerated:
             raise ModelStructureError(f"site {site.name!r}: the {role}'s distribution has batch shape "
                                       f"{list(fn.batch_shape)}; its KL per datapoint needs batch shape [N] (the data "
                                       "plate only)")
@@ -836,7 +922,7 @@ def _discrete_kl(site: _Site, num_samples: int = DISCRETE_KL_SAMPLES) -> dict[st
                 draws = chunk.q.sample((num_samples,))
                 value = (chunk.q.log_prob(draws) - chunk.p.log_prob(draws)).double().mean(0).cpu()
                 methods.add(KL_MONTE_CARLO)
-            parts.append(value.reshape(n))
+            parts.append(chunk.expected(value, site.name))  # exact over enumerated parents; else value [n]
     kl = torch.cat(parts)
     method = methods.pop() if len(methods) == 1 else "mixed"
     return {"site": site.name, "units": "nats per datapoint", "num_datapoints": site.num_datapoints,

@@ -40,6 +40,7 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
                          dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
     if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
         written += plot_program(vae, data, out, cond=data.conditioning("test", tuple(train_config.get("cond") or ())))
+        written += plot_style_grid(vae, data, out, train_config.get("label_site", "y"))
     else:
         written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
         written.append(plots.plot_samples(vae, out / "samples.png"))
@@ -86,4 +87,39 @@ def plot_program(program, data, out: Path, cond: tuple = ()) -> list[Path]:
         labels = torch.arange(classes).repeat_interleave(8)
         written.append(plots.plot_image_grid(program.sample_digits(labels), out / "samples_by_class.png", nrow=8,
                                              title="E[x|z,y], z ~ p(z): one row per class y", image_shape=shape))
+    return written
+
+
+STYLE_ROWS = 10  # test images, one style z each: the rows of the style/class grid
+
+
+def plot_style_grid(program, data, out: Path, label_site: str = "y", dpi: int | None = None) -> list[Path]:
+    """Kingma et al.'s (2014) style/class grid (:mod:`ppl_vae.style_grid`) of a program with a class label: each row
+    a test image and its style z = E_q[z | x, y] decoded with every class (``style_grid.png``), and the same with
+    each row's z drawn from the prior (``style_grid_prior.png``); a one-line note where it does not apply.
+    ``dpi``: pixels per inch of the PNGs (default :data:`ppl_vae.plots.DPI`; 50 draws each image at about its 28 pixels)."""
+    from .. import plots
+    from ..errors import ModelStructureError
+    from ..style_grid import style_grid
+
+    x, labels = data.test[:STYLE_ROWS], data.labels("test")
+    labels = None if labels is None else labels[:STYLE_ROWS]
+    shape = tuple(data.record["image_shape"])
+    written = []
+    for prior, name in ((False, "style_grid.png"), (True, "style_grid_prior.png")):
+        try:
+            grid = style_grid(program, x, labels, label_site, prior=prior)
+        except ModelStructureError as error:
+            print(f"style/class grid: skipped ({str(error).splitlines()[0]})")
+            return written
+        except (TypeError, ValueError, RuntimeError) as error:  # e.g. a program that takes no labels, guide(x) only
+            print(f"style/class grid: skipped (the program run as guide(x, {label_site}) and model(x, {label_site}) "
+                  f"failed: {type(error).__name__}: {str(error).splitlines()[0]})")
+            return written
+        rows, columns = grid.images.shape[:2]
+        z, y = grid.style_site, label_site
+        title = (f"E[x | {z}, {y}] for {y} = 0..{columns - 1}, one {z} from the prior per row" if prior else
+                 f"test image x, then E[x | {z}, {y}] for {y} = 0..{columns - 2}, {z} = E_q[{z} | x, {y}(x)]")
+        written.append(plots.plot_image_grid(grid.images.reshape(rows * columns, -1), out / name, nrow=columns,
+                                             title=title, image_shape=shape, dpi=dpi or plots.DPI))
     return written

@@ -1,0 +1,139 @@
+r"""The style/class grid of Kingma et al. (2014, Fig. 1): one style z per row, one class y per column.
+
+For a program with a class label y and a continuous "style" z (the semi-supervised M2: p(y) p(z) p(x | y, z),
+q(y | x) q(z | x, y); or a conditional VAE given the labels), row r of the grid takes a test image x_r, infers its
+style as the mean of the guide's q(z | x_r, y_r) (y_r its label, or the classifier's most probable class where the
+data has no labels), and decodes that one z with every class c:
+
+.. math:: \text{grid}[r, c] = E[x \mid z_r, y = c], \qquad z_r = E_{q(z | x_r, y_r)}[z].
+
+Column 0 shows x_r itself. With ``prior=True`` each row's z is drawn from the model's prior instead (the
+model's own draw of the style site given y_r), with no source column.
+
+Nothing here is specific to M2: the guide is run as ``guide(x, y)`` (the labels as its second argument, as every
+program with the ``model(x, y=None)`` convention takes them) and must then draw exactly one latent site (the
+style); the decoder is the model itself, replayed with that site held at z_r
+(``poutine.condition``) and y = c, and E[x | z, y] is the mean of its one observed image site. A program that does
+not fit is one :class:`~ppl_vae.errors.ModelStructureError` line saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+from .errors import ModelStructureError
+from .semisupervised import label_distribution
+
+
+@dataclass
+class StyleGrid:
+    """A style/class grid: ``images`` [R, 1 + C, D] in [0, 1] (column 0 the source image; [R, C, D] for prior rows),
+    ``styles`` [R, ...] (the z of each row), ``labels`` [R] (the class each row's z was inferred or drawn with),
+    ``style_site`` (the style site's name)."""
+
+    images: torch.Tensor
+    styles: torch.Tensor
+    labels: torch.Tensor
+    style_site: str
+
+
+def _latent_sites(trace: Any, skip: str) -> dict[str, Any]:
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and name != skip}
+
+
+def infer_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, label_site: str = "y"
+                 ) -> tuple[str, torch.Tensor]:
+    """(the style site's name, E_q[z | x, y] [N, ...]) from ``program.guide(x, labels)``: its one latent site's mean."""
+    trace = poutine.trace(program.guide).get_trace(x, labels)
+    sites = _latent_sites(trace, label_site)
+    if len(sites) != 1:
+        raise ModelStructureError(f"given x and y the guide draws the latent sites {sorted(sites)}; the style/class "
+                                  "grid needs exactly one (the style z of each image)")
+    name, site = next(iter(sites.items()))
+    try:
+        mean = site["fn"].mean
+    except NotImplementedError:
+        raise ModelStructureError(f"the guide's style site {name!r} ({type(site['fn']).__name__}) has no mean to "
+                                  "take as the image's style") from None
+    return name, mean
+
+
+def prior_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, label_site: str = "y"
+                 ) -> tuple[str, torch.Tensor]:
+    """(the style site's name, z ~ p(z | y) [N, ...]): the model's own draw of its one latent site given the labels."""
+    trace = poutine.trace(program.model).get_trace(x, labels)
+    sites = _latent_sites(trace, label_site)
+    if len(sites) != 1:
+        raise ModelStructureError(f"given x and y the model draws the latent sites {sorted(sites)}; the style/class "
+                                  "grid needs exactly one (the style z)")
+    name, site = next(iter(sites.items()))
+    return name, site["value"]
+
+
+def decode_classes(program: nn.Module, styles: torch.Tensor, style_site: str, num_classes: int,
+                   like: torch.Tensor, label_site: str = "y") -> torch.Tensor:
+    """E[x | z_r, y = c] for every row's style z_r and every class c: [R, C, D] (the model replayed at z = z_r).
+
+    All R * C decodings are one model call: z_r repeated C times (so every class of a row decodes the same z),
+    y = 0, ..., C - 1 for each row. ``like[0]`` is the observed image the model is given (unused by E[x]).
+    """
+    rows = styles.shape[0]
+    z = styles.repeat_interleave(num_classes, 0)  # row r's z for each of its C columns
+    y = torch.arange(num_classes, device=styles.device).repeat(rows)
+    x = like[:1].expand(rows * num_classes, *like.shape[1:])
+    trace = poutine.trace(poutine.condition(program.model, data={style_site: z})).get_trace(x, y)
+    images = [name for name, site in trace.nodes.items()
+              if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+              and name not in (label_site, style_site)]
+    if len(images) != 1:
+        raise ModelStructureError(f"the model observes the sites {images} besides the label; the style/class grid "
+                                  "decodes one observed image site")
+    try:
+        mean = trace.nodes[images[0]]["fn"].mean
+    except NotImplementedError:
+        raise ModelStructureError(f"the model's image site {images[0]!r} has no mean E[x | z, y] to draw") from None
+    return mean.reshape(rows, num_classes, -1).clamp(0, 1)
+
+
+def number_of_classes(program: nn.Module, x: torch.Tensor, label_site: str = "y") -> int:
+    """C: the support size of the guide's label site q(y | x), else the program's ``num_classes`` attribute."""
+    try:
+        q = label_distribution(program.guide, (x[:1],), label_site)
+    except (ModelStructureError, TypeError):  # no label site on x alone: a program given the labels as data
+        q = None
+    if q is not None and getattr(q, "has_enumerate_support", False):
+        return int(q.enumerate_support(expand=False).shape[0])
+    classes = getattr(program, "num_classes", None)
+    if not isinstance(classes, int) or classes < 1:
+        raise ModelStructureError(f"the guide draws no discrete label site {label_site!r} on x alone and the program "
+                                  "has no num_classes attribute: the style/class grid needs the classes")
+    return classes
+
+
+@torch.no_grad()
+def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, label_site: str = "y",
+               prior: bool = False) -> StyleGrid:
+    """The style/class grid of the test images ``x`` [R, ...] (module docstring); ``labels`` [R] int64 are the
+    classes their styles are inferred with (None: the most probable class under q(y | x)).
+
+    ``prior``: each row's z drawn from the model's prior p(z | y) given the row's label instead (p(z) for M2),
+    and no source column: ``images`` [R, C, D].
+    """
+    classes = number_of_classes(program, x, label_site)
+    if labels is None:
+        q = label_distribution(program.guide, (x,), label_site)
+        labels = q.probs.argmax(-1) if hasattr(q, "probs") else q.mean.round().long()
+    styles_of = prior_styles if prior else infer_styles
+    name, styles = styles_of(program, x, labels, label_site)
+    decoded = decode_classes(program, styles, name, classes, x, label_site)
+    if prior:
+        return StyleGrid(decoded, styles, labels, name)
+    images = torch.cat([x.reshape(x.shape[0], 1, -1).to(decoded.dtype), decoded], 1)
+    return StyleGrid(images, styles, labels, name)
