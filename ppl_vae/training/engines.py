@@ -314,6 +314,21 @@ def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return torch.tensor_split(batch, world_size)[rank]
 
 
+def shard_batch(batch: torch.Tensor | tuple, rank: int, world_size: int) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Process ``rank``'s share of a global minibatch ``x`` or ``(x, *cond)`` and the weight of its loss.
+
+    Every tensor of the batch (x, the labels, each conditioning array) is cut at the same rows
+    (:func:`shard_rows`), so row i of each is still the same datapoint. A share with no rows (a minibatch
+    smaller than the number of processes) is the first row at weight 0: every process must take part in the
+    all-reduce of the step (:func:`checked_ddp_step`), and adds nothing to it.
+    """
+    data = batch if isinstance(batch, tuple) else (batch,)
+    shard = tuple(shard_rows(t, rank, world_size) for t in data)
+    if shard[0].shape[0] == 0:
+        return tuple(t[:1] for t in data), 0.0
+    return shard, 1.0
+
+
 def checked_ddp_step(
     loss_module: DistributedDataParallel,
     optimizer: torch.optim.Optimizer,
@@ -376,11 +391,8 @@ class DdpEngine(ModuleEngine):
         return self.stopping  # what the processes agreed on in the previous step's all-reduce
 
     def step(self, batch) -> float:
-        data = batch if isinstance(batch, tuple) else (batch,)
-        rank, world_size = self.context.rank, self.context.world_size
-        shard, weight = tuple(shard_rows(t, rank, world_size) for t in data), 1.0
-        if shard[0].shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
-            shard, weight = tuple(t[:1] for t in data), 0.0
+        world_size = self.context.world_size
+        shard, weight = shard_batch(batch, self.context.rank, world_size)
         loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
                                                self.stop.requested, weight)
         return loss
