@@ -109,3 +109,82 @@ def test_the_processes_shares_come_from_one_global_minibatch_order_per_epoch():
 
     assert order(first) == order(again) and order(first) != order(other)
     assert sorted(order(first)) == sorted(order(other)) == list(range(N))
+
+
+# --- --labelled on several processes: labelled (x, y) and unlabelled (x,) batches, sharded like any ------------------
+
+LABELLED = 20  # 2 of each of the 10 classes of label(index)
+
+
+def labelled_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 8, "labelled": LABELLED, "seed": 5, "engine": "svi", **overrides})
+
+
+def test_labelled_batches_are_sharded_like_unlabelled_ones_and_an_epoch_covers_every_image_once():
+    from ppl_vae.data.labelled import choose_labelled
+
+    data = indexed_data("dynamic", ())
+    kept = set(choose_labelled(data.train_labels, LABELLED, 5).tolist())
+    per_rank = shares_of_an_epoch(data, labelled_config())
+    assert len(per_rank[0]) == len(per_rank[1])
+    labelled, unlabelled = [], []
+    for step in zip(*per_rank):
+        assert len({len(share) for share, _ in step}) == 1  # every process takes the same kind of step
+        for share, weight in step:
+            index = index_of(share[0])
+            if len(share) == 2:  # y observed: the kept label of that very image
+                assert torch.equal(share[1], label(index)) and set(index.tolist()) <= kept
+            if weight:
+                (labelled if len(share) == 2 else unlabelled).append(index)
+    assert sorted(torch.cat(labelled).tolist()) == sorted(kept)
+    assert sorted(torch.cat(unlabelled).tolist()) == sorted(set(range(N)) - kept)
+
+
+@pytest.fixture
+def fixed_draws(monkeypatch):
+    """Every datapoint's standard-normal draw the same, whatever the batch it is in (tests/distributed_workers.py)."""
+    from distributed_workers import fixed_noise
+
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal", fixed_noise)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.0])
+def test_the_ranks_weighted_labelled_and_unlabelled_losses_sum_to_the_one_process_objective(fixed_draws, alpha):
+    """What DDP applies, the mean over ranks of grad(W * weight_r * L(B_r)), is grad L(B) for every step of an
+    epoch, labelled and unlabelled, and sum_r weight_r L(B_r) = L(B): the classifier term alpha / N_l sum log q(y|x)
+    and the labelled batches' scale are sums over the rows, so every rank keeps the one-process weights."""
+    from ppl_vae.models.m2 import M2
+    from ppl_vae.objectives import make_loss_module
+    from ppl_vae.programs import Weighted
+    from ppl_vae.training.semi import trained_program
+
+    torch.manual_seed(0)
+    data = indexed_data("dynamic", ())
+    config = labelled_config(alpha=alpha, labelled_batches=4)  # cycled: labelled batches scaled below 1
+    program = M2(data_dim=BITS, latent_dim=2, hidden_sizes=(8,))
+    loss = make_loss_module(Weighted(trained_program(program, data, config)), max_plate_nesting=1, enumerated=True)
+    params = [p for p in loss.parameters() if p.requires_grad]
+    strategy = ProcessGroupStrategy(0, WORLD, 0, torch.device("cpu"), "gloo")
+    kinds = set()
+    for batch in strategy.epoch_batches(data, config, epoch=1):
+        kinds.add(len(batch))
+        whole = loss(*batch)
+        expected_grads = torch.autograd.grad(whole, params, allow_unused=True)
+        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        for rank in range(WORLD):
+            share, weight = shard_batch(batch, rank, WORLD)
+            local = loss(*share)
+            total += float(local.detach()) * weight
+            for g, p in zip(grads, torch.autograd.grad(local * WORLD * weight, params, allow_unused=True)):
+                if p is not None:
+                    g += p / WORLD  # DDP's average over the processes
+        assert total == pytest.approx(float(whole), rel=1e-5, abs=1e-4)
+        for g, e in zip(grads, expected_grads):
+            assert torch.allclose(g, torch.zeros_like(g) if e is None else e, rtol=1e-4, atol=1e-5)
+    assert kinds == {1, 2}  # unlabelled (x,) and labelled (x, y) steps both checked
+
+
+def test_semi_supervised_training_is_accepted_on_several_processes():
+    from ppl_vae.distributed import check_trainable_on_processes
+
+    check_trainable_on_processes(TrainConfig(labelled=20))

@@ -295,11 +295,7 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
 
 
 def check_trainable_on_processes(config: TrainConfig) -> None:
-    """Refuse an objective that cannot be trained as a torch module (iwae), and semi-supervised training (its
-    labelled and unlabelled batches are not yet split between processes), before anything is written."""
-    if config.labelled is not None:
-        raise PplVaeError("--labelled trains in one process for now (its labelled and unlabelled batches are not yet "
-                          "split between processes): train it with --devices 1")
+    """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
     objective = training_objective(config)
     if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
@@ -380,7 +376,10 @@ class DdpEngine(ModuleEngine):
         super().__init__(program, config, max_plate_nesting, compiled=config.engine == "jit", enumerated=enumerated)
         self.context = context
         device = context.device
-        self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
+        # --labelled: a labelled step may leave parameters without a gradient (with --alpha 0, the classifier
+        # q(y | x) of a guide that only draws y on unlabelled batches), which DDP must then be told to look for.
+        self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None,
+                                           find_unused_parameters=config.labelled is not None)
         self.stopping = False
 
     def begin_epoch(self, stop) -> None:

@@ -100,18 +100,20 @@ def batch_counts(config: TrainConfig) -> Callable[[tuple], float] | None:
     return lambda batch: batch[0].shape[0] * (scale if len(batch) > 1 else 1.0)
 
 
-def semi_supervised_epoch(data: ImageData, config: TrainConfig,
-                          generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One epoch of ``(x, y)`` labelled and ``(x,)`` unlabelled batches, each x drawn as the data's binarization
-    (dynamic: a fresh Bernoulli draw) or dequantization says, from ``generator`` (default: torch's global stream)."""
+def semi_supervised_epoch(data: ImageData, config: TrainConfig, generator: torch.Generator | None = None,
+                          draws: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of ``(x, y)`` labelled and ``(x,)`` unlabelled batches in the order ``generator`` (a CPU one: the
+    index lists are on the CPU) draws, each x drawn as the data's binarization (dynamic: a fresh Bernoulli draw) or
+    dequantization says, from ``draws`` (on the data's device; default ``generator``). None: torch's global stream."""
     labels, indices = data.labels("train"), labelled_indices(data, config)
+    draws = generator if draws is None else draws
     for batch in semi_supervised_batches(data.train, labels, indices, config.batch_size, generator,
                                          config.labelled_batches):
         x = batch[0]
         if data.binarize == "dynamic":
-            x = torch.bernoulli(x, generator=generator)
+            x = torch.bernoulli(x, generator=draws)
         elif data.dequantized:
-            x = dequantize(x, generator)
+            x = dequantize(x, draws)
         yield (x, *batch[1:])
 
 
