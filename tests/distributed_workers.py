@@ -129,3 +129,58 @@ def evaluate(path: Path, options: dict) -> None:
     vae.load_state_dict(saved["state"])
     result = distributed.evaluate_per_datapoint(vae.model, vae.guide, saved["x"], **options)
     torch.save(vars(result), path / f"evaluation-rank{distributed.current().rank}.pt")
+
+
+# --labelled on 2 processes: a tiny M2 on 37 images of 6 binary pixels, 20 of them labelled (2 per class).
+LABELLED_M2 = {"data_dim": 6, "latent_dim": 2, "hidden_sizes": (8,)}
+
+
+def labelled_data():
+    """37 images whose pixels are the bits of their index, labelled 3 * index mod 10, the same on every split."""
+    import dataclasses
+
+    from ppl_vae.data import tensor_data
+
+    index = torch.arange(37)
+    x = ((index[:, None] >> torch.arange(LABELLED_M2["data_dim"])) & 1).float()
+    labels = index * 3 % 10
+    return dataclasses.replace(tensor_data(x, x, x, binarize="dynamic"), train_labels=labels, val_labels=labels,
+                               test_labels=labels)
+
+
+def labelled_config(alpha: float | None):
+    from ppl_vae.train import TrainConfig
+
+    return TrainConfig(batch_size=8, labelled=20, labelled_batches=4, alpha=alpha, seed=5, learning_rate=1e-2)
+
+
+def labelled_engine(config, data, make_engine):
+    """The tiny M2 (the same initial weights everywhere) and the engine ``make_engine(trained)`` that trains it."""
+    from ppl_vae.models.m2 import M2
+    from ppl_vae.programs import Weighted
+    from ppl_vae.training.semi import trained_program
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    program = M2(**LABELLED_M2)
+    engine = make_engine(Weighted(trained_program(program, data, config)))
+    engine.set_learning_rate(config.learning_rate)
+    engine.begin_epoch(type("NoStop", (), {"requested": False})())
+    return program, engine
+
+
+def labelled_epoch(path: Path, alpha: float | None) -> None:
+    """One epoch of --labelled training through the DDP engine, with fixed draws; rank 0 saves the weights and losses."""
+    from ppl_vae import distributed
+    from ppl_vae.training.engines import DdpEngine
+
+    context, config, data = distributed.current(), labelled_config(alpha), labelled_data()
+    standard_normal = torch.distributions.normal._standard_normal
+    torch.distributions.normal._standard_normal = fixed_noise
+    try:
+        program, engine = labelled_engine(config, data, lambda trained: DdpEngine(trained, config, 1, context,
+                                                                                  enumerated=True))
+        losses = [engine.step(batch) for batch in context.epoch_batches(data, config, 1)]
+    finally:
+        torch.distributions.normal._standard_normal = standard_normal
+    torch.save({"state": program.state_dict(), "losses": losses}, path / f"labelled-{alpha}-rank{context.rank}.pt")

@@ -376,10 +376,12 @@ class DdpEngine(ModuleEngine):
         super().__init__(program, config, max_plate_nesting, compiled=config.engine == "jit", enumerated=enumerated)
         self.context = context
         device = context.device
-        # --labelled: a labelled step may leave parameters without a gradient (with --alpha 0, the classifier
-        # q(y | x) of a guide that only draws y on unlabelled batches), which DDP must then be told to look for.
+        # --labelled --alpha 0: a labelled step leaves the classifier q(y | x) without a gradient (the guide draws y
+        # on unlabelled batches only), which DDP must look for (an extra pass over the graph per step, and torch
+        # warns about it when it finds none: so only then; with alpha > 0 the classifier term uses q(y | x)).
+        unused = config.labelled is not None and config.alpha == 0
         self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None,
-                                           find_unused_parameters=config.labelled is not None)
+                                           find_unused_parameters=unused)
         self.stopping = False
 
     def begin_epoch(self, stop) -> None:
