@@ -13,7 +13,9 @@ class, chosen with the run's seed (:func:`labelled_indices`, recorded in ``data.
 rest. The program, any with the ``model(x, y=None)`` / ``guide(x, y=None)`` convention, observes y on the first
 and sums it out on the second; the trainer optimizes :class:`ppl_vae.semisupervised.SemiSupervised`, which adds
 :math:`\alpha \, E_\text{labelled}[\log q(y | x)]` (alpha = 0.1 N by default). The labelled set comes from the
-seed and the batch order from the run's random stream, so a resumed run continues exactly.
+seed and the batch order from the run's random stream, so a resumed run continues exactly. On several processes
+(``--devices N``) every process builds the same epoch from streams seeded by (seed, epoch) and trains on its share
+of each batch, labelled or not (:meth:`ppl_vae.training.strategy.ProcessGroupStrategy.epoch_batches`).
 """
 
 from __future__ import annotations
