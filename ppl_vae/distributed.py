@@ -24,7 +24,12 @@ averages gradients over processes, so every process applies
 
 the single-process gradient of the same global minibatch, whatever the shard sizes (the
 scale is W for every process, also when W does not divide |B|). ``--batch-size`` is the
-global minibatch. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and
+global minibatch. Every tensor of a batch is cut at the same rows (:func:`ppl_vae.training.engines.shard_batch`):
+the labels of ``--labels`` and the arrays of ``--cond`` stay with their images. ``--labelled`` epochs (labelled
+batches ``(x, y)`` among unlabelled ``(x,)``, :func:`ppl_vae.training.semi.semi_supervised_epoch`) are built the same
+way on every process and each batch is sharded like any other; the classifier term
+alpha / N_l sum_i log q(y_i | x_i) and a cycled labelled batch's scale are sums over the batch's rows, so every
+process keeps the one-process weights and the sum over the shares is the one-process objective. Only rank 0 writes ``config.json``, ``metrics.jsonl``, checkpoints and
 ``test.json``; it reads the checkpoint on ``--resume`` and sends it to every process, so
 only rank 0 needs the run directory (every process needs MNIST).
 

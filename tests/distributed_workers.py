@@ -129,3 +129,96 @@ def evaluate(path: Path, options: dict) -> None:
     vae.load_state_dict(saved["state"])
     result = distributed.evaluate_per_datapoint(vae.model, vae.guide, saved["x"], **options)
     torch.save(vars(result), path / f"evaluation-rank{distributed.current().rank}.pt")
+
+
+# --labelled on 2 processes: a tiny M2 on 37 images of 6 binary pixels, 20 of them labelled (2 per class).
+LABELLED_M2 = {"data_dim": 6, "latent_dim": 2, "hidden_sizes": (8,)}
+
+
+def labelled_data(cond: bool = False):
+    """37 images whose pixels are the bits of their index, labelled 3 * index mod 10, the same on every split;
+    ``cond``: with a float covariate c = f(index) [37, 3] (``--cond c``)."""
+    import dataclasses
+
+    from ppl_vae.data import tensor_data
+
+    index = torch.arange(37)
+    x = ((index[:, None] >> torch.arange(LABELLED_M2["data_dim"])) & 1).float()
+    c = torch.stack([index / 37, torch.sin(index.float()), torch.cos(index.float())], -1)
+    split = (x, c) if cond else x
+    labels = index * 3 % 10
+    return dataclasses.replace(tensor_data(split, split, split, cond=("c",) if cond else (), binarize="dynamic"),
+                               train_labels=labels, val_labels=labels, test_labels=labels)
+
+
+class CovariateVAE(torch.nn.Module):
+    """p(z) p(x | z, y, c) with q(z | x, y, c): a program given the labels and a covariate (--labels --cond c)."""
+
+    def __init__(self, data_dim: int = 6, latent: int = 2, hidden: int = 8):
+        super().__init__()
+        self.latent = latent
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(data_dim + 13, hidden), torch.nn.Tanh(),
+                                           torch.nn.Linear(hidden, 2 * latent))
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(latent + 13, hidden), torch.nn.Tanh(),
+                                           torch.nn.Linear(hidden, data_dim))
+
+    def model(self, x, y, c):
+        import pyro.distributions as dist
+
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent), 1.0).to_event(1))
+            given = torch.cat([torch.nn.functional.one_hot(y, 10).to(x.dtype), c], -1)
+            logits = self.decoder(torch.cat([z, given.expand(*z.shape[:-1], -1)], -1))
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x, y, c):
+        import pyro.distributions as dist
+
+        with pyro.plate("data", x.shape[0]):
+            given = torch.cat([x, torch.nn.functional.one_hot(y, 10).to(x.dtype), c], -1)
+            loc, raw = self.encoder(given).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def labelled_config(alpha: float | None):
+    """``alpha``: --labelled 20 with that alpha; "cond": no --labelled, --labels --cond c instead."""
+    from ppl_vae.train import TrainConfig
+
+    if alpha == "cond":
+        return TrainConfig(batch_size=8, labels=True, cond=("c",), seed=5, learning_rate=1e-2)
+    return TrainConfig(batch_size=8, labelled=20, labelled_batches=4, alpha=alpha, seed=5, learning_rate=1e-2)
+
+
+def labelled_engine(config, data, make_engine):
+    """The tiny M2 (or with --cond the covariate VAE; the same initial weights everywhere) and the engine
+    ``make_engine(trained)`` that trains it."""
+    from ppl_vae.models.m2 import M2
+    from ppl_vae.programs import Weighted
+    from ppl_vae.training.semi import trained_program
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    program = CovariateVAE() if config.cond else M2(**LABELLED_M2)
+    engine = make_engine(Weighted(trained_program(program, data, config)))
+    engine.set_learning_rate(config.learning_rate)
+    engine.begin_epoch(type("NoStop", (), {"requested": False})())
+    return program, engine
+
+
+def labelled_epoch(path: Path, alpha: float | None) -> None:
+    """One epoch of --labelled (or --labels --cond c) training through the DDP engine, with fixed draws; every rank
+    saves the weights and losses."""
+    from ppl_vae import distributed
+    from ppl_vae.training.engines import DdpEngine
+
+    context, config = distributed.current(), labelled_config(alpha)
+    data = labelled_data(cond=bool(config.cond))
+    standard_normal = torch.distributions.normal._standard_normal
+    torch.distributions.normal._standard_normal = fixed_noise
+    try:
+        program, engine = labelled_engine(config, data, lambda trained: DdpEngine(trained, config, 1, context,
+                                                                                  enumerated=not config.cond))
+        losses = [engine.step(batch) for batch in context.epoch_batches(data, config, 1)]
+    finally:
+        torch.distributions.normal._standard_normal = standard_normal
+    torch.save({"state": program.state_dict(), "losses": losses}, path / f"labelled-{alpha}-rank{context.rank}.pt")

@@ -34,6 +34,9 @@ STEP_CASES = [(None, 1.0, False), (5.0, 0.5, False), (5.0, 0.5, True)]  # (clip_
 STEP_BATCH = torch.bernoulli(torch.full((11, workers.TINY["data_dim"]), 0.3), generator=torch.Generator().manual_seed(1))
 # 8 blocks of 32 (the last of 26) dealt to 2 processes; K = 30 gives PSIS diagnostics too.
 EVALUATION_OPTIONS = {"num_samples": 30, "elbo_samples": 3, "seed": 7, "psis": True, "block_size": 32, "chunk_size": 20}
+# --labelled: Kingma's alpha = 0.1 N, and 0 (the classifier then unused on labelled steps: DDP must find it unused);
+# "cond": --labels --cond c, a program given (x, y, c).
+LABELLED_ALPHAS = [None, 0.0, "cond"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,7 @@ def spawned(tmp_path_factory):
     tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight, compiled))
              for i, (clip_norm, kl_weight, compiled) in enumerate(STEP_CASES)]
     tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS))]
+    tasks += [(workers.labelled_epoch, (path, alpha)) for alpha in LABELLED_ALPHAS]
     workers.spawn(tasks, WORLD_SIZE)
     return path
 
@@ -87,6 +91,33 @@ def test_a_nan_gradient_on_one_process_stops_every_process_before_the_update(spa
         result = torch.load(spawned / f"fault-rank{rank}.pt")
         assert result["message"] == "the gradient became nan (non-finite gradients of decoder.0.weight)"
         assert result["unchanged"]
+
+
+@SPAWNED
+@pytest.mark.parametrize("alpha", LABELLED_ALPHAS)
+def test_a_distributed_epoch_of_labelled_or_conditioned_batches_equals_one_process_epoch(spawned, monkeypatch, alpha):
+    """--labelled on 2 processes: labelled (x, y) and unlabelled (x,) steps, each sharded, give one process's weights;
+    so do (x, y, c) steps with --labels --cond c."""
+    from ppl_vae.training.engines import ModuleEngine
+    from ppl_vae.training.strategy import ProcessGroupStrategy
+
+    monkeypatch.setattr(torch.distributions.normal, "_standard_normal", workers.fixed_noise)
+    config = workers.labelled_config(alpha)
+    data = workers.labelled_data(cond=bool(config.cond))
+    program, engine = workers.labelled_engine(config, data, lambda trained: ModuleEngine(
+        trained, config, 1, compiled=False, enumerated=not config.cond))
+    before = {name: value.clone() for name, value in program.state_dict().items()}
+    # the global minibatches every process built (the strategy of rank 0, in this process), whole
+    batches = list(ProcessGroupStrategy(0, WORLD_SIZE, 0, torch.device("cpu"), "gloo").epoch_batches(data, config, 1))
+    losses = [engine.step(batch) for batch in batches]
+    assert {len(batch) for batch in batches} == ({3} if config.cond else {1, 2})  # (x, y, c); labelled, unlabelled
+    ranks = [torch.load(spawned / f"labelled-{alpha}-rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    for r in ranks:
+        assert r["losses"] == pytest.approx(losses, rel=1e-5)
+        for name, value in program.state_dict().items():
+            torch.testing.assert_close(r["state"][name], value, atol=1e-5, rtol=0, msg=name)
+    moved = {name for name, value in program.state_dict().items() if not torch.equal(value, before[name])}
+    assert moved == set(before)  # every tensor trained, the classifier included (by unlabelled steps at alpha 0)
 
 
 @SPAWNED

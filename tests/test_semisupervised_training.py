@@ -176,14 +176,6 @@ def test_a_program_without_the_label_argument_is_refused_for_labelled_batches(tm
     assert not (tmp_path / "run").exists()
 
 
-def test_semi_supervised_training_on_several_processes_is_refused_before_any_starts():
-    from ppl_vae.distributed import check_trainable_on_processes
-
-    with pytest.raises(PplVaeError, match="--labelled trains in one process for now.*--devices 1"):
-        check_trainable_on_processes(TrainConfig(labelled=20))
-    check_trainable_on_processes(TrainConfig())
-
-
 def test_train_help_names_m2_and_the_semi_supervised_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])

@@ -295,11 +295,7 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
 
 
 def check_trainable_on_processes(config: TrainConfig) -> None:
-    """Refuse an objective that cannot be trained as a torch module (iwae), and semi-supervised training (its
-    labelled and unlabelled batches are not yet split between processes), before anything is written."""
-    if config.labelled is not None:
-        raise PplVaeError("--labelled trains in one process for now (its labelled and unlabelled batches are not yet "
-                          "split between processes): train it with --devices 1")
+    """Refuse an objective that cannot be trained as a torch module (iwae), before anything is written."""
     objective = training_objective(config)
     if config.engine != "jit" and not callable(getattr(objective, "differentiable_loss", None)):
         raise PplVaeError(
@@ -312,6 +308,21 @@ def check_trainable_on_processes(config: TrainConfig) -> None:
 def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Process ``rank``'s contiguous share of the rows of ``batch``: shares in rank order, sizes differing by at most 1."""
     return torch.tensor_split(batch, world_size)[rank]
+
+
+def shard_batch(batch: torch.Tensor | tuple, rank: int, world_size: int) -> tuple[tuple[torch.Tensor, ...], float]:
+    """Process ``rank``'s share of a global minibatch ``x`` or ``(x, *cond)`` and the weight of its loss.
+
+    Every tensor of the batch (x, the labels, each conditioning array) is cut at the same rows
+    (:func:`shard_rows`), so row i of each is still the same datapoint. A share with no rows (a minibatch
+    smaller than the number of processes) is the first row at weight 0: every process must take part in the
+    all-reduce of the step (:func:`checked_ddp_step`), and adds nothing to it.
+    """
+    data = batch if isinstance(batch, tuple) else (batch,)
+    shard = tuple(shard_rows(t, rank, world_size) for t in data)
+    if shard[0].shape[0] == 0:
+        return tuple(t[:1] for t in data), 0.0
+    return shard, 1.0
 
 
 def checked_ddp_step(
@@ -365,7 +376,12 @@ class DdpEngine(ModuleEngine):
         super().__init__(program, config, max_plate_nesting, compiled=config.engine == "jit", enumerated=enumerated)
         self.context = context
         device = context.device
-        self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None)
+        # --labelled --alpha 0: a labelled step leaves the classifier q(y | x) without a gradient (the guide draws y
+        # on unlabelled batches only), which DDP must look for (an extra pass over the graph per step, and torch
+        # warns about it when it finds none: so only then; with alpha > 0 the classifier term uses q(y | x)).
+        unused = config.labelled is not None and config.alpha == 0
+        self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None,
+                                           find_unused_parameters=unused)
         self.stopping = False
 
     def begin_epoch(self, stop) -> None:
@@ -376,11 +392,8 @@ class DdpEngine(ModuleEngine):
         return self.stopping  # what the processes agreed on in the previous step's all-reduce
 
     def step(self, batch) -> float:
-        data = batch if isinstance(batch, tuple) else (batch,)
-        rank, world_size = self.context.rank, self.context.world_size
-        shard, weight = tuple(shard_rows(t, rank, world_size) for t in data), 1.0
-        if shard[0].shape[0] == 0:  # fewer rows than processes: take part in the all-reduce with nothing
-            shard, weight = tuple(t[:1] for t in data), 0.0
+        world_size = self.context.world_size
+        shard, weight = shard_batch(batch, self.context.rank, world_size)
         loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
                                                self.stop.requested, weight)
         return loss

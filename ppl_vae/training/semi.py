@@ -13,7 +13,9 @@ class, chosen with the run's seed (:func:`labelled_indices`, recorded in ``data.
 rest. The program, any with the ``model(x, y=None)`` / ``guide(x, y=None)`` convention, observes y on the first
 and sums it out on the second; the trainer optimizes :class:`ppl_vae.semisupervised.SemiSupervised`, which adds
 :math:`\alpha \, E_\text{labelled}[\log q(y | x)]` (alpha = 0.1 N by default). The labelled set comes from the
-seed and the batch order from the run's random stream, so a resumed run continues exactly.
+seed and the batch order from the run's random stream, so a resumed run continues exactly. On several processes
+(``--devices N``) every process builds the same epoch from streams seeded by (seed, epoch) and trains on its share
+of each batch, labelled or not (:meth:`ppl_vae.training.strategy.ProcessGroupStrategy.epoch_batches`).
 """
 
 from __future__ import annotations
@@ -100,18 +102,20 @@ def batch_counts(config: TrainConfig) -> Callable[[tuple], float] | None:
     return lambda batch: batch[0].shape[0] * (scale if len(batch) > 1 else 1.0)
 
 
-def semi_supervised_epoch(data: ImageData, config: TrainConfig,
-                          generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One epoch of ``(x, y)`` labelled and ``(x,)`` unlabelled batches, each x drawn as the data's binarization
-    (dynamic: a fresh Bernoulli draw) or dequantization says, from ``generator`` (default: torch's global stream)."""
+def semi_supervised_epoch(data: ImageData, config: TrainConfig, generator: torch.Generator | None = None,
+                          draws: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One epoch of ``(x, y)`` labelled and ``(x,)`` unlabelled batches in the order ``generator`` (a CPU one: the
+    index lists are on the CPU) draws, each x drawn as the data's binarization (dynamic: a fresh Bernoulli draw) or
+    dequantization says, from ``draws`` (on the data's device; default ``generator``). None: torch's global stream."""
     labels, indices = data.labels("train"), labelled_indices(data, config)
+    draws = generator if draws is None else draws
     for batch in semi_supervised_batches(data.train, labels, indices, config.batch_size, generator,
                                          config.labelled_batches):
         x = batch[0]
         if data.binarize == "dynamic":
-            x = torch.bernoulli(x, generator=generator)
+            x = torch.bernoulli(x, generator=draws)
         elif data.dequantized:
-            x = dequantize(x, generator)
+            x = dequantize(x, draws)
         yield (x, *batch[1:])
 
 

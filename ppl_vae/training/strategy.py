@@ -162,9 +162,14 @@ class ProcessGroupStrategy(ProcessGroup):
 
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
         """The epoch's global minibatches, the same on every process: the data stream is seeded from (seed, epoch),
-        this process's Monte Carlo draws from (seed, epoch, rank), so an epoch runs again exactly after a resume."""
+        this process's Monte Carlo draws from (seed, epoch, rank), so an epoch runs again exactly after a resume.
+        With ``--labelled``, the labelled and unlabelled batches of :func:`semi_supervised_epoch`, their order drawn
+        on the CPU (where the index lists are) from a stream of its own; each is then sharded like any batch."""
         generator = torch.Generator(device=data.train.device).manual_seed(derive_seed(config.seed, "data", epoch))
         pyro.set_rng_seed(derive_seed(config.seed, "draws", epoch, self.rank))
+        if config.labelled is not None:
+            order = torch.Generator().manual_seed(derive_seed(config.seed, "labelled order", epoch))
+            return semi_supervised_epoch(data, config, order, draws=generator)
         return data.train_batches(config.batch_size, generator=generator, labels=config.labels, cond=config.cond)
 
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]:
