@@ -176,27 +176,21 @@ class _BernoulliLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, value: torch.Tensor, event_dims: int) -> torch.Tensor:
-        ctx.save_for_backward(logits, value)
-        ctx.event_dims = event_dims
-        return fused.bernoulli_log_prob(logits, value, event_dims)
+        # The gradient x - σ(l) comes out of the forward's own σ(l) (every leapfrog step needs both): the backward
+        # is then one multiplication, not a second sigmoid pass over [chains, n, D] (measured: about a fifth of
+        # AIS's time on the default VAE on the CPU).
+        log_prob, grad = fused.bernoulli_log_prob_and_grad(logits, value, event_dims)
+        ctx.save_for_backward(grad)
+        ctx.event_dims, ctx.logits_shape = event_dims, logits.shape
+        return log_prob
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, value = ctx.saved_tensors
-        shape = torch.broadcast_shapes(logits.shape, value.shape)
-        grad = grad.reshape(grad.shape + (1,) * ctx.event_dims).expand(shape)
-        logits_full, value = logits.expand(shape), value.expand(shape)
-        result = torch.empty(shape, dtype=logits.dtype, device=logits.device)
-        if not shape:
-            return torch.sigmoid(logits).sub_(value).mul_(-grad), None, None
-        # In blocks along the leading dim, like the fused forward: the three passes over a block stay in the cache
-        # (measured: the full-size sigmoid alone took 4x the blocked one on the default VAE's [8, 100, 784]).
-        rows = max(1, fused.BLOCK_ELEMENTS // max(1, shape[1:].numel()))
-        for start in range(0, shape[0], rows):
-            block = slice(start, start + rows)
-            torch.sigmoid(logits_full[block], out=result[block])
-            result[block].sub_(value[block]).mul_(grad[block].neg())
-        return result.sum_to_size(logits.shape), None, None
+        (dlogits,) = ctx.saved_tensors
+        grad = grad.reshape(grad.shape + (1,) * ctx.event_dims)
+        if not bool(torch.all(grad == 1)):  # AIS asks for d(sum)/d logits: all ones, nothing to multiply
+            dlogits = dlogits * grad
+        return dlogits.sum_to_size(ctx.logits_shape), None, None
 
 
 def _site_log_prob(site: dict, observed: bool) -> torch.Tensor:

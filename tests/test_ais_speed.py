@@ -1,0 +1,52 @@
+"""AIS's fast observed-Bernoulli path (log-density and gradient from one sigmoid pass) changes no numbers."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from ppl_vae import fused
+from ppl_vae.evaluate import ais_log_evidence
+from ppl_vae.model import VAE, VAEConfig
+
+
+def _logits(*shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (8 * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+    logits.view(-1)[:6] = torch.tensor([0.0, -0.0, 40.0, -40.0, 120.0, -120.0], dtype=dtype)  # saturated both ways
+    return logits
+
+
+@pytest.mark.parametrize("block", [fused.BLOCK_ELEMENTS, 100])  # one block, or 2 leading rows per block
+@pytest.mark.parametrize("event_dims", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_log_prob_and_gradient_equal_torch(event_dims, block, dtype, monkeypatch):
+    """The value and the gradient in the logits equal torch's Bernoulli.log_prob and its autograd gradient
+    (float64: to rounding; float32: the gradient exactly, the value within the fused path's documented bound)."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", block)
+    logits = _logits(7, 5, 3, 16, dtype=dtype).requires_grad_()
+    x = torch.bernoulli(torch.full((5, 3, 16), 0.4, dtype=dtype))  # broadcast over the leading dim
+    fn = dist.Bernoulli(logits=logits)
+    expected = (fn.to_event(event_dims) if event_dims else fn).log_prob(x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits)
+    value, grad = fused.bernoulli_log_prob_and_grad(logits.detach(), x, event_dims)
+    assert value.shape == expected.shape and grad.shape == logits.shape
+    atol = 1e-12 if dtype == torch.float64 else 2 * 48 * 2**-24  # at most 48 terms a sum, half an ulp of 1 each
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-6 if dtype == torch.float32 else 0, atol=atol)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-7)
+
+
+def test_ais_numbers_are_those_of_the_plain_log_prob_path():
+    """Same seed, the fused path on and off (torch's Bernoulli.log_prob and autograd): the same log-weights, to
+    float32 rounding, on a small Bernoulli VAE (so the leapfrog trajectories and Metropolis decisions agree too)."""
+    vae = VAE(VAEConfig(latent_dim=3, hidden_sizes=(16,)))
+    x = torch.bernoulli(torch.full((6, 784), 0.3))
+    results = []
+    for enabled in (True, False):
+        pyro.set_rng_seed(7)
+        with fused.fusion(enabled):
+            results.append(ais_log_evidence(vae.model, vae.guide, x, steps=8, chains=3, leapfrog_steps=3))
+    fast, plain = results
+    assert fast.acceptance.min() > 0.05  # the chains moved
+    torch.testing.assert_close(fast.log_weights, plain.log_weights, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fast.acceptance, plain.acceptance, rtol=1e-4, atol=1e-4)
