@@ -131,21 +131,25 @@ def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor, event_dims: in
     return result
 
 
-def bernoulli_log_prob_and_grad(logits: torch.Tensor, value: torch.Tensor,
-                                event_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def bernoulli_log_prob_and_grad(logits: torch.Tensor, value: torch.Tensor, event_dims: int = 0,
+                                grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     r""":func:`bernoulli_log_prob` and its gradient in the logits at the broadcast shape, x - σ(l), in one pass.
 
     For HMC, which needs both at every leapfrog step. σ(l) is computed once per element (torch's ``sigmoid``, the
     expensive pass) and serves both: the gradient is x - σ(l), and log σ(|l|) = log max(σ(l), 1 - σ(l))
     (exact for l >= 0; for l < 0 the rounding of 1 - σ(l) is at most half a unit in the last place of a number
     in [1/2, 1], the same size as :func:`bernoulli_log_prob`'s own approximation).
-    The gradient has the broadcast shape; summing it to the logits' shape is the caller's.
+    The gradient has the broadcast shape (written into ``grad_out`` when it is given and of that shape and dtype:
+    a caller that scores the same shapes repeatedly saves allocating, and first touching, a fresh tensor each
+    time); summing it to the logits' shape is the caller's.
     """
     shape = torch.broadcast_shapes(logits.shape, value.shape)
     batch_dims = len(shape) - event_dims
     sign = (2 * value - 1).expand(shape)  # once, on the values' own (unbroadcast) shape
     logits, value = logits.expand(shape), value.expand(shape)
-    grad = torch.empty(shape, dtype=logits.dtype, device=logits.device)
+    reusable = (grad_out is not None and grad_out.shape == shape and grad_out.dtype == logits.dtype
+                and grad_out.device == logits.device and grad_out.is_contiguous())
+    grad = grad_out if reusable else torch.empty(shape, dtype=logits.dtype, device=logits.device)
     dims = tuple(range(batch_dims, len(shape)))
     if not shape or batch_dims == 0:  # no leading batch dim to block along
         return _bernoulli_grad_block(logits, value, sign, dims, grad, torch.empty_like(grad)), grad

@@ -50,3 +50,19 @@ def test_ais_numbers_are_those_of_the_plain_log_prob_path():
     assert fast.acceptance.min() > 0.05  # the chains moved
     torch.testing.assert_close(fast.log_weights, plain.log_weights, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(fast.acceptance, plain.acceptance, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stale_gradient_of_the_reused_workspace_raises_instead_of_being_wrong():
+    """The gradient is written into a workspace reused at every evaluation: a backward through an older
+    evaluation, after a newer one rewrote it, must raise (torch's version check), never use the newer values."""
+    from ppl_vae.ais import _BernoulliLogProb
+
+    workspace = {}
+    logits = torch.randn(4, 3, 5, requires_grad=True)
+    x = torch.bernoulli(torch.full((3, 5), 0.5))
+    first = _BernoulliLogProb.apply(logits, x, 1, workspace)
+    (grad,) = torch.autograd.grad(first.sum(), logits, retain_graph=True)
+    torch.testing.assert_close(grad, x - torch.sigmoid(logits.detach()))
+    _BernoulliLogProb.apply(2 * logits, x, 1, workspace)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(first.sum(), logits)
