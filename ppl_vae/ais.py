@@ -236,7 +236,10 @@ class _Target:
         conditioned = poutine.condition(self.model, data=self.initial_z)
         model_sites = sample_sites(poutine.trace(conditioned).get_trace(*data))
         check_observed_support({name: model_sites[name] for name in structure.observed_sites})
-        self.layouts = {name: self._layout(name, model_sites[name], guide_sites[name]) for name in latent}
+        for name in latent:
+            _check_continuous(name, model_sites[name], guide_sites[name])
+        self._check_fixed_supports(model_sites)
+        self.layouts = {name: self._layout(name, model_sites[name]) for name in latent}
         independent = structure.dependencies == "provenance" and not any(structure.guide_parents[n] for n in latent)
         self.guide_fns = None
         self.workspace: dict[str, dict] = {}  # per observed site: tensors reused at every evaluation of this chunk
@@ -245,18 +248,40 @@ class _Target:
                 again = sample_sites(poutine.trace(poutine.condition(self.guide, data=self.initial_z)).get_trace(*data))
             self.guide_fns = {name: (again[name]["fn"], again[name]["mask"]) for name in latent}
 
-    def _layout(self, name: str, model_site: dict, guide_site: dict) -> _Layout:
-        for role, site in (("model", model_site), ("guide", guide_site)):
-            if site["fn"].support.is_discrete:
+    def _check_fixed_supports(self, model_sites: dict[str, dict]) -> None:
+        """Refuse a latent site whose support moves with other latent sites (e.g. z2 ~ Uniform(0, z1)).
+
+        HMC moves each site in unconstrained space through one map, ``biject_to`` of its support on the first
+        trace; if the support's bounds depend on other latents, that map is wrong once they move, and the
+        weights silently wrong. Candidates are sites with latent parents (provenance) whose support holds tensors
+        (an interval's bounds, say); their supports are compared with those under a second, independent draw
+        of all latents from the guide, and any that changed is refused. Programs without such sites pay nothing.
+        """
+        candidates = [name for name in self.structure.latent_sites
+                      if self.structure.model_parents.get(name) and _support_tensors(model_sites[name]["fn"].support)]
+        if not candidates:
+            return
+        with pyro.validation_enabled(False):
+            other = sample_sites(poutine.trace(self.guide).get_trace(*self.data))
+            other_z = {name: other[name]["value"].detach() for name in self.structure.latent_sites}
+            again = sample_sites(poutine.trace(poutine.condition(self.model, data=other_z)).get_trace(*self.data))
+        for name in candidates:
+            first, second = (_support_tensors(sites[name]["fn"].support) for sites in (model_sites, again))
+            if len(first) != len(second) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, second)):
+                fn = model_sites[name]["fn"]
                 raise ModelStructureError(
-                    f"AIS needs continuous latent sites, and the {role}'s site {name!r} is discrete "
-                    f"({describe_distribution(site['fn'])}): HMC cannot move it (enumerating it is not supported yet); "
-                    "use the importance-sampled estimate (evidence_estimate, --estimator is)"
+                    f"the model's site {name!r} ({describe_distribution(fn)}) has a support, {_describe_support(fn.support)}, whose bounds "
+                    f"change with the latent sites {sorted(self.structure.model_parents[name])}: AIS moves each site "
+                    "through one fixed map to unconstrained space, which such a support breaks; reparameterize it "
+                    "(e.g. z2 = z1 * u with u ~ Uniform(0, 1)) or use the importance-sampled estimate "
+                    "(evidence_estimate, --estimator is)"
                 )
+
+    def _layout(self, name: str, model_site: dict) -> _Layout:
         fn, z = model_site["fn"], self.initial_z[name]
         if not bool(fn.support.check(z).all()):
             raise ModelStructureError(
-                f"the guide's draws of site {name!r} fall outside the support {fn.support} of the model's "
+                f"the guide's draws of site {name!r} fall outside the support {_describe_support(fn.support)} of the model's "
                 f"{describe_distribution(fn)}: AIS anneals from the guide to the posterior, so both must share a support"
             )
         batch_ndim = z.dim() - len(fn.event_shape)
@@ -264,7 +289,7 @@ class _Target:
             transform = biject_to(_unconstrainable(fn.support))
         except NotImplementedError:
             raise ModelStructureError(
-                f"the model's site {name!r} ({describe_distribution(fn)}) has the support {fn.support}, which torch "
+                f"the model's site {name!r} ({describe_distribution(fn)}) has the support {_describe_support(fn.support)}, which torch "
                 "cannot map to unconstrained space (biject_to): AIS cannot move it; use evidence_estimate"
             ) from None
         ndim = transform.inv(z).dim()
@@ -619,6 +644,34 @@ def bdmc(
         bar.close()
     lower, upper = _estimate(forward, acc_forward, settings), _estimate(reverse, acc_reverse, settings, sign=-1.0)
     return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data), dict(settings))
+
+
+def _check_continuous(name: str, model_site: dict, guide_site: dict) -> None:
+    for role, site in (("model", model_site), ("guide", guide_site)):
+        if site["fn"].support.is_discrete:
+            raise ModelStructureError(
+                f"AIS needs continuous latent sites, and the {role}'s site {name!r} is discrete "
+                f"({describe_distribution(site['fn'])}): HMC cannot move it (enumerating it is not supported yet); "
+                "use the importance-sampled estimate (evidence_estimate, --estimator is)"
+            )
+
+
+def _describe_support(support: constraints.Constraint) -> str:
+    """A constraint for a one-line message: its repr, or its class where that would print tensors (an interval's
+    bounds per datapoint)."""
+    return type(support).__name__.lstrip("_") if _support_tensors(support) else str(support)
+
+
+def _support_tensors(support: constraints.Constraint) -> list[torch.Tensor]:
+    """The tensors a constraint is parameterized by (an interval's bounds...), nested constraints' included."""
+    found: list[torch.Tensor] = []
+    for value in vars(support).values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, constraints.Constraint):
+                found.extend(_support_tensors(item))
+    return found
 
 
 def _unconstrainable(support: constraints.Constraint) -> constraints.Constraint:
