@@ -459,6 +459,24 @@ def _structure(model: Callable, guide: Callable, data: tuple, data_plate: str | 
     return structure
 
 
+def check_ais_applies(model: Callable, guide: Callable, x: torch.Tensor, *cond: torch.Tensor,
+                      data_plate: str | None = None) -> ProgramStructure:
+    """Refuse, before any estimation, a program AIS cannot anneal; return its structure.
+
+    The checks :func:`ais_log_evidence` makes on its first chunk (no enumerated or discrete latent site, supports
+    that ``biject_to`` maps and that do not move with other latents, the guide's draws inside the model's
+    supports), run on the first two datapoints with two chains: milliseconds, so a command that would run other
+    estimates first (``ppl-vae audit``: importance sampling over many images) refuses in one line up front.
+    Draws from Pyro's random state, so call it before seeding the estimates.
+    """
+    data = check_data(x, cond)
+    rows = slice_rows(data, slice(0, min(2, x.shape[0])))
+    with evaluation_mode(model, guide), pyro.validation_enabled(False):
+        structure = _structure(model, guide, rows, data_plate)
+        _Target(model, guide, rows, structure, 2)
+    return structure
+
+
 def _estimate(log_w: torch.Tensor, acceptance: torch.Tensor, settings: dict[str, Any], sign: float = 1.0) -> AisEstimate:
     """Log-mean-exp over chains (negated for reverse AIS, whose weights estimate 1 / p(x)), with its errors."""
     log_w = log_w.cpu()

@@ -34,11 +34,14 @@ from .ais import (
     ais_log_evidence,
     ais_settings,
     bdmc,
+    check_ais_applies,
+    simulate,
 )
 from .diagnostics import evidence_with_psis
 from .errors import InvalidDataError
 from .estimators import EvidenceEstimate
 from .inspection import check_count
+from .modes import evaluation_mode
 from .summary import evaluation_summary, mean_and_stderr
 
 AUDIT_FILE = "audit.json"
@@ -114,6 +117,14 @@ def _compare_on_hardest(model: Callable, guide: Callable, x: torch.Tensor, cond:
             for j, i in enumerate(order.tolist())]
 
 
+def _check_applies(model: Callable, guide: Callable, x: torch.Tensor, cond: tuple) -> None:
+    """Refuse in one line, before minutes of importance sampling, a program AIS or BDMC cannot run on
+    (enumerated or discrete latents, moving supports, a model that does not observe x itself...)."""
+    check_ais_applies(model, guide, x, *cond)
+    with evaluation_mode(model, guide), pyro.validation_enabled(False):
+        simulate(model, guide, 1, *(c[:1] for c in cond), data_like=x[:1])
+
+
 def audit_run(
     run_dir: str | Path, *, device: str = "cpu", data_dir: str | None = None, trust_program: bool = False,
     split: str = "test", examples: int = 200, ais_examples: int = 20, num_samples: int = 5000, simulated: int = 100,
@@ -149,6 +160,7 @@ def audit_run(
         if simulated > x.shape[0] and cond:
             raise InvalidDataError(f"simulated={simulated}: a conditional run simulates images for the labels of "
                                    f"{x.shape[0]} {split} images; ask for at most that many (or more examples)")
+        _check_applies(vae.model, vae.guide, x, cond)
         pyro.set_rng_seed(seed)
         with pyro.validation_enabled(False):  # as ppl-vae evaluate runs; the data were checked when loaded
             images = _compare_on_hardest(vae.model, vae.guide, x, cond, num_samples, min(ais_examples, x.shape[0]),
