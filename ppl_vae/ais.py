@@ -398,26 +398,77 @@ DEFAULT_LEAPFROG_STEPS = 5
 DEFAULT_TARGET_ACCEPT = 0.65
 
 
+@dataclass(frozen=True)
+class AisSettings:
+    """The settings of an AIS run (and of BDMC's two), checked when made; one object shared by
+    :func:`ais_log_evidence`, :func:`bdmc`, the audit, the CLI and ``ppl-vae bench``.
+
+    T = ``steps`` annealing steps on the ``schedule`` (``"sigmoid"`` or ``"geometric"``), C = ``chains`` chains per
+    datapoint, L = ``leapfrog_steps`` leapfrog steps per HMC transition, step sizes adapted towards the acceptance
+    probability ``target_accept`` in a pilot run of ``pilot_steps`` steps (None: max(10, T // 10), at most T; it
+    stays None here, so ``dataclasses.replace(settings, steps=...)`` re-derives it). A bad value is one line
+    (:class:`~ppl_vae.errors.InvalidDataError`).
+    """
+
+    steps: int = DEFAULT_STEPS
+    chains: int = DEFAULT_CHAINS
+    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS
+    schedule: str = "sigmoid"
+    target_accept: float = DEFAULT_TARGET_ACCEPT
+    pilot_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "chains", "leapfrog_steps"):
+            object.__setattr__(self, name, check_count(getattr(self, name), name))
+        if self.pilot_steps is not None:
+            object.__setattr__(self, "pilot_steps", check_count(self.pilot_steps, "pilot_steps"))
+        if self.schedule not in SCHEDULES:
+            raise InvalidDataError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        accept = self.target_accept
+        if isinstance(accept, bool) or not isinstance(accept, (int, float)) or not 0 < accept < 1:
+            raise InvalidDataError(f"target_accept must be a number strictly between 0 and 1, got {accept!r}")
+        object.__setattr__(self, "target_accept", float(accept))
+
+    @classmethod
+    def of(cls, settings: AisSettings | None = None, **options: Any) -> AisSettings:
+        """``settings``, or settings from keyword ``options`` (those left None take the defaults); not both."""
+        given = {name: value for name, value in options.items() if value is not None}
+        if settings is None:
+            return cls(**given)
+        if not isinstance(settings, AisSettings):
+            raise InvalidDataError(f"settings must be an AisSettings, got {type(settings).__name__}")
+        if given:
+            raise InvalidDataError(f"give AIS's settings either as settings=AisSettings(...) or as keywords, not both "
+                                   f"(got settings and {', '.join(sorted(given))})")
+        return settings
+
+    @property
+    def pilot(self) -> int:
+        """The pilot run's number of steps: ``pilot_steps``, or max(10, T // 10), at most T."""
+        return min(self.steps, max(10, self.steps // 10)) if self.pilot_steps is None else self.pilot_steps
+
+    @property
+    def model_gradients_per_datapoint(self) -> int:
+        """Gradient evaluations of the model (forward + backward) per datapoint, the pilot's included."""
+        return self.chains * self.leapfrog_steps * (max(0, self.steps - 1) + max(0, self.pilot - 1))
+
+    def record(self) -> dict[str, Any]:
+        """As recorded with the results (``AisEstimate.settings``, evaluation.json, audit.json)."""
+        return {"estimator": "ais", "steps": self.steps, "chains": self.chains, "leapfrog_steps": self.leapfrog_steps,
+                "schedule": self.schedule, "target_accept": self.target_accept, "pilot_steps": self.pilot,
+                "model_gradients_per_datapoint": self.model_gradients_per_datapoint}
+
+
 def ais_settings(steps: int = DEFAULT_STEPS, chains: int = DEFAULT_CHAINS, leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
                  schedule: str = "sigmoid", target_accept: float = DEFAULT_TARGET_ACCEPT,
                  pilot_steps: int | None = None) -> dict[str, Any]:
-    """The checked settings of an AIS run, as recorded with its results (``pilot_steps`` defaults to max(10, T // 10), at most T)."""
-    steps, chains = check_count(steps, "steps"), check_count(chains, "chains")
-    leapfrog_steps = check_count(leapfrog_steps, "leapfrog_steps")
-    if schedule not in SCHEDULES:
-        raise InvalidDataError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
-        raise InvalidDataError(f"target_accept must be a number strictly between 0 and 1, got {target_accept!r}")
-    pilot = min(steps, max(10, steps // 10)) if pilot_steps is None else check_count(pilot_steps, "pilot_steps")
-    return {"estimator": "ais", "steps": steps, "chains": chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule,
-            "target_accept": float(target_accept), "pilot_steps": pilot,
-            # gradient evaluations of the model (forward + backward) per datapoint, pilot included
-            "model_gradients_per_datapoint": chains * leapfrog_steps * (max(0, steps - 1) + max(0, pilot - 1))}
+    """The checked settings of an AIS run, as recorded with its results: ``AisSettings(...).record()``."""
+    return AisSettings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps).record()
 
 
-def _step_size_table(target: _Target, settings: dict[str, Any]) -> Callable[[float], torch.Tensor]:
+def _step_size_table(target: _Target, settings: AisSettings) -> Callable[[float], torch.Tensor]:
     """Adapt per-datapoint step sizes in a pilot run; return the fixed map β -> step sizes [n] it recorded."""
-    betas = beta_schedule(settings["pilot_steps"], settings["schedule"])
+    betas = beta_schedule(settings.pilot, settings.schedule)
     log_eps = torch.full((target.n,), math.log(INITIAL_STEP_SIZE), device=target.data[0].device)
     recorded = [log_eps.exp()]
 
@@ -425,10 +476,10 @@ def _step_size_table(target: _Target, settings: dict[str, Any]) -> Callable[[flo
         nonlocal log_eps
         # Towards the target from the transition's Metropolis probability: smaller after rejections, larger after
         # acceptances; the pilot's weights are discarded, so adapting its chains from their own history is harmless.
-        log_eps = log_eps + ADAPT_RATE * (accept_prob - settings["target_accept"])
+        log_eps = log_eps + ADAPT_RATE * (accept_prob - settings.target_accept)
         recorded.append(log_eps.exp())
 
-    _anneal(target, target.evaluate(target.initial_u()), betas, lambda i: log_eps.exp(), settings["leapfrog_steps"], adapt)
+    _anneal(target, target.evaluate(target.initial_u()), betas, lambda i: log_eps.exp(), settings.leapfrog_steps, adapt)
     at = torch.cat([betas[:1], betas[1:len(recorded)]])  # the step size recorded after the transition at each β
     table = torch.stack(recorded)
 
@@ -477,11 +528,11 @@ def check_ais_applies(model: Callable, guide: Callable, x: torch.Tensor, *cond: 
     return structure
 
 
-def _estimate(log_w: torch.Tensor, acceptance: torch.Tensor, settings: dict[str, Any], sign: float = 1.0) -> AisEstimate:
+def _estimate(log_w: torch.Tensor, acceptance: torch.Tensor, settings: AisSettings, sign: float = 1.0) -> AisEstimate:
     """Log-mean-exp over chains (negated for reverse AIS, whose weights estimate 1 / p(x)), with its errors."""
     log_w = log_w.cpu()
     result = evidence_from_weight_sums(torch.logsumexp(log_w, 1), torch.logsumexp(2 * log_w, 1), log_w.shape[1])
-    return AisEstimate(sign * result.log_evidence, result.stderr, result.ess, log_w, acceptance.cpu(), dict(settings))
+    return AisEstimate(sign * result.log_evidence, result.stderr, result.ess, log_w, acceptance.cpu(), settings.record())
 
 
 def _progress(total: int, progress: bool | str):
@@ -497,46 +548,49 @@ def ais_log_evidence(
     guide: Callable,
     x: torch.Tensor,
     *cond: torch.Tensor,
-    steps: int = DEFAULT_STEPS,
-    chains: int = DEFAULT_CHAINS,
-    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    schedule: str = "sigmoid",
-    target_accept: float = DEFAULT_TARGET_ACCEPT,
+    steps: int | None = None,
+    chains: int | None = None,
+    leapfrog_steps: int | None = None,
+    schedule: str | None = None,
+    target_accept: float | None = None,
     pilot_steps: int | None = None,
     chunk_size: int | None = None,
     data_plate: str | None = None,
     progress: bool | str = False,
+    settings: AisSettings | None = None,
 ) -> AisEstimate:
     r"""AIS log p(x) per datapoint (nats), a stochastic lower bound, with its standard error over chains.
 
     T = ``steps`` annealing steps from the guide to the posterior on the ``schedule``, C = ``chains`` chains per
     datapoint, each transition L = ``leapfrog_steps`` leapfrog steps of HMC with per-datapoint step sizes adapted
     towards ``target_accept`` in a pilot run of ``pilot_steps`` steps (module docstring: the weights, the schedule,
-    why the adaptation keeps E[w] = p(x)). Positional tensors after x are per-datapoint conditioning data, as in
+    why the adaptation keeps E[w] = p(x)); these come as keywords (defaults: :class:`AisSettings`'s) or as one
+    ``settings=AisSettings(...)``, not both. Positional tensors after x are per-datapoint conditioning data, as in
     :func:`ppl_vae.estimators.evidence_estimate`. Cost: C L (T - 1 + pilot - 1) gradient evaluations of the model
     per datapoint; ``chunk_size`` datapoints at a time (by default from the evaluation's memory budget).
     The programs run in eval mode (:func:`ppl_vae.modes.evaluation_mode`). Discrete latent sites are refused.
     """
-    settings = ais_settings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps)
+    settings = AisSettings.of(settings, steps=steps, chains=chains, leapfrog_steps=leapfrog_steps, schedule=schedule,
+                              target_accept=target_accept, pilot_steps=pilot_steps)
     data = check_data(x, cond)
-    rows_per_chunk = _chunk_rows(x, settings["chains"], chunk_size)
+    rows_per_chunk = _chunk_rows(x, settings.chains, chunk_size)
     num_rows = x.shape[0]
-    log_w = torch.empty(num_rows, settings["chains"], dtype=torch.float64)
+    log_w = torch.empty(num_rows, settings.chains, dtype=torch.float64)
     acceptance = torch.empty(num_rows, dtype=torch.float64)
-    betas = beta_schedule(settings["steps"], schedule)
+    betas = beta_schedule(settings.steps, settings.schedule)
     chunks = math.ceil(num_rows / rows_per_chunk)
-    bar = _progress(chunks * (settings["steps"] + settings["pilot_steps"]), progress)
+    bar = _progress(chunks * (settings.steps + settings.pilot), progress)
     with evaluation_mode(model, guide):
         structure = _structure(model, guide, slice_rows(data, slice(0, rows_per_chunk)), data_plate)
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, num_rows))
             chunk = slice_rows(data, rows)
-            step_size = _step_size_table(_Target(model, guide, chunk, structure, settings["chains"]), settings)
+            step_size = _step_size_table(_Target(model, guide, chunk, structure, settings.chains), settings)
             if bar is not None:
-                bar.update(settings["pilot_steps"])
-            target = _Target(model, guide, chunk, structure, settings["chains"])  # fresh guide draws, not the pilot's
+                bar.update(settings.pilot)
+            target = _Target(model, guide, chunk, structure, settings.chains)  # fresh guide draws, not the pilot's
             chunk_w, chunk_acc = _anneal(target, target.evaluate(target.initial_u()), betas,
-                                         lambda i: step_size(betas[i].item()), settings["leapfrog_steps"], bar=bar)
+                                         lambda i: step_size(betas[i].item()), settings.leapfrog_steps, bar=bar)
             log_w[rows], acceptance[rows] = chunk_w.T.cpu(), chunk_acc.cpu()
     if bar is not None:
         bar.close()
@@ -615,26 +669,29 @@ def bdmc(
     num_datapoints: int,
     *cond: torch.Tensor,
     data_like: torch.Tensor,
-    steps: int = DEFAULT_STEPS,
-    chains: int = DEFAULT_CHAINS,
-    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    schedule: str = "sigmoid",
-    target_accept: float = DEFAULT_TARGET_ACCEPT,
+    steps: int | None = None,
+    chains: int | None = None,
+    leapfrog_steps: int | None = None,
+    schedule: str | None = None,
+    target_accept: float | None = None,
     pilot_steps: int | None = None,
     chunk_size: int | None = None,
     data_plate: str | None = None,
     progress: bool | str = False,
+    settings: AisSettings | None = None,
 ) -> BdmcResult:
     """Bidirectional Monte Carlo: forward and reverse AIS on data simulated from the model, per datapoint.
 
     Simulates (x, z) ~ p(x, z) (:func:`simulate`; ``data_like`` gives x's shape), then runs forward AIS from the
     guide (a stochastic lower bound of log p(x)) and reverse AIS from z, an exact posterior sample of its x
-    (a stochastic upper bound), with the same settings and step sizes (one pilot per chunk). All C reverse
+    (a stochastic upper bound), with the same settings (keywords or ``settings=AisSettings(...)``, as in
+    :func:`ais_log_evidence`) and step sizes (one pilot per chunk). All C reverse
     chains of a datapoint start from its one z: each chain's w' is still unbiased for 1 / p(x). The gap
     certifies how close forward AIS with these settings gets on data from the model (module docstring).
     """
-    settings = ais_settings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps)
-    chains = settings["chains"]
+    settings = AisSettings.of(settings, steps=steps, chains=chains, leapfrog_steps=leapfrog_steps, schedule=schedule,
+                              target_accept=target_accept, pilot_steps=pilot_steps)
+    chains = settings.chains
     with evaluation_mode(model, guide):
         data, z, structure = simulate(model, guide, num_datapoints, *cond, data_like=data_like, data_plate=data_plate)
         rows_per_chunk = _chunk_rows(data[0], chains, chunk_size)
@@ -642,26 +699,27 @@ def bdmc(
         forward = torch.empty(n, chains, dtype=torch.float64)
         reverse = torch.empty(n, chains, dtype=torch.float64)
         acc_forward, acc_reverse = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-        betas = beta_schedule(settings["steps"], schedule)
-        bar = _progress(math.ceil(n / rows_per_chunk) * (2 * settings["steps"] + settings["pilot_steps"]), progress)
+        betas = beta_schedule(settings.steps, settings.schedule)
+        bar = _progress(math.ceil(n / rows_per_chunk) * (2 * settings.steps + settings.pilot), progress)
         for start in range(0, n, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, n))
             chunk = slice_rows(data, rows)
             step_size = _step_size_table(_Target(model, guide, chunk, structure, chains), settings)
             if bar is not None:
-                bar.update(settings["pilot_steps"])
+                bar.update(settings.pilot)
             target = _Target(model, guide, chunk, structure, chains)
             log_w, acc = _anneal(target, target.evaluate(target.initial_u()), betas,
-                                 lambda i: step_size(betas[i].item()), settings["leapfrog_steps"], bar=bar)
+                                 lambda i: step_size(betas[i].item()), settings.leapfrog_steps, bar=bar)
             forward[rows], acc_forward[rows] = log_w.T.cpu(), acc.cpu()
             down = betas.flip(0)
             log_w, acc = _anneal(target, target.evaluate(_exact_start(target, z, rows)), down,
-                                 lambda i: step_size(down[i].item()), settings["leapfrog_steps"], bar=bar)
+                                 lambda i: step_size(down[i].item()), settings.leapfrog_steps, bar=bar)
             reverse[rows], acc_reverse[rows] = log_w.T.cpu(), acc.cpu()
     if bar is not None:
         bar.close()
     lower, upper = _estimate(forward, acc_forward, settings), _estimate(reverse, acc_reverse, settings, sign=-1.0)
-    return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data), dict(settings))
+    return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data),
+                      settings.record())
 
 
 def _check_continuous(name: str, model_site: dict, guide_site: dict) -> None:
