@@ -66,3 +66,15 @@ def test_a_stale_gradient_of_the_reused_workspace_raises_instead_of_being_wrong(
     _BernoulliLogProb.apply(2 * logits, x, 1, workspace)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(first.sum(), logits)
+
+
+def test_the_ais_bench_reports_the_floor_share_in_cpu_time_on_the_cpu():
+    """On a shared machine wall time counts waiting for a core; the CPU-time share is the one to compare."""
+    from ppl_vae.bench import format_ais_benchmark, time_ais
+    from ppl_vae.evaluate import AisSettings
+
+    result = time_ais(torch.device("cpu"), num_examples=2, repeats=1, settings=AisSettings(steps=2, chains=2,
+                                                                                          leapfrog_steps=1))
+    assert set(result["cpu_seconds"]) == {"ais", "floor"} and all(v > 0 for v in result["cpu_seconds"].values())
+    assert result["cpu_fraction_of_floor"] == pytest.approx(result["cpu_seconds"]["floor"] / result["cpu_seconds"]["ais"])
+    assert "in CPU time" in format_ais_benchmark(result)
