@@ -25,9 +25,9 @@ schedule gets finer (more steps T) and the transitions mix better (more leapfrog
 **The transitions.** HMC on all latent sites jointly, in unconstrained space: u = T^{-1}(z) with
 T = ``biject_to(support)`` of each model site, whose density carries log |det J_T(u)| (the Jacobian is the
 same for every β, so it cancels from the weights). T is fixed per site, so a support that moves with other
-latent sites (z2 ~ Uniform(0, z1)) is refused in one line, found by comparing the supports under two guide draws. The densities come from the programs' own Pyro traces
-(``poutine.condition`` at the chains' values), as every other estimate of the package; nothing is rewritten
-per model. Chains and datapoints are vectorized (the chains in a plate left of the programs' plates); the
+latent sites (z2 ~ Uniform(0, z1)) is refused in one line, found by comparing the supports under two guide
+draws. The densities come from the programs' own Pyro traces (``poutine.condition`` at the chains' values), as
+every other estimate of the package; nothing is rewritten per model. Chains and datapoints are vectorized (the chains in a plate left of the programs' plates); the
 step size is one per datapoint (shared by all sites: no mass matrix). Observed Bernoulli sites on the CPU are
 scored by :mod:`ppl_vae.fused` with its gradient from the same sigmoid pass (:class:`_BernoulliLogProb`), into
 a workspace reused at every step, every other site by its own
