@@ -24,11 +24,13 @@ schedule gets finer (more steps T) and the transitions mix better (more leapfrog
 
 **The transitions.** HMC on all latent sites jointly, in unconstrained space: u = T^{-1}(z) with
 T = ``biject_to(support)`` of each model site, whose density carries log |det J_T(u)| (the Jacobian is the
-same for every β, so it cancels from the weights). The densities come from the programs' own Pyro traces
-(``poutine.condition`` at the chains' values), as every other estimate of the package; nothing is rewritten
-per model. Chains and datapoints are vectorized (the chains in a plate left of the programs' plates); the
+same for every β, so it cancels from the weights). T is fixed per site, so a support that moves with other
+latent sites (z2 ~ Uniform(0, z1)) is refused in one line, found by comparing the supports under two guide
+draws. The densities come from the programs' own Pyro traces (``poutine.condition`` at the chains' values), as
+every other estimate of the package; nothing is rewritten per model. Chains and datapoints are vectorized (the chains in a plate left of the programs' plates); the
 step size is one per datapoint (shared by all sites: no mass matrix). Observed Bernoulli sites on the CPU are
-scored by :mod:`ppl_vae.fused` with its gradient (:class:`_BernoulliLogProb`), every other site by its own
+scored by :mod:`ppl_vae.fused` with its gradient from the same sigmoid pass (:class:`_BernoulliLogProb`), into
+a workspace reused at every step, every other site by its own
 ``log_prob``; validation is off inside the trajectories, where a diverging step may reach values validation
 would refuse (the Metropolis test rejects them).
 
@@ -175,38 +177,36 @@ class _BernoulliLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, event_dims: int) -> torch.Tensor:
-        ctx.save_for_backward(logits, value)
-        ctx.event_dims = event_dims
-        return fused.bernoulli_log_prob(logits, value, event_dims)
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, event_dims: int, workspace: dict) -> torch.Tensor:
+        # The gradient x - σ(l) comes out of the forward's own σ(l) (every leapfrog step needs both): the backward
+        # is then at most one multiplication, not a second sigmoid pass over [chains, n, D] (measured: about a
+        # fifth of AIS's time on the default VAE on the CPU). It is written into the chunk's workspace tensor,
+        # reused at every step: a fresh [chains, n, D] tensor each step cost its first touch (page faults) again.
+        # Saved for backward, so a backward after the next step's forward (which rewrites it) would raise torch's
+        # "modified by an inplace operation" error instead of using the wrong gradient.
+        log_prob, grad = fused.bernoulli_log_prob_and_grad(logits, value, event_dims, workspace.get("grad"))
+        workspace["grad"] = grad
+        ctx.save_for_backward(grad)
+        ctx.event_dims, ctx.logits_shape = event_dims, logits.shape
+        return log_prob
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        logits, value = ctx.saved_tensors
-        shape = torch.broadcast_shapes(logits.shape, value.shape)
-        grad = grad.reshape(grad.shape + (1,) * ctx.event_dims).expand(shape)
-        logits_full, value = logits.expand(shape), value.expand(shape)
-        result = torch.empty(shape, dtype=logits.dtype, device=logits.device)
-        if not shape:
-            return torch.sigmoid(logits).sub_(value).mul_(-grad), None, None
-        # In blocks along the leading dim, like the fused forward: the three passes over a block stay in the cache
-        # (measured: the full-size sigmoid alone took 4x the blocked one on the default VAE's [8, 100, 784]).
-        rows = max(1, fused.BLOCK_ELEMENTS // max(1, shape[1:].numel()))
-        for start in range(0, shape[0], rows):
-            block = slice(start, start + rows)
-            torch.sigmoid(logits_full[block], out=result[block])
-            result[block].sub_(value[block]).mul_(grad[block].neg())
-        return result.sum_to_size(logits.shape), None, None
+        (dlogits,) = ctx.saved_tensors
+        grad = grad.reshape(grad.shape + (1,) * ctx.event_dims)
+        if not bool(torch.all(grad == 1)):  # AIS asks for d(sum)/d logits: all ones, nothing to multiply
+            dlogits = dlogits * grad
+        return dlogits.sum_to_size(ctx.logits_shape), None, None, None
 
 
-def _site_log_prob(site: dict, observed: bool) -> torch.Tensor:
+def _site_log_prob(site: dict, observed: bool, workspace: dict) -> torch.Tensor:
     """A site's log-density at its value; an observed Bernoulli (support-checked) through the fused path where it applies."""
     fn, value = site["fn"], site["value"]
     if observed and not value.requires_grad and fused.unfused_reason(fn, value, check_grad=False) is None:
         event_dims = 0
         while isinstance(fn, torch.distributions.Independent):
             event_dims, fn = event_dims + fn.reinterpreted_batch_ndims, fn.base_dist
-        return _BernoulliLogProb.apply(fn.logits, value, event_dims)
+        return _BernoulliLogProb.apply(fn.logits, value, event_dims, workspace.setdefault(site["name"], {}))
     return site["fn"].log_prob(value)
 
 
@@ -238,26 +238,52 @@ class _Target:
         conditioned = poutine.condition(self.model, data=self.initial_z)
         model_sites = sample_sites(poutine.trace(conditioned).get_trace(*data))
         check_observed_support({name: model_sites[name] for name in structure.observed_sites})
-        self.layouts = {name: self._layout(name, model_sites[name], guide_sites[name]) for name in latent}
+        for name in latent:
+            _check_continuous(name, model_sites[name], guide_sites[name])
+        self._check_fixed_supports(model_sites)
+        self.layouts = {name: self._layout(name, model_sites[name]) for name in latent}
         independent = structure.dependencies == "provenance" and not any(structure.guide_parents[n] for n in latent)
         self.guide_fns = None
+        self.workspace: dict[str, dict] = {}  # per observed site: tensors reused at every evaluation of this chunk
         if independent:  # traced again without validation, so scoring a diverged proposal later raises nothing
             with pyro.validation_enabled(False):
                 again = sample_sites(poutine.trace(poutine.condition(self.guide, data=self.initial_z)).get_trace(*data))
             self.guide_fns = {name: (again[name]["fn"], again[name]["mask"]) for name in latent}
 
-    def _layout(self, name: str, model_site: dict, guide_site: dict) -> _Layout:
-        for role, site in (("model", model_site), ("guide", guide_site)):
-            if site["fn"].support.is_discrete:
+    def _check_fixed_supports(self, model_sites: dict[str, dict]) -> None:
+        """Refuse a latent site whose support moves with other latent sites (e.g. z2 ~ Uniform(0, z1)).
+
+        HMC moves each site in unconstrained space through one map, ``biject_to`` of its support on the first
+        trace; if the support's bounds depend on other latents, that map is wrong once they move, and the
+        weights silently wrong. Candidates are sites with latent parents (provenance) whose support holds tensors
+        (an interval's bounds, say); their supports are compared with those under a second, independent draw
+        of all latents from the guide, and any that changed is refused. Programs without such sites pay nothing.
+        """
+        candidates = [name for name in self.structure.latent_sites
+                      if self.structure.model_parents.get(name) and _support_tensors(model_sites[name]["fn"].support)]
+        if not candidates:
+            return
+        with pyro.validation_enabled(False):
+            other = sample_sites(poutine.trace(self.guide).get_trace(*self.data))
+            other_z = {name: other[name]["value"].detach() for name in self.structure.latent_sites}
+            again = sample_sites(poutine.trace(poutine.condition(self.model, data=other_z)).get_trace(*self.data))
+        for name in candidates:
+            first, second = (_support_tensors(sites[name]["fn"].support) for sites in (model_sites, again))
+            if len(first) != len(second) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(first, second)):
+                fn = model_sites[name]["fn"]
                 raise ModelStructureError(
-                    f"AIS needs continuous latent sites, and the {role}'s site {name!r} is discrete "
-                    f"({describe_distribution(site['fn'])}): HMC cannot move it (enumerating it is not supported yet); "
-                    "use the importance-sampled estimate (evidence_estimate, --estimator is)"
+                    f"the model's site {name!r} ({describe_distribution(fn)}) has a support, {_describe_support(fn.support)}, whose bounds "
+                    f"change with the latent sites {sorted(self.structure.model_parents[name])}: AIS moves each site "
+                    "through one fixed map to unconstrained space, which such a support breaks; reparameterize it "
+                    "(e.g. z2 = z1 * u with u ~ Uniform(0, 1)) or use the importance-sampled estimate "
+                    "(evidence_estimate, --estimator is)"
                 )
+
+    def _layout(self, name: str, model_site: dict) -> _Layout:
         fn, z = model_site["fn"], self.initial_z[name]
         if not bool(fn.support.check(z).all()):
             raise ModelStructureError(
-                f"the guide's draws of site {name!r} fall outside the support {fn.support} of the model's "
+                f"the guide's draws of site {name!r} fall outside the support {_describe_support(fn.support)} of the model's "
                 f"{describe_distribution(fn)}: AIS anneals from the guide to the posterior, so both must share a support"
             )
         batch_ndim = z.dim() - len(fn.event_shape)
@@ -265,7 +291,7 @@ class _Target:
             transform = biject_to(_unconstrainable(fn.support))
         except NotImplementedError:
             raise ModelStructureError(
-                f"the model's site {name!r} ({describe_distribution(fn)}) has the support {fn.support}, which torch "
+                f"the model's site {name!r} ({describe_distribution(fn)}) has the support {_describe_support(fn.support)}, which torch "
                 "cannot map to unconstrained space (biject_to): AIS cannot move it; use evidence_estimate"
             ) from None
         ndim = transform.inv(z).dim()
@@ -288,7 +314,8 @@ class _Target:
             log_j = sum(self._reduce(self.layouts[name].transform.log_abs_det_jacobian(leaf, z[name]), None)
                         for name, leaf in zip(names, leaves))
             trace = poutine.trace(poutine.condition(self.model, data=z)).get_trace(*self.data)
-            log_p = sum(self._reduce(_site_log_prob(site, name in self.structure.observed_sites), site["mask"])
+            log_p = sum(self._reduce(_site_log_prob(site, name in self.structure.observed_sites, self.workspace),
+                                     site["mask"])
                         for name, site in sample_sites(trace).items())
             if self.guide_fns is not None:
                 log_q = sum(self._reduce(fn.log_prob(z[name]), mask) for name, (fn, mask) in self.guide_fns.items())
@@ -373,26 +400,77 @@ DEFAULT_LEAPFROG_STEPS = 5
 DEFAULT_TARGET_ACCEPT = 0.65
 
 
+@dataclass(frozen=True)
+class AisSettings:
+    """The settings of an AIS run (and of BDMC's two), checked when made; one object shared by
+    :func:`ais_log_evidence`, :func:`bdmc`, the audit, the CLI and ``ppl-vae bench``.
+
+    T = ``steps`` annealing steps on the ``schedule`` (``"sigmoid"`` or ``"geometric"``), C = ``chains`` chains per
+    datapoint, L = ``leapfrog_steps`` leapfrog steps per HMC transition, step sizes adapted towards the acceptance
+    probability ``target_accept`` in a pilot run of ``pilot_steps`` steps (None: max(10, T // 10), at most T; it
+    stays None here, so ``dataclasses.replace(settings, steps=...)`` re-derives it). A bad value is one line
+    (:class:`~ppl_vae.errors.InvalidDataError`).
+    """
+
+    steps: int = DEFAULT_STEPS
+    chains: int = DEFAULT_CHAINS
+    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS
+    schedule: str = "sigmoid"
+    target_accept: float = DEFAULT_TARGET_ACCEPT
+    pilot_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "chains", "leapfrog_steps"):
+            object.__setattr__(self, name, check_count(getattr(self, name), name))
+        if self.pilot_steps is not None:
+            object.__setattr__(self, "pilot_steps", check_count(self.pilot_steps, "pilot_steps"))
+        if self.schedule not in SCHEDULES:
+            raise InvalidDataError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        accept = self.target_accept
+        if isinstance(accept, bool) or not isinstance(accept, (int, float)) or not 0 < accept < 1:
+            raise InvalidDataError(f"target_accept must be a number strictly between 0 and 1, got {accept!r}")
+        object.__setattr__(self, "target_accept", float(accept))
+
+    @classmethod
+    def of(cls, settings: AisSettings | None = None, **options: Any) -> AisSettings:
+        """``settings``, or settings from keyword ``options`` (those left None take the defaults); not both."""
+        given = {name: value for name, value in options.items() if value is not None}
+        if settings is None:
+            return cls(**given)
+        if not isinstance(settings, AisSettings):
+            raise InvalidDataError(f"settings must be an AisSettings, got {type(settings).__name__}")
+        if given:
+            raise InvalidDataError(f"give AIS's settings either as settings=AisSettings(...) or as keywords, not both "
+                                   f"(got settings and {', '.join(sorted(given))})")
+        return settings
+
+    @property
+    def pilot(self) -> int:
+        """The pilot run's number of steps: ``pilot_steps``, or max(10, T // 10), at most T."""
+        return min(self.steps, max(10, self.steps // 10)) if self.pilot_steps is None else self.pilot_steps
+
+    @property
+    def model_gradients_per_datapoint(self) -> int:
+        """Gradient evaluations of the model (forward + backward) per datapoint, the pilot's included."""
+        return self.chains * self.leapfrog_steps * (max(0, self.steps - 1) + max(0, self.pilot - 1))
+
+    def record(self) -> dict[str, Any]:
+        """As recorded with the results (``AisEstimate.settings``, evaluation.json, audit.json)."""
+        return {"estimator": "ais", "steps": self.steps, "chains": self.chains, "leapfrog_steps": self.leapfrog_steps,
+                "schedule": self.schedule, "target_accept": self.target_accept, "pilot_steps": self.pilot,
+                "model_gradients_per_datapoint": self.model_gradients_per_datapoint}
+
+
 def ais_settings(steps: int = DEFAULT_STEPS, chains: int = DEFAULT_CHAINS, leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
                  schedule: str = "sigmoid", target_accept: float = DEFAULT_TARGET_ACCEPT,
                  pilot_steps: int | None = None) -> dict[str, Any]:
-    """The checked settings of an AIS run, as recorded with its results (``pilot_steps`` defaults to max(10, T // 10), at most T)."""
-    steps, chains = check_count(steps, "steps"), check_count(chains, "chains")
-    leapfrog_steps = check_count(leapfrog_steps, "leapfrog_steps")
-    if schedule not in SCHEDULES:
-        raise InvalidDataError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
-        raise InvalidDataError(f"target_accept must be a number strictly between 0 and 1, got {target_accept!r}")
-    pilot = min(steps, max(10, steps // 10)) if pilot_steps is None else check_count(pilot_steps, "pilot_steps")
-    return {"estimator": "ais", "steps": steps, "chains": chains, "leapfrog_steps": leapfrog_steps, "schedule": schedule,
-            "target_accept": float(target_accept), "pilot_steps": pilot,
-            # gradient evaluations of the model (forward + backward) per datapoint, pilot included
-            "model_gradients_per_datapoint": chains * leapfrog_steps * (max(0, steps - 1) + max(0, pilot - 1))}
+    """The checked settings of an AIS run, as recorded with its results: ``AisSettings(...).record()``."""
+    return AisSettings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps).record()
 
 
-def _step_size_table(target: _Target, settings: dict[str, Any]) -> Callable[[float], torch.Tensor]:
+def _step_size_table(target: _Target, settings: AisSettings) -> Callable[[float], torch.Tensor]:
     """Adapt per-datapoint step sizes in a pilot run; return the fixed map β -> step sizes [n] it recorded."""
-    betas = beta_schedule(settings["pilot_steps"], settings["schedule"])
+    betas = beta_schedule(settings.pilot, settings.schedule)
     log_eps = torch.full((target.n,), math.log(INITIAL_STEP_SIZE), device=target.data[0].device)
     recorded = [log_eps.exp()]
 
@@ -400,10 +478,10 @@ def _step_size_table(target: _Target, settings: dict[str, Any]) -> Callable[[flo
         nonlocal log_eps
         # Towards the target from the transition's Metropolis probability: smaller after rejections, larger after
         # acceptances; the pilot's weights are discarded, so adapting its chains from their own history is harmless.
-        log_eps = log_eps + ADAPT_RATE * (accept_prob - settings["target_accept"])
+        log_eps = log_eps + ADAPT_RATE * (accept_prob - settings.target_accept)
         recorded.append(log_eps.exp())
 
-    _anneal(target, target.evaluate(target.initial_u()), betas, lambda i: log_eps.exp(), settings["leapfrog_steps"], adapt)
+    _anneal(target, target.evaluate(target.initial_u()), betas, lambda i: log_eps.exp(), settings.leapfrog_steps, adapt)
     at = torch.cat([betas[:1], betas[1:len(recorded)]])  # the step size recorded after the transition at each β
     table = torch.stack(recorded)
 
@@ -434,11 +512,29 @@ def _structure(model: Callable, guide: Callable, data: tuple, data_plate: str | 
     return structure
 
 
-def _estimate(log_w: torch.Tensor, acceptance: torch.Tensor, settings: dict[str, Any], sign: float = 1.0) -> AisEstimate:
+def check_ais_applies(model: Callable, guide: Callable, x: torch.Tensor, *cond: torch.Tensor,
+                      data_plate: str | None = None) -> ProgramStructure:
+    """Refuse, before any estimation, a program AIS cannot anneal; return its structure.
+
+    The checks :func:`ais_log_evidence` makes on its first chunk (no enumerated or discrete latent site, supports
+    that ``biject_to`` maps and that do not move with other latents, the guide's draws inside the model's
+    supports), run on the first two datapoints with two chains: milliseconds, so a command that would run other
+    estimates first (``ppl-vae audit``: importance sampling over many images) refuses in one line up front.
+    Draws from Pyro's random state, so call it before seeding the estimates.
+    """
+    data = check_data(x, cond)
+    rows = slice_rows(data, slice(0, min(2, x.shape[0])))
+    with evaluation_mode(model, guide), pyro.validation_enabled(False):
+        structure = _structure(model, guide, rows, data_plate)
+        _Target(model, guide, rows, structure, 2)
+    return structure
+
+
+def _estimate(log_w: torch.Tensor, acceptance: torch.Tensor, settings: AisSettings, sign: float = 1.0) -> AisEstimate:
     """Log-mean-exp over chains (negated for reverse AIS, whose weights estimate 1 / p(x)), with its errors."""
     log_w = log_w.cpu()
     result = evidence_from_weight_sums(torch.logsumexp(log_w, 1), torch.logsumexp(2 * log_w, 1), log_w.shape[1])
-    return AisEstimate(sign * result.log_evidence, result.stderr, result.ess, log_w, acceptance.cpu(), dict(settings))
+    return AisEstimate(sign * result.log_evidence, result.stderr, result.ess, log_w, acceptance.cpu(), settings.record())
 
 
 def _progress(total: int, progress: bool | str):
@@ -454,46 +550,49 @@ def ais_log_evidence(
     guide: Callable,
     x: torch.Tensor,
     *cond: torch.Tensor,
-    steps: int = DEFAULT_STEPS,
-    chains: int = DEFAULT_CHAINS,
-    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    schedule: str = "sigmoid",
-    target_accept: float = DEFAULT_TARGET_ACCEPT,
+    steps: int | None = None,
+    chains: int | None = None,
+    leapfrog_steps: int | None = None,
+    schedule: str | None = None,
+    target_accept: float | None = None,
     pilot_steps: int | None = None,
     chunk_size: int | None = None,
     data_plate: str | None = None,
     progress: bool | str = False,
+    settings: AisSettings | None = None,
 ) -> AisEstimate:
     r"""AIS log p(x) per datapoint (nats), a stochastic lower bound, with its standard error over chains.
 
     T = ``steps`` annealing steps from the guide to the posterior on the ``schedule``, C = ``chains`` chains per
     datapoint, each transition L = ``leapfrog_steps`` leapfrog steps of HMC with per-datapoint step sizes adapted
     towards ``target_accept`` in a pilot run of ``pilot_steps`` steps (module docstring: the weights, the schedule,
-    why the adaptation keeps E[w] = p(x)). Positional tensors after x are per-datapoint conditioning data, as in
+    why the adaptation keeps E[w] = p(x)); these come as keywords (defaults: :class:`AisSettings`'s) or as one
+    ``settings=AisSettings(...)``, not both. Positional tensors after x are per-datapoint conditioning data, as in
     :func:`ppl_vae.estimators.evidence_estimate`. Cost: C L (T - 1 + pilot - 1) gradient evaluations of the model
     per datapoint; ``chunk_size`` datapoints at a time (by default from the evaluation's memory budget).
     The programs run in eval mode (:func:`ppl_vae.modes.evaluation_mode`). Discrete latent sites are refused.
     """
-    settings = ais_settings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps)
+    settings = AisSettings.of(settings, steps=steps, chains=chains, leapfrog_steps=leapfrog_steps, schedule=schedule,
+                              target_accept=target_accept, pilot_steps=pilot_steps)
     data = check_data(x, cond)
-    rows_per_chunk = _chunk_rows(x, settings["chains"], chunk_size)
+    rows_per_chunk = _chunk_rows(x, settings.chains, chunk_size)
     num_rows = x.shape[0]
-    log_w = torch.empty(num_rows, settings["chains"], dtype=torch.float64)
+    log_w = torch.empty(num_rows, settings.chains, dtype=torch.float64)
     acceptance = torch.empty(num_rows, dtype=torch.float64)
-    betas = beta_schedule(settings["steps"], schedule)
+    betas = beta_schedule(settings.steps, settings.schedule)
     chunks = math.ceil(num_rows / rows_per_chunk)
-    bar = _progress(chunks * (settings["steps"] + settings["pilot_steps"]), progress)
+    bar = _progress(chunks * (settings.steps + settings.pilot), progress)
     with evaluation_mode(model, guide):
         structure = _structure(model, guide, slice_rows(data, slice(0, rows_per_chunk)), data_plate)
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, num_rows))
             chunk = slice_rows(data, rows)
-            step_size = _step_size_table(_Target(model, guide, chunk, structure, settings["chains"]), settings)
+            step_size = _step_size_table(_Target(model, guide, chunk, structure, settings.chains), settings)
             if bar is not None:
-                bar.update(settings["pilot_steps"])
-            target = _Target(model, guide, chunk, structure, settings["chains"])  # fresh guide draws, not the pilot's
+                bar.update(settings.pilot)
+            target = _Target(model, guide, chunk, structure, settings.chains)  # fresh guide draws, not the pilot's
             chunk_w, chunk_acc = _anneal(target, target.evaluate(target.initial_u()), betas,
-                                         lambda i: step_size(betas[i].item()), settings["leapfrog_steps"], bar=bar)
+                                         lambda i: step_size(betas[i].item()), settings.leapfrog_steps, bar=bar)
             log_w[rows], acceptance[rows] = chunk_w.T.cpu(), chunk_acc.cpu()
     if bar is not None:
         bar.close()
@@ -572,26 +671,29 @@ def bdmc(
     num_datapoints: int,
     *cond: torch.Tensor,
     data_like: torch.Tensor,
-    steps: int = DEFAULT_STEPS,
-    chains: int = DEFAULT_CHAINS,
-    leapfrog_steps: int = DEFAULT_LEAPFROG_STEPS,
-    schedule: str = "sigmoid",
-    target_accept: float = DEFAULT_TARGET_ACCEPT,
+    steps: int | None = None,
+    chains: int | None = None,
+    leapfrog_steps: int | None = None,
+    schedule: str | None = None,
+    target_accept: float | None = None,
     pilot_steps: int | None = None,
     chunk_size: int | None = None,
     data_plate: str | None = None,
     progress: bool | str = False,
+    settings: AisSettings | None = None,
 ) -> BdmcResult:
     """Bidirectional Monte Carlo: forward and reverse AIS on data simulated from the model, per datapoint.
 
     Simulates (x, z) ~ p(x, z) (:func:`simulate`; ``data_like`` gives x's shape), then runs forward AIS from the
     guide (a stochastic lower bound of log p(x)) and reverse AIS from z, an exact posterior sample of its x
-    (a stochastic upper bound), with the same settings and step sizes (one pilot per chunk). All C reverse
+    (a stochastic upper bound), with the same settings (keywords or ``settings=AisSettings(...)``, as in
+    :func:`ais_log_evidence`) and step sizes (one pilot per chunk). All C reverse
     chains of a datapoint start from its one z: each chain's w' is still unbiased for 1 / p(x). The gap
     certifies how close forward AIS with these settings gets on data from the model (module docstring).
     """
-    settings = ais_settings(steps, chains, leapfrog_steps, schedule, target_accept, pilot_steps)
-    chains = settings["chains"]
+    settings = AisSettings.of(settings, steps=steps, chains=chains, leapfrog_steps=leapfrog_steps, schedule=schedule,
+                              target_accept=target_accept, pilot_steps=pilot_steps)
+    chains = settings.chains
     with evaluation_mode(model, guide):
         data, z, structure = simulate(model, guide, num_datapoints, *cond, data_like=data_like, data_plate=data_plate)
         rows_per_chunk = _chunk_rows(data[0], chains, chunk_size)
@@ -599,26 +701,55 @@ def bdmc(
         forward = torch.empty(n, chains, dtype=torch.float64)
         reverse = torch.empty(n, chains, dtype=torch.float64)
         acc_forward, acc_reverse = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-        betas = beta_schedule(settings["steps"], schedule)
-        bar = _progress(math.ceil(n / rows_per_chunk) * (2 * settings["steps"] + settings["pilot_steps"]), progress)
+        betas = beta_schedule(settings.steps, settings.schedule)
+        bar = _progress(math.ceil(n / rows_per_chunk) * (2 * settings.steps + settings.pilot), progress)
         for start in range(0, n, rows_per_chunk):
             rows = slice(start, min(start + rows_per_chunk, n))
             chunk = slice_rows(data, rows)
             step_size = _step_size_table(_Target(model, guide, chunk, structure, chains), settings)
             if bar is not None:
-                bar.update(settings["pilot_steps"])
+                bar.update(settings.pilot)
             target = _Target(model, guide, chunk, structure, chains)
             log_w, acc = _anneal(target, target.evaluate(target.initial_u()), betas,
-                                 lambda i: step_size(betas[i].item()), settings["leapfrog_steps"], bar=bar)
+                                 lambda i: step_size(betas[i].item()), settings.leapfrog_steps, bar=bar)
             forward[rows], acc_forward[rows] = log_w.T.cpu(), acc.cpu()
             down = betas.flip(0)
             log_w, acc = _anneal(target, target.evaluate(_exact_start(target, z, rows)), down,
-                                 lambda i: step_size(down[i].item()), settings["leapfrog_steps"], bar=bar)
+                                 lambda i: step_size(down[i].item()), settings.leapfrog_steps, bar=bar)
             reverse[rows], acc_reverse[rows] = log_w.T.cpu(), acc.cpu()
     if bar is not None:
         bar.close()
     lower, upper = _estimate(forward, acc_forward, settings), _estimate(reverse, acc_reverse, settings, sign=-1.0)
-    return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data), dict(settings))
+    return BdmcResult(lower, upper, upper.log_evidence - lower.log_evidence, tuple(t.cpu() for t in data),
+                      settings.record())
+
+
+def _check_continuous(name: str, model_site: dict, guide_site: dict) -> None:
+    for role, site in (("model", model_site), ("guide", guide_site)):
+        if site["fn"].support.is_discrete:
+            raise ModelStructureError(
+                f"AIS needs continuous latent sites, and the {role}'s site {name!r} is discrete "
+                f"({describe_distribution(site['fn'])}): HMC cannot move it (enumerating it is not supported yet); "
+                "use the importance-sampled estimate (evidence_estimate, --estimator is)"
+            )
+
+
+def _describe_support(support: constraints.Constraint) -> str:
+    """A constraint for a one-line message: its repr, or its class where that would print tensors (an interval's
+    bounds per datapoint)."""
+    return type(support).__name__.lstrip("_") if _support_tensors(support) else str(support)
+
+
+def _support_tensors(support: constraints.Constraint) -> list[torch.Tensor]:
+    """The tensors a constraint is parameterized by (an interval's bounds...), nested constraints' included."""
+    found: list[torch.Tensor] = []
+    for value in vars(support).values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, constraints.Constraint):
+                found.extend(_support_tensors(item))
+    return found
 
 
 def _unconstrainable(support: constraints.Constraint) -> constraints.Constraint:

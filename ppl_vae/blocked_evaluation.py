@@ -19,7 +19,9 @@ import torch
 
 from .errors import PplVaeError
 from .evaluate import (
+    AisSettings,
     EvidenceEstimate,
+    ais_log_evidence,
     check_data,
     elbo_decomposition,
     evidence_estimate,
@@ -60,7 +62,7 @@ def evaluate_per_datapoint(
     chunk_size: int | None = None,
     block_size: int = EVALUATION_BLOCK_SIZE,
     progress: bool = False,
-    ais: dict[str, Any] | None = None,
+    ais: AisSettings | dict[str, Any] | None = None,
 ) -> PerDatapointEvaluation:
     """Importance-sampled log p(x) with ``num_samples`` draws and the ELBO decomposition with ``elbo_samples``, per datapoint.
 
@@ -77,7 +79,7 @@ def evaluate_per_datapoint(
     restored afterwards. An error in any block (say, a non-finite evidence estimate) is
     raised on every process.
 
-    ``ais``: keyword arguments of :func:`ppl_vae.ais.ais_log_evidence` (steps, chains, ...); given, the evidence of
+    ``ais``: an :class:`ppl_vae.ais.AisSettings` (or a dict of its fields); given, the evidence of
     each block is AIS's (its chains as ``num_samples``, its acceptance in ``acceptance``) instead of importance
     sampling's, seeded per block the same way, and ``num_samples`` and ``psis`` must not be given.
     """
@@ -142,12 +144,11 @@ def _evaluate_block(model: Callable, guide: Callable, block_data: tuple[torch.Te
     return result
 
 
-def _ais_block(model: Callable, guide: Callable, block_data: tuple, ais: dict[str, Any], chunk_size: int | None,
-               progress: bool | str) -> tuple[EvidenceEstimate, torch.Tensor]:
+def _ais_block(model: Callable, guide: Callable, block_data: tuple, ais: AisSettings | dict[str, Any],
+               chunk_size: int | None, progress: bool | str) -> tuple[EvidenceEstimate, torch.Tensor]:
     """One block's AIS log p(x) as an :class:`EvidenceEstimate` (chains as its K), and its acceptance per datapoint."""
-    from .ais import ais_log_evidence
-
-    estimate = ais_log_evidence(model, guide, *block_data, chunk_size=chunk_size, progress=progress, **ais)
+    settings = ais if isinstance(ais, AisSettings) else AisSettings(**ais)
+    estimate = ais_log_evidence(model, guide, *block_data, chunk_size=chunk_size, progress=progress, settings=settings)
     evidence = EvidenceEstimate(estimate.log_evidence, estimate.stderr, estimate.ess, estimate.settings["chains"])
     return evidence, estimate.acceptance
 

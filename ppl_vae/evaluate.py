@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .ais import (
     AisEstimate,
+    AisSettings,
     BdmcResult,
     ais_log_evidence,
     ais_settings,
@@ -74,7 +75,7 @@ from .summary import (
 
 __all__ = [
     # annealed importance sampling and BDMC
-    "AisEstimate", "BdmcResult", "ais_log_evidence", "ais_settings", "bdmc", "beta_schedule",
+    "AisEstimate", "AisSettings", "BdmcResult", "ais_log_evidence", "ais_settings", "bdmc", "beta_schedule",
     # inspection
     "DEVICE_ERRORS", "KL_ANALYTIC", "KL_MONTE_CARLO", "OUT_OF_MEMORY_ERRORS", "PARTICLE_PLATE", "Data",
     "ProgramStructure", "check_count", "check_data", "data_argument_names", "evidence_quantity",

@@ -131,6 +131,51 @@ def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor, event_dims: in
     return result
 
 
+def bernoulli_log_prob_and_grad(logits: torch.Tensor, value: torch.Tensor, event_dims: int = 0,
+                                grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`bernoulli_log_prob` and its gradient in the logits at the broadcast shape, x - σ(l), in one pass.
+
+    For HMC, which needs both at every leapfrog step. σ(l) is computed once per element (torch's ``sigmoid``, the
+    expensive pass) and serves both: the gradient is x - σ(l), and log σ(|l|) = log max(σ(l), 1 - σ(l))
+    (exact for l >= 0; for l < 0 the rounding of 1 - σ(l) is at most half a unit in the last place of a number
+    in [1/2, 1], the same size as :func:`bernoulli_log_prob`'s own approximation).
+    The gradient has the broadcast shape (written into ``grad_out`` when it is given and of that shape and dtype:
+    a caller that scores the same shapes repeatedly saves allocating, and first touching, a fresh tensor each
+    time); summing it to the logits' shape is the caller's.
+    """
+    shape = torch.broadcast_shapes(logits.shape, value.shape)
+    batch_dims = len(shape) - event_dims
+    sign = (2 * value - 1).expand(shape)  # once, on the values' own (unbroadcast) shape
+    logits, value = logits.expand(shape), value.expand(shape)
+    reusable = (grad_out is not None and grad_out.shape == shape and grad_out.dtype == logits.dtype
+                and grad_out.device == logits.device and grad_out.is_contiguous())
+    grad = grad_out if reusable else torch.empty(shape, dtype=logits.dtype, device=logits.device)
+    dims = tuple(range(batch_dims, len(shape)))
+    if not shape or batch_dims == 0:  # no leading batch dim to block along
+        return _bernoulli_grad_block(logits, value, sign, dims, grad, torch.empty_like(grad)), grad
+    rows = max(1, BLOCK_ELEMENTS // max(1, shape[1:].numel()))
+    scratch = torch.empty((min(rows, shape[0]), *shape[1:]), dtype=logits.dtype, device=logits.device)
+    result = torch.empty(shape[:batch_dims], dtype=logits.dtype, device=logits.device)
+    for start in range(0, shape[0], rows):
+        block = slice(start, min(start + rows, shape[0]))
+        result[block] = _bernoulli_grad_block(logits[block], value[block], sign[block], dims, grad[block],
+                                              scratch[: block.stop - block.start])
+    return result, grad
+
+
+def _bernoulli_grad_block(logits: torch.Tensor, value: torch.Tensor, sign: torch.Tensor, dims: tuple[int, ...],
+                          grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_bernoulli_block`'s sum, writing x - σ(l) into ``grad``; ``out`` is scratch (both of the block's shape)."""
+    torch.sigmoid(logits, out=grad)
+    torch.sub(grad.new_ones(()), grad, out=out)
+    torch.maximum(out, grad, out=out).log_()  # log sigmoid(|l|) = log max(σ(l), 1 - σ(l)), in [-log 2, 0]
+    log_sigmoid_abs = out.sum(dims) if dims else out.clone()
+    torch.mul(logits, sign, out=out)
+    out.clamp_(max=0)  # min((2x - 1) l, 0)
+    torch.sub(value, grad, out=grad)  # x - σ(l)
+    return log_sigmoid_abs.add_(out.sum(dims) if dims else out)
+
+
 def _bernoulli_block(logits: torch.Tensor, sign: torch.Tensor, dims: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
     """sum over ``dims`` of min(sign * l, 0) + log sigmoid(|l|), with ``out`` (of the block's shape) as scratch."""
     torch.abs(logits, out=out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,9 +26,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ais_options(args: argparse.Namespace) -> dict[str, int] | None:
-    """What ``--ais-*`` ask :func:`ppl_vae.bench.time_ais` to time; None with ``--no-ais``."""
+def _ais_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """What ``--ais-*`` ask :func:`ppl_vae.bench.time_ais` to time (images, and the settings); None with ``--no-ais``."""
+    from ..ais import AisSettings
+
     if args.no_ais:
         return None
-    return dict(num_examples=args.ais_examples, steps=args.ais_steps, chains=args.ais_chains,
-                leapfrog_steps=args.leapfrog_steps)
+    settings = AisSettings(steps=args.ais_steps, chains=args.ais_chains, leapfrog_steps=args.leapfrog_steps)
+    return dict(num_examples=args.ais_examples, settings=settings)

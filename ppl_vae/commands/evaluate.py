@@ -13,10 +13,13 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import PplVaeWarning
 from .scale_out import launched
+
+if TYPE_CHECKING:  # commands import their heavy modules when they run
+    from ..ais import AisSettings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,17 +116,15 @@ def evaluate(args: argparse.Namespace, context) -> int:
     return 0
 
 
-def ais_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The keyword arguments of :func:`ppl_vae.ais.ais_log_evidence` that ``--estimator ais`` and its options ask
-    for, checked now (before the run is loaded); None for ``--estimator is``."""
-    from ..ais import ais_settings
+def ais_options(args: argparse.Namespace) -> AisSettings | None:
+    """The AIS settings that ``--estimator ais`` and its options ask for, checked now (a bad value is one line
+    before the run and its data are loaded); None for ``--estimator is``."""
+    from ..ais import AisSettings
 
     if getattr(args, "estimator", "is") != "ais":
         return None
-    options = dict(steps=args.ais_steps, chains=args.ais_chains, leapfrog_steps=args.leapfrog_steps,
-                   schedule=args.ais_schedule)
-    ais_settings(**options)  # a bad value is one line now, not after the run and its data are loaded
-    return options
+    return AisSettings(steps=args.ais_steps, chains=args.ais_chains, leapfrog_steps=args.leapfrog_steps,
+                       schedule=args.ais_schedule)
 
 
 IS_ONLY, AIS_ONLY = ("--num-samples", "-k"), ("--ais-steps", "--ais-chains", "--leapfrog-steps", "--ais-schedule")
@@ -149,13 +150,12 @@ def _warn_unused_estimator_options(args: argparse.Namespace, ais: bool) -> None:
                       PplVaeWarning, stacklevel=2)
 
 
-def _record_ais(result: dict[str, Any], ais: dict[str, Any], acceptance) -> None:
+def _record_ais(result: dict[str, Any], ais: AisSettings, acceptance) -> None:
     """Record AIS as the estimator of ``result``'s log p̂; PSIS k-hat (a diagnostic of importance weights) is not
     computed by an AIS evaluation, and says so."""
-    from ..ais import ais_settings
     from ..audit import record_ais_estimator
 
-    record_ais_estimator(result, ais_settings(**ais), acceptance)
+    record_ais_estimator(result, ais.record(), acceptance)
     result["diagnostics"]["psis"] = {"unavailable": "PSIS k-hat diagnoses importance weights; this evaluation's "
                                      "log p(x) is AIS's (run `ppl-vae evaluate --estimator is` or `ppl-vae audit`)"}
 
