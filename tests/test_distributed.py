@@ -128,9 +128,12 @@ def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
 
 # --- Training from the command line: torchrun, checkpoints, resume ----------------------------------
 
-TINY_RUN = ["--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--latent-dim", "4",
-            "--hidden-sizes", "16", "--test-samples", "5", "--evidence-every", "1", "--evidence-examples", "30",
-            "--evidence-samples", "10", "--device", "cpu", "--no-progress"]
+# A program with labels (the built-in conditional VAE, its labels y sharded with the images): the one training loop
+# under DDP with per-datapoint data besides x, and its evidence log p(x | y).
+TINY_RUN = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 4, "hidden_sizes": [16]}',
+            "--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--test-samples", "5",
+            "--evidence-every", "1", "--evidence-examples", "30", "--evidence-samples", "10", "--device", "cpu",
+            "--no-progress"]
 TIMING_KEYS = {"epoch_seconds", "steps_per_second", "train_seconds"}
 
 
@@ -154,7 +157,7 @@ def without_timings(records: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
 
 
-def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
+def test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
     tmp_path, small_data_root, cli_launch
 ):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -168,12 +171,14 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     assert ran.returncode == 0, ran.stderr
     finish(first)
     out = ran.stdout
-    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out
+    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out and "log p̂(x | y)" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
     assert runs.load_checkpoint(resumed)["epoch"] == 1
-    # Resumed under torchrun itself as well.
-    finish(start_cli(small_data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
-                     "--device", "cpu", "--no-progress", torchrun=True))
+    # Resumed by `ppl-vae train --resume --devices 2` (its run directory checked before torchrun starts): every
+    # setting, the program and its labels included, is the run's own.
+    ran = cli_launch("train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2", "--no-progress",
+                     data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
 
     a, b = runs.load_checkpoint(straight), runs.load_checkpoint(resumed)
     assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == b["world_size"] == 2
