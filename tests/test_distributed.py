@@ -44,9 +44,13 @@ def spawned(tmp_path_factory):
     vae = build_vae(VAEConfig(**workers.TINY))
     x = torch.bernoulli(torch.full((250, workers.TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
     torch.save({"state": vae.state_dict(), "x": x}, path / "model-and-data.pt")
+    ais_vae, ais_x = workers.tiny_vae_and_data(10)
+    (path / "ais").mkdir()
+    torch.save({"state": ais_vae.state_dict(), "x": ais_x}, path / "ais" / "model-and-data.pt")
     tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight, compiled))
              for i, (clip_norm, kl_weight, compiled) in enumerate(STEP_CASES)]
-    tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS))]
+    tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS)),
+              (workers.evaluate, (path / "ais", workers.AIS_OPTIONS))]
     workers.spawn(tasks, WORLD_SIZE)
     return path
 
@@ -107,6 +111,21 @@ def test_distributed_evaluation_equals_single_process_evaluation_exactly(spawned
             assert torch.equal(gathered["psis"][key], single["psis"][key]), key
         assert gathered["psis"]["unreliable_share"] == single["psis"]["unreliable_share"]
     assert decomposition["elbo"].shape == (250,)
+
+
+@SPAWNED
+def test_ais_on_two_processes_equals_one_process_exactly(spawned):
+    """AIS through the blocked evaluation (tests/test_ais_blocks.py): seeded per block, so the same on 2 processes."""
+    saved = torch.load(spawned / "ais" / "model-and-data.pt")
+    vae = build_vae(VAEConfig(**workers.TINY))
+    vae.load_state_dict(saved["state"])
+    single = distributed.evaluate_per_datapoint(vae.model, vae.guide, saved["x"], **workers.AIS_OPTIONS)
+    for rank in range(WORLD_SIZE):
+        gathered = torch.load(spawned / "ais" / f"evaluation-rank{rank}.pt", weights_only=False)
+        for key in ("log_evidence", "stderr", "ess"):
+            assert torch.equal(getattr(gathered["evidence"], key), getattr(single.evidence, key)), key
+        assert torch.equal(gathered["acceptance"], single.acceptance)
+        assert torch.equal(gathered["decomposition"]["elbo"], single.decomposition["elbo"])
 
 
 def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
