@@ -1,10 +1,9 @@
 """The README's quick-check commands and its Python example run as written.
 
-The quick-check commands run as a shell runs them (the ``ppl-vae`` console script, one process each); the
-other blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in
-the folder a reader would be in), which checks the same words and saves starting a Python process per line."""
+The blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in the
+folder a reader would be in), which checks the same words and saves starting a Python process per line; the
+``ppl-vae`` console script is started as a shell starts it in tests/test_cli.py."""
 
-import os
 import re
 import shlex
 import subprocess
@@ -33,15 +32,15 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "log p(x | y)" in stdout
 
 
-def test_quick_check_commands_run_as_written(tmp_path, data_root):
-    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
-    ppl_vae = Path(sys.executable).parent / "ppl-vae"
+def test_quick_check_commands_run_as_written(tmp_path, data_root, monkeypatch, cli_main):
+    """Through ``ppl_vae.cli.main``, in the folder a reader would be in, on the full MNIST files: the console script
+    ``ppl-vae`` itself is started as a shell starts it by tests/test_cli.py (its --help), and a process per line here
+    would add two starts of torch and Pyro to the suite and check no more of these words."""
+    monkeypatch.chdir(tmp_path)
     for line in code_block_after("<!-- quick-check -->", "bash").strip().splitlines():
         words = shlex.split(line)
         assert words[0] == "ppl-vae"
-        command = [str(ppl_vae)] if ppl_vae.exists() else [sys.executable, "-m", "ppl_vae"]
-        result = subprocess.run([*command, *words[1:], "--no-progress"], capture_output=True, text=True,
-                                cwd=tmp_path, env=env, timeout=600)
+        result = cli_main(*words[1:], "--no-progress", data_root=data_root)
         assert result.returncode == 0, result.stderr
         assert "log p̂(x)" in result.stdout
     assert (tmp_path / "runs" / "quick" / "evaluation.json").is_file()
