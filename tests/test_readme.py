@@ -2,7 +2,8 @@
 
 The blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in the
 folder a reader would be in), which checks the same words and saves starting a Python process per line; the
-``ppl-vae`` console script is started as a shell starts it in tests/test_cli.py."""
+``ppl-vae`` console script is started as a shell starts it in tests/test_cli.py. The data folder is the small
+copy of MNIST (conftest's ``small_data_root``) wherever a block's sizes fit in it, else the full files."""
 
 import re
 import shlex
@@ -46,7 +47,7 @@ def test_quick_check_commands_run_as_written(tmp_path, data_root, monkeypatch, c
     assert (tmp_path / "runs" / "quick" / "evaluation.json").is_file()
 
 
-def test_dataset_and_network_commands_run_as_written(tmp_path, data_root, monkeypatch, cli_main):
+def test_dataset_and_network_commands_run_as_written(tmp_path, small_data_root, monkeypatch, cli_main):
     """The README's block of --dataset PATH.npz / --network conv / logistic-mixture commands."""
     import json
 
@@ -57,14 +58,14 @@ def test_dataset_and_network_commands_run_as_written(tmp_path, data_root, monkey
             result = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=600)
         else:
             assert words[0] == "ppl-vae"
-            result = cli_main(*words[1:], "--no-progress", data_root=data_root)
+            result = cli_main(*words[1:], "--no-progress", data_root=small_data_root)
         assert result.returncode == 0, result.stderr
     colour = json.loads((tmp_path / "runs" / "colour" / "evaluation.json").read_text())
     assert colour["bits_per_dim"]["log_evidence"]["mean"] > 0 and colour["data"]["dataset"] == "npz"
     assert json.loads((tmp_path / "runs" / "conv-quick" / "config.json").read_text())["model"]["network"] == "conv"
 
 
-def test_write_your_own_model_runs_as_written(tmp_path, data_root, monkeypatch, cli_main):
+def test_write_your_own_model_runs_as_written(tmp_path, small_data_root, monkeypatch, cli_main):
     """The README's program file, saved under its name, and its commands, run in that folder as written."""
     name = re.search(r"<!-- program-file: (\S+) -->", README).group(1)
     (tmp_path / name).write_text(code_block_after(f"<!-- program-file: {name} -->", "python"))
@@ -74,7 +75,7 @@ def test_write_your_own_model_runs_as_written(tmp_path, data_root, monkeypatch, 
         words = shlex.split(line)
         assert words[0] == "ppl-vae"
         quiet = ["--no-progress"] if words[1] in ("train", "evaluate") else []
-        result = cli_main(*words[1:], *quiet, data_root=data_root)
+        result = cli_main(*words[1:], *quiet, data_root=small_data_root)
         assert result.returncode == 0, (line, result.stderr)
         outputs.append(result.stdout)
     run_dir = tmp_path / "runs" / "ladder"
