@@ -31,8 +31,9 @@ from typing import Callable
 
 import torch
 
-from .chunking import iter_chunk_terms, plan_evaluation
+from .chunking import EvaluationPlan, iter_chunk_terms, plan_evaluation
 from .errors import ModelStructureError
+from .inspection import ProgramStructure
 
 
 def elbo_decomposition(
@@ -90,25 +91,54 @@ def elbo_decomposition(
         model, guide, x, *cond, num_samples=num_samples, chunk_size=chunk_size,
         particles_per_chunk=particles_per_chunk, data_plate=data_plate, kl=kl,
     )
-    num_samples = plan.num_samples
+    totals = _summed_terms(model, guide, (x, *cond), plan, progress)
+    return _decomposition(totals, plan.structure, plan.num_samples)
+
+
+@dataclass
+class _TermTotals:
+    """Each term of the ELBO summed over the particles, per datapoint (float64 CPU tensors of shape [N])."""
+
+    reconstruction: torch.Tensor
+    by_site: dict[str, torch.Tensor]
+    kl: dict[str, torch.Tensor]
+
+
+def _summed_terms(
+    model: Callable, guide: Callable, data: tuple[torch.Tensor, ...], plan: EvaluationPlan, progress: bool | str,
+) -> _TermTotals:
+    """Stream the chunks of ``plan`` and add each chunk's terms, summed over its particles, into its rows.
+
+    Sums are kept in float64 on the CPU whatever the programs' dtype and device, so the chunk sizes do not change
+    the result beyond float64 rounding.
+    """
+    n = data[0].shape[0]
     structure = plan.structure
-    reconstruction = torch.zeros(x.shape[0], dtype=torch.float64)
-    by_site = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in structure.observed_sites}
-    kl_terms = {name: torch.zeros(x.shape[0], dtype=torch.float64) for name in structure.latent_sites}
-    for rows, terms in iter_chunk_terms(model, guide, (x, *cond), plan, progress):
-        reconstruction[rows] += terms.reconstruction.double().sum(0).cpu()
+    totals = _TermTotals(
+        reconstruction=torch.zeros(n, dtype=torch.float64),
+        by_site={name: torch.zeros(n, dtype=torch.float64) for name in structure.observed_sites},
+        kl={name: torch.zeros(n, dtype=torch.float64) for name in structure.latent_sites},
+    )
+    for rows, terms in iter_chunk_terms(model, guide, data, plan, progress):
+        totals.reconstruction[rows] += terms.reconstruction.double().sum(0).cpu()
         for name, value in terms.reconstruction_by_site.items():
-            by_site[name][rows] += value.double().sum(0).cpu()
+            totals.by_site[name][rows] += value.double().sum(0).cpu()
         for name, value in terms.kl.items():
-            kl_terms[name][rows] += value.double().sum(0).cpu()
-    reconstruction /= num_samples
-    by_site = {name: total / num_samples for name, total in by_site.items()}
-    kl_terms = {name: total / num_samples for name, total in kl_terms.items()}
-    elbo = reconstruction - sum(kl_terms.values())
+            totals.kl[name][rows] += value.double().sum(0).cpu()
+    return totals
+
+
+def _decomposition(totals: _TermTotals, structure: ProgramStructure, num_samples: int) -> dict:
+    """The result of :func:`elbo_decomposition`: the particle means, the ELBO they make, and what the program is.
+
+    ELBO = reconstruction - sum_i KL_i, from the means, so the returned decomposition sums to the returned ELBO.
+    """
+    reconstruction = totals.reconstruction / num_samples
+    kl_terms = {name: total / num_samples for name, total in totals.kl.items()}
     return {
-        "elbo": elbo,
+        "elbo": reconstruction - sum(kl_terms.values()),
         "reconstruction": reconstruction,
-        "reconstruction_by_site": by_site,
+        "reconstruction_by_site": {name: total / num_samples for name, total in totals.by_site.items()},
         "observed_data": dict(structure.observed_data),
         "quantity": structure.quantity,
         "kl": kl_terms,

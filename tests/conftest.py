@@ -14,6 +14,9 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# --dist loadgroup (setup.cfg) keeps each xdist_group on one worker again under pytest 9 (see xdist_groups.py).
+from xdist_groups import pytest_collection_modifyitems  # noqa: E402, F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 

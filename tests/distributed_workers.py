@@ -16,6 +16,18 @@ import torch
 import torch.multiprocessing as mp
 
 TINY = {"data_dim": 20, "latent_dim": 4, "hidden_sizes": (16,)}
+# AIS through the blocked evaluation (tests/test_ais_blocks.py): 3 blocks of 10 datapoints, dealt to 2 processes.
+AIS = {"steps": 4, "chains": 3, "leapfrog_steps": 2}
+AIS_OPTIONS = {"ais": AIS, "elbo_samples": 2, "seed": 7, "block_size": 4}
+
+
+def tiny_vae_and_data(rows: int):
+    """The TINY VAE at its seeded initial weights and ``rows`` seeded binary datapoints."""
+    from ppl_vae.model import VAEConfig, build_vae
+
+    pyro.set_rng_seed(3)
+    vae = build_vae(VAEConfig(**TINY))
+    return vae, torch.bernoulli(torch.full((rows, TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
 
 
 def free_port() -> int:

@@ -106,8 +106,8 @@ def test_the_jit_engine_refuses_objectives_it_cannot_compile(objective):
         TrainConfig(engine="fast")
 
 
-def test_the_jit_engine_trains_and_single_process_refuses_a_torchrun_checkpoint(tmp_path, data_root):
-    config = TrainConfig(epochs=2, batch_size=50, learning_rate=3e-3, data_dir=str(data_root), train_examples=500,
+def test_the_jit_engine_trains_and_single_process_refuses_a_torchrun_checkpoint(tmp_path, small_data_root):
+    config = TrainConfig(epochs=2, batch_size=50, learning_rate=3e-3, data_dir=str(small_data_root), train_examples=500,
                          eval_examples=100, test_samples=10, device="cpu", engine="jit")
     train(tmp_path / "run", config, VAEConfig(**SMALL), progress=False)
     metrics = runs.read_metrics(tmp_path / "run")
@@ -133,16 +133,16 @@ def test_a_param_store_holding_another_models_tensors_is_refused():
     assert torch.isfinite(CompiledProgramLoss(VAE(VAEConfig(**SMALL)))(x))
 
 
-def test_train_engine_jit_from_the_command_line(tmp_path, data_root):
+def test_train_engine_jit_from_the_command_line(tmp_path, small_data_root):
     from ppl_vae import cli
 
     run_dir = tmp_path / "run"
-    assert cli.main(["train", "--run-dir", str(run_dir), "--engine", "jit", "--epochs", "1", "--data-dir", str(data_root),
+    assert cli.main(["train", "--run-dir", str(run_dir), "--engine", "jit", "--epochs", "1", "--data-dir", str(small_data_root),
                      "--train-examples", "300", "--eval-examples", "100", "--test-samples", "10", "--latent-dim", "4",
                      "--hidden-sizes", "32", "--device", "cpu", "--no-progress"]) == 0
     assert runs.read_json(run_dir / "config.json")["train"]["engine"] == "jit"
     assert cli.main(["train", "--run-dir", str(tmp_path / "iwae"), "--engine", "jit", "--objective", "iwae",
-                     "--data-dir", str(data_root), "--no-progress"]) == 2
+                     "--data-dir", str(small_data_root), "--no-progress"]) == 2
     assert not (tmp_path / "iwae").exists()
 
 

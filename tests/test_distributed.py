@@ -6,6 +6,7 @@ the command line, by torchrun itself (``ppl-vae train --devices 2``). Tiny model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -47,9 +48,13 @@ def spawned(tmp_path_factory):
     vae = build_vae(VAEConfig(**workers.TINY))
     x = torch.bernoulli(torch.full((250, workers.TINY["data_dim"]), 0.4), generator=torch.Generator().manual_seed(2))
     torch.save({"state": vae.state_dict(), "x": x}, path / "model-and-data.pt")
+    ais_vae, ais_x = workers.tiny_vae_and_data(10)
+    (path / "ais").mkdir()
+    torch.save({"state": ais_vae.state_dict(), "x": ais_x}, path / "ais" / "model-and-data.pt")
     tasks = [(workers.one_step, (path / f"step{i}", STEP_BATCH, 1e-2, clip_norm, kl_weight, compiled))
              for i, (clip_norm, kl_weight, compiled) in enumerate(STEP_CASES)]
-    tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS))]
+    tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS)),
+              (workers.evaluate, (path / "ais", workers.AIS_OPTIONS))]
     tasks += [(workers.labelled_epoch, (path, alpha)) for alpha in LABELLED_ALPHAS]
     workers.spawn(tasks, WORLD_SIZE)
     return path
@@ -140,6 +145,21 @@ def test_distributed_evaluation_equals_single_process_evaluation_exactly(spawned
     assert decomposition["elbo"].shape == (250,)
 
 
+@SPAWNED
+def test_ais_on_two_processes_equals_one_process_exactly(spawned):
+    """AIS through the blocked evaluation (tests/test_ais_blocks.py): seeded per block, so the same on 2 processes."""
+    saved = torch.load(spawned / "ais" / "model-and-data.pt")
+    vae = build_vae(VAEConfig(**workers.TINY))
+    vae.load_state_dict(saved["state"])
+    single = distributed.evaluate_per_datapoint(vae.model, vae.guide, saved["x"], **workers.AIS_OPTIONS)
+    for rank in range(WORLD_SIZE):
+        gathered = torch.load(spawned / "ais" / f"evaluation-rank{rank}.pt", weights_only=False)
+        for key in ("log_evidence", "stderr", "ess"):
+            assert torch.equal(getattr(gathered["evidence"], key), getattr(single.evidence, key)), key
+        assert torch.equal(gathered["acceptance"], single.acceptance)
+        assert torch.equal(gathered["decomposition"]["elbo"], single.decomposition["elbo"])
+
+
 def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
     """Blocks of 20: the first 60 datapoints of 90 and 60 datapoints alone fill the same 3 blocks."""
     pyro.set_rng_seed(3)
@@ -159,9 +179,12 @@ def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
 
 # --- Training from the command line: torchrun, checkpoints, resume ----------------------------------
 
-TINY_RUN = ["--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--latent-dim", "4",
-            "--hidden-sizes", "16", "--test-samples", "5", "--evidence-every", "1", "--evidence-examples", "30",
-            "--evidence-samples", "10", "--device", "cpu", "--no-progress"]
+# A program with labels (the built-in conditional VAE, its labels y sharded with the images): the one training loop
+# under DDP with per-datapoint data besides x, and its evidence log p(x | y).
+TINY_RUN = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 4, "hidden_sizes": [16]}',
+            "--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--test-samples", "5",
+            "--evidence-every", "1", "--evidence-examples", "30", "--evidence-samples", "10", "--device", "cpu",
+            "--no-progress"]
 TIMING_KEYS = {"epoch_seconds", "steps_per_second", "train_seconds"}
 
 
@@ -185,7 +208,7 @@ def without_timings(records: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
 
 
-def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
+def test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
     tmp_path, small_data_root, cli_launch
 ):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -199,12 +222,14 @@ def test_a_distributed_run_resumes_to_the_numbers_of_an_uninterrupted_one_and_ev
     assert ran.returncode == 0, ran.stderr
     finish(first)
     out = ran.stdout
-    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out
+    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out and "log p̂(x | y)" in out
     assert out.count("run directory:") == 1  # rank 0 alone prints
     assert runs.load_checkpoint(resumed)["epoch"] == 1
-    # Resumed under torchrun itself as well.
-    finish(start_cli(small_data_root, "train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2",
-                     "--device", "cpu", "--no-progress", torchrun=True))
+    # Resumed by `ppl-vae train --resume --devices 2` (its run directory checked before torchrun starts): every
+    # setting, the program and its labels included, is the run's own.
+    ran = cli_launch("train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2", "--no-progress",
+                     data_root=small_data_root)
+    assert ran.returncode == 0, ran.stderr
 
     a, b = runs.load_checkpoint(straight), runs.load_checkpoint(resumed)
     assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == b["world_size"] == 2
@@ -252,13 +277,15 @@ def test_shares_of_a_minibatch_cover_it_in_order():
 
 
 def test_the_data_stream_of_an_epoch_comes_from_its_generator_alone(mnist):
+    data = dataclasses.replace(mnist, train=mnist.train[:500], train_labels=mnist.train_labels[:500])  # 500 images
+
     def epoch(seed: int) -> list[torch.Tensor]:
-        return list(mnist.train_batches(20_000, generator=torch.Generator().manual_seed(seed)))
+        return list(data.train_batches(200, generator=torch.Generator().manual_seed(seed)))
 
     first = epoch(5)
     torch.manual_seed(99)  # the global stream plays no part
     again = epoch(5)
-    assert all(torch.equal(a, b) for a, b in zip(first, again)) and [b.shape[0] for b in first] == [20_000, 20_000, 10_000]
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and [b.shape[0] for b in first] == [200, 200, 100]
     assert not torch.equal(epoch(6)[0], first[0])
 
 

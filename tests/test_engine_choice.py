@@ -17,8 +17,8 @@ SMALL_VAE = dict(latent_dim=4, hidden_sizes=(32,))
 CPU = torch.device("cpu")
 
 
-def tiny(data_root, **overrides) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=50, data_dir=str(data_root), train_examples=100, eval_examples=20,
+def tiny(small_data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=50, data_dir=str(small_data_root), train_examples=100, eval_examples=20,
                     test_samples=2, device="cpu")
     return TrainConfig(**{**settings, **overrides})
 
@@ -63,8 +63,8 @@ def test_auto_keeps_svi_on_cuda_until_the_compiled_loss_is_measured_there():
     assert choice.engine == "svi" and "not yet measured on cuda" in choice.reason
 
 
-def test_a_default_run_trains_with_the_compiled_loss_and_records_why(tmp_path, data_root, capsys):
-    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=True)
+def test_a_default_run_trains_with_the_compiled_loss_and_records_why(tmp_path, small_data_root, capsys):
+    train(tmp_path / "run", tiny(small_data_root), VAEConfig(**SMALL_VAE), progress=True)
     assert "training engine: jit (--engine auto: the compiled loss and its gradients equal Trace_ELBO's" in capsys.readouterr().out
     saved = runs.read_json(tmp_path / "run" / "config.json")
     assert saved["train"]["engine"] == "jit"
@@ -77,10 +77,10 @@ def test_a_default_run_trains_with_the_compiled_loss_and_records_why(tmp_path, d
     assert [m["epoch"] for m in runs.read_metrics(tmp_path / "run")] == [1, 2]
 
 
-def test_auto_falls_back_to_svi_with_its_note_for_a_program_whose_compiled_loss_differs(tmp_path, data_root, capsys,
+def test_auto_falls_back_to_svi_with_its_note_for_a_program_whose_compiled_loss_differs(tmp_path, small_data_root, capsys,
                                                                                         recwarn):
     # Laplace draws are not reached by the check's fixed standard-normal noise: the losses differ.
-    train(tmp_path / "laplace", tiny(data_root), program=LaplaceCode(), progress=True)
+    train(tmp_path / "laplace", tiny(small_data_root), program=LaplaceCode(), progress=True)
     out = capsys.readouterr().out
     assert "training engine: svi (--engine auto: the compiled loss" in out and "differs from Trace_ELBO's" in out
     assert not [w for w in recwarn if "--engine" in str(w.message)]  # a note, not a warning: auto chose
@@ -90,19 +90,19 @@ def test_auto_falls_back_to_svi_with_its_note_for_a_program_whose_compiled_loss_
     assert runs.load_checkpoint(tmp_path / "laplace")["optimizer_format"] == "pyro"
 
 
-def test_auto_falls_back_to_svi_where_the_compiled_loss_fails(tmp_path, data_root, monkeypatch):
+def test_auto_falls_back_to_svi_where_the_compiled_loss_fails(tmp_path, small_data_root, monkeypatch):
     def fail(self, *data):
         raise RuntimeError("tracer cannot follow this program")
 
     monkeypatch.setattr(objectives.CompiledProgramLoss, "forward", fail)
-    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
+    train(tmp_path / "run", tiny(small_data_root), VAEConfig(**SMALL_VAE), progress=False)
     record = runs.read_json(tmp_path / "run" / "config.json")["engine"]
     assert record["engine"] == "svi"
     assert record["reason"] == "the compiled loss failed on this program (RuntimeError: tracer cannot follow this program)"
 
 
-def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_path, data_root, monkeypatch):
-    train(tmp_path / "run", tiny(data_root), VAEConfig(**SMALL_VAE), progress=False)
+def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_path, small_data_root, monkeypatch):
+    train(tmp_path / "run", tiny(small_data_root), VAEConfig(**SMALL_VAE), progress=False)
     monkeypatch.setattr("ppl_vae.training.engines.compiled_loss_problem", lambda *args, **kwargs: "a changed torch")
     from ppl_vae.errors import RunDirectoryError
 
@@ -111,7 +111,7 @@ def test_a_compiled_run_whose_check_fails_on_resume_is_refused_not_switched(tmp_
     assert [m["epoch"] for m in runs.read_metrics(tmp_path / "run")] == [1]
 
 
-def test_the_compiled_engine_makes_the_updates_of_svi_with_pyros_adam(data_root):
+def test_the_compiled_engine_makes_the_updates_of_svi_with_pyros_adam(small_data_root):
     """Two steps of the engine --engine auto picks (compiled loss, one fused torch Adam on the CPU) leave the
     parameters two SVI steps with Pyro's per-parameter Adam leave, with the draws held fixed."""
     from ppl_vae.objectives import fixed_standard_normal

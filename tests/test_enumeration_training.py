@@ -20,15 +20,15 @@ PROGRAMS = Path(__file__).parent / "discrete_models.py"
 CPU = torch.device("cpu")
 
 
-def tiny(data_root, **overrides) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=50, data_dir=str(data_root), train_examples=100, eval_examples=20,
+def tiny(small_data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=50, data_dir=str(small_data_root), train_examples=100, eval_examples=20,
                     test_samples=2, device="cpu", engine="svi")
     return TrainConfig(**{**settings, **overrides})
 
 
-def small_cli(data_root) -> list[str]:
+def small_cli(small_data_root) -> list[str]:
     return ["--batch-size", "50", "--train-examples", "100", "--eval-examples", "20", "--test-samples", "2",
-            "--device", "cpu", "--no-progress", "--data-dir", str(data_root), "--engine", "svi"]
+            "--device", "cpu", "--no-progress", "--data-dir", str(small_data_root), "--engine", "svi"]
 
 
 def test_the_svi_engine_of_an_enumerated_program_is_trace_enum_elbo_and_its_steps_are_its_loss():
@@ -53,12 +53,12 @@ def test_auto_compiles_an_enumerated_program_where_jit_trace_enum_elbo_is_checke
 
 
 def test_enumerate_is_recorded_trains_summed_out_resumes_exactly_and_is_reapplied_when_the_run_is_rebuilt(
-        tmp_path, data_root, capsys):
-    args = ["train", "--program", f"{PROGRAMS}:M2", "--enumerate", *small_cli(data_root)]
+        tmp_path, small_data_root, capsys):
+    args = ["train", "--program", f"{PROGRAMS}:M2", "--enumerate", *small_cli(small_data_root)]
     assert cli.main([*args, "--epochs", "2", "--run-dir", str(tmp_path / "straight")]) == 0
     assert cli.main([*args, "--epochs", "1", "--run-dir", str(tmp_path / "resumed")]) == 0
     assert cli.main(["train", "--resume", "--run-dir", str(tmp_path / "resumed"), "--epochs", "2", "--no-progress",
-                     "--data-dir", str(data_root)]) == 0
+                     "--data-dir", str(small_data_root)]) == 0
     config = runs.read_json(tmp_path / "straight" / "config.json")
     assert config["train"]["enumerate"] is True
     test = runs.read_json(tmp_path / "straight" / "test.json")
@@ -79,15 +79,15 @@ def test_enumerate_is_recorded_trains_summed_out_resumes_exactly_and_is_reapplie
     assert "the guide has no sample site 'digit' when run on x alone" in capsys.readouterr().err
 
 
-def test_enumerate_without_a_discrete_guide_site_is_one_line(tmp_path, data_root):
+def test_enumerate_without_a_discrete_guide_site_is_one_line(tmp_path, small_data_root):
     with pytest.raises(ModelStructureError, match="--enumerate: the program's guide has no discrete sample site"):
-        train(tmp_path / "run", tiny(data_root, enumerate=True), program=SmallVAE(), progress=False)
+        train(tmp_path / "run", tiny(small_data_root, enumerate=True), program=SmallVAE(), progress=False)
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("objective, particles", [("iwae", 2), ("meanfield", 1)])
-def test_objectives_that_cannot_enumerate_are_refused_naming_elbo(tmp_path, data_root, objective, particles):
-    config = tiny(data_root, objective=objective, particles=particles, enumerate=True)
+def test_objectives_that_cannot_enumerate_are_refused_naming_elbo(tmp_path, small_data_root, objective, particles):
+    config = tiny(small_data_root, objective=objective, particles=particles, enumerate=True)
     with pytest.raises(ModelStructureError, match=f"--objective {objective} cannot sum it out.*--objective elbo"):
         train(tmp_path / "run", config, program=M2(), progress=False)
     assert not (tmp_path / "run").exists()

@@ -169,14 +169,14 @@ def test_checks_and_figures_move_no_running_statistic(programs):
     assert program.training and torch.is_grad_enabled()
 
 
-def test_running_statistics_count_training_steps_only(programs, data_root, tmp_path):
+def test_running_statistics_count_training_steps_only(programs, small_data_root, tmp_path):
     """num_batches_tracked of each BatchNorm counts one forward pass per training step (Trace_ELBO runs each
     program once a step), not the validation, learning-curve and test evaluations, nor the up-front checks."""
     _, module = programs
     program = module.BatchNormVAE()
     config = TrainConfig(epochs=2, batch_size=50, train_examples=200, eval_examples=40, test_samples=5, device="cpu",
                          engine="svi", evidence_every=1, evidence_examples=20, evidence_samples=5,
-                         data_dir=str(data_root))
+                         data_dir=str(small_data_root))
     train(tmp_path / "run", config, program=program, progress=False)
     steps = config.epochs * math.ceil(config.train_examples / config.batch_size)
     assert [len(runs.read_metrics(tmp_path / "run"))] == [config.epochs]
@@ -184,7 +184,7 @@ def test_running_statistics_count_training_steps_only(programs, data_root, tmp_p
     assert int(program.decoder[1].num_batches_tracked) == steps
 
 
-def test_the_test_evaluation_of_train_equals_evaluate_up_to_monte_carlo_noise(programs, data_root, tmp_path):
+def test_the_test_evaluation_of_train_equals_evaluate_up_to_monte_carlo_noise(programs, small_data_root, tmp_path):
     """A Dropout(0.5) program: test.json's ELBO and that of `ppl-vae evaluate` on the same images differ by
     Monte Carlo noise alone (in train mode, Dropout made test.json's tens of nats worse)."""
     path, _ = programs
@@ -192,9 +192,9 @@ def test_the_test_evaluation_of_train_equals_evaluate_up_to_monte_carlo_noise(pr
     images, test_elbo_samples, evaluate_elbo_samples = 100, 10, 10
     assert cli.main(["train", "--program", f"{path}:DropoutVAE", "--run-dir", str(run_dir), "--epochs", "2",
                      "--train-examples", "500", "--eval-examples", str(images), "--batch-size", "50",
-                     "--test-samples", "10", "--device", "cpu", "--no-progress", "--data-dir", str(data_root)]) == 0
+                     "--test-samples", "10", "--device", "cpu", "--no-progress", "--data-dir", str(small_data_root)]) == 0
     assert cli.main(["evaluate", str(run_dir), "--num-samples", "10", "--elbo-samples", str(evaluate_elbo_samples),
-                     "--examples", str(images), "--no-progress", "--data-dir", str(data_root)]) == 0
+                     "--examples", str(images), "--no-progress", "--data-dir", str(small_data_root)]) == 0
     trained = json.loads((run_dir / "test.json").read_text())
     evaluated = json.loads((run_dir / "evaluation.json").read_text())
     assert trained["num_datapoints"] == evaluated["num_datapoints"] == images
@@ -205,7 +205,7 @@ def test_the_test_evaluation_of_train_equals_evaluate_up_to_monte_carlo_noise(pr
     from ppl_vae.data import load_run_data
 
     program, config = load_run(run_dir, program=None)
-    x = load_run_data(config["train"], str(data_root)).test[:images]
+    x = load_run_data(config["train"], str(small_data_root)).test[:images]
     pairs = torch.stack([elbo_decomposition(program.model, program.guide, x, num_samples=1)["elbo"]
                          for _ in range(8)])
     variance = pairs.var(0).mean().item()

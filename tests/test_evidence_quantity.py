@@ -140,13 +140,13 @@ def test_a_conditional_program_estimates_log_p_x_given_y_and_the_plain_one_log_p
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, data_root) -> Path:
+def runs_dir(tmp_path_factory, small_data_root) -> Path:
     """Three tiny evaluated runs: the plain VAE, a program observing the label, the built-in conditional program."""
     root = tmp_path_factory.mktemp("quantity")
     source = root / "label_models.py"
     source.write_text(LABEL_PROGRAMS)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PPL_VAE_DATA", str(data_root))
+        patch.setenv("PPL_VAE_DATA", str(small_data_root))
         assert main("train", "--run-dir", root / "plain", *TRAIN, "--latent-dim", "2", "--hidden-sizes", "8") == 0
         assert main("train", "--run-dir", root / "label", *TRAIN, "--program", f"{source}:LabelVAE", "--labels") == 0
         assert main("train", "--run-dir", root / "conditional", *TRAIN, "--program", "conditional", "--labels",
@@ -211,8 +211,8 @@ def test_result_files_older_than_the_quantity_are_read_by_the_stated_rule(runs_d
 
 
 @pytest.fixture
-def plain_copy(runs_dir, tmp_path, data_root, monkeypatch) -> Path:
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def plain_copy(runs_dir, tmp_path, small_data_root, monkeypatch) -> Path:
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     copy = tmp_path / "plain"
     shutil.copytree(runs_dir / "plain", copy)
     return copy

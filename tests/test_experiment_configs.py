@@ -15,8 +15,8 @@ ONE_STEP = ["--epochs", "1", "--train-examples", "20", "--eval-examples", "10", 
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_config_runs_one_step(config, tmp_path, data_root, monkeypatch):
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def test_config_runs_one_step(config, tmp_path, small_data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(config), "--run-dir", str(run_dir), *ONE_STEP]) == 0
     saved = json.loads((run_dir / "config.json").read_text())["train"]
@@ -40,9 +40,9 @@ def test_two_layer_rows_are_the_papers():
         assert config["program"] == "two-layer" and config["program_kwargs"]["latent"] == [100, 50]
 
 
-def test_two_layer_config_trains_with_the_compiled_engine(tmp_path, data_root, monkeypatch):
+def test_two_layer_config_trains_with_the_compiled_engine(tmp_path, small_data_root, monkeypatch):
     # reproduce.py runs the VAE rows with --engine jit: the two-layer program compiles.
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     config = next(c for c in TWO_LAYER if c.stem.endswith("vae-k5"))
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(config), "--run-dir", str(run_dir), *ONE_STEP, "--engine", "jit"]) == 0
@@ -66,8 +66,8 @@ def test_config_program_kwargs_is_checked(value, message, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_config_program_kwargs_as_an_object_or_as_json_text(tmp_path, data_root, monkeypatch):
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def test_config_program_kwargs_as_an_object_or_as_json_text(tmp_path, small_data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     for i, value in enumerate(({"latent": [4, 2], "hidden": [[8], [8]]}, '{"latent": [4, 2], "hidden": [[8], [8]]}')):
         path = tmp_path / f"config{i}.json"
         path.write_text(json.dumps({"program": "two-layer", "program_kwargs": value, "batch_size": 10}))
@@ -86,8 +86,8 @@ def test_config_with_an_unknown_option_is_refused(tmp_path, capsys):
     assert "unknown options ['learning_rat']" in capsys.readouterr().err
 
 
-def test_learning_curve_of_log_px_is_recorded(tmp_path, data_root, monkeypatch):
-    monkeypatch.setenv("PPL_VAE_DATA", str(data_root))
+def test_learning_curve_of_log_px_is_recorded(tmp_path, small_data_root, monkeypatch):
+    monkeypatch.setenv("PPL_VAE_DATA", str(small_data_root))
     run_dir = tmp_path / "run"
     assert main(["train", "--run-dir", str(run_dir), "--epochs", "3", "--train-examples", "200", "--eval-examples",
                  "50", "--latent-dim", "4", "--hidden-sizes", "16", "--test-samples", "5", "--evidence-every", "2",

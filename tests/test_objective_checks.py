@@ -25,15 +25,15 @@ PROGRAMS = Path(__file__).parent / "discrete_models.py"
 CPU = torch.device("cpu")
 
 
-def tiny(data_root, **overrides) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=50, data_dir=str(data_root), train_examples=100, eval_examples=20,
+def tiny(small_data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=50, data_dir=str(small_data_root), train_examples=100, eval_examples=20,
                     test_samples=2, device="cpu")
     return TrainConfig(**{**settings, **overrides})
 
 
-def small_cli(data_root) -> list[str]:
+def small_cli(small_data_root) -> list[str]:
     return ["--epochs", "1", "--batch-size", "50", "--train-examples", "100", "--eval-examples", "20",
-            "--test-samples", "2", "--device", "cpu", "--no-progress", "--data-dir", str(data_root)]
+            "--test-samples", "2", "--device", "cpu", "--no-progress", "--data-dir", str(small_data_root)]
 
 
 @pytest.mark.parametrize("objective, particles, why", [
@@ -41,19 +41,19 @@ def small_cli(data_root) -> list[str]:
     ("meanfield", 1, "has no score-function term for it"),
 ])
 def test_an_objective_whose_gradient_a_categorical_site_breaks_is_refused_before_anything_is_written(
-        tmp_path, data_root, objective, particles, why):
+        tmp_path, small_data_root, objective, particles, why):
     with pytest.raises(ModelStructureError) as refused:
-        train(tmp_path / "run", tiny(data_root, objective=objective, particles=particles), program=M2(), progress=False)
+        train(tmp_path / "run", tiny(small_data_root, objective=objective, particles=particles), program=M2(), progress=False)
     message = str(refused.value)
     assert "guide site 'y' (Categorical) is not reparameterized" in message and why in message
     assert "Train it with --objective elbo" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
 
 
-def test_elbo_trains_the_categorical_program_with_svi_saying_why_and_jit_is_refused(tmp_path, data_root, capsys):
+def test_elbo_trains_the_categorical_program_with_svi_saying_why_and_jit_is_refused(tmp_path, small_data_root, capsys):
     program = M2()
     classifier = copy.deepcopy(program.classifier.state_dict())
-    train(tmp_path / "auto", tiny(data_root), program=program, progress=True)
+    train(tmp_path / "auto", tiny(small_data_root), program=program, progress=True)
     out = capsys.readouterr().out
     reason = "non-reparameterized site 'y' (Categorical): the compiled loss is checked only for reparameterized sites"
     assert f"training engine: svi (--engine auto: {reason})" in out and "gradients differ" not in out
@@ -61,30 +61,30 @@ def test_elbo_trains_the_categorical_program_with_svi_saying_why_and_jit_is_refu
     # Trace_ELBO's score-function term reaches q(y | x): its weights moved.
     assert any(not torch.equal(value, program.classifier.state_dict()[name]) for name, value in classifier.items())
     with pytest.raises(ModelStructureError, match=re.escape(f"--engine jit cannot train this program faithfully: {reason}")):
-        train(tmp_path / "jit", tiny(data_root, engine="jit"), program=M2(), progress=False)
+        train(tmp_path / "jit", tiny(small_data_root, engine="jit"), program=M2(), progress=False)
     assert not (tmp_path / "jit").exists()
 
 
-def test_a_guide_site_marked_for_enumeration_trains_summed_out_with_elbo_and_meanfield_is_refused(tmp_path, data_root):
-    result = train(tmp_path / "elbo", tiny(data_root), program=M2(enumerate=True), progress=False)
+def test_a_guide_site_marked_for_enumeration_trains_summed_out_with_elbo_and_meanfield_is_refused(tmp_path, small_data_root):
+    result = train(tmp_path / "elbo", tiny(small_data_root), program=M2(enumerate=True), progress=False)
     assert result["objective"].startswith("TraceEnum_ELBO") and result["kl"]["sites"]["y"].get("enumerated")
     with pytest.raises(ModelStructureError) as refused:
-        train(tmp_path / "run", tiny(data_root, objective="meanfield"), program=M2(enumerate=True), progress=False)
+        train(tmp_path / "run", tiny(small_data_root, objective="meanfield"), program=M2(enumerate=True), progress=False)
     message = str(refused.value)
     assert "guide site 'y' is marked for enumeration, and --objective meanfield cannot sum it out" in message
     assert "train it with --objective elbo" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
 
 
-def test_a_model_site_summed_out_by_enumeration_is_refused_saying_so(tmp_path, data_root):
+def test_a_model_site_summed_out_by_enumeration_is_refused_saying_so(tmp_path, small_data_root):
     with pytest.raises(ModelStructureError, match="the model's site 'y' is marked for enumeration .*does not yet train"):
-        train(tmp_path / "run", tiny(data_root), program=SummedM2(), progress=False)
+        train(tmp_path / "run", tiny(small_data_root), program=SummedM2(), progress=False)
     assert not (tmp_path / "run").exists()
 
 
-def test_validate_is_recorded_kept_on_resume_and_turns_pyros_checks_on(tmp_path, data_root, capsys, monkeypatch):
+def test_validate_is_recorded_kept_on_resume_and_turns_pyros_checks_on(tmp_path, small_data_root, capsys, monkeypatch):
     invalid = ["train", "--program", f"{PROGRAMS}:SmallVAE", "--program-kwargs", '{"probs_scale": 2.0}',
-               *small_cli(data_root)]
+               *small_cli(small_data_root)]
     # torch's Bernoulli clamps probabilities above 1 without validation; with it, Pyro refuses them.
     assert cli.main([*invalid, "--run-dir", str(tmp_path / "off")]) == 0
     assert runs.read_json(tmp_path / "off" / "config.json")["train"]["pyro_validation"] is False
@@ -93,38 +93,38 @@ def test_validate_is_recorded_kept_on_resume_and_turns_pyros_checks_on(tmp_path,
     error = capsys.readouterr().err
     assert "the program failed on the first training batch" in error and "probs" in error
     assert not (tmp_path / "on").exists()
-    valid = ["train", "--program", f"{PROGRAMS}:M2", *small_cli(data_root), "--run-dir", str(tmp_path / "valid")]
+    valid = ["train", "--program", f"{PROGRAMS}:M2", *small_cli(small_data_root), "--run-dir", str(tmp_path / "valid")]
     assert cli.main([*valid, "--validate"]) == 0
     assert runs.read_json(tmp_path / "valid" / "config.json")["train"]["pyro_validation"] is True
     calls = []
     monkeypatch.setattr(pyro, "enable_validation", lambda on=True: calls.append(on))
     assert cli.main(["train", "--resume", "--run-dir", str(tmp_path / "valid"), "--epochs", "2", "--no-progress",
-                     "--data-dir", str(data_root)]) == 0
+                     "--data-dir", str(small_data_root)]) == 0
     assert calls == [True] and runs.read_json(tmp_path / "valid" / "config.json")["train"]["pyro_validation"] is True
 
 
-def test_a_data_dependent_branch_keeps_auto_on_svi_with_the_tracer_warning_and_jit_is_refused(tmp_path, data_root,
+def test_a_data_dependent_branch_keeps_auto_on_svi_with_the_tracer_warning_and_jit_is_refused(tmp_path, small_data_root,
                                                                                               capsys):
-    train(tmp_path / "auto", tiny(data_root), program=BranchingVAE(), progress=True)
+    train(tmp_path / "auto", tiny(small_data_root), program=BranchingVAE(), progress=True)
     out = capsys.readouterr().out
     assert "training engine: svi (--engine auto: the trace is not faithful to the program's Python: TracerWarning " \
            "at discrete_models.py:" in out
     record = runs.read_json(tmp_path / "auto" / "config.json")["engine"]
     assert record["engine"] == "svi" and "Converting a tensor to a Python boolean" in record["reason"]
     with pytest.raises(ModelStructureError, match="--engine jit cannot train this program faithfully: .*TracerWarning"):
-        train(tmp_path / "jit", tiny(data_root, engine="jit"), program=BranchingVAE(), progress=False)
+        train(tmp_path / "jit", tiny(small_data_root, engine="jit"), program=BranchingVAE(), progress=False)
     assert not (tmp_path / "jit").exists()
 
 
-def test_python_state_keeps_auto_on_svi_which_stops_at_the_nan_and_jit_is_refused(tmp_path, data_root):
+def test_python_state_keeps_auto_on_svi_which_stops_at_the_nan_and_jit_is_refused(tmp_path, small_data_root):
     # The model's 10th call (step 2 of epoch 2, after the first-batch checks and epoch 1's steps and validation)
     # turns NaN: SVI runs the Python every step and stops there; a compiled trace would never see it.
     with pytest.raises(NumericalFaultError, match="the loss became nan at epoch 2, step 2 of 2"):
-        train(tmp_path / "auto", tiny(data_root, epochs=3), program=CountingVAE(nan_after=9), progress=False)
+        train(tmp_path / "auto", tiny(small_data_root, epochs=3), program=CountingVAE(nan_after=9), progress=False)
     record = json.loads((tmp_path / "auto" / "config.json").read_text())["engine"]
     assert record["engine"] == "svi" and "changes its Python state (attribute 'calls')" in record["reason"]
     with pytest.raises(ModelStructureError, match=r"--engine jit cannot train this program faithfully: .*'calls'"):
-        train(tmp_path / "jit", tiny(data_root, engine="jit"), program=CountingVAE(), progress=False)
+        train(tmp_path / "jit", tiny(small_data_root, engine="jit"), program=CountingVAE(), progress=False)
     assert not (tmp_path / "jit").exists()
 
 

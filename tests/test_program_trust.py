@@ -65,15 +65,15 @@ def main(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root) -> Path:
+def trained(tmp_path_factory, small_data_root) -> Path:
     """A run of the user program above, trained and evaluated by this user (signed with the session's key)."""
     work = tmp_path_factory.mktemp("trust")
     source = work / "user" / "my_models.py"
     source.parent.mkdir()
     source.write_text(PROGRAM)
     run_dir = work / "run"
-    assert main("train", "--program", f"{source}:Tiny", "--run-dir", run_dir, "--data-dir", data_root, *TINY) == 0
-    assert main("evaluate", run_dir, "--data-dir", data_root, *EVALUATE) == 0
+    assert main("train", "--program", f"{source}:Tiny", "--run-dir", run_dir, "--data-dir", small_data_root, *TINY) == 0
+    assert main("evaluate", run_dir, "--data-dir", small_data_root, *EVALUATE) == 0
     return run_dir
 
 
@@ -118,27 +118,27 @@ def one_line_error(capsys, command: str) -> str:
     return lines[0]
 
 
-def test_the_users_own_run_is_trusted_and_its_copy_runs(run, marker, data_root, capsys):
+def test_the_users_own_run_is_trusted_and_its_copy_runs(run, marker, small_data_root, capsys):
     assert record(run)["signature"]  # signed when the run was made
     key = Path(os.environ["PPL_VAE_CONFIG_DIR"]) / "program_signing_key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 0
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 0
     assert marker.read_text() == "imported\n"  # the marker works: where it is absent, the code did not run
 
 
-def test_a_modified_copy_is_refused_even_with_trust(run, marker, data_root, capsys):
+def test_a_modified_copy_is_refused_even_with_trust(run, marker, small_data_root, capsys):
     digest = tamper(run, update_sha256=False)
     for trust in ([], ["--trust-program"]):
-        assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, *trust) == 2
+        assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE, *trust) == 2
         line = one_line_error(capsys, "evaluate")
         assert f"has sha256 {digest}, not the {record(run)['sha256']} recorded" in line
     assert not marker.exists()
 
 
-def test_a_copy_modified_with_its_sha256_updated_needs_trust(run, marker, data_root, capsys):
+def test_a_copy_modified_with_its_sha256_updated_needs_trust(run, marker, small_data_root, capsys):
     digest = tamper(run, update_sha256=True)
     copy = run / "program" / "my_models.py"
-    for command in (["evaluate", run, "--data-dir", data_root, *EVALUATE], ["plot", run, "--data-dir", data_root],
+    for command in (["evaluate", run, "--data-dir", small_data_root, *EVALUATE], ["plot", run, "--data-dir", small_data_root],
                     ["train", "--resume", "--run-dir", run, "--epochs", "2", "--no-progress"]):
         assert main(*command) == 2
         line = one_line_error(capsys, command[0])
@@ -148,9 +148,9 @@ def test_a_copy_modified_with_its_sha256_updated_needs_trust(run, marker, data_r
         load_run(run)
     assert not marker.exists()
     # --trust-program runs it for this command only: nothing is signed.
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, "--trust-program") == 0
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE, "--trust-program") == 0
     assert marker.read_text() == "imported\n"
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 2
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 2
     with pytest.warns(PplVaeWarning, match="has changed since the run started; using the copy"):
         load_run(run, trust_program=True)
     assert marker.read_text() == "imported\n" * 2
@@ -158,26 +158,26 @@ def test_a_copy_modified_with_its_sha256_updated_needs_trust(run, marker, data_r
     assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
 
 
-def test_ppl_vae_trust_signs_the_run_after_showing_the_file(run, marker, data_root, capsys):
+def test_ppl_vae_trust_signs_the_run_after_showing_the_file(run, marker, small_data_root, capsys):
     digest = tamper(run, update_sha256=True)
     assert main("trust", run) == 0
     out = capsys.readouterr().out
     assert str(run / "program" / "my_models.py") in out and digest in out and "signed with your key" in out
     assert not marker.exists()  # trusting reads the file, never runs it
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 0
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 0
     assert marker.read_text() == "imported\n"
     assert main("trust", run) == 0 and "already trusted" in capsys.readouterr().out
 
 
-def test_a_run_signed_with_another_users_key_is_refused(run, marker, data_root, tmp_path, monkeypatch, capsys):
+def test_a_run_signed_with_another_users_key_is_refused(run, marker, small_data_root, tmp_path, monkeypatch, capsys):
     """A run made elsewhere (a colleague's, a downloaded one whose program file is not here): untrusted, and the
     copy is not run with a note that the file is gone."""
     monkeypatch.setenv("PPL_VAE_CONFIG_DIR", str(tmp_path / "another-user"))
     rewrite(run, path=str(tmp_path / "their-machine" / "my_models.py"))
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 2
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 2
     line = one_line_error(capsys, "evaluate")
     assert "not one made with your key" in line and "is gone" not in line
-    assert main("plot", run, "--data-dir", data_root) == 2
+    assert main("plot", run, "--data-dir", small_data_root) == 2
     assert "not trusted" in one_line_error(capsys, "plot")
     assert not marker.exists()
     # Files only: these import no program, and read the untrusted run as any other.
@@ -186,13 +186,13 @@ def test_a_run_signed_with_another_users_key_is_refused(run, marker, data_root, 
     assert "Tiny" in (tmp_path / "comparison" / "comparison.md").read_text()
     assert not marker.exists()
     assert main("trust", run) == 0  # now signed with this user's key
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 0
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 0
     assert marker.exists()
 
 
-def test_an_unsigned_run_is_refused(run, marker, data_root, capsys):
+def test_an_unsigned_run_is_refused(run, marker, small_data_root, capsys):
     rewrite(run, signature=None)
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE) == 2
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE) == 2
     assert "program.json is not signed" in one_line_error(capsys, "evaluate")
     assert not marker.exists()
 
@@ -206,34 +206,34 @@ def outside_file(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("source", ["absolute", "../../outside/evil.py", "program/../../outside/evil.py",
                                     "program/sub/../evil.py", "./program/my_models.py"])
-def test_a_source_outside_the_run_is_never_imported(run, marker, data_root, tmp_path, capsys, source):
+def test_a_source_outside_the_run_is_never_imported(run, marker, small_data_root, tmp_path, capsys, source):
     evil, digest = outside_file(tmp_path)
     rewrite(run, source=str(evil) if source == "absolute" else source, sha256=digest)
     for trust in ([], ["--trust-program"]):  # not even when the user trusts the run
-        assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, *trust) == 2
+        assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE, *trust) == 2
         assert "not program/NAME.py" in one_line_error(capsys, "evaluate")
     assert main("trust", run) == 2
     one_line_error(capsys, "trust")
     assert not marker.exists()
 
 
-def test_a_copy_that_is_a_link_out_of_the_run_is_never_imported(run, marker, data_root, tmp_path, capsys):
+def test_a_copy_that_is_a_link_out_of_the_run_is_never_imported(run, marker, small_data_root, tmp_path, capsys):
     evil, digest = outside_file(tmp_path)
     (run / "program" / "evil.py").symlink_to(evil)
     rewrite(run, source="program/evil.py", sha256=digest)
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, "--trust-program") == 2
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE, "--trust-program") == 2
     assert "outside the run directory" in one_line_error(capsys, "evaluate")
     shutil.rmtree(run / "program")
     (run / "program").symlink_to(evil.parent)  # the folder itself a link out
-    assert main("evaluate", run, "--data-dir", data_root, *EVALUATE, "--trust-program") == 2
+    assert main("evaluate", run, "--data-dir", small_data_root, *EVALUATE, "--trust-program") == 2
     assert "outside the run directory" in one_line_error(capsys, "evaluate")
     assert not marker.exists()
 
 
-def test_no_copy_never_falls_back_to_the_recorded_path(run, marker, data_root, tmp_path, capsys):
+def test_no_copy_never_falls_back_to_the_recorded_path(run, marker, small_data_root, tmp_path, capsys):
     evil, digest = outside_file(tmp_path)
     rewrite(run, source=None, path=str(evil), sha256=digest)
-    for command in (["evaluate", run, "--data-dir", data_root, *EVALUATE, "--trust-program"],
+    for command in (["evaluate", run, "--data-dir", small_data_root, *EVALUATE, "--trust-program"],
                     ["train", "--resume", "--run-dir", run, "--epochs", "2", "--no-progress", "--trust-program"]):
         assert main(*command) == 2
         assert "never from elsewhere" in one_line_error(capsys, command[0])
@@ -249,9 +249,9 @@ def test_no_copy_never_falls_back_to_the_recorded_path(run, marker, data_root, t
     ('{"name": "os.system"}', "is not a built-in program"),
     ("{not json", "is not valid JSON"),
 ])
-def test_a_malformed_program_record_is_one_line(run, marker, data_root, capsys, text, message):
+def test_a_malformed_program_record_is_one_line(run, marker, small_data_root, capsys, text, message):
     (run / "program.json").write_text(text)
-    for command in (["evaluate", run, "--data-dir", data_root, *EVALUATE], ["trust", run]):
+    for command in (["evaluate", run, "--data-dir", small_data_root, *EVALUATE], ["trust", run]):
         assert main(*command) == 2
         line = one_line_error(capsys, command[0])
         assert str(run / "program.json") in line and message in line
@@ -270,12 +270,12 @@ def test_trust_program_is_a_command_line_decision(run, tmp_path, capsys):
     assert "--trust-program applies to --resume" in one_line_error(capsys, "train")
 
 
-def test_a_builtin_program_needs_no_trust(tmp_path, data_root, monkeypatch, capsys):
+def test_a_builtin_program_needs_no_trust(tmp_path, small_data_root, monkeypatch, capsys):
     run_dir = tmp_path / "two"
     assert main("train", "--program", "two-layer", "--program-kwargs", '{"latent": [2, 2], "hidden": [[8], [8]]}',
-                "--run-dir", run_dir, "--data-dir", data_root, *TINY) == 0
+                "--run-dir", run_dir, "--data-dir", small_data_root, *TINY) == 0
     monkeypatch.setenv("PPL_VAE_CONFIG_DIR", str(tmp_path / "another-user"))
-    assert main("evaluate", run_dir, "--data-dir", data_root, *EVALUATE) == 0
+    assert main("evaluate", run_dir, "--data-dir", small_data_root, *EVALUATE) == 0
     capsys.readouterr()
     assert main("trust", run_dir) == 0 and "no file of its own to trust" in capsys.readouterr().out
 

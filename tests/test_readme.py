@@ -1,10 +1,10 @@
 """The README's quick-check commands and its Python example run as written.
 
-The quick-check commands run as a shell runs them (the ``ppl-vae`` console script, one process each); the
-other blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in
-the folder a reader would be in), which checks the same words and saves starting a Python process per line."""
+The blocks run in this process (their code with ``exec``, their commands through ``ppl_vae.cli.main``, in the
+folder a reader would be in), which checks the same words and saves starting a Python process per line; the
+``ppl-vae`` console script is started as a shell starts it in tests/test_cli.py. The data folder is the small
+copy of MNIST (conftest's ``small_data_root``) wherever a block's sizes fit in it, else the full files."""
 
-import os
 import re
 import shlex
 import subprocess
@@ -33,21 +33,21 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "log p(x | y)" in stdout
 
 
-def test_quick_check_commands_run_as_written(tmp_path, data_root):
-    env = {**os.environ, "PPL_VAE_DATA": str(data_root)}
-    ppl_vae = Path(sys.executable).parent / "ppl-vae"
+def test_quick_check_commands_run_as_written(tmp_path, data_root, monkeypatch, cli_main):
+    """Through ``ppl_vae.cli.main``, in the folder a reader would be in, on the full MNIST files: the console script
+    ``ppl-vae`` itself is started as a shell starts it by tests/test_cli.py (its --help), and a process per line here
+    would add two starts of torch and Pyro to the suite and check no more of these words."""
+    monkeypatch.chdir(tmp_path)
     for line in code_block_after("<!-- quick-check -->", "bash").strip().splitlines():
         words = shlex.split(line)
         assert words[0] == "ppl-vae"
-        command = [str(ppl_vae)] if ppl_vae.exists() else [sys.executable, "-m", "ppl_vae"]
-        result = subprocess.run([*command, *words[1:], "--no-progress"], capture_output=True, text=True,
-                                cwd=tmp_path, env=env, timeout=600)
+        result = cli_main(*words[1:], "--no-progress", data_root=data_root)
         assert result.returncode == 0, result.stderr
         assert "log p̂(x)" in result.stdout
     assert (tmp_path / "runs" / "quick" / "evaluation.json").is_file()
 
 
-def test_dataset_and_network_commands_run_as_written(tmp_path, data_root, monkeypatch, cli_main):
+def test_dataset_and_network_commands_run_as_written(tmp_path, small_data_root, monkeypatch, cli_main):
     """The README's block of --dataset PATH.npz / --network conv / logistic-mixture commands."""
     import json
 
@@ -58,14 +58,14 @@ def test_dataset_and_network_commands_run_as_written(tmp_path, data_root, monkey
             result = subprocess.run([sys.executable, *words[1:]], capture_output=True, text=True, timeout=600)
         else:
             assert words[0] == "ppl-vae"
-            result = cli_main(*words[1:], "--no-progress", data_root=data_root)
+            result = cli_main(*words[1:], "--no-progress", data_root=small_data_root)
         assert result.returncode == 0, result.stderr
     colour = json.loads((tmp_path / "runs" / "colour" / "evaluation.json").read_text())
     assert colour["bits_per_dim"]["log_evidence"]["mean"] > 0 and colour["data"]["dataset"] == "npz"
     assert json.loads((tmp_path / "runs" / "conv-quick" / "config.json").read_text())["model"]["network"] == "conv"
 
 
-def test_write_your_own_model_runs_as_written(tmp_path, data_root, monkeypatch, cli_main):
+def test_write_your_own_model_runs_as_written(tmp_path, small_data_root, monkeypatch, cli_main):
     """The README's program file, saved under its name, and its commands, run in that folder as written."""
     name = re.search(r"<!-- program-file: (\S+) -->", README).group(1)
     (tmp_path / name).write_text(code_block_after(f"<!-- program-file: {name} -->", "python"))
@@ -75,7 +75,7 @@ def test_write_your_own_model_runs_as_written(tmp_path, data_root, monkeypatch, 
         words = shlex.split(line)
         assert words[0] == "ppl-vae"
         quiet = ["--no-progress"] if words[1] in ("train", "evaluate") else []
-        result = cli_main(*words[1:], *quiet, data_root=data_root)
+        result = cli_main(*words[1:], *quiet, data_root=small_data_root)
         assert result.returncode == 0, (line, result.stderr)
         outputs.append(result.stdout)
     run_dir = tmp_path / "runs" / "ladder"

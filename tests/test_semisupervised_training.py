@@ -23,13 +23,13 @@ from ppl_vae.training.semi import batch_counts, semi_supervised_epoch, steps_per
 M2_SMALL = '{"hidden_sizes": [16], "latent_dim": 2}'
 
 
-def small_cli(data_root) -> list[str]:
+def small_cli(small_data_root) -> list[str]:
     return ["--batch-size", "50", "--train-examples", "200", "--eval-examples", "30", "--test-samples", "2",
-            "--device", "cpu", "--no-progress", "--data-dir", str(data_root)]
+            "--device", "cpu", "--no-progress", "--data-dir", str(small_data_root)]
 
 
-def tiny(data_root, **overrides) -> TrainConfig:
-    settings = dict(epochs=1, batch_size=50, data_dir=str(data_root), train_examples=200, eval_examples=30,
+def tiny(small_data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=1, batch_size=50, data_dir=str(small_data_root), train_examples=200, eval_examples=30,
                     test_samples=2, device="cpu", labelled=20, engine="svi")
     return TrainConfig(**{**settings, **overrides})
 
@@ -68,10 +68,10 @@ class UserM2(nn.Module):
 
 
 def test_m2_trains_from_the_cli_with_a_balanced_recorded_labelled_set_and_reports_its_classifier(
-        tmp_path, data_root, capsys):
+        tmp_path, small_data_root, capsys):
     run = tmp_path / "m2"
     args = ["train", "--program", "m2", "--program-kwargs", M2_SMALL, "--labelled", "20", "--labelled-batches", "3",
-            "--epochs", "1", *small_cli(data_root), "--run-dir", str(run)]
+            "--epochs", "1", *small_cli(small_data_root), "--run-dir", str(run)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     record = runs.read_json(run / "data.json")["labelled"]
@@ -111,13 +111,13 @@ def test_an_epoch_has_labelled_batches_observing_the_kept_labels_and_unlabelled_
         assert ((batch[0] == 0) | (batch[0] == 1)).all()
 
 
-def test_semi_supervised_training_resumes_exactly(tmp_path, data_root):
-    config = tiny(data_root, epochs=2, labelled_batches=2)
+def test_semi_supervised_training_resumes_exactly(tmp_path, small_data_root):
+    config = tiny(small_data_root, epochs=2, labelled_batches=2)
     from ppl_vae.programs import ProgramSpec
 
     spec = ProgramSpec.parse("m2", M2_SMALL)
     train(tmp_path / "straight", config, program=spec, progress=False)
-    train(tmp_path / "resumed", tiny(data_root, epochs=1, labelled_batches=2), program=spec, progress=False)
+    train(tmp_path / "resumed", tiny(small_data_root, epochs=1, labelled_batches=2), program=spec, progress=False)
     train(tmp_path / "resumed", TrainConfig(epochs=2), resume=True, progress=False)
     straight = runs.load_checkpoint(tmp_path / "straight")["model"]
     resumed = runs.load_checkpoint(tmp_path / "resumed")["model"]
@@ -126,10 +126,10 @@ def test_semi_supervised_training_resumes_exactly(tmp_path, data_root):
         runs.read_json(tmp_path / "straight" / "data.json")["labelled"]
 
 
-def test_a_users_program_with_the_convention_trains_the_same_way_with_the_classifier_term(tmp_path, data_root):
+def test_a_users_program_with_the_convention_trains_the_same_way_with_the_classifier_term(tmp_path, small_data_root):
     program = UserM2()
     before = program.classify.weight.detach().clone()
-    result = train(tmp_path / "run", tiny(data_root, label_site="digit", alpha=5.0), program=program, progress=False)
+    result = train(tmp_path / "run", tiny(small_data_root, label_site="digit", alpha=5.0), program=program, progress=False)
     assert result["label_site"] == "digit" and 0 <= result["classification_error"] <= 1
     assert not torch.equal(before, program.classify.weight)  # q(digit | x) trained
 
@@ -146,11 +146,11 @@ def test_the_trained_objective_adds_alpha_over_n_labelled_times_log_q_on_labelle
     assert torch.allclose(site["fn"].log_prob(y), log_q, atol=1e-5)
 
 
-def test_a_label_site_that_is_drawn_is_refused_naming_enumerate_which_then_trains(tmp_path, data_root):
+def test_a_label_site_that_is_drawn_is_refused_naming_enumerate_which_then_trains(tmp_path, small_data_root):
     with pytest.raises(ModelStructureError, match="label site 'digit' is not marked for enumeration.*give --enumerate"):
-        train(tmp_path / "drawn", tiny(data_root, label_site="digit"), program=UserM2(mark=False), progress=False)
+        train(tmp_path / "drawn", tiny(small_data_root, label_site="digit"), program=UserM2(mark=False), progress=False)
     assert not (tmp_path / "drawn").exists()
-    result = train(tmp_path / "marked", tiny(data_root, label_site="digit", enumerate=True), program=UserM2(mark=False),
+    result = train(tmp_path / "marked", tiny(small_data_root, label_site="digit", enumerate=True), program=UserM2(mark=False),
                    progress=False)
     assert math.isfinite(result["elbo"]["mean"]) and "classification_error" in result
 
@@ -161,18 +161,18 @@ def test_a_label_site_that_is_drawn_is_refused_naming_enumerate_which_then_train
     (dict(labelled=None, alpha=1.0), "--alpha and --labelled-batches apply to semi-supervised training"),
     (dict(labelled=25), "--labelled 25 is not divisible by the 10 classes"),
 ])
-def test_semi_supervised_settings_that_cannot_work_are_one_line(tmp_path, data_root, overrides, message):
+def test_semi_supervised_settings_that_cannot_work_are_one_line(tmp_path, small_data_root, overrides, message):
     with pytest.raises(PplVaeError, match=message) as refused:
-        train(tmp_path / "run", tiny(data_root, **overrides), program=UserM2(), progress=False)
+        train(tmp_path / "run", tiny(small_data_root, **overrides), program=UserM2(), progress=False)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()
 
 
-def test_a_program_without_the_label_argument_is_refused_for_labelled_batches(tmp_path, data_root):
+def test_a_program_without_the_label_argument_is_refused_for_labelled_batches(tmp_path, small_data_root):
     from discrete_models import M2
 
     with pytest.raises(PplVaeError, match="--labelled: labelled batches pass \\(x, y\\)"):
-        train(tmp_path / "run", tiny(data_root), program=M2(classes=10, enumerate=True), progress=False)
+        train(tmp_path / "run", tiny(small_data_root), program=M2(classes=10, enumerate=True), progress=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -223,18 +223,5 @@ def test_the_compiled_engine_is_checked_against_trace_elbo_and_falls_back_with_a
     assert json.loads((tmp_path / "laplace" / "config.json").read_text())["train"]["engine"] == "svi"
 
 
-def test_a_program_with_labels_trains_and_resumes_on_two_processes(tmp_path, small_data_root, cli_launch):
-    """The one training loop: a conditional program, its labels sharded with the images, under DDP (gloo, 2 processes).
-
-    This process launches torchrun (``--devices 2``), which starts the 2 training processes."""
-    args = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 3, "hidden_sizes": [16]}',
-            "--run-dir", tmp_path / "run", *SMALL, "--devices", "2"]
-    trained = cli_launch("train", *args, data_root=small_data_root)
-    assert trained.returncode == 0, trained.stderr
-    assert "cpu, 2 processes (gloo)" in trained.stdout
-    resumed = cli_launch("train", "--resume", "--run-dir", tmp_path / "run", "--epochs", "2", "--devices", "2",
-                         "--no-progress", data_root=small_data_root)
-    assert resumed.returncode == 0, resumed.stderr
-    metrics = runs.read_metrics(tmp_path / "run")
-    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
-    assert runs.load_checkpoint(tmp_path / "run")["world_size"] == 2
+# A program with labels on two processes (DDP, its labels sharded with the images), trained, resumed and evaluated:
+# tests/test_distributed.py, test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupted_one_...

@@ -18,8 +18,8 @@ TINY_MODEL = VAEConfig(latent_dim=4, hidden_sizes=(32,))
 TIMINGS = ("epoch_seconds", "steps_per_second", "train_seconds")
 
 
-def tiny_config(data_root, **overrides) -> TrainConfig:
-    settings = dict(epochs=4, batch_size=50, learning_rate=3e-3, data_dir=str(data_root), train_examples=300,
+def tiny_config(small_data_root, **overrides) -> TrainConfig:
+    settings = dict(epochs=4, batch_size=50, learning_rate=3e-3, data_dir=str(small_data_root), train_examples=300,
                     eval_examples=100, test_samples=10, device="cpu")
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -61,17 +61,17 @@ def interrupted_and_resumed(tmp_path, monkeypatch, config: TrainConfig, kill_epo
     return train(tmp_path, None, resume=True, progress=False)
 
 
-def test_every_schedule_sets_each_epochs_rate_from_the_one_function_and_records_it(tmp_path, data_root):
-    config = tiny_config(data_root, epochs=5, lr_schedule="burda", engine="svi")
+def test_every_schedule_sets_each_epochs_rate_from_the_one_function_and_records_it(tmp_path, small_data_root):
+    config = tiny_config(small_data_root, epochs=5, lr_schedule="burda", engine="svi")
     train(tmp_path / "run", config, TINY_MODEL, progress=False)
     rates = [record["learning_rate"] for record in runs.read_metrics(tmp_path / "run")]
     assert rates == pytest.approx([3e-3 * 10 ** (-i / 7) for i in (0, 1, 1, 1, 2)], rel=1e-12)
 
 
 @pytest.mark.parametrize("engine", ["svi", "jit"])
-def test_the_plateau_schedule_resumes_exactly(tmp_path, data_root, monkeypatch, engine):
+def test_the_plateau_schedule_resumes_exactly(tmp_path, small_data_root, monkeypatch, engine):
     # min_delta far above any change and patience 0: every epoch after the first lowers the rate for the next.
-    config = tiny_config(data_root, lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, min_delta=1e6,
+    config = tiny_config(small_data_root, lr_schedule="plateau", plateau_patience=0, plateau_factor=0.5, min_delta=1e6,
                          engine=engine)
     train(tmp_path / "straight", config, TINY_MODEL, progress=False)
     straight = runs.read_metrics(tmp_path / "straight")
@@ -87,11 +87,11 @@ def test_the_plateau_schedule_resumes_exactly(tmp_path, data_root, monkeypatch, 
 
 @pytest.mark.parametrize("kill_epoch", [2, 4])
 def test_a_run_killed_during_patience_stops_at_the_same_epoch_with_the_same_best_checkpoint(
-    tmp_path, data_root, monkeypatch, kill_epoch,
+    tmp_path, small_data_root, monkeypatch, kill_epoch,
 ):
     # Warm-up 2 epochs, patience 2, min_delta far above any change: epoch 1 is the best; patience counts from the
     # end of the warm-up (epoch 2), so the run stops after epoch 4 of 6. Killed in patience (2) or at the stop (4).
-    config = tiny_config(data_root, epochs=6, early_stopping=2, min_delta=1e6, warmup_epochs=2, engine="svi")
+    config = tiny_config(small_data_root, epochs=6, early_stopping=2, min_delta=1e6, warmup_epochs=2, engine="svi")
     straight = train(tmp_path / "straight", config, TINY_MODEL, progress=False)
     resumed = interrupted_and_resumed(tmp_path / "split", monkeypatch, config, kill_epoch)
     a, b = runs.read_metrics(tmp_path / "straight"), runs.read_metrics(tmp_path / "split")
@@ -110,8 +110,8 @@ def test_a_run_killed_during_patience_stops_at_the_same_epoch_with_the_same_best
     assert runs.BEST_CHECKPOINT_FILE in runs.read_json(tmp_path / "split" / runs.MANIFEST_FILE)["entries"]
 
 
-def test_early_stopping_keeps_the_best_checkpoint_of_a_real_improvement(tmp_path, data_root):
-    config = tiny_config(data_root, epochs=3, early_stopping=5, engine="svi")
+def test_early_stopping_keeps_the_best_checkpoint_of_a_real_improvement(tmp_path, small_data_root):
+    config = tiny_config(small_data_root, epochs=3, early_stopping=5, engine="svi")
     train(tmp_path / "run", config, TINY_MODEL, progress=False)
     metrics = runs.read_metrics(tmp_path / "run")
     best_epoch = max(metrics, key=lambda r: r["val_elbo"])["epoch"]
@@ -143,10 +143,10 @@ def test_schedules_monitored_value_reads_the_records_keys():
 
 
 @pytest.fixture(scope="module")
-def early_stopped_run(tmp_path_factory, data_root) -> str:
+def early_stopped_run(tmp_path_factory, small_data_root) -> str:
     """A run stopped early at epoch 3 whose best checkpoint is epoch 1 (the argument of the kill test above)."""
     run_dir = tmp_path_factory.mktemp("early") / "run"
-    config = tiny_config(data_root, epochs=5, early_stopping=2, min_delta=1e6, engine="svi")
+    config = tiny_config(small_data_root, epochs=5, early_stopping=2, min_delta=1e6, engine="svi")
     train(run_dir, config, TINY_MODEL, progress=False)
     return str(run_dir)
 
@@ -154,15 +154,15 @@ def early_stopped_run(tmp_path_factory, data_root) -> str:
 EVALUATE = ("--num-samples", "5", "--elbo-samples", "2", "--examples", "20", "--device", "cpu", "--no-progress")
 
 
-def test_evaluate_defaults_to_the_best_checkpoint_and_says_which_epoch(early_stopped_run, cli_main, data_root):
+def test_evaluate_defaults_to_the_best_checkpoint_and_says_which_epoch(early_stopped_run, cli_main, small_data_root):
     import json
 
-    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, data_root=data_root)
+    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, data_root=small_data_root)
     assert ran.returncode == 0, ran.stderr
     assert "epoch 1 (best checkpoint)" in ran.stdout
     saved = json.loads((Path(early_stopped_run) / runs.EVALUATION_FILE).read_text())
     assert (saved["checkpoint"], saved["epoch"]) == ("best", 1)
-    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, "--checkpoint", "last", data_root=data_root)
+    ran = cli_main("evaluate", early_stopped_run, *EVALUATE, "--checkpoint", "last", data_root=small_data_root)
     assert ran.returncode == 0 and "epoch 3 (last checkpoint)" in ran.stdout
     saved = json.loads((Path(early_stopped_run) / runs.EVALUATION_FILE).read_text())
     assert (saved["checkpoint"], saved["epoch"]) == ("last", 3)
@@ -177,15 +177,15 @@ def test_evaluate_defaults_to_the_best_checkpoint_and_says_which_epoch(early_sto
     assert ran.returncode == 0 and "| 3 |" in ran.stdout
     ran = cli_main("compare", early_stopped_run, "--out", out)
     assert ran.returncode == 0 and "| 1 (best) |" in ran.stdout, ran.stdout
-    ran = cli_main("plot", early_stopped_run, "--checkpoint", "best", data_root=data_root)
+    ran = cli_main("plot", early_stopped_run, "--checkpoint", "best", data_root=small_data_root)
     assert ran.returncode == 0 and "at epoch 1 (best checkpoint)" in ran.stdout
 
 
-def test_a_run_without_a_best_checkpoint_refuses_checkpoint_best_in_one_line(tmp_path, data_root, cli_main):
-    train(tmp_path / "run", tiny_config(data_root, epochs=1), TINY_MODEL, progress=False)
-    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, "--checkpoint", "best", data_root=data_root)
+def test_a_run_without_a_best_checkpoint_refuses_checkpoint_best_in_one_line(tmp_path, small_data_root, cli_main):
+    train(tmp_path / "run", tiny_config(small_data_root, epochs=1), TINY_MODEL, progress=False)
+    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, "--checkpoint", "best", data_root=small_data_root)
     assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
-    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, data_root=data_root)
+    ran = cli_main("evaluate", tmp_path / "run", *EVALUATE, data_root=small_data_root)
     assert ran.returncode == 0 and "epoch 1 (last checkpoint)" in ran.stdout
 
 
@@ -261,10 +261,10 @@ def test_gradient_settings_that_make_no_sense_are_refused_in_one_line(settings, 
     assert "\n" not in str(caught.value)
 
 
-def test_the_new_train_options_are_refused_in_one_line_from_the_command_line(tmp_path, cli_main, data_root):
-    ran = cli_main("train", "--run-dir", tmp_path / "run", "--gradient", "stl", "--engine", "jit", data_root=data_root)
+def test_the_new_train_options_are_refused_in_one_line_from_the_command_line(tmp_path, cli_main, small_data_root):
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--gradient", "stl", "--engine", "jit", data_root=small_data_root)
     assert ran.returncode == 2 and "--engine jit" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
-    ran = cli_main("train", "--run-dir", tmp_path / "run", "--min-delta", "0.5", data_root=data_root)
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--min-delta", "0.5", data_root=small_data_root)
     assert ran.returncode == 2 and "--early-stopping" in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
@@ -273,7 +273,7 @@ def test_the_new_train_options_are_refused_in_one_line_from_the_command_line(tmp
 
 
 def test_trackers_log_every_epoch_once_across_a_kill_and_resume_and_overwrite_deletes_them(
-    tmp_path, data_root, monkeypatch,
+    tmp_path, small_data_root, monkeypatch,
 ):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
@@ -283,7 +283,7 @@ def test_trackers_log_every_epoch_once_across_a_kill_and_resume_and_overwrite_de
     from ppl_vae import trackers
 
     run_dir = tmp_path / "run"
-    config = tiny_config(data_root, epochs=3, log=("tensorboard", "mlflow"), log_images_every=2, engine="svi")
+    config = tiny_config(small_data_root, epochs=3, log=("tensorboard", "mlflow"), log_images_every=2, engine="svi")
     interrupted_and_resumed(run_dir, monkeypatch, config, kill_epoch=2)
     events = EventAccumulator(str(run_dir / trackers.TENSORBOARD_FOLDER), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -302,19 +302,19 @@ def test_trackers_log_every_epoch_once_across_a_kill_and_resume_and_overwrite_de
     assert len(client.search_runs([saved["experiment_id"]])) == 1  # the resumed run continued the same MLflow run
     entries = runs.read_json(run_dir / runs.MANIFEST_FILE)["entries"]
     assert entries["tb"] == entries["mlruns"] == "tree" and entries["mlflow.db"] == "file"
-    train(run_dir, tiny_config(data_root, epochs=1), TINY_MODEL, overwrite=True, progress=False)
+    train(run_dir, tiny_config(small_data_root, epochs=1), TINY_MODEL, overwrite=True, progress=False)
     assert not (run_dir / "tb").exists() and not (run_dir / "mlruns").exists()
     assert not (run_dir / "mlflow.db").exists()
 
 
 def test_a_missing_tracker_package_is_one_line_with_its_install_command_before_anything_is_written(
-    tmp_path, data_root, monkeypatch,
+    tmp_path, small_data_root, monkeypatch,
 ):
     from ppl_vae import trackers
 
     monkeypatch.setitem(trackers._NEEDS, "mlflow", "ppl_vae_no_such_package")
     with pytest.raises(PplVaeError, match=r'pip install -e "\.\[mlflow\]"') as caught:
-        train(tmp_path / "run", tiny_config(data_root, log=("mlflow",)), TINY_MODEL, progress=False)
+        train(tmp_path / "run", tiny_config(small_data_root, log=("mlflow",)), TINY_MODEL, progress=False)
     assert "\n" not in str(caught.value) and not (tmp_path / "run" / runs.CONFIG_FILE).exists()
 
 
@@ -352,8 +352,8 @@ def test_fit_with_early_stopping_stops_and_leaves_the_best_epochs_weights(small_
     assert not all(torch.equal(kept[3][k], kept[1][k]) for k in kept[1])
 
 
-def test_the_train_command_says_the_test_table_is_of_the_best_epoch(tmp_path, cli_main, data_root):
-    ran = cli_main("train", "--run-dir", tmp_path / "run", "--data-dir", data_root, "--train-examples", "300",
+def test_the_train_command_says_the_test_table_is_of_the_best_epoch(tmp_path, cli_main, small_data_root):
+    ran = cli_main("train", "--run-dir", tmp_path / "run", "--data-dir", small_data_root, "--train-examples", "300",
                    "--eval-examples", "100", "--batch-size", "50", "--latent-dim", "4", "--hidden-sizes", "32",
                    "--test-samples", "10", "--device", "cpu", "--epochs", "4", "--early-stopping", "1",
                    "--min-delta", "1000000", "--lr-schedule", "burda")
