@@ -56,25 +56,15 @@ def train(
 ) -> dict[str, Any]:
     """Train a program into ``run_dir``; returns the final test evaluation.
 
-    ``program`` is what is trained: None for the built-in VAE of ``model_config``; a
-    :class:`~ppl_vae.programs.ProgramSpec` (a built-in name, or a user's FILE.py:NAME with
-    keyword arguments, recorded in the run directory so that every command can rebuild it);
-    or an ``nn.Module`` with ``model`` and ``guide`` methods (a Python object: resuming and
-    evaluating the run then need the same object passed again). Every program goes through
-    the same loop, engines, checkpoints and evaluation.
-
-    With ``resume=True`` the configuration is read from the run directory and the
-    run continues after its last checkpoint (see the module docstring for what
-    interruptions, numerical faults and damaged checkpoints do). This is training in
-    process by default; ``processes`` (a :class:`~ppl_vae.training.strategy.Strategy`: the process group's,
-    through :func:`train_distributed`) runs the same loop on several.
-    Resuming imports the run's copy of its program file only if this user's key signed it
-    (:mod:`ppl_vae.trust`), or with ``trust_program=True`` (for this call; nothing is signed).
-
-    ``data``: what is trained on, where not ``config.dataset``: a dataset name or ``.npz`` path, or tensors per
-    split, ``{"train": (x, *cond), "val": (x, *cond), "test": (x, *cond)}`` with the conditioning tensors named by
-    ``config.cond`` in that order (:func:`ppl_vae.data.tensor_data` checks them, one line naming the tensor). The
-    run keeps tensors as ``tensors.npz``, its recorded dataset, so every command reads them again.
+    ``program``: None for the built-in VAE of ``model_config``; a :class:`~ppl_vae.programs.ProgramSpec` (a
+    built-in name, or a user's FILE.py:NAME with keyword arguments, recorded so every command can rebuild it);
+    or an ``nn.Module`` with ``model`` and ``guide`` (resuming and evaluating then need the object again).
+    ``resume=True`` reads the configuration from the run directory and continues after its last checkpoint;
+    the run's copy of its program file is imported only if this user's key signed it (:mod:`ppl_vae.trust`)
+    or with ``trust_program=True``. ``processes`` (a :class:`~ppl_vae.training.strategy.Strategy`) runs the
+    same loop on several processes (:func:`train_distributed`). ``data``: a dataset name or ``.npz`` path, or
+    tensors per split, ``{"train": (x, *cond), "val": ..., "test": ...}`` with the conditioning tensors named
+    by ``config.cond`` (checked by :func:`ppl_vae.data.tensor_data`; kept as the run's ``tensors.npz``).
     """
     run_dir = runs.check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     config, given, payload = data_for_run(run_dir, config, data, resume)
