@@ -192,45 +192,85 @@ class CovariateVAE(torch.nn.Module):
             pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw) + 1e-3).to_event(1))
 
 
-def labelled_config(alpha: float | None):
-    """``alpha``: --labelled 20 with that alpha; "cond": no --labelled, --labels --cond c instead."""
+def shifted_m2():
+    """The tiny M2 with a parameter its model uses on unlabelled steps only (a shift of the image logits when y is
+    summed out): on labelled steps it gets no gradient, whatever alpha, so DDP must look for unused parameters."""
+    from ppl_vae.models.m2 import M2
+
+    class ShiftedM2(M2):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.unlabelled_shift = torch.nn.Parameter(torch.zeros(self.data_dim))
+
+        def model(self, x, y=None):
+            import pyro.distributions as dist
+            from ppl_vae.models.m2 import joined
+
+            with pyro.plate("data", x.shape[0]):
+                y = pyro.sample("y", dist.Categorical(logits=x.new_zeros(self.num_classes)), obs=y)
+                z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+                logits = self.decoder(joined(z, torch.nn.functional.one_hot(y, self.num_classes).to(x.dtype)))
+                if y.dim() > 1:  # y enumerated: an unlabelled step
+                    logits = logits + self.unlabelled_shift
+                pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    return ShiftedM2(**LABELLED_M2)
+
+
+def labelled_config(alpha: float | str | None):
+    """``alpha``: --labelled 20 with that alpha ("shift": the default alpha, for :func:`shifted_m2`); "cond": no
+    --labelled, --labels --cond c instead."""
     from ppl_vae.train import TrainConfig
 
+    if alpha == "shift":
+        alpha = None
     if alpha == "cond":
         return TrainConfig(batch_size=8, labels=True, cond=("c",), seed=5, learning_rate=1e-2)
     return TrainConfig(batch_size=8, labelled=20, labelled_batches=4, alpha=alpha, seed=5, learning_rate=1e-2)
 
 
-def labelled_engine(config, data, make_engine):
-    """The tiny M2 (or with --cond the covariate VAE; the same initial weights everywhere) and the engine
-    ``make_engine(trained)`` that trains it."""
+def labelled_engine(config, data, make_engine, shifted: bool = False):
+    """The tiny M2 (``shifted``: :func:`shifted_m2`; with --cond the covariate VAE; the same initial weights
+    everywhere) and the engine ``make_engine(trained)`` that trains it."""
     from ppl_vae.models.m2 import M2
     from ppl_vae.programs import Weighted
     from ppl_vae.training.semi import trained_program
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    program = CovariateVAE() if config.cond else M2(**LABELLED_M2)
+    program = CovariateVAE() if config.cond else shifted_m2() if shifted else M2(**LABELLED_M2)
     engine = make_engine(Weighted(trained_program(program, data, config)))
     engine.set_learning_rate(config.learning_rate)
     engine.begin_epoch(type("NoStop", (), {"requested": False})())
     return program, engine
 
 
-def labelled_epoch(path: Path, alpha: float | None) -> None:
-    """One epoch of --labelled (or --labels --cond c) training through the DDP engine, with fixed draws; every rank
-    saves the weights and losses."""
+def labelled_epoch(path: Path, alpha: float | str | None) -> None:
+    """One epoch of --labelled (or --labels --cond c) training through the DDP engine, with fixed draws, DDP told of
+    the parameters the first-batch check finds unused (as setup does); every rank saves the weights, losses and
+    those parameters."""
     from ppl_vae import distributed
-    from ppl_vae.training.engines import DdpEngine
+    from ppl_vae.training.checks import check_batches, unused_parameters_choice
+    from ppl_vae.training.engines import DdpEngine, EngineChoice
 
     context, config = distributed.current(), labelled_config(alpha)
     data = labelled_data(cond=bool(config.cond))
+    found = {}
+
+    def ddp_engine(trained):
+        first = check_batches(data, config, torch.Generator().manual_seed(config.seed))[0]
+        choice = unused_parameters_choice(EngineChoice("jit", "jit", "checked"), config, trained, None, data, first, 1,
+                                          not config.cond)
+        found["unused"] = choice.unused_parameters
+        return DdpEngine(trained, config, 1, context, enumerated=not config.cond,
+                         unused_parameters=choice.unused_parameters)
+
     standard_normal = torch.distributions.normal._standard_normal
     torch.distributions.normal._standard_normal = fixed_noise
     try:
-        program, engine = labelled_engine(config, data, lambda trained: DdpEngine(trained, config, 1, context,
-                                                                                  enumerated=not config.cond))
+        program, engine = labelled_engine(config, data, ddp_engine, shifted=alpha == "shift")
         losses = [engine.step(batch) for batch in context.epoch_batches(data, config, 1)]
     finally:
         torch.distributions.normal._standard_normal = standard_normal
-    torch.save({"state": program.state_dict(), "losses": losses}, path / f"labelled-{alpha}-rank{context.rank}.pt")
+    torch.save({"state": program.state_dict(), "losses": losses, "unused": found["unused"]},
+               path / f"labelled-{alpha}-rank{context.rank}.pt")

@@ -36,8 +36,8 @@ STEP_BATCH = torch.bernoulli(torch.full((11, workers.TINY["data_dim"]), 0.3), ge
 # 8 blocks of 32 (the last of 26) dealt to 2 processes; K = 30 gives PSIS diagnostics too.
 EVALUATION_OPTIONS = {"num_samples": 30, "elbo_samples": 3, "seed": 7, "psis": True, "block_size": 32, "chunk_size": 20}
 # --labelled: Kingma's alpha = 0.1 N, and 0 (the classifier then unused on labelled steps: DDP must find it unused);
-# "cond": --labels --cond c, a program given (x, y, c).
-LABELLED_ALPHAS = [None, 0.0, "cond"]
+# "cond": --labels --cond c, a program given (x, y, c); "shift": default alpha, a parameter unused on labelled steps.
+LABELLED_ALPHAS = [None, 0.0, "cond", "shift"]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_a_distributed_epoch_of_labelled_or_conditioned_batches_equals_one_proce
     config = workers.labelled_config(alpha)
     data = workers.labelled_data(cond=bool(config.cond))
     program, engine = workers.labelled_engine(config, data, lambda trained: ModuleEngine(
-        trained, config, 1, compiled=False, enumerated=not config.cond))
+        trained, config, 1, compiled=False, enumerated=not config.cond), shifted=alpha == "shift")
     before = {name: value.clone() for name, value in program.state_dict().items()}
     # the global minibatches every process built (the strategy of rank 0, in this process), whole
     batches = list(ProcessGroupStrategy(0, WORLD_SIZE, 0, torch.device("cpu"), "gloo").epoch_batches(data, config, 1))
@@ -123,6 +123,9 @@ def test_a_distributed_epoch_of_labelled_or_conditioned_batches_equals_one_proce
             torch.testing.assert_close(r["state"][name], value, atol=1e-5, rtol=0, msg=name)
     moved = {name for name, value in program.state_dict().items() if not torch.equal(value, before[name])}
     assert moved == set(before)  # every tensor trained, the classifier included (by unlabelled steps at alpha 0)
+    # what DDP was told to look for: the classifier on labelled steps at alpha 0, the shift of the shifted M2
+    unused = {name.rsplit("program.", 1)[-1].split(".")[0] for name in ranks[0]["unused"]}
+    assert unused == {0.0: {"classifier"}, "shift": {"unlabelled_shift"}}.get(alpha, set())
 
 
 @SPAWNED

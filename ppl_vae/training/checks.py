@@ -7,6 +7,8 @@ steps carry none of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pyro import poutine
 
@@ -16,6 +18,7 @@ from ..evaluate import DEVICE_ERRORS, ProgramStructure, inspect_program
 from ..programs import check_parameters_belong
 from ..semisupervised import label_distribution
 from .config import TrainConfig
+from .engines import EngineChoice, parameters_without_gradient
 from .semi import labelled_check_batch
 from .steps import as_tuple
 
@@ -217,3 +220,22 @@ def check_semi_supervised(program: torch.nn.Module, data: ImageData, config: Tra
     except PplVaeError as error:
         raise type(error)(f"--labelled: labelled batches pass (x, y), as model(x, y=None) / guide(x, y=None) take "
                           f"them: {error}") from error
+
+
+def unused_parameters_choice(choice: EngineChoice, config: TrainConfig, trained: torch.nn.Module,
+                             program: torch.nn.Module | None, data: ImageData, first: tuple[torch.Tensor, ...],
+                             max_plate_nesting: int, enumerated: bool) -> EngineChoice:
+    """On several processes: ``choice`` with the parameters that get no gradient on the first training batch
+    ``first`` or (``--labelled``) on the first labelled batch, and why, so DistributedDataParallel looks for unused
+    parameters every step where, and only where, a step leaves some unused (it fails otherwise)."""
+    steps = {"training": first} if config.labelled is None else {
+        "unlabelled": first, "labelled": labelled_check_batch(data, config)}
+    found = {kind: parameters_without_gradient(trained, config, batch, max_plate_nesting, enumerated, program)
+             for kind, batch in steps.items()}
+    unused = tuple(dict.fromkeys(name for names in found.values() for name in names))
+    if not unused:
+        return choice
+    where = "; ".join(f"on {kind} steps {', '.join(names)}" for kind, names in found.items() if names)
+    reason = (f"{choice.reason}; DDP looks for unused parameters every step, since the first-batch check found "
+              f"no gradient {where}")
+    return dataclasses.replace(choice, reason=reason, unused_parameters=unused)

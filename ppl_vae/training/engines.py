@@ -13,6 +13,7 @@ checked equal to ``Trace_ELBO``'s), and :class:`EngineChoice` records the choice
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,10 @@ class EngineChoice:
     engine: str
     reason: str
     check_seconds: float = 0.0  # of the first-batch comparison (it compiles a throw-away loss), 0 when not run
+    # On several processes: the parameters the first-batch check found without a gradient on some kind of step
+    # (:func:`parameters_without_gradient`), so DistributedDataParallel looks for unused ones every step; the
+    # reason, appended to ``reason``, says on which steps.
+    unused_parameters: tuple[str, ...] = ()
 
     def describe(self) -> str:
         return f"{self.engine} ({'--engine ' + self.requested + ': ' if self.requested != self.engine else ''}{self.reason})"
@@ -288,8 +293,9 @@ def resumed_engine_choice(choice: EngineChoice, config: TrainConfig, saved: dict
             "resume it with the version of ppl_vae (and torch, Pyro) that started it, or start a new run"
         )
     if saved and saved.get("engine") == choice.engine:
-        return EngineChoice(saved.get("requested", config.engine), choice.engine,
-                            saved.get("reason", choice.reason), choice.check_seconds)
+        # the unused parameters as found now (on this number of processes), the rest as recorded
+        return dataclasses.replace(choice, requested=saved.get("requested", config.engine),
+                                   reason=saved.get("reason", choice.reason))
     return choice
 
 
@@ -303,6 +309,37 @@ def check_trainable_on_processes(config: TrainConfig) -> None:
             "has no differentiable_loss, which a torch module (and so DistributedDataParallel) needs; train it with "
             "--devices 1"
         )
+
+
+def parameters_without_gradient(trained: torch.nn.Module, config: TrainConfig, batch: tuple[torch.Tensor, ...],
+                                max_plate_nesting: int = 1, enumerated: bool = False,
+                                program: torch.nn.Module | None = None) -> tuple[str, ...]:
+    """The trainable parameters of ``trained`` that get no gradient from the run's loss on ``batch``, named as in
+    ``program`` (the user's, which ``trained`` wraps; default ``trained``).
+
+    DistributedDataParallel must be told of such parameters (``find_unused_parameters``), or it fails on the next
+    step. The loss is the uncompiled one (a throw-away :func:`ppl_vae.objectives.make_loss_module`: the run's
+    own compiles on its first call); the random streams and the module's buffers (running statistics) are left as
+    they were, and no ``.grad`` is written.
+    """
+    if config.gradient != "standard":
+        loss = ProgramLoss(trained, training_objective(config, max_plate_nesting))
+    else:
+        loss = make_loss_module(trained, config.objective, config.particles, compiled=False,
+                                max_plate_nesting=max_plate_nesting, enumerated=enumerated)
+    named = [(name, p) for name, p in trained.named_parameters() if p.requires_grad]
+    buffers = {name: b.clone() for name, b in trained.named_buffers()}
+    device = batch[0].device
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            value = loss(*batch)
+            grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for name, b in trained.named_buffers():
+                b.copy_(buffers[name])
+    names = {id(p): name for name, p in (program or trained).named_parameters()}
+    return tuple(names.get(id(p), name) for (name, p), grad in zip(named, grads) if grad is None)
 
 
 def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -372,16 +409,15 @@ class DdpEngine(ModuleEngine):
     """
 
     def __init__(self, program: torch.nn.Module, config, max_plate_nesting: int, context: ProcessGroup,
-                 enumerated: bool = False):
+                 enumerated: bool = False, unused_parameters: tuple[str, ...] = ()):
         super().__init__(program, config, max_plate_nesting, compiled=config.engine == "jit", enumerated=enumerated)
         self.context = context
         device = context.device
-        # --labelled --alpha 0: a labelled step leaves the classifier q(y | x) without a gradient (the guide draws y
-        # on unlabelled batches only), which DDP must look for (an extra pass over the graph per step, and torch
-        # warns about it when it finds none: so only then; with alpha > 0 the classifier term uses q(y | x)).
-        unused = config.labelled is not None and config.alpha == 0
+        # unused_parameters: what the first-batch check found without a gradient on some kind of step (e.g. the
+        # classifier q(y | x) on labelled steps at --alpha 0), which DDP must then look for every step (an extra
+        # pass over the graph, and torch warns when it finds none: so only then).
         self.ddp = DistributedDataParallel(self.loss, device_ids=[device.index] if device.type == "cuda" else None,
-                                           find_unused_parameters=unused)
+                                           find_unused_parameters=bool(unused_parameters))
         self.stopping = False
 
     def begin_epoch(self, stop) -> None:
@@ -394,6 +430,15 @@ class DdpEngine(ModuleEngine):
     def step(self, batch) -> float:
         world_size = self.context.world_size
         shard, weight = shard_batch(batch, self.context.rank, world_size)
-        loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
-                                               self.stop.requested, weight)
+        try:
+            loss, self.stopping = checked_ddp_step(self.ddp, self.optimizer, shard, world_size, self.config.clip_norm,
+                                                   self.stop.requested, weight)
+        except RuntimeError as error:
+            if "find_unused_parameters" not in str(error):
+                raise
+            # a parameter without a gradient on a step whose kind the first-batch check did not see
+            raise ModelStructureError(
+                "on several processes, a training step left some of the program's parameters without a gradient, "
+                "although they had one on the first batches checked before training (the parameters a step uses "
+                "depend on its data): train this program with --devices 1") from error
         return loss

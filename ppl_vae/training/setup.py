@@ -47,6 +47,7 @@ from .checks import (
     check_split_labels,
     conditioning_names,
     load_data,
+    unused_parameters_choice,
 )
 from .config import TrainConfig
 from .engines import Engine, EngineChoice, choose_engine, resumed_engine_choice
@@ -311,6 +312,7 @@ def check_program_on_data(
 def choose_run_engine(
     config: TrainConfig, trained: torch.nn.Module, checked: tuple, strategy: Strategy, device: torch.device,
     settings: Settings | None = None, run_dir: Path | None = None, progress: bool = True, data: ImageData | None = None,
+    program: torch.nn.Module | None = None,
 ) -> EngineChoice:
     """The engine of the run, checked, not assumed: rank 0 decides for all processes; a resumed run keeps its own.
     Printed (or, where --engine jit falls back, warned about) and recorded in config.json."""
@@ -319,7 +321,11 @@ def choose_run_engine(
     def choose() -> EngineChoice:
         choice = choose_engine(config, trained, first, structure.max_plate_nesting, device, structure=structure,
                                second_batch=second)
-        return labelled_engine_choice(choice, config, trained, data, structure.max_plate_nesting)
+        choice = labelled_engine_choice(choice, config, trained, data, structure.max_plate_nesting)
+        if strategy.world_size == 1:
+            return choice
+        return unused_parameters_choice(choice, config, trained, program, data, first, structure.max_plate_nesting,
+                                        bool(structure.enumerated))
 
     choice = strategy.on_main(choose)
     if settings is not None and settings.checkpoint is not None:
@@ -343,9 +349,10 @@ def setup_run(request: TrainRequest, strategy: Strategy) -> TrainingRun:
     # the KL weight of every latent site, for any program (the one mechanism); --labelled adds the classifier term
     trained = Weighted(trained_program(program, data, config))
     choice = choose_run_engine(config, trained, checked, strategy, device, settings, request.run_dir, request.progress,
-                               data)
+                               data, program)
     config = dataclasses.replace(config, engine=choice.engine)
-    engine = strategy.make_engine(trained, config, checked[0].max_plate_nesting, enumerated=bool(checked[0].enumerated))
+    engine = strategy.make_engine(trained, config, checked[0].max_plate_nesting, enumerated=bool(checked[0].enumerated),
+                                  unused_parameters=choice.unused_parameters)
     run = TrainingRun(
         config, program, trained, data, engine, strategy,
         device, settings.model_config.describe() if spec is None else spec.describe(), request.run_dir,

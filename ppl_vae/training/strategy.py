@@ -44,7 +44,7 @@ class Strategy(Protocol):
     def check_config(self, config: TrainConfig) -> None: ...
     def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None: ...
     def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
-                    enumerated: bool = False) -> Engine: ...
+                    enumerated: bool = False, unused_parameters: tuple[str, ...] = ()) -> Engine: ...
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable: ...
     def checkpoint_extra(self, device: torch.device) -> dict[str, Any]: ...
     def restore(self, checkpoint: dict[str, Any], device: torch.device) -> None: ...
@@ -114,7 +114,8 @@ class OneProcess:
         check_single_process_checkpoint(checkpoint, optimizer_format_of(config.engine), run_dir)
 
     def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
-                    enumerated: bool = False) -> Engine:
+                    enumerated: bool = False, unused_parameters: tuple[str, ...] = ()) -> Engine:
+        # unused_parameters: what DDP must look for on several processes; one process needs nothing for them
         return make_engine(config.engine, trained, config, max_plate_nesting, enumerated=enumerated)
 
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
@@ -157,8 +158,9 @@ class ProcessGroupStrategy(ProcessGroup):
             )
 
     def make_engine(self, program: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
-                    enumerated: bool = False) -> DdpEngine:
-        return DdpEngine(program, config, max_plate_nesting, self, enumerated=enumerated)
+                    enumerated: bool = False, unused_parameters: tuple[str, ...] = ()) -> DdpEngine:
+        return DdpEngine(program, config, max_plate_nesting, self, enumerated=enumerated,
+                         unused_parameters=unused_parameters)
 
     def epoch_batches(self, data: ImageData, config: TrainConfig, epoch: int) -> Iterable:
         """The epoch's global minibatches, the same on every process: the data stream is seeded from (seed, epoch),
