@@ -89,17 +89,21 @@ def decode_classes(program: nn.Module, styles: torch.Tensor, style_site: str, nu
     y = torch.arange(num_classes, device=styles.device).repeat(rows)
     x = like[:1].expand(rows * num_classes, *like.shape[1:])
     trace = poutine.trace(poutine.condition(program.model, data={style_site: z})).get_trace(x, y)
-    images = [name for name, site in trace.nodes.items()
-              if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
-              and name not in (label_site, style_site)]
-    if len(images) != 1:
-        raise ModelStructureError(f"the model observes the sites {images} besides the label; the style/class grid "
-                                  "decodes one observed image site")
-    try:
-        mean = trace.nodes[images[0]]["fn"].mean
-    except NotImplementedError:
-        raise ModelStructureError(f"the model's image site {images[0]!r} has no mean E[x | z, y] to draw") from None
+    mean = image_mean(trace, (label_site, style_site))
     return mean.reshape(rows, num_classes, -1).clamp(0, 1)
+
+
+def image_mean(trace: Any, skip: tuple[str, ...] = ()) -> torch.Tensor:
+    """E[x | the trace's latents]: the mean of the model trace's one observed site not in ``skip`` (the image)."""
+    images = [name for name, site in trace.nodes.items()
+              if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site) and name not in skip]
+    if len(images) != 1:
+        raise ModelStructureError(f"the model observes the sites {images}{' besides ' + ', '.join(skip) if skip else ''};"
+                                  " the figure decodes one observed image site")
+    try:
+        return trace.nodes[images[0]]["fn"].mean
+    except NotImplementedError:
+        raise ModelStructureError(f"the model's image site {images[0]!r} has no mean E[x | latents] to draw") from None
 
 
 def number_of_classes(program: nn.Module, x: torch.Tensor, label_site: str = "y") -> int:
@@ -137,3 +141,26 @@ def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None 
         return StyleGrid(decoded, styles, labels, name)
     images = torch.cat([x.reshape(x.shape[0], 1, -1).to(decoded.dtype), decoded], 1)
     return StyleGrid(images, styles, labels, name)
+
+
+@torch.no_grad()
+def model_samples(program: nn.Module, num_samples: int, like: torch.Tensor) -> torch.Tensor:
+    r"""Samples of any program's model without a ``sample_prior``: every latent site drawn from the model's prior
+    (the model run on its own, e.g. for M2 y ~ p(y), z ~ p(z)) and the image's mean given them,
+    :math:`E[x \mid y, z]`: [num_samples, D] in [0, 1]. ``like[:1]`` is the image the model is given as observed
+    (its shape only: a generative model draws its latents before it meets x)."""
+    x = like[:1].expand(num_samples, *like.shape[1:])
+    trace = poutine.trace(program.model).get_trace(x)
+    return image_mean(trace).reshape(num_samples, -1).clamp(0, 1)
+
+
+@torch.no_grad()
+def class_reconstructions(program: nn.Module, x: torch.Tensor, label_site: str = "y") -> torch.Tensor:
+    r"""Reconstructions through the label: :math:`E[x \mid z, \hat y]` with :math:`\hat y = \arg\max_y q(y | x)`
+    (the classifier) and :math:`z = E_{q(z | x, \hat y)}[z]` (the guide given that class), for a program with a
+    discrete label site on x alone (M2 and any program of its convention): [R, D] in [0, 1]."""
+    q = label_distribution(program.guide, (x,), label_site)
+    labels = q.probs.argmax(-1) if hasattr(q, "probs") else q.mean.round().long()
+    name, styles = infer_styles(program, x, labels, label_site)
+    trace = poutine.trace(poutine.condition(program.model, data={name: styles})).get_trace(x, labels)
+    return image_mean(trace, (label_site, name)).reshape(x.shape[0], -1).clamp(0, 1)

@@ -85,7 +85,9 @@ def test_a_users_program_trains_resumes_and_is_evaluated_after_its_file_moved(tm
     assert diagnosed.returncode == 0, diagnosed.stderr
     plotted = cli_main("plot", run_dir, data_root=small_data_root)
     assert plotted.returncode == 0, plotted.stderr
-    assert "samples: skipped (the program has no sample_prior(n) method)" in plotted.stdout
+    # no sample_prior: samples from its model run on its own; no encode_mean/decode_mean nor label site: a note
+    assert str(run_dir / "plots" / "samples.png") in plotted.stdout
+    assert "reconstructions: skipped (the program has no encode_mean(x) and decode_mean(z) methods" in plotted.stdout
     assert (run_dir / "plots" / "training_curves.png").is_file()
     vae = cli_main("train", "--run-dir", vae_dir, *SMALL, "--latent-dim", "4", "--hidden-sizes", "32", data_root=small_data_root)
     assert vae.returncode == 0, vae.stderr

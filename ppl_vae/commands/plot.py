@@ -39,7 +39,8 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     data = load_run_data(train_config, args.data_dir, eval_examples=20,
                          dequantize_levels=levels_of(vae, train_config["binarize"]) == "dequantized")
     if not isinstance(vae, VAE):  # another program: the figures its methods allow, a note for the others
-        written += plot_program(vae, data, out, cond=data.conditioning("test", tuple(train_config.get("cond") or ())))
+        written += plot_program(vae, data, out, cond=data.conditioning("test", tuple(train_config.get("cond") or ())),
+                                label_site=train_config.get("label_site", "y"))
         written += plot_style_grid(vae, data, out, train_config.get("label_site", "y"))
     else:
         written.append(plots.plot_reconstructions(vae, data.test[:10], out / "reconstructions.png"))
@@ -55,13 +56,15 @@ def plot(args: argparse.Namespace, run_dir: Path, vae, config) -> int:
     return 0
 
 
-def plot_program(program, data, out: Path, cond: tuple = ()) -> list[Path]:
+def plot_program(program, data, out: Path, cond: tuple = (), label_site: str = "y") -> list[Path]:
     """Image figures of a program other than the built-in VAE, from the methods it has; a one-line note for each it lacks.
 
-    ``sample_prior(n)``: samples E[x | z], z ~ p(z); ``encode_mean(x)`` with ``decode_mean(z)``:
-    reconstructions; ``sample_digits(labels)``: one row of samples per class (a conditional program). ``cond``:
-    the run's ``--cond`` arrays of the test images, passed after x and z as in training (``encode_mean(x, c)``,
-    ``decode_mean(z, c)``).
+    ``sample_prior(n)``: samples E[x | z], z ~ p(z) (without it, any program given x alone: its model run on its
+    own, :func:`ppl_vae.style_grid.model_samples`); ``encode_mean(x)`` with ``decode_mean(z)``: reconstructions
+    (without them, a program with a discrete ``label_site`` on x alone, as M2: through q(y | x) and q(z | x, y),
+    :func:`ppl_vae.style_grid.class_reconstructions`); ``sample_digits(labels)``: one row of samples per class (a
+    conditional program). ``cond``: the run's ``--cond`` arrays of the test images, passed after x and z as in
+    training (``encode_mean(x, c)``, ``decode_mean(z, c)``).
     """
     import torch
 
@@ -73,7 +76,7 @@ def plot_program(program, data, out: Path, cond: tuple = ()) -> list[Path]:
         written.append(plots.plot_image_grid(program.sample_prior(64), out / "samples.png", nrow=8,
                                              title="E[x|z] for z ~ p(z)", image_shape=shape))
     else:
-        print("samples: skipped (the program has no sample_prior(n) method)")
+        written += plot_model_samples(program, data, out, cond)
     if callable(getattr(program, "encode_mean", None)) and callable(getattr(program, "decode_mean", None)):
         x = data.test[:10]
         given = tuple(c[:10] for c in cond)
@@ -81,13 +84,63 @@ def plot_program(program, data, out: Path, cond: tuple = ()) -> list[Path]:
         written.append(plots.plot_image_grid(images, out / "reconstructions.png", nrow=10,
                                              title="test images (top) and E[x | E_q[z|x]] (bottom)", image_shape=shape))
     else:
-        print("reconstructions: skipped (the program has no encode_mean(x) and decode_mean(z) methods)")
+        written += plot_class_reconstructions(program, data, out, cond, label_site)
     if callable(getattr(program, "sample_digits", None)):
         classes = getattr(program, "num_classes", 10)
         labels = torch.arange(classes).repeat_interleave(8)
         written.append(plots.plot_image_grid(program.sample_digits(labels), out / "samples_by_class.png", nrow=8,
                                              title="E[x|z,y], z ~ p(z): one row per class y", image_shape=shape))
     return written
+
+
+def plot_model_samples(program, data, out: Path, cond: tuple = ()) -> list[Path]:
+    """``samples.png`` of a program without ``sample_prior``: its model run on its own (every latent from the prior,
+    :func:`ppl_vae.style_grid.model_samples`); a one-line note where that does not apply."""
+    from .. import plots
+    from ..errors import ModelStructureError
+    from ..style_grid import model_samples
+
+    why = "the program has no sample_prior(n) method, and its model takes conditioning data" if cond else None
+    if why is None:
+        try:
+            images = model_samples(program, 64, data.test)
+        except ModelStructureError as error:
+            why = f"the program has no sample_prior(n) method, and {str(error).splitlines()[0]}"
+        except (TypeError, ValueError, RuntimeError) as error:  # e.g. a model(x, y) that needs its labels
+            why = (f"the program has no sample_prior(n) method, and its model run on x alone failed: "
+                   f"{type(error).__name__}: {str(error).splitlines()[0]}")
+    if why is not None:
+        print(f"samples: skipped ({why})")
+        return []
+    return [plots.plot_image_grid(images, out / "samples.png", nrow=8, title="E[x | latents], latents from the prior",
+                                  image_shape=tuple(data.record["image_shape"]))]
+
+
+def plot_class_reconstructions(program, data, out: Path, cond: tuple = (), label_site: str = "y") -> list[Path]:
+    """``reconstructions.png`` of a program without ``encode_mean``/``decode_mean`` but with a discrete label site on x
+    alone (M2): through the classifier's class and q(z | x, y) (:func:`ppl_vae.style_grid.class_reconstructions`);
+    a one-line note where that does not apply."""
+    import torch
+
+    from .. import plots
+    from ..errors import ModelStructureError
+    from ..style_grid import class_reconstructions
+
+    lacking = "the program has no encode_mean(x) and decode_mean(z) methods"
+    if cond:
+        print(f"reconstructions: skipped ({lacking})")
+        return []
+    x = data.test[:10]
+    try:
+        images = class_reconstructions(program, x, label_site)
+    except (ModelStructureError, TypeError, ValueError, RuntimeError) as error:
+        print(f"reconstructions: skipped ({lacking}, nor a discrete label site {label_site!r} to reconstruct through: "
+              f"{str(error).splitlines()[0]})")
+        return []
+    images = torch.cat([x.reshape(x.shape[0], -1).to(images.dtype), images])
+    return [plots.plot_image_grid(images, out / "reconstructions.png", nrow=x.shape[0], image_shape=tuple(
+        data.record["image_shape"]), title=f"test images (top), E[x | E_q[z|x,{label_site}], {label_site}] at the "
+                                           f"most probable {label_site} under q({label_site}|x) (bottom)")]
 
 
 STYLE_ROWS = 10  # test images, one style z each: the rows of the style/class grid
