@@ -333,7 +333,9 @@ def parameters_without_gradient(trained: torch.nn.Module, config: TrainConfig, b
     try:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             value = loss(*batch)
-            grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+            # a loss that depends on no parameter at all leaves every one unused (autograd.grad would refuse it)
+            grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True) if named and \
+                value.requires_grad else [None] * len(named)
     finally:
         with torch.no_grad():
             for name, b in trained.named_buffers():
