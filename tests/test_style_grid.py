@@ -130,6 +130,9 @@ def test_plot_of_a_tiny_m2_run_writes_the_style_grid_and_samples_per_class(tmp_p
     grid, by_class = run / "plots" / "style_grid.png", run / "plots" / "samples_by_class.png"
     prior = run / "plots" / "style_grid_prior.png"
     assert str(grid) in out and str(by_class) in out and str(prior) in out
+    # M2 has no sample_prior / encode_mean / decode_mean: samples from its model, reconstructions through q(y|x)
+    assert str(run / "plots" / "samples.png") in out and str(run / "plots" / "reconstructions.png") in out
+    assert "skipped" not in out
     # plot_image_grid: (0.6 nrow) x (0.6 rows + 0.4) inches; rows: the test images, columns: the image and 10 classes
     height, width = imread(grid).shape[:2]
     assert (height, width) == pytest.approx(((0.6 * STYLE_ROWS + 0.4) * plots.DPI, 0.6 * 11 * plots.DPI), abs=1)
