@@ -274,3 +274,27 @@ def labelled_epoch(path: Path, alpha: float | str | None) -> None:
         torch.distributions.normal._standard_normal = standard_normal
     torch.save({"state": program.state_dict(), "losses": losses, "unused": found["unused"]},
                path / f"labelled-{alpha}-rank{context.rank}.pt")
+
+
+def commands(path: Path, data_root: Path, argvs: list[list[str]]) -> None:
+    """``ppl-vae ARGV`` for each of ``argvs`` on every process, as torchrun's processes run it (the environment
+    already says RANK and WORLD_SIZE); each rank saves what it printed to ``path/commands-rank{rank}.txt``.
+
+    The commands join the process group already made (``initialize`` returns it) and would leave it when done:
+    here the group stays, for the next command and task, instead of new processes being started for each.
+    """
+    import contextlib
+    import io
+
+    from ppl_vae import cli, distributed
+
+    os.environ["PPL_VAE_DATA"] = str(data_root)
+    out, shutdown = io.StringIO(), distributed.shutdown
+    distributed.shutdown = lambda: None
+    try:
+        with contextlib.redirect_stdout(out):
+            codes = [cli.main([str(arg) for arg in argv]) for argv in argvs]
+    finally:
+        distributed.shutdown = shutdown
+    assert codes == [0] * len(argvs), codes
+    (path / f"commands-rank{distributed.current().rank}.txt").write_text(out.getvalue())

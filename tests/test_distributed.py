@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,9 +40,17 @@ EVALUATION_OPTIONS = {"num_samples": 30, "elbo_samples": 3, "seed": 7, "psis": T
 # "cond": --labels --cond c, a program given (x, y, c); "shift": default alpha, a parameter unused on labelled steps.
 LABELLED_ALPHAS = [None, 0.0, "cond", "shift"]
 
+TINY_RUN = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 4, "hidden_sizes": [16]}',
+            "--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--test-samples", "5",
+            "--evidence-every", "1", "--evidence-examples", "30", "--evidence-samples", "10", "--device", "cpu",
+            "--no-progress"]
+# `ppl-vae evaluate RUN` with few draws, on the CPU (then --devices 2, or one process).
+EVALUATE_RUN = ["evaluate", "--num-samples", "30", "--examples", "130", "--elbo-samples", "2", "--device", "cpu",
+                "--no-progress"]
+
 
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
+def spawned(tmp_path_factory, small_data_root):
     """The folder where the 2 processes saved what they got; they ran every task below."""
     path = tmp_path_factory.mktemp("spawned")
     pyro.set_rng_seed(3)
@@ -56,6 +65,11 @@ def spawned(tmp_path_factory):
     tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS)),
               (workers.evaluate, (path / "ais", workers.AIS_OPTIONS))]
     tasks += [(workers.labelled_epoch, (path, alpha)) for alpha in LABELLED_ALPHAS]
+    # The uninterrupted reference run of the resume test below, and its evaluation on 2 processes: `ppl-vae train` and
+    # `ppl-vae evaluate` as torchrun's processes run them, in these processes rather than in 3 more started for each.
+    tasks += [(workers.commands, (path, small_data_root, [["train", "--run-dir", path / "straight", "--epochs", "2",
+                                                            "--devices", "2", *TINY_RUN],
+                                                           [*EVALUATE_RUN, path / "straight", "--devices", "2"]]))]
     workers.spawn(tasks, WORLD_SIZE)
     return path
 
@@ -184,10 +198,6 @@ def test_the_draws_of_a_datapoint_depend_on_the_seed_and_its_block_only():
 
 # A program with labels (the built-in conditional VAE, its labels y sharded with the images): the one training loop
 # under DDP with per-datapoint data besides x, and its evidence log p(x | y).
-TINY_RUN = ["--program", "conditional", "--labels", "--program-kwargs", '{"latent_dim": 4, "hidden_sizes": [16]}',
-            "--train-examples", "230", "--batch-size", "50", "--eval-examples", "60", "--test-samples", "5",
-            "--evidence-every", "1", "--evidence-examples", "30", "--evidence-samples", "10", "--device", "cpu",
-            "--no-progress"]
 TIMING_KEYS = {"epoch_seconds", "steps_per_second", "train_seconds"}
 
 
@@ -211,28 +221,30 @@ def without_timings(records: list[dict]) -> list[dict]:
     return [{key: value for key, value in record.items() if key not in TIMING_KEYS} for record in records]
 
 
+@SPAWNED
 def test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
-    tmp_path, small_data_root, cli_launch
+    spawned, tmp_path, small_data_root, cli_launch
 ):
+    # The uninterrupted run of 2 epochs, and its evaluation on 2 processes, were made by `ppl-vae train` and
+    # `ppl-vae evaluate` in the spawned processes (fixture above). A copy: the evaluation in one process below writes
+    # into the run it evaluates.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    # Two runs at once (4 processes on the CPU): one stopped after its first epoch, started under torchrun itself
-    # (as the README shows, where --devices is only checked against it); one of 2 epochs, launched by `ppl-vae train
-    # --devices 2` in this process.
-    first = start_cli(small_data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN,
-                      torchrun=True)
-    ran = cli_launch("train", "--run-dir", straight, "--epochs", "2", "--devices", "2", *TINY_RUN,
-                     data_root=small_data_root)
-    assert ran.returncode == 0, ran.stderr
-    finish(first)
-    out = ran.stdout
-    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out and "log p̂(x | y)" in out
-    assert out.count("run directory:") == 1  # rank 0 alone prints
+    shutil.copytree(spawned / "straight", straight)
+    printed = [(spawned / f"commands-rank{rank}.txt").read_text() for rank in range(WORLD_SIZE)]
+    assert "test evaluation of" in printed[0] and printed[1] == ""  # rank 0 alone prints
+    # One stopped after its first epoch, started under torchrun itself (as the README shows, where --devices is only
+    # checked against it).
+    finish(start_cli(small_data_root, "train", "--run-dir", resumed, "--epochs", "1", "--devices", "2", *TINY_RUN,
+                     torchrun=True))
     assert runs.load_checkpoint(resumed)["epoch"] == 1
-    # Resumed by `ppl-vae train --resume --devices 2` (its run directory checked before torchrun starts): every
-    # setting, the program and its labels included, is the run's own.
+    # Resumed by `ppl-vae train --resume --devices 2`, launched by this process (its run directory checked before
+    # torchrun starts): every setting, the program and its labels included, is the run's own.
     ran = cli_launch("train", "--run-dir", resumed, "--resume", "--epochs", "2", "--devices", "2", "--no-progress",
                      data_root=small_data_root)
     assert ran.returncode == 0, ran.stderr
+    out = ran.stdout
+    assert "test evaluation of" in out and "cpu, 2 processes (gloo)" in out and "log p̂(x | y)" in out
+    assert out.count("run directory:") == 1  # rank 0 alone prints
 
     a, b = runs.load_checkpoint(straight), runs.load_checkpoint(resumed)
     assert a["epoch"] == b["epoch"] == 2 and a["world_size"] == b["world_size"] == 2
@@ -245,17 +257,15 @@ def test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupte
     for key in ("elbo", "log_evidence", "reconstruction"):
         assert runs.read_json(resumed / "test.json")[key] == runs.read_json(straight / "test.json")[key]
 
-    # Evaluation on 2 processes gives the numbers of evaluation in one process, digit for digit.
-    evaluate = ["evaluate", straight, "--num-samples", "30", "--examples", "130", "--elbo-samples", "2",
-                "--device", "cpu", "--no-progress"]
-    ran = cli_launch(*evaluate, "--devices", "2")
-    assert ran.returncode == 0, ran.stderr
+    # Evaluation on 2 processes (`evaluate --devices 2`, made in the spawned processes) gives the numbers of
+    # evaluation in one process, digit for digit.
     two = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     two_json = json.loads((straight / "evaluation.json").read_text())
-    assert cli_launch(*evaluate).returncode == 0
+    assert cli_launch(*EVALUATE_RUN, straight).returncode == 0
     one = dict(np.load(straight / runs.PER_DATAPOINT_FILE))
     one_json = json.loads((straight / "evaluation.json").read_text())
     # Every key but the id each evaluation stores to pair its npz with its evaluation.json.
+    assert str(two["evaluation_id"]) != str(one["evaluation_id"])  # the one-process evaluation did write its own
     assert sorted(two) == sorted(one) and all(np.array_equal(two[key], one[key]) for key in one if key != "evaluation_id")
     assert two_json["world_size"] == 2 and one_json["world_size"] == 1
     for key in ("elbo", "reconstruction", "kl", "log_evidence", "gap", "diagnostics"):

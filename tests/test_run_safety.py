@@ -166,6 +166,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "no epoch after 240 s"
             time.sleep(0.05)
+        # Paused, the holder keeps its lock (a live process) without taking a core from the commands below.
+        process.send_signal(signal.SIGSTOP)
         err = refused(run_cli(small_data_root, "train", "--run-dir", run_dir, "--resume"))
         assert f"is in use: process {process.pid} on " in err and "is training into it" in err, err
         assert "ppl_vae train --run-dir" in err  # its command
