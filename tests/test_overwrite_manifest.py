@@ -68,7 +68,7 @@ def test_the_manifest_records_every_file_and_folder_the_run_wrote(program_run):
     assert entries == {
         "checkpoint.pt": "file", "checkpoint.prev.pt": "file", "config.json": "file", "data.json": "file",
         "metrics.jsonl": "file", "program": "folder", "program/my_models.py": "file", "program.json": "file",
-        "plots": "folder", "plots/training_curves.png": "file", "test.json": "file",
+        "plots": "folder", "plots/training_curves.png": "file", "plots/samples.png": "file", "test.json": "file",
     }
     present = {str(p.relative_to(program_run)) for p in program_run.rglob("*")
                if not p.name.startswith(".ppl_vae") and p.name != "manifest.json"}
