@@ -48,15 +48,20 @@ def _latent_sites(trace: Any, skip: str) -> dict[str, Any]:
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) and name != skip}
 
 
+def _style_site(program_fn: Any, role: str, x: torch.Tensor, labels: torch.Tensor, label_site: str
+                ) -> tuple[str, dict[str, Any]]:
+    """The one latent site ``program_fn(x, labels)`` draws besides the label: the style z (else one line)."""
+    sites = _latent_sites(poutine.trace(program_fn).get_trace(x, labels), label_site)
+    if len(sites) != 1:
+        raise ModelStructureError(f"given x and y the {role} draws the latent sites {sorted(sites)}; the style/class "
+                                  "grid needs exactly one (the style z of each image)")
+    return next(iter(sites.items()))
+
+
 def infer_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, label_site: str = "y"
                  ) -> tuple[str, torch.Tensor]:
     """(the style site's name, E_q[z | x, y] [N, ...]) from ``program.guide(x, labels)``: its one latent site's mean."""
-    trace = poutine.trace(program.guide).get_trace(x, labels)
-    sites = _latent_sites(trace, label_site)
-    if len(sites) != 1:
-        raise ModelStructureError(f"given x and y the guide draws the latent sites {sorted(sites)}; the style/class "
-                                  "grid needs exactly one (the style z of each image)")
-    name, site = next(iter(sites.items()))
+    name, site = _style_site(program.guide, "guide", x, labels, label_site)
     try:
         mean = site["fn"].mean
     except NotImplementedError:
@@ -68,12 +73,7 @@ def infer_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, labe
 def prior_styles(program: nn.Module, x: torch.Tensor, labels: torch.Tensor, label_site: str = "y"
                  ) -> tuple[str, torch.Tensor]:
     """(the style site's name, z ~ p(z | y) [N, ...]): the model's own draw of its one latent site given the labels."""
-    trace = poutine.trace(program.model).get_trace(x, labels)
-    sites = _latent_sites(trace, label_site)
-    if len(sites) != 1:
-        raise ModelStructureError(f"given x and y the model draws the latent sites {sorted(sites)}; the style/class "
-                                  "grid needs exactly one (the style z)")
-    name, site = next(iter(sites.items()))
+    name, site = _style_site(program.model, "model", x, labels, label_site)
     return name, site["value"]
 
 
