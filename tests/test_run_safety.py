@@ -153,6 +153,13 @@ def test_overwrite_keeps_the_old_run_when_another_check_fails_and_replaces_it_wh
 # --- 2. One writer per run; a killed one blocks nothing --------------------------------------------
 
 
+def checkpointed_epochs(run_dir: Path) -> int:
+    """The epoch of ``run_dir``'s last checkpoint, 0 while there is none (checkpoints are replaced atomically)."""
+    if not (run_dir / runs.CHECKPOINT_FILE).exists():
+        return 0
+    return runs.load_checkpoint(run_dir)["epoch"]
+
+
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks_nothing(tmp_path, small_data_root, capsys):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
@@ -162,11 +169,12 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(small_data_root))
     try:
         deadline = time.monotonic() + 240
-        while not runs.read_metrics(run_dir):
+        while not checkpointed_epochs(run_dir):
             assert process.poll() is None, process.communicate()[1]
             assert time.monotonic() < deadline, "no epoch after 240 s"
             time.sleep(0.05)
-        # Paused, the holder keeps its lock (a live process) without taking a core from the commands below.
+        # Paused (after an epoch's checkpoint: a pause between its metrics line and its checkpoint would leave the
+        # epoch-0 one), the holder keeps its lock (a live process) without taking a core from the commands below.
         process.send_signal(signal.SIGSTOP)
         err = refused(run_cli(small_data_root, "train", "--run-dir", run_dir, "--resume"))
         assert f"is in use: process {process.pid} on " in err and "is training into it" in err, err
