@@ -242,7 +242,8 @@ class _Target:
             _check_continuous(name, model_sites[name], guide_sites[name])
         self._check_fixed_supports(model_sites)
         self.layouts = {name: self._layout(name, model_sites[name]) for name in latent}
-        independent = structure.dependencies == "provenance" and not any(structure.guide_parents[n] for n in latent)
+        # Parents found exactly (not by site order), and none in the guide: the guide's sites are independent.
+        independent = structure.dependencies != "site order" and not any(structure.guide_parents[n] for n in latent)
         self.guide_fns = None
         self.workspace: dict[str, dict] = {}  # per observed site: tensors reused at every evaluation of this chunk
         if independent:  # traced again without validation, so scoring a diverged proposal later raises nothing

@@ -63,7 +63,8 @@ class ProgramStructure:
     ``model_parents[s]`` and ``guide_parents[s]`` are the latent sites whose values the
     density of latent site ``s`` depends on directly, in the model and in the guide;
     ``dependencies`` says how they were found: ``"provenance"`` (Pyro's
-    ``get_dependencies``, which follows values through the programs' tensor operations) or
+    ``get_dependencies``, which follows values through the programs' tensor operations),
+    ``"one latent site"`` (no other latent site to depend on: nothing to track) or
     ``"site order"`` (every earlier latent site counts as a parent: a safe over-approximation,
     used where provenance tracking fails on a program). ``kl_reasons[s]`` says why the KL
     term of ``s`` is Monte Carlo (absent when it is analytic).
@@ -419,6 +420,9 @@ def describe_distribution(fn: Any) -> str:
     return type(fn).__name__ if inner is fn else f"{type(fn).__name__}({type(inner).__name__})"
 
 
+ONE_LATENT_SITE = "one latent site"  # ProgramStructure.dependencies when there is nothing to track
+
+
 def latent_parents(
     model: Callable, guide: Callable, data: Data, latent: list[str], guide_order: list[str]
 ) -> tuple[dict[str, set[str]], dict[str, set[str]], str]:
@@ -427,8 +431,11 @@ def latent_parents(
     Pyro's ``get_dependencies`` runs each program once with provenance-tracking tensors
     and reads which sites' values each density depends on. Where that fails on a program
     (an operation provenance tracking does not support), every earlier latent site counts
-    as a parent: the order of the sites, a safe over-approximation.
+    as a parent: the order of the sites, a safe over-approximation. With one latent site (or none)
+    there is no other latent site to be a parent, and the programs are not run again.
     """
+    if len(latent) <= 1:
+        return {name: set() for name in latent}, {name: set() for name in latent}, ONE_LATENT_SITE
     try:
         with torch.no_grad():
             model_deps = get_dependencies(model, data)["prior_dependencies"]

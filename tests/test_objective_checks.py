@@ -117,10 +117,10 @@ def test_a_data_dependent_branch_keeps_auto_on_svi_with_the_tracer_warning_and_j
 
 
 def test_python_state_keeps_auto_on_svi_which_stops_at_the_nan_and_jit_is_refused(tmp_path, small_data_root):
-    # The model's 10th call (step 2 of epoch 2, after the first-batch checks and epoch 1's steps and validation)
+    # The model's 8th call (step 2 of epoch 2, after the first-batch checks and epoch 1's steps and validation)
     # turns NaN: SVI runs the Python every step and stops there; a compiled trace would never see it.
     with pytest.raises(NumericalFaultError, match="the loss became nan at epoch 2, step 2 of 2"):
-        train(tmp_path / "auto", tiny(small_data_root, epochs=3), program=CountingVAE(nan_after=9), progress=False)
+        train(tmp_path / "auto", tiny(small_data_root, epochs=3), program=CountingVAE(nan_after=7), progress=False)
     record = json.loads((tmp_path / "auto" / "config.json").read_text())["engine"]
     assert record["engine"] == "svi" and "changes its Python state (attribute 'calls')" in record["reason"]
     with pytest.raises(ModelStructureError, match=r"--engine jit cannot train this program faithfully: .*'calls'"):
