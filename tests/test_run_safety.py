@@ -14,7 +14,6 @@ import errno
 import io
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -38,15 +37,9 @@ def cli_env(small_data_root) -> dict:
     return {**os.environ, "PPL_VAE_DATA": str(small_data_root), "OMP_NUM_THREADS": "1"}
 
 
-def run_cli(small_data_root, *args, cwd=None, preexec_fn=None) -> Ran:
-    """``ppl-vae ARGS`` reading ``small_data_root``: what a shell would see of it (status, stdout, stderr).
-
-    In this process (cli.main, in ``cwd``), except with ``preexec_fn`` (a limit set on the command alone), which
-    needs a process of its own."""
-    if preexec_fn is not None:
-        result = subprocess.run([sys.executable, "-m", "ppl_vae", *map(str, args)], capture_output=True, text=True,
-                                env=cli_env(small_data_root), cwd=cwd, timeout=300, preexec_fn=preexec_fn)
-        return Ran(result.returncode, result.stdout, result.stderr)
+def run_cli(small_data_root, *args, cwd=None) -> Ran:
+    """``ppl-vae ARGS`` reading ``small_data_root``, in this process (cli.main, in ``cwd``): what a shell would see
+    of it (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         patch.setenv("PPL_VAE_DATA", str(small_data_root))
@@ -303,26 +296,51 @@ def test_a_last_line_cut_short_by_a_crash_is_dropped_without_a_warning(tmp_path,
 # --- 7. Failed writes ----------------------------------------------------------------------------------
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+# ppl-vae commands one after another in a process of their own, each under its own file-size limit (RLIMIT_FSIZE,
+# which the process cannot set on itself without setting it on the test's process too): a write past the limit fails
+# with EFBIG, as a real disk refuses it. One JSON line out: each command's status, stdout and stderr.
+_LIMITED_COMMANDS = """
+import contextlib, io, json, resource, signal, sys
+from ppl_vae import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of a kill
+ran = []
+for limit, argv in json.loads(sys.argv[1]):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    ran.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(ran))
+"""
 
-    return apply
+
+def run_limited(small_data_root, *commands: tuple[int, list]) -> list[Ran]:
+    """Each ``(limit in bytes, ARGS)`` of ``commands`` as ``ppl-vae ARGS`` under that file-size limit, in one process."""
+    jobs = [[limit, [str(arg) for arg in args]] for limit, args in commands]
+    result = subprocess.run([sys.executable, "-c", _LIMITED_COMMANDS, json.dumps(jobs)], capture_output=True, text=True,
+                            env=cli_env(small_data_root), timeout=300)
+    # Nothing besides the commands' own streams (written to them, as the process's would be) reaches stderr.
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    return [Ran(*ran) for ran in json.loads(result.stdout)]
 
 
 def test_a_failed_write_is_one_line_naming_the_file_and_the_tables_come_first(tmp_path, small_data_root, run_copy):
     (run_copy / "evaluation.json").unlink(missing_ok=True)
-    result = run_cli(small_data_root, "evaluate", run_copy, *EVALUATE, preexec_fn=_file_size_limit(1000))
-    err = refused(result)
-    assert "log p̂(x), importance sampled (K=5)" in result.stdout  # the result is printed before writing
+    new = tmp_path / "new"
+    # Evaluation: its per-datapoint file does not fit. Training: the first checkpoint does not fit.
+    evaluated, trained = run_limited(small_data_root, (1000, ["evaluate", run_copy, *EVALUATE]),
+                                     (20_000, ["train", "--run-dir", new, "--epochs", "1", *TINY]))
+    err = refused(evaluated)
+    assert "log p̂(x), importance sampled (K=5)" in evaluated.stdout  # the result is printed before writing
     assert f"cannot write {run_copy / 'evaluation_per_datapoint.npz'}: the file is larger than" in err
     assert len(err.strip().splitlines()) == 1
     assert not [p.name for p in run_copy.iterdir() if p.name.endswith(".tmp")]
-    # Training: the first checkpoint does not fit; the half-made run is removed and blocks no later run.
-    new = tmp_path / "new"
-    err = refused(run_cli(small_data_root, "train", "--run-dir", new, "--epochs", "1", *TINY,
-                          preexec_fn=_file_size_limit(20_000)))
+    # The half-made run is removed and blocks no later run.
+    err = refused(trained)
     assert f"cannot write {new / 'checkpoint.pt'}: the file is larger than" in err
     assert not new.exists()
     assert main("train", "--run-dir", new, "--epochs", "1", *TINY) == 0
