@@ -3,6 +3,7 @@ tensors from Python, passed after x to both programs in training and every evalu
 naming the array), and the evidence named log p(x | c) so that compare never pairs it with log p(x)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +175,23 @@ def test_the_covariate_program_trains_from_tensors(tmp_path, program_file, cli_m
     assert evaluated.returncode == 0, evaluated.stderr
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert evaluation["quantity"] == "log p(x | c)" and "bits_per_dim" not in evaluation
+    # The run directory moved (as handed to someone): it keeps its tensors, and every command reads them there,
+    # checked against the recorded SHA-256. The old code read the path config.json recorded, which is gone.
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(run_dir, moved)
+    evaluated = cli_main("evaluate", moved, "--num-samples", "10", "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((moved / "evaluation.json").read_text())["quantity"] == "log p(x | c)"
+    assert cli_main("train", "--resume", "--run-dir", moved, "--epochs", "3", "--no-progress").returncode == 0
+    assert json.loads((moved / "config.json").read_text())["train"]["dataset"] == str((moved / "tensors.npz").resolve())
+    assert cli_main("plot", moved).returncode == 0
+    # Its own copy must still be the data it was trained on: one value changed is refused.
+    arrays = dict(np.load(moved / "tensors.npz"))
+    arrays["x_test"][0].flat[0] = 1.0 - arrays["x_test"][0].flat[0]
+    np.savez(moved / "tensors.npz", **arrays)
+    changed = cli_main("evaluate", moved, "--num-samples", "10", "--no-progress")
+    assert changed.returncode == 2 and "has changed since the run was trained" in changed.stderr
     # in memory, with the program object
     covariate, _ = program_classes()
     history = fit(covariate(), tensors(), config, progress=False)

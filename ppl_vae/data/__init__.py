@@ -48,7 +48,7 @@ from .mnist import (
     missing_raw_files,
 )
 from .npz import is_npz, load_npz, npz_image_shape
-from .tensors import TENSORS_FILE, tensor_data, tensors_npz_bytes
+from .tensors import TENSORS_FILE, in_run_directory, tensor_data, tensors_npz_bytes
 
 DATASETS = (*MNIST_FAMILY, "cifar10")
 DATA_RECORD_FILE = "data.json"
@@ -58,7 +58,7 @@ __all__ = [
     "NUM_LEVELS", "NUM_TRAIN", "STATIC_TRAIN_BINARIZATION_SEED", "ImageData", "MNISTData", "binarize_once",
     "check_binarization", "check_dataset", "dataset_image_shape", "default_data_dir", "dequantize", "is_npz",
     "load_cifar10", "load_dataset", "load_run_data", "load_mnist", "load_mnist_family", "load_npz", "make_splits", "sha256_of",
-    "missing_raw_files", "run_conditioning", "TENSORS_FILE", "tensor_data", "tensors_npz_bytes",
+    "missing_raw_files", "run_conditioning", "TENSORS_FILE", "in_run_directory", "tensor_data", "tensors_npz_bytes",
 ]
 
 

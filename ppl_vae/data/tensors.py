@@ -9,13 +9,15 @@ Each split is ``x`` or a tuple ``(x, *cond)``: x a float tensor ``[N, ...]`` (on
 A run trained from tensors (``train(run_dir, data={"train": (x, c), ...})``) keeps them in the run directory as
 ``tensors.npz`` (:func:`tensors_npz_bytes`; float arrays and the marker ``ppl_vae_tensors``), recorded as its dataset
 with its SHA-256, so ``evaluate``, ``--resume``, ``plot`` and ``audit`` read the same data again
-(:func:`ppl_vae.data.npz.load_npz` reads such a file with :func:`tensor_data`).
+(:func:`ppl_vae.data.npz.load_npz` reads such a file with :func:`tensor_data`), from wherever the run directory
+now lies (:func:`in_run_directory`).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,21 @@ from .core import BINARIZATIONS, EVAL_BINARIZATION_SEED, STATIC_TRAIN_BINARIZATI
 
 TENSORS_MARKER = "ppl_vae_tensors"  # the key that marks a run's tensors.npz (float x, any shape)
 TENSORS_FILE = "tensors.npz"  # where a run trained from tensors keeps them
+
+
+def in_run_directory(train_record: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """A run's ``config.json`` ``"train"`` record with its tensors found in the run directory where it now lies.
+
+    config.json records the path the run's ``tensors.npz`` had when training started; a run directory moved or
+    copied since keeps the file, and its own copy is the dataset (the SHA-256 the run recorded is still checked
+    when it is read). Any other dataset is left as recorded.
+    """
+    if not isinstance(train_record, dict):
+        return train_record  # not a record: its reader refuses it
+    dataset, own = train_record.get("dataset"), Path(run_dir).resolve() / TENSORS_FILE
+    if isinstance(dataset, str) and Path(dataset).name == TENSORS_FILE and Path(dataset) != own and own.is_file():
+        return {**train_record, "dataset": str(own)}
+    return train_record
 
 
 def split_tensors(splits: Mapping[str, Any], cond: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:

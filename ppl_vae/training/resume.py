@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runs
+from ..data import in_run_directory
 from ..errors import RunDirectoryError
 from ..model import VAEConfig
 from .config import OPTIMIZER_FORMAT_PYRO, OPTIMIZER_FORMAT_TORCH, TrainConfig
@@ -65,7 +66,7 @@ def saved_configs(run_dir: Path, config: TrainConfig | None) -> tuple[TrainConfi
     saved = runs.read_json(path)
     try:
         model = VAEConfig(**saved["model"]) if saved["model"] is not None else None
-        return TrainConfig(**{**saved["train"], **resume_overrides(config)}), model
+        return TrainConfig(**{**in_run_directory(saved["train"], run_dir), **resume_overrides(config)}), model
     except (KeyError, TypeError) as error:
         raise RunDirectoryError(
             f"{path} does not hold a configuration this version of ppl_vae can read ({type(error).__name__}: "

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import process_group, runs
-from ..data import dataset_image_shape
+from ..data import dataset_image_shape, in_run_directory
 from ..errors import PplVaeError, PplVaeWarning, RunDirectoryError
 from ..model import VAEConfig, build_vae
 from ..objectives import enumerate_discrete_sites
@@ -60,7 +60,9 @@ def reapply_enumeration(program: torch.nn.Module, config: dict[str, Any]) -> tor
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """A run's ``config.json``, checked: ``train`` and ``model`` (or null) hold only fields this version knows."""
+    """A run's ``config.json``, checked: ``train`` and ``model`` (or null) hold only fields this version knows.
+
+    A run trained from tensors reads them from its own directory, wherever it now lies (:func:`ppl_vae.data.in_run_directory`)."""
     path = Path(run_dir) / runs.CONFIG_FILE
     config = runs.read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict) or not (
@@ -80,7 +82,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
             kind(**config[section])
         except (PplVaeError, TypeError, ValueError) as error:
             raise RunDirectoryError(f"{path}: '{section}' is not a configuration this version can use ({error})") from None
-    return config
+    return {**config, "train": in_run_directory(config["train"], run_dir)}
 
 
 def load_run(
