@@ -144,13 +144,16 @@ def style_grid(program: nn.Module, x: torch.Tensor, labels: torch.Tensor | None 
 
 
 @torch.no_grad()
-def model_samples(program: nn.Module, num_samples: int, like: torch.Tensor) -> torch.Tensor:
+def model_samples(program: nn.Module, num_samples: int, like: torch.Tensor, cond: tuple[torch.Tensor, ...] = ()
+                  ) -> torch.Tensor:
     r"""Samples of any program's model without a ``sample_prior``: every latent site drawn from the model's prior
     (the model run on its own, e.g. for M2 y ~ p(y), z ~ p(z)) and the image's mean given them,
     :math:`E[x \mid y, z]`: [num_samples, D] in [0, 1]. ``like[:1]`` is the image the model is given as observed
-    (its shape only: a generative model draws its latents before it meets x)."""
+    (its shape only: a generative model draws its latents before it meets x). ``cond``: the data a conditional
+    model takes after x (``--cond``), one row per sample, given as in training: samples of :math:`p(x \mid c)`,
+    :math:`E[x \mid z, c]` with z from its prior given c."""
     x = like[:1].expand(num_samples, *like.shape[1:])
-    trace = poutine.trace(program.model).get_trace(x)
+    trace = poutine.trace(program.model).get_trace(x, *cond)
     return image_mean(trace).reshape(num_samples, -1).clamp(0, 1)
 
 

@@ -142,6 +142,7 @@ def test_the_covariate_program_trains_from_a_npz_and_every_command_reapplies_c(t
     plotted = cli_main("plot", run_dir)
     assert plotted.returncode == 0, plotted.stderr
     assert (run_dir / "plots" / "reconstructions.png").is_file()  # encode_mean(x, c), decode_mean(z, c)
+    assert (run_dir / "plots" / "samples.png").is_file() and "samples: skipped" not in plotted.stdout  # given c
     # The same images given x alone: log p(x), another quantity, which compare does not pair with log p(x | c).
     assert cli_main("train", "--program", f"{program_file}:PlainVAE", "--dataset", dataset, "--run-dir", plain_dir,
                     *SMALL).returncode == 0

@@ -66,3 +66,28 @@ def test_a_program_given_its_labels_as_data_gets_one_line_notes(tmp_path, capsys
     lines = capsys.readouterr().out.splitlines()
     assert "samples.png" not in names and "reconstructions.png" not in names
     assert [line.split(" (")[0] for line in lines] == ["samples: skipped", "reconstructions: skipped"]
+
+
+class CovariateDecoder(torch.nn.Module):
+    """model(x, c): z ~ N(0, 1), x ~ Bernoulli(sigmoid(4 c_0 + 0 z)): its mean given c is known, whatever z is drawn."""
+
+    def model(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", pyro.distributions.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = (4 * c[:, :1] + 0 * z[:, :1]).expand(x.shape[0], DIM)
+            pyro.sample("x", pyro.distributions.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x, c):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", pyro.distributions.Normal(x.new_zeros(2), 1.0).to_event(1))
+
+
+def test_samples_of_a_program_given_cond_are_one_per_test_image_given_its_c(tmp_path, capsys):
+    """--cond programs: the model run on its own with the test images' c, row by row (was: skipped with a note)."""
+    c = torch.linspace(-1.0, 1.0, 10)[:, None].repeat(1, 3)
+    expected = torch.sigmoid(4 * c[:, :1]).expand(10, DIM)
+    torch.testing.assert_close(model_samples(CovariateDecoder(), 10, torch.zeros(10, DIM), (c,)), expected)
+    data = argparse.Namespace(test=torch.bernoulli(torch.full((10, DIM), 0.3)), record={"image_shape": [1, 3, 4]})
+    written = plot_program(CovariateDecoder(), data, tmp_path, cond=(c,))
+    assert "samples.png" in {path.name for path in written} and (tmp_path / "samples.png").is_file()
+    assert "samples: skipped" not in capsys.readouterr().out

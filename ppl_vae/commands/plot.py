@@ -95,24 +95,28 @@ def plot_program(program, data, out: Path, cond: tuple = (), label_site: str = "
 
 def plot_model_samples(program, data, out: Path, cond: tuple = ()) -> list[Path]:
     """``samples.png`` of a program without ``sample_prior``: its model run on its own (every latent from the prior,
-    :func:`ppl_vae.style_grid.model_samples`); a one-line note where that does not apply."""
+    :func:`ppl_vae.style_grid.model_samples`), given the test images' ``cond`` arrays (``--cond``: one sample per
+    test image, with its c); a one-line note where that does not apply."""
     from .. import plots
     from ..errors import ModelStructureError
     from ..style_grid import model_samples
 
-    why = "the program has no sample_prior(n) method, and its model takes conditioning data" if cond else None
-    if why is None:
-        try:
-            images = model_samples(program, 64, data.test)
-        except ModelStructureError as error:
-            why = f"the program has no sample_prior(n) method, and {str(error).splitlines()[0]}"
-        except (TypeError, ValueError, RuntimeError) as error:  # e.g. a model(x, y) that needs its labels
-            why = (f"the program has no sample_prior(n) method, and its model run on x alone failed: "
-                   f"{type(error).__name__}: {str(error).splitlines()[0]}")
+    # With conditioning data, one sample per test image, given that image's c as in training.
+    count = min(64, *(len(c) for c in cond)) if cond else 64
+    given, why = tuple(c[:count] for c in cond), None
+    try:
+        images = model_samples(program, count, data.test, given)
+    except ModelStructureError as error:
+        why = f"the program has no sample_prior(n) method, and {str(error).splitlines()[0]}"
+    except (TypeError, ValueError, RuntimeError) as error:  # e.g. a model(x, y) that needs its labels
+        why = (f"the program has no sample_prior(n) method, and its model given x{' and c' if cond else ''} alone "
+               f"failed: {type(error).__name__}: {str(error).splitlines()[0]}")
     if why is not None:
         print(f"samples: skipped ({why})")
         return []
-    return [plots.plot_image_grid(images, out / "samples.png", nrow=8, title="E[x | latents], latents from the prior",
+    title = ("E[x | latents, c], latents from the prior, c of the first test images" if cond
+             else "E[x | latents], latents from the prior")
+    return [plots.plot_image_grid(images, out / "samples.png", nrow=8, title=title,
                                   image_shape=tuple(data.record["image_shape"]))]
 
 
