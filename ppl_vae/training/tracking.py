@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from ..errors import ModelStructureError
 from ..modes import evaluation_mode
 from ..process_group import derive_seed, seeded
+from ..style_grid import class_reconstructions, model_samples
 from ..trackers import Tracker, check_trackers, make_trackers
+from .checks import conditioning
 from .setup import TrainingRun
 
 IMAGES = 8  # samples and reconstructions per image grid
@@ -59,20 +62,55 @@ def log_to_trackers(run: TrainingRun, record: dict[str, Any]) -> None:
 
 
 def epoch_images(run: TrainingRun, epoch: int) -> dict[str, torch.Tensor]:
-    """Samples E[x | z], z ~ p(z) (a ``sample_prior(n)`` method) and validation images above their reconstructions
-    E[x | E_q[z | x]] (the built-in VAE, or ``encode_mean`` with ``decode_mean``), as [N, C, H, W]; in eval mode,
-    from their own random stream."""
+    """The images ``ppl-vae plot`` draws, as [N, C, H, W], where the program allows them; in eval mode, from their own
+    random stream.
+
+    Samples: E[x | z], z ~ p(z) (a ``sample_prior(n)`` method), else the model run on its own
+    (:func:`ppl_vae.style_grid.model_samples`: for M2 y ~ p(y), z ~ p(z); a program given data after x gets the
+    validation images' data). Reconstructions of validation images (above them): E[x | E_q[z | x]] (the built-in
+    VAE, or ``encode_mean`` with ``decode_mean``, given the data after x as in training), else, for a program with
+    a discrete label site on x alone, through its most probable class (:func:`ppl_vae.style_grid.class_reconstructions`).
+    """
     program, x = run.program, run.data.val[:IMAGES]
+    cond = tuple(c[:IMAGES] for c in conditioning(run.data, "val", run.config))
     shape = tuple(x.shape[1:])
     images = {}
     with seeded(derive_seed(run.config.seed, "images", epoch)), evaluation_mode(program), torch.no_grad():
-        if callable(getattr(program, "sample_prior", None)):
-            images["samples"] = program.sample_prior(IMAGES).reshape(-1, *shape)
-        encode = _encoder(program)
-        if encode is not None and callable(getattr(program, "decode_mean", None)):
-            reconstructions = program.decode_mean(encode(x)).reshape(-1, *shape)
+        samples = _samples(program, x, cond)
+        if samples is not None:
+            images["samples"] = samples.reshape(-1, *shape)
+        reconstructions = _reconstructions(program, x, cond, run.config.label_site)
+        if reconstructions is not None:
+            reconstructions = reconstructions.reshape(-1, *shape)
             images["reconstructions"] = torch.cat([x.reshape(-1, *shape).to(reconstructions.dtype), reconstructions])
     return images
+
+
+# What a program's model or guide raises when it cannot be run for a figure (a model that needs its labels, a guide
+# without a label site): the images are then left out, as `ppl-vae plot` leaves the figure out with a note.
+_CANNOT_DRAW = (ModelStructureError, TypeError, ValueError, RuntimeError)
+
+
+def _samples(program: torch.nn.Module, x: torch.Tensor, cond: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    if callable(getattr(program, "sample_prior", None)):
+        return program.sample_prior(IMAGES)
+    try:
+        return model_samples(program, x.shape[0] if cond else IMAGES, x, cond)
+    except _CANNOT_DRAW:
+        return None
+
+
+def _reconstructions(program: torch.nn.Module, x: torch.Tensor, cond: tuple[torch.Tensor, ...],
+                     label_site: str) -> torch.Tensor | None:
+    encode = _encoder(program)
+    if encode is not None and callable(getattr(program, "decode_mean", None)):
+        return program.decode_mean(encode(x, *cond), *cond)
+    if cond:
+        return None
+    try:
+        return class_reconstructions(program, x, label_site)
+    except _CANNOT_DRAW:
+        return None
 
 
 def _encoder(program: torch.nn.Module):
