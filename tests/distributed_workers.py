@@ -298,3 +298,31 @@ def commands(path: Path, data_root: Path, argvs: list[list[str]]) -> None:
         distributed.shutdown = shutdown
     assert codes == [0] * len(argvs), codes
     (path / f"commands-rank{distributed.current().rank}.txt").write_text(out.getvalue())
+
+
+def tensors_runs(path: Path) -> None:
+    """``train_distributed`` with a program object and tensors from Python (``data=``): the same tensors on every
+    rank train one run; tensors that differ on the last rank are refused on every rank. Each rank saves its result
+    or its error message."""
+    from ppl_vae import distributed
+    from ppl_vae.errors import PplVaeError
+    from ppl_vae.model import VAEConfig, build_vae
+    from ppl_vae.train import TrainConfig
+
+    context = distributed.current()
+    generator = torch.Generator().manual_seed(5)
+    data = {split: torch.bernoulli(torch.full((rows, 1, 4, 5), 0.4), generator=generator)  # 20 = data_dim
+            for split, rows in (("train", 40), ("val", 10), ("test", 10))}
+    config = TrainConfig(epochs=1, batch_size=10, test_samples=3, binarize="none")
+    outcome = {}
+    for name, given in (("same", data), ("differ", dict(data))):
+        if name == "differ" and context.rank == context.world_size - 1:
+            given["train"] = 1 - data["train"]
+        pyro.set_rng_seed(0)
+        try:
+            result = distributed.train_distributed(path / f"tensors-{name}", config, program=build_vae(VAEConfig(**TINY)),
+                                                   data=given, progress=False)
+            outcome[name] = {"elbo": result["elbo"]["mean"]}
+        except PplVaeError as error:
+            outcome[name] = {"error": str(error)}
+    torch.save(outcome, path / f"tensors-rank{context.rank}.pt")

@@ -62,6 +62,7 @@ def spawned(tmp_path_factory, small_data_root):
     tasks += [(workers.faulty_step, (path, STEP_BATCH[:8])), (workers.evaluate, (path, EVALUATION_OPTIONS)),
               (workers.evaluate, (path / "ais", workers.AIS_OPTIONS))]
     tasks += [(workers.labelled_epoch, (path, alpha)) for alpha in LABELLED_ALPHAS]
+    tasks += [(workers.tensors_runs, (path,))]
     # The uninterrupted reference run of the resume test below, and its evaluation on 2 processes: `ppl-vae train` and
     # `ppl-vae evaluate` as torchrun's processes run them, in these processes rather than in 3 more started for each.
     # And the resume test's run stopped after its first epoch (the same command torchrun's processes run, whether
@@ -141,6 +142,20 @@ def test_a_distributed_epoch_of_labelled_or_conditioned_batches_equals_one_proce
     # what DDP was told to look for: the classifier on labelled steps at alpha 0, the shift of the shifted M2
     unused = {name.rsplit("program.", 1)[-1].split(".")[0] for name in ranks[0]["unused"]}
     assert unused == {0.0: {"classifier"}, "shift": {"unlabelled_shift"}}.get(alpha, set())
+
+
+@SPAWNED
+def test_train_distributed_takes_a_program_and_tensors_and_refuses_tensors_that_differ_between_processes(spawned):
+    ranks = [torch.load(spawned / f"tensors-rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    # The same tensors: one run, its test evaluation the same on every process, its tensors kept by rank 0.
+    assert "error" not in ranks[0]["same"] and ranks[0]["same"] == ranks[1]["same"]
+    run = spawned / "tensors-same"
+    assert runs.read_json(run / runs.CONFIG_FILE)["train"]["dataset"] == str((run / "tensors.npz").resolve())
+    assert runs.load_checkpoint(run)["world_size"] == WORLD_SIZE
+    # Tensors that differ on process 1: the same one line on both, and no run directory left.
+    for rank in ranks:
+        assert rank["differ"]["error"].startswith("data=: the tensors given to process(es) 1 differ from those of process 0")
+    assert not (spawned / "tensors-differ").exists()
 
 
 @SPAWNED

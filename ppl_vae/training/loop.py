@@ -208,17 +208,21 @@ def train_distributed(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    program: ProgramSpec | torch.nn.Module | None = None,
+    trust_program: bool = False,
+    data: Any = None,
 ) -> dict[str, Any]:
     """:func:`train` on every process of the process group (:func:`ppl_vae.distributed.initialize` first).
 
     The same loop, run directory, options and guarantees (resume, Ctrl-C, numerical faults,
     damaged checkpoints), with DistributedDataParallel (:class:`~ppl_vae.training.engines.DdpEngine`) instead of
     ``SVI``; see :mod:`ppl_vae.distributed` for the loss scaling and the random streams. The device is the
-    process group's, not ``config.device``. Returns the final test evaluation on every process; rank 0 writes
-    every file.
+    process group's, not ``config.device``. ``program``, ``trust_program`` and ``data`` as for :func:`train`, given
+    alike on every process (tensors that differ between processes are refused on every one). Returns the final
+    test evaluation on every process; rank 0 writes every file.
     """
     context = current()
     if context is None:
         raise PplVaeError("train_distributed needs a process group: call ppl_vae.distributed.initialize() under torchrun")
     return train(run_dir, config, model_config, resume=resume, overwrite=overwrite, progress=progress,
-                 processes=context)
+                 program=program, processes=context, trust_program=trust_program, data=data)

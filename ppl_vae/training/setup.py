@@ -11,6 +11,7 @@ Every check comes before anything is written; a new run that fails before its fi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -169,7 +170,6 @@ def data_for_run(run_dir: Path, config: TrainConfig | None, data: Any,
     tensors per split (``{"train": (x, *cond), "val": ..., "test": ...}``, :func:`ppl_vae.data.tensor_data`), kept
     in the run as ``tensors.npz`` and recorded as its dataset with the SHA-256 of those bytes. Returns the
     configuration, the checked data and the file's bytes (None, None for a dataset)."""
-    import hashlib
     from collections.abc import Mapping
 
     from ..data import tensor_data, tensors_npz_bytes
@@ -344,6 +344,8 @@ def setup_run(request: TrainRequest, strategy: Strategy) -> TrainingRun:
     device = strategy.select_device(config)
     seed_and_validation(config)
     program = build_program_for(settings, request, device)
+    if request.data_bytes is not None:  # tensors from Python: the same on every process, or refused on every one
+        strategy.check_same_data(hashlib.sha256(request.data_bytes).hexdigest())
     data = with_labelled_record(load_data(config, program, device, request.data), config)
     checked = check_program_on_data(program, data, config)
     # the KL weight of every latent site, for any program (the one mechanism); --labelled adds the classifier term

@@ -41,6 +41,7 @@ class Strategy(Protocol):
     def describe(self, device: torch.device) -> str: ...
     def on_main(self, compute: Callable[[], T]) -> T: ...
     def agree_to_stop(self, requested: bool) -> bool: ...
+    def check_same_data(self, digest: str) -> None: ...
     def check_config(self, config: TrainConfig) -> None: ...
     def check_checkpoint(self, checkpoint: dict[str, Any], config: TrainConfig, run_dir: Path) -> None: ...
     def make_engine(self, trained: torch.nn.Module, config: TrainConfig, max_plate_nesting: int,
@@ -107,6 +108,9 @@ class OneProcess:
     def agree_to_stop(self, requested: bool) -> bool:
         return requested
 
+    def check_same_data(self, digest: str) -> None:
+        """One process: its data are the run's."""
+
     def check_config(self, config: TrainConfig) -> None:
         """Nothing beyond TrainConfig's own checks."""
 
@@ -143,6 +147,19 @@ class ProcessGroupStrategy(ProcessGroup):
 
     def agree_to_stop(self, requested: bool) -> bool:
         return process_group.agree_to_stop(requested, self.device)
+
+    def check_same_data(self, digest: str) -> None:
+        """Refuse data given from Python (``data=`` tensors, by their SHA-256 ``digest``) that differ between the
+        processes: each would train on its own data while rank 0 records its own. Every process gets the same
+        one-line error (the digests are gathered, so all decide alike and none waits on the others)."""
+        digests = process_group.all_gather_objects(digest)
+        differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+        if differing:
+            raise PplVaeError(
+                f"data=: the tensors given to process(es) {', '.join(map(str, differing))} differ from those of "
+                f"process 0 (SHA-256 of their tensors.npz): every process must be given the same tensors (make them "
+                "with a fixed seed, or read them from one file)"
+            )
 
     def check_config(self, config: TrainConfig) -> None:
         check_trainable_on_processes(config)
