@@ -9,7 +9,6 @@ nothing from either, nor from the training loop.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import random
@@ -113,15 +112,9 @@ def current() -> ProcessGroup | None:
 
 
 def shutdown() -> None:
-    """Leave the process group (a no-op outside one).
-
-    Unreachable objects are collected first: a DistributedDataParallel wrapper left in a reference cycle would
-    otherwise be destroyed during interpreter finalization, after the group, with gloo work still holding tensors;
-    that is a known way to abort at exit (pytorch/pytorch#179291), and one rank of a resumed run under torchrun
-    was seen to abort at exit once ("terminate called without an active exception", in 1 of ~10 full test runs)."""
+    """Leave the process group (a no-op outside one)."""
     global _CONTEXT
     if dist.is_initialized():
-        gc.collect()
         dist.destroy_process_group()
     _CONTEXT = None
 
