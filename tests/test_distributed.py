@@ -223,8 +223,11 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 @SPAWNED
 def test_a_distributed_run_with_labels_resumes_to_the_numbers_of_an_uninterrupted_one_and_evaluates_the_same(
-    spawned, tmp_path, small_data_root, cli_launch
+    spawned, tmp_path, small_data_root, cli_launch, monkeypatch
 ):
+    # torchrun's processes print every thread's Python stack if one dies of a signal: one rank aborted at exit once
+    # ("terminate called without an active exception"), and that message alone does not say where.
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
     # The uninterrupted run of 2 epochs, and its evaluation on 2 processes, were made by `ppl-vae train` and
     # `ppl-vae evaluate` in the spawned processes (fixture above). A copy: the evaluation in one process below writes
     # into the run it evaluates.
