@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from gaussian_models import LinearGaussian
 from structured_models import ConditionalGaussian, TwoLayerGaussian
 from torch.distributions import kl_divergence
 
@@ -137,29 +138,16 @@ def test_where_provenance_fails_the_site_order_decides(monkeypatch, two_layer):
 def test_one_latent_site_has_no_parents_without_running_provenance_tracking(monkeypatch):
     """With one latent site there is no other site to depend on: the same parents as provenance tracking finds,
     and the programs are not run again to find them (an evaluation inspects the program once per chunk)."""
-    A = torch.tensor([[1.0, 0.5, -0.3], [0.2, -1.0, 0.7]])
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ A, 1.0).to_event(1), obs=x)
-
-    def guide(x):
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Normal(x @ A.T / 3, 1.0).to_event(1))
-
-    x = torch.randn(6, 3)
-    tracked = inspection.get_dependencies
-    assert {name: set(parents) & {"z"} - {name}
-            for name, parents in tracked(model, (x,))["prior_dependencies"].items() if name == "z"} == {"z": set()}
-
-    def not_run(*args, **kwargs):
-        raise AssertionError("provenance tracking ran for a program with one latent site")
-
-    monkeypatch.setattr(inspection, "get_dependencies", not_run)
+    linear = LinearGaussian(data_dim=3, latent_dim=2)
+    model, guide, x = linear.model, linear.diagonal_guide(), linear.sample(6)
+    track = inspection.get_dependencies
+    assert set(track(model, (x,))["prior_dependencies"]["latent"]) - {"latent"} == set()  # no other latent parent
+    calls = []
+    monkeypatch.setattr(inspection, "get_dependencies", lambda *args, **kwargs: calls.append(args) or track(*args, **kwargs))
     structure = plan_evaluation(model, guide, x, num_samples=1).structure
-    assert structure.model_parents == structure.guide_parents == {"z": set()}
-    assert structure.dependencies == inspection.ONE_LATENT_SITE and structure.kl_methods == {"z": "analytic"}
+    assert calls == []  # the programs were not run again to find them
+    assert structure.model_parents == structure.guide_parents == {"latent": set()}
+    assert structure.dependencies == inspection.ONE_LATENT_SITE and structure.kl_methods == {"latent": "analytic"}
 
 
 def test_meanfield_training_refuses_a_program_that_breaks_its_condition(two_layer):
